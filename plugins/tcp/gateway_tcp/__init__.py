@@ -1,0 +1,1 @@
+"""Generic TCP protocol plugin."""
