@@ -1,0 +1,548 @@
+"""Load and validate the gateway's TOML configuration file.
+
+One file configures a service node (``[service]`` plus ``[[apps]]``), a connector
+(``[connector]``), or both, with optional ``[tunnel]`` tuning and ``[logging]``.
+Everything is checked before anything is bound or started: every problem raises
+:class:`gateway.errors.ConfigError` naming the file, the dotted key (``apps[2].destination``)
+and what was expected versus what was found. docs/configuration.md is the reference.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from attrs import field, frozen
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "AppConfig",
+    "ConnectorConfig",
+    "GatewayConfig",
+    "LoggingConfig",
+    "ServiceConfig",
+    "TunnelConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/gateway/gateway.toml")
+
+KIB = 1024
+MIB = 1024 * 1024
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+_PROTOCOL_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
+_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_HOST_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}\Z")
+
+
+# ---------------------------------------------------------------------------
+# Models
+
+
+@frozen
+class ServiceConfig:
+    """The ``[service]`` table: a service node accepting connector tunnels."""
+
+    state_dir: Path
+    listen: str = "tcp:8443"
+    names: tuple[str, ...] = ("localhost", "127.0.0.1")
+    node_id: str = field(factory=socket.gethostname)
+    config_interval: float = 300.0
+    heartbeat_interval: float = 15.0
+    certificate_lifetime_days: int = 90
+    token_lifetime: int = 3600
+    max_handshakes: int = 64
+
+
+@frozen
+class AppConfig:
+    """One ``[[apps]]`` entry: a listener on the service spliced to ``host:port`` behind a connector."""
+
+    name: str
+    listen: str
+    destination: str
+    host: str
+    port: int
+    group: str = "default"
+    protocol: str = "tcp"
+    connect_timeout: float = 10.0
+    options: dict[str, Any] = field(factory=dict, hash=False)
+
+
+@frozen
+class ConnectorConfig:
+    """The ``[connector]`` table: a connector keeping tunnels open to the service."""
+
+    state_dir: Path
+    tunnels: int = 2
+    drain_timeout: float = 30.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+
+
+@frozen
+class TunnelConfig:
+    """The ``[tunnel]`` table: tuning shared by both roles."""
+
+    ping_interval: float = 10.0
+    initial_window: int = 256 * KIB
+    max_window: int = 16 * MIB
+    max_frame: int = 64 * KIB
+    max_streams: int = 20000
+
+
+@frozen
+class LoggingConfig:
+    """The ``[logging]`` table."""
+
+    format: str = "text"
+    level: str = "info"
+
+
+@frozen
+class GatewayConfig:
+    """A whole validated configuration file."""
+
+    path: Path
+    service: ServiceConfig | None
+    connector: ConnectorConfig | None
+    apps: tuple[AppConfig, ...] = ()
+    tunnel: TunnelConfig = field(factory=TunnelConfig)
+    logging: LoggingConfig = field(factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read, parse and validate the TOML file at ``path``; raise ConfigError on any problem."""
+    shown = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(shown, "(file)", "expected an existing configuration file, got no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(shown, "(file)", "expected a configuration file, got a directory") from None
+    except OSError as e:
+        raise ConfigError(shown, "(file)", f"expected a readable configuration file, got: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(shown, "(syntax)", f"expected UTF-8 text, got an invalid byte at offset {e.start}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(shown, "(syntax)", f"expected valid TOML: {e}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: Mapping[str, Any], path: str | os.PathLike[str]) -> GatewayConfig:
+    """Validate an already-parsed TOML document; ``path`` names the file in errors and anchors relative paths."""
+    return _Parser(os.fspath(path)).parse(data)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _describe(value: Any) -> str:
+    """Show a TOML value the way the user wrote it, for "got ..." in messages."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"{'true' if value else 'false'} (a boolean)"
+    if isinstance(value, str):
+        return f"{json.dumps(value, ensure_ascii=False)} (a string)" if _looks_numeric(value) else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int):
+        return f"{value} (an integer)"
+    if isinstance(value, float):
+        return f"{value!r} (a float)"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        if len(text) > 60:
+            text = text[:57] + "..."
+        return f"{text} (an array)"
+    return f"{value} (a {type(value).__name__})"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text.strip().lower() in ("true", "false")
+    return True
+
+
+def _unknown_key_message(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    message = f"unknown key {json.dumps(key)}"
+    if close:
+        return f"{message}; did you mean {json.dumps(close[0])}?"
+    return f"{message}; expected one of {', '.join(known)}"
+
+
+def _build_endpoint(description: str) -> Any:
+    """Create (never listen on) the server endpoint for ``description``; raises what Twisted raises."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    return serverFromString(MemoryReactor(), description)
+
+
+def _endpoint_identity(description: str) -> tuple | None:
+    """A normalised identity for conflict checks, or None when it never collides (TCP port 0)."""
+    from twisted.internet.endpoints import UNIXServerEndpoint, _TCPServerEndpoint
+
+    try:
+        endpoint = _build_endpoint(description)
+    except Exception:
+        return ("raw", description)
+    if isinstance(endpoint, _TCPServerEndpoint):
+        if endpoint._port == 0:
+            return None  # ephemeral: never collides
+        return ("tcp", endpoint._port, endpoint._interface or "")
+    if isinstance(endpoint, UNIXServerEndpoint):
+        return ("unix", os.path.abspath(endpoint._address))
+    return ("raw", description)
+
+
+def _endpoints_conflict(a: tuple | None, b: tuple | None) -> bool:
+    if a is None or b is None:
+        return False
+    if a[0] == "tcp" and b[0] == "tcp":
+        if a[1] != b[1]:
+            return False
+        wildcard = ("", "0.0.0.0", "::")
+        return a[2] == b[2] or a[2] in wildcard or b[2] in wildcard
+    return a == b
+
+
+class _Table:
+    """One TOML table being read: checks unknown keys and typed values, with dotted keys in errors."""
+
+    def __init__(self, parser: _Parser, prefix: str, data: Mapping[str, Any], known: list[str]) -> None:
+        self.parser = parser
+        self.prefix = prefix
+        self.data = data
+        for key in data:
+            if key not in known:
+                raise parser.error(self.key(key), _unknown_key_message(key, known))
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, expected: str, value: Any) -> ConfigError:
+        return self.parser.error(self.key(name), f"expected {expected}, got {_describe(value)}")
+
+    def get(self, name: str, default: Any, required: bool, what: str = "a value") -> Any:
+        if name not in self.data:
+            if required:
+                raise self.parser.error(self.key(name), f"expected {what}, got nothing (this key is required)")
+            return default
+        return self.data[name]
+
+    def integer(self, name: str, default: int, low: int | None = None, high: int | None = None) -> int:
+        value = self.get(name, default, False)
+        expected = "an integer" + _range_text(low, high)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, expected, value)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise self.fail(name, expected, value)
+        return value
+
+    def number(self, name: str, default: float, low: float | None = None, high: float | None = None,
+               positive: bool = False) -> float:
+        value = self.get(name, default, False)
+        if positive:
+            expected = "a number of seconds > 0"
+        else:
+            expected = "a number of seconds" + _range_text(low, high)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(name, expected, value)
+        if (positive and value <= 0) or (low is not None and value < low) or (high is not None and value > high):
+            raise self.fail(name, expected, value)
+        return float(value)
+
+    def string(self, name: str, default: str | None, required: bool = False,
+               what: str = "a non-empty string") -> str:
+        value = self.get(name, default, required, what)
+        if not isinstance(value, str) or not value:
+            raise self.fail(name, what, value)
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.get(name, default, False)
+        if value not in choices or not isinstance(value, str):
+            raise self.fail(name, "one of " + ", ".join(json.dumps(c) for c in choices), value)
+        return value
+
+    def path(self, name: str) -> Path:
+        value = self.string(name, None, required=True, what="a directory path (a non-empty string)")
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            p = self.parser.base_dir / p
+        return Path(os.path.normpath(p))
+
+    def endpoint(self, name: str, default: str, required: bool = False) -> str:
+        value = self.string(name, default, required, what="a Twisted server endpoint string")
+        problem = _check_endpoint(value)
+        if problem:
+            expected, detail = problem
+            message = f"expected {expected}, got {_describe(value)}"
+            if detail:
+                message += f" ({detail})"
+            raise self.parser.error(self.key(name), message)
+        return value
+
+
+def _range_text(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f" {low}..{high}"
+    if low is not None:
+        return f" >= {low}"
+    if high is not None:
+        return f" <= {high}"
+    return ""
+
+
+def _check_endpoint(description: str) -> tuple[str, str] | None:
+    """Return (expected, detail) when ``description`` is not a usable server endpoint string. Never binds."""
+    from twisted.internet.endpoints import _TCPServerEndpoint
+
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind == "ssl":
+        return ('a plain server endpoint such as "tcp:8443:interface=127.0.0.1", not "ssl:"',
+                "gateway adds TLS itself")
+    try:
+        endpoint = _build_endpoint(description)
+    except Exception as e:
+        detail = str(e) or type(e).__name__
+        if isinstance(e, TypeError):
+            detail += '; colons inside a value must be escaped, e.g. "tcp:8443:interface=\\:\\:1"'
+        return 'a Twisted server endpoint string such as "tcp:8443:interface=127.0.0.1"', detail
+    if isinstance(endpoint, _TCPServerEndpoint) and not 0 <= endpoint._port <= 65535:
+        return "a server endpoint string with a TCP port 0..65535", ""
+    return None
+
+
+def _check_name_for_certificate(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    labels = name.rstrip(".").split(".")
+    if labels and labels[0] == "*":
+        labels = labels[1:]
+    return bool(labels) and len(name) <= 253 and all(_DNS_LABEL_RE.match(label) for label in labels)
+
+
+def _parse_destination(text: str) -> tuple[str, int] | None:
+    """Split "host:port" or "[v6]:port"; None when malformed."""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1:end + 2] != ":":
+            return None
+        host, port_text = text[1:end], text[end + 2:]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                return None
+        except ValueError:
+            return None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host or not _HOST_RE.match(host):
+            return None
+    if not port_text.isdigit() or not port_text.isascii():
+        return None
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        return None
+    return host, port
+
+
+# ---------------------------------------------------------------------------
+# The parser
+
+
+class _Parser:
+    TOP = ["service", "connector", "apps", "tunnel", "logging"]
+    SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
+               "certificate_lifetime_days", "token_lifetime", "max_handshakes"]
+    APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options"]
+    CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max"]
+    TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
+    LOGGING = ["format", "level"]
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.abs_path = Path(os.path.abspath(file))
+        self.base_dir = self.abs_path.parent
+
+    def error(self, key: str, expected: str) -> ConfigError:
+        return ConfigError(self.file, key, expected)
+
+    def table(self, data: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
+        if name not in data:
+            return None
+        value = data[name]
+        if not isinstance(value, Mapping):
+            raise self.error(name, f"expected a table [{name}], got {_describe(value)}")
+        return value
+
+    def parse(self, data: Mapping[str, Any]) -> GatewayConfig:
+        if not isinstance(data, Mapping):
+            raise self.error("(file)", f"expected a TOML document (a table), got {_describe(data)}")
+        _Table(self, "", data, self.TOP)
+        service_data = self.table(data, "service")
+        connector_data = self.table(data, "connector")
+        if service_data is None and connector_data is None:
+            raise self.error("service", "expected a [service] table, a [connector] table or both, got neither")
+        service = self.service(service_data) if service_data is not None else None
+        connector = self.connector(connector_data) if connector_data is not None else None
+        apps = self.apps(data, service)
+        tunnel_data = self.table(data, "tunnel")
+        tunnel = self.tunnel(tunnel_data if tunnel_data is not None else {})
+        logging_data = self.table(data, "logging")
+        logging = self.logging(logging_data if logging_data is not None else {})
+        return GatewayConfig(path=self.abs_path, service=service, connector=connector, apps=apps,
+                             tunnel=tunnel, logging=logging)
+
+    def service(self, data: Mapping[str, Any]) -> ServiceConfig:
+        t = _Table(self, "service", data, self.SERVICE)
+        state_dir = t.path("state_dir")
+        listen = t.endpoint("listen", "tcp:8443")
+        names_value = t.get("names", ["localhost", "127.0.0.1"], False)
+        if not isinstance(names_value, list) or not names_value:
+            raise t.fail("names", "a non-empty array of DNS names or IP addresses", names_value)
+        for i, name in enumerate(names_value):
+            if not isinstance(name, str) or not _check_name_for_certificate(name):
+                raise self.error(f"service.names[{i}]",
+                                 f"expected a DNS name or an IP address, got {_describe(name)}")
+        node_id = t.get("node_id", None, False)
+        if node_id is None:
+            node_id = socket.gethostname()
+        elif not isinstance(node_id, str) or not node_id or any(c.isspace() or not c.isprintable() for c in node_id):
+            raise t.fail("node_id", "a non-empty string without spaces", node_id)
+        return ServiceConfig(
+            state_dir=state_dir,
+            listen=listen,
+            names=tuple(names_value),
+            node_id=node_id,
+            config_interval=t.number("config_interval", 300, positive=True),
+            heartbeat_interval=t.number("heartbeat_interval", 15, positive=True),
+            certificate_lifetime_days=t.integer("certificate_lifetime_days", 90, 1, 3650),
+            token_lifetime=t.integer("token_lifetime", 3600, 1),
+            max_handshakes=t.integer("max_handshakes", 64, 1),
+        )
+
+    def connector(self, data: Mapping[str, Any]) -> ConnectorConfig:
+        t = _Table(self, "connector", data, self.CONNECTOR)
+        state_dir = t.path("state_dir")
+        tunnels = t.integer("tunnels", 2, 1, 16)
+        drain_timeout = t.number("drain_timeout", 30, low=0)
+        backoff_initial = t.number("backoff_initial", 1.0, positive=True)
+        backoff_max = t.number("backoff_max", 60.0, positive=True)
+        if backoff_max < backoff_initial:
+            raise t.fail("backoff_max", f"a number of seconds >= backoff_initial ({backoff_initial:g})",
+                         data.get("backoff_max", 60.0))
+        return ConnectorConfig(state_dir=state_dir, tunnels=tunnels, drain_timeout=drain_timeout,
+                               backoff_initial=backoff_initial, backoff_max=backoff_max)
+
+    def apps(self, data: Mapping[str, Any], service: ServiceConfig | None) -> tuple[AppConfig, ...]:
+        if "apps" not in data:
+            return ()
+        value = data["apps"]
+        if not isinstance(value, list) or not all(isinstance(item, Mapping) for item in value):
+            raise self.error("apps", f"expected an array of tables [[apps]], got {_describe(value)}")
+        if value and service is None:
+            raise self.error("apps", f"expected [[apps]] only together with a [service] table, "
+                                     f"got {len(value)} app(s) and no [service]")
+        apps: list[AppConfig] = []
+        names: dict[str, int] = {}
+        listens: list[tuple[int, tuple | None, str]] = []
+        service_listen = _endpoint_identity(service.listen) if service is not None else None
+        for i, item in enumerate(value):
+            app = self.app(i, item)
+            if app.name in names:
+                raise self.error(f"apps[{i}].name", f"expected a unique app name, got {json.dumps(app.name)} "
+                                                    f"(also used by apps[{names[app.name]}])")
+            names[app.name] = i
+            identity = _endpoint_identity(app.listen)
+            if service is not None and _endpoints_conflict(identity, service_listen):
+                raise self.error(f"apps[{i}].listen",
+                                 f"expected an endpoint different from service.listen "
+                                 f"({json.dumps(service.listen)}), got {json.dumps(app.listen)}")
+            for j, other_identity, other_listen in listens:
+                if _endpoints_conflict(identity, other_identity):
+                    raise self.error(f"apps[{i}].listen",
+                                     f"expected a listen endpoint unique among apps, got {json.dumps(app.listen)} "
+                                     f"(conflicts with apps[{j}].listen {json.dumps(other_listen)})")
+            listens.append((i, identity, app.listen))
+            apps.append(app)
+        return tuple(apps)
+
+    def app(self, i: int, data: Mapping[str, Any]) -> AppConfig:
+        t = _Table(self, f"apps[{i}]", data, self.APP)
+        name = t.get("name", None, True, "an app name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise t.fail("name", "a name matching [a-z0-9][a-z0-9._-]{0,62}", name)
+        group = t.get("group", "default", False)
+        if not isinstance(group, str) or not _NAME_RE.match(group):
+            raise t.fail("group", "a group name matching [a-z0-9][a-z0-9._-]{0,62}", group)
+        protocol = t.get("protocol", "tcp", False)
+        if not isinstance(protocol, str) or not _PROTOCOL_RE.match(protocol):
+            raise t.fail("protocol", 'a protocol handler name such as "tcp"', protocol)
+        listen = t.endpoint("listen", None, required=True)
+        destination = t.get("destination", None, True, '"host:port"')
+        parsed = _parse_destination(destination) if isinstance(destination, str) else None
+        if parsed is None:
+            raise t.fail("destination", '"host:port" (or "[v6]:port") with a port 1..65535', destination)
+        host, port = parsed
+        connect_timeout = t.number("connect_timeout", 10, positive=True)
+        options = t.get("options", {}, False)
+        if not isinstance(options, Mapping):
+            raise t.fail("options", "a table", options)
+        return AppConfig(name=name, listen=listen, destination=destination, host=host, port=port,
+                         group=group, protocol=protocol, connect_timeout=connect_timeout,
+                         options=dict(options))
+
+    def tunnel(self, data: Mapping[str, Any]) -> TunnelConfig:
+        t = _Table(self, "tunnel", data, self.TUNNEL)
+        ping_interval = t.number("ping_interval", 10, positive=True)
+        initial_window = t.integer("initial_window", 256 * KIB, 64 * KIB, 16 * MIB)
+        max_window = t.integer("max_window", 16 * MIB, None, 256 * MIB)
+        if max_window < initial_window:
+            raise t.fail("max_window", f"an integer >= initial_window ({initial_window}) and <= {256 * MIB}",
+                         max_window)
+        return TunnelConfig(
+            ping_interval=ping_interval,
+            initial_window=initial_window,
+            max_window=max_window,
+            max_frame=t.integer("max_frame", 64 * KIB, KIB, MIB),
+            max_streams=t.integer("max_streams", 20000, 1, 2**31 - 1),
+        )
+
+    def logging(self, data: Mapping[str, Any]) -> LoggingConfig:
+        t = _Table(self, "logging", data, self.LOGGING)
+        return LoggingConfig(format=t.choice("format", "text", LOG_FORMATS),
+                             level=t.choice("level", "info", LOG_LEVELS))
