@@ -1,0 +1,400 @@
+"""A tunnel session: many streams multiplexed over one (TLS) connection.
+
+Scheduling: a stream writes straight through while the tunnel is writable and nobody else
+waits. Otherwise its data queues and the stream joins a round-robin ring; when the transport
+asks for more (resumeProducing), each ready stream in turn gets at most one frame, so a bulk
+stream cannot starve a chatty one. The session is the TLS transport's producer: a full socket
+pauses the session, queues grow, and each stream pauses its own producer at its high mark.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Any, Callable
+
+import attrs
+from attrs import frozen
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.errors import GatewayError, ProtocolError
+from gateway.tunnel import frame
+from gateway.tunnel.frame import BASE_WINDOW, Flag, FrameType, GoAwayCode, ResetCode
+from gateway.tunnel.stream import Stream, StreamReset
+
+
+@frozen
+class TunnelSettings:
+    ping_interval: float = 10.0
+    initial_window: int = BASE_WINDOW
+    max_window: int = 16 * 1024 * 1024
+    max_frame: int = 64 * 1024
+    max_streams: int = 20000
+
+    @classmethod
+    def from_config(cls, tunnel: Any) -> TunnelSettings:
+        return cls(
+            ping_interval=tunnel.ping_interval,
+            initial_window=tunnel.initial_window,
+            max_window=tunnel.max_window,
+            max_frame=tunnel.max_frame,
+            max_streams=tunnel.max_streams,
+        )
+
+
+class TunnelClosed(GatewayError):
+    """The tunnel is gone or going away; no stream can be opened on it."""
+
+
+_tunnel_ids = itertools.count(1)
+
+
+@implementer(IPushProducer, IHandshakeListener)
+class TunnelSession(Protocol):
+    """Both ends of a tunnel. The connector is the client (odd stream ids)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        settings: TunnelSettings,
+        is_client: bool,
+        on_stream: Callable[[Stream], None] | None = None,
+        tunnel_id: str | None = None,
+    ) -> None:
+        self.clock = clock
+        self.settings = settings
+        self.is_client = is_client
+        self.on_stream = on_stream
+        self.on_handshake: Callable[[TunnelSession], None] | None = None
+        self.on_lost: list[Callable[[TunnelSession, Failure], None]] = []
+        self.on_stream_closed: Callable[[Stream, Failure], None] | None = None
+        self.tunnel_id = tunnel_id or f"t{next(_tunnel_ids)}"
+        self.log_context: dict[str, Any] = {"tunnel_id": self.tunnel_id}
+        self.max_frame = settings.max_frame
+        self.max_window = settings.max_window
+        self.initial_window = settings.initial_window
+        self.streams: dict[int, Stream] = {}
+        self._opening: dict[int, Deferred] = {}
+        self._next_id = 1 if is_client else 2
+        self._highest_peer_id = 0
+        self._decoder = frame.FrameDecoder()
+        self._ready: deque[Stream] = deque()
+        self._scheduled: set[int] = set()
+        self.paused = False
+        self.connected = False
+        self.going_away = False  # we said GO_AWAY: refuse new inbound streams
+        self.peer_going_away = False  # they said GO_AWAY: open no new streams on this tunnel
+        self.go_away_reason: tuple[int, str] | None = None
+        self.rtt = 0.05  # seconds, until a PING measures it
+        self._last_received = 0.0
+        self._ping_ids = itertools.count(1)
+        self._pings: dict[int, float] = {}
+        self._ping_call: Any = None
+        self._idle_waiters: list[Deferred] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- connection ----------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self._last_received = self.clock.seconds()
+        tcp = getattr(self.transport, "transport", self.transport)
+        if ITCPTransport.providedBy(tcp):
+            tcp.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
+        self._ping_call = self.clock.callLater(self.settings.ping_interval, self._keepalive)
+
+    def handshakeCompleted(self) -> None:
+        if self.on_handshake is not None:
+            self.on_handshake(self)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.connected = False
+        if self._ping_call is not None and self._ping_call.active():
+            self._ping_call.cancel()
+        why = "tunnel lost"
+        if self.go_away_reason is not None and self.go_away_reason[0] != GoAwayCode.NORMAL:
+            why = f"tunnel closed by peer: {self.go_away_reason[1]}"
+        for d in list(self._opening.values()):
+            d.errback(TunnelClosed(why))
+        self._opening.clear()
+        for stream in list(self.streams.values()):
+            stream.tunnel_lost(why)
+        for callback in self.on_lost:
+            callback(self, reason)
+        self._fire_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_received = self.clock.seconds()
+        self.bytes_in += len(data)
+        try:
+            frames = self._decoder.feed(data)
+            for f in frames:
+                self._handle(f)
+                if not self.connected:
+                    return
+        except ProtocolError as e:
+            self.fail(e.code, e.message)
+
+    def fail(self, code: int, message: str) -> None:
+        """End the tunnel for a protocol violation: say why in GO_AWAY, then close."""
+        self.log.error(
+            "tunnel {tunnel_id} protocol error, closing: {message}",
+            message=message, code=code, **self.log_context,
+        )
+        self.go_away(code, message)
+        self._decoder = frame.FrameDecoder(0)
+        self.transport.loseConnection()
+
+    # -- frames in -----------------------------------------------------------------------
+
+    def _handle(self, f: frame.Frame) -> None:
+        ftype = f.type
+        if ftype == FrameType.DATA:
+            self._handle_data(f)
+        elif ftype == FrameType.WINDOW_UPDATE:
+            self._handle_window(f)
+        elif ftype == FrameType.PING:
+            self._handle_ping(f)
+        else:
+            self._handle_go_away(f)
+
+    def _handle_data(self, f: frame.Frame) -> None:
+        flags = f.flags
+        sid = f.stream_id
+        if flags & Flag.SYN:
+            self._accept_syn(sid, f.payload)
+            return
+        stream = self.streams.get(sid)
+        if stream is None:
+            # Frames for a stream already closed cross our RST/FIN in flight: drop them.
+            # Frames for a stream never opened mean the peer is broken.
+            if sid == 0 or (self._is_peer_id(sid) and sid > self._highest_peer_id) or (
+                not self._is_peer_id(sid) and sid >= self._next_id
+            ):
+                raise ProtocolError(GoAwayCode.PROTOCOL_ERROR, f"DATA for stream {sid}, which was never opened")
+            return
+        if flags & Flag.RST:
+            code, reason = frame.decode_reason(f.payload)
+            opening = self._opening.pop(sid, None)
+            if opening is not None:
+                stream.closed = True
+                self.forget(stream, Failure(StreamReset(code, reason)))
+                opening.errback(StreamReset(code, reason))
+            else:
+                stream.frame_rst(code, reason)
+            return
+        if f.payload:
+            stream.frame_data(f.payload)
+        if flags & Flag.FIN:
+            stream.frame_fin()
+
+    def _accept_syn(self, sid: int, payload: bytes) -> None:
+        if not self._is_peer_id(sid):
+            raise ProtocolError(
+                GoAwayCode.PROTOCOL_ERROR,
+                f"SYN for stream {sid}: the {'service' if self.is_client else 'connector'}"
+                f" must use {'even' if self.is_client else 'odd'} stream ids",
+            )
+        if sid <= self._highest_peer_id:
+            raise ProtocolError(GoAwayCode.PROTOCOL_ERROR, f"SYN for stream {sid}, which was already used")
+        self._highest_peer_id = sid
+        metadata = frame.decode_metadata(payload)
+        stream = Stream(self, sid, metadata)
+        if self.going_away:
+            self.write_frame(frame.rst(sid, ResetCode.GOING_AWAY, "this end is going away"))
+            return
+        if len(self.streams) >= self.settings.max_streams:
+            self.write_frame(
+                frame.rst(sid, ResetCode.TOO_MANY_STREAMS,
+                          f"tunnel has {len(self.streams)} streams, the limit is {self.settings.max_streams}")
+            )
+            return
+        self.streams[sid] = stream
+        if self.on_stream is None:
+            stream.reset(ResetCode.REFUSED, "this end accepts no streams")
+            return
+        try:
+            self.on_stream(stream)
+        except Exception as e:
+            self.log.failure("stream {stream_id} handler failed", stream_id=sid, **self.log_context)
+            stream.reset(ResetCode.INTERNAL_ERROR, f"internal error handling the stream: {e!r}")
+
+    def _handle_window(self, f: frame.Frame) -> None:
+        stream = self.streams.get(f.stream_id)
+        if stream is None:
+            return
+        flags = f.flags
+        if flags & Flag.ACK:
+            opening = self._opening.pop(f.stream_id, None)
+            if f.value:
+                stream.frame_window(f.value)
+            if opening is not None:
+                opening.callback(stream)
+        elif f.value:
+            stream.frame_window(f.value)
+        if flags & Flag.RST:
+            stream.frame_rst(ResetCode.CANCELLED, "reset by peer")
+        elif flags & Flag.FIN:
+            stream.frame_fin()
+
+    def _handle_ping(self, f: frame.Frame) -> None:
+        if f.flags & Flag.SYN:
+            self.write_frame(frame.ping(f.value, ack=True))
+        elif f.flags & Flag.ACK:
+            sent = self._pings.pop(f.value, None)
+            if sent is not None:
+                sample = max(self.clock.seconds() - sent, 0.0001)
+                self.rtt = sample if self.rtt == 0.05 else 0.875 * self.rtt + 0.125 * sample
+
+    def _handle_go_away(self, f: frame.Frame) -> None:
+        code, message = frame.decode_reason(f.payload)
+        self.peer_going_away = True
+        self.go_away_reason = (code, message)
+        if code == GoAwayCode.NORMAL:
+            self.log.info("tunnel {tunnel_id}: peer is draining: {message}", message=message, **self.log_context)
+        else:
+            self.log.error(
+                "tunnel {tunnel_id} closed by peer ({code_name}): {message}",
+                code_name=_code_name(code), message=message, **self.log_context,
+            )
+            self.transport.loseConnection()
+
+    def _is_peer_id(self, sid: int) -> bool:
+        return sid != 0 and (sid % 2 == 0) == self.is_client
+
+    # -- opening streams -----------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return self.connected and not self.peer_going_away and not self.going_away
+
+    def open_stream(self, metadata: dict[str, Any]) -> Deferred:
+        """Open a stream; fires with the Stream once the peer ACKs, or fails with StreamReset."""
+        if not self.available:
+            raise TunnelClosed(f"tunnel {self.tunnel_id} is not accepting new streams")
+        sid = self._next_id
+        self._next_id += 2
+        block = frame.syn(sid, metadata)
+        stream = Stream(self, sid, metadata)
+        self.streams[sid] = stream
+        d = Deferred()
+        self._opening[sid] = d
+        self.write_frame(block)
+        extra = self.initial_window - BASE_WINDOW
+        if extra > 0:
+            stream._recv_credit += extra
+            stream.target_window = self.initial_window
+            self.write_frame(frame.window_update(sid, extra))
+        return d
+
+    # -- frames out ----------------------------------------------------------------------
+
+    def can_write_now(self) -> bool:
+        return not self.paused and not self._ready and self.connected
+
+    def write_frame(self, data: bytes) -> None:
+        if self.connected:
+            self.bytes_out += len(data)
+            self.transport.write(data)
+
+    def schedule(self, stream: Stream) -> None:
+        if stream.id not in self._scheduled and stream.sendable:
+            self._scheduled.add(stream.id)
+            self._ready.append(stream)
+        if not self.paused:
+            self._flush()
+
+    def _flush(self) -> None:
+        ready = self._ready
+        max_frame = self.max_frame
+        while ready and not self.paused and self.connected:
+            stream = ready.popleft()
+            if stream.closed:
+                self._scheduled.discard(stream.id)
+                continue
+            chunk = stream.take(max_frame)
+            if chunk:
+                self.write_frame(frame.data(stream.id, chunk))
+            if stream.sendable:
+                ready.append(stream)
+            else:
+                self._scheduled.discard(stream.id)
+            stream._drained()
+
+    def forget(self, stream: Stream, reason: Failure) -> None:
+        self.streams.pop(stream.id, None)
+        self._scheduled.discard(stream.id)
+        if self.on_stream_closed is not None:
+            self.on_stream_closed(stream, reason)
+        if self._idle_waiters and self.open_streams == 0:
+            self._fire_idle()
+
+    # -- IPushProducer: the transport under us ---------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    # -- keep-alive and drain ------------------------------------------------------------
+
+    def _keepalive(self) -> None:
+        interval = self.settings.ping_interval
+        silent = self.clock.seconds() - self._last_received
+        if silent >= 2 * interval:
+            self.log.warn(
+                "tunnel {tunnel_id} dead: nothing received for {silent:.1f}s, closing",
+                silent=silent, **self.log_context,
+            )
+            self.transport.abortConnection()
+            return
+        opaque = next(self._ping_ids) & 0xFFFFFFFF
+        self._pings = {k: v for k, v in self._pings.items() if self.clock.seconds() - v < 4 * interval}
+        self._pings[opaque] = self.clock.seconds()
+        self.write_frame(frame.ping(opaque))
+        self._ping_call = self.clock.callLater(interval, self._keepalive)
+
+    def go_away(self, code: int = GoAwayCode.NORMAL, message: str = "draining") -> None:
+        """Tell the peer to open no more streams here; open ones carry on."""
+        if self.going_away:
+            return
+        self.going_away = True
+        self.write_frame(frame.go_away(code, message))
+
+    @property
+    def open_streams(self) -> int:
+        return sum(1 for s in self.streams.values() if s.metadata.get("kind") != "control")
+
+    def wait_idle(self) -> Deferred:
+        """Fires when no stream but the control stream is open (or the tunnel is gone)."""
+        if self.open_streams == 0 or not self.connected:
+            return succeed(None)
+        d = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _fire_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return GoAwayCode(code).name
+    except ValueError:
+        return str(code)

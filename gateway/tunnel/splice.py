@@ -1,0 +1,94 @@
+"""Splice a socket and a stream both ways, with backpressure and half-close.
+
+Like twisted.protocols.portforward, each side's transport is registered as the other's
+producer, so a slow reader on either end pauses exactly the writer feeding it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.tunnel.frame import ResetCode
+from gateway.tunnel.stream import Stream
+
+
+@implementer(IHalfCloseableProtocol)
+class SocketSide(Protocol):
+    """The protocol on a real socket whose bytes go into a stream."""
+
+    stream: Stream | None = None
+    on_lost: Any = None
+
+    def __init__(self, on_lost: Any = None) -> None:
+        self.on_lost = on_lost
+        self._read_done = False
+
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        if self.stream is None:
+            self.transport.pauseProducing()
+
+    def join(self, stream: Stream) -> None:
+        self.stream = stream
+        stream.attach(StreamSide(self))
+        self.transport.registerProducer(stream, True)
+        stream.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.stream.write(data)
+
+    def readConnectionLost(self) -> None:
+        self._read_done = True
+        if self.stream is not None:
+            self.stream.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        stream = self.stream
+        if stream is not None and not stream.closed:
+            if reason is None or reason.check(ConnectionDone):
+                stream.loseConnection()
+            else:
+                stream.reset(ResetCode.CANCELLED, f"the socket was reset: {reason.getErrorMessage()}")
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class StreamSide(Protocol):
+    """The protocol on a stream whose bytes go into a real socket."""
+
+    def __init__(self, socket_side: SocketSide) -> None:
+        self.socket_side = socket_side
+
+    def dataReceived(self, data: bytes) -> None:
+        self.socket_side.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        transport = self.socket_side.transport
+        if self.socket_side._read_done or not hasattr(transport, "loseWriteConnection"):
+            transport.loseConnection()
+        else:
+            transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        transport = self.socket_side.transport
+        transport.unregisterProducer()
+        if reason is None or reason.check(ConnectionDone):
+            transport.loseConnection()
+        else:
+            # The far end reset or the tunnel died: pass that on rather than fake a clean close.
+            transport.abortConnection()
