@@ -1,0 +1,306 @@
+"""The synchronous SQLite store: one connection, WAL, schema migrated on open."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from attrs import define, field
+
+from gateway.errors import EnrolmentError, GatewayError
+from gateway.pki.tokens import secret_matches
+from gateway.store.records import CertificateRecord, ConnectorRecord, GroupRecord, TokenRecord
+
+R = TypeVar("R")
+CertificateStatus = str  # "valid" | "unknown" | "revoked" | "connector deleted"
+IssueResult = tuple[ConnectorRecord, CertificateRecord, R]
+
+# Index i holds the script that takes the schema from version i to i + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE groups (
+        name TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE tokens (
+        token_id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        group_name TEXT NOT NULL REFERENCES groups(name),
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        used_at TEXT,
+        used_by TEXT
+    );
+    CREATE TABLE connectors (
+        connector_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        group_name TEXT NOT NULL REFERENCES groups(name),
+        created_at TEXT NOT NULL,
+        last_seen TEXT,
+        deleted_at TEXT
+    );
+    CREATE TABLE certificates (
+        serial_hex TEXT PRIMARY KEY,
+        connector_id TEXT NOT NULL REFERENCES connectors(connector_id),
+        not_after TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE INDEX certificates_by_connector ON certificates(connector_id);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+BUSY_TIMEOUT_MS = 5000
+
+
+@define
+class SQLiteStore:
+    """Gateway state in one SQLite file, shared with the `gateway` CLI while the service runs."""
+
+    path: Path = field(converter=Path)
+    _db: sqlite3.Connection = field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        # check_same_thread=False: ThreadedStore uses this from its one pool thread.
+        # isolation_level=None: we issue BEGIN ourselves, so every transaction is explicit.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # WAL lets the CLI read while the service writes (and vice versa).
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    # groups
+
+    def ensure_group(self, name: str, now: datetime) -> GroupRecord:
+        """The group called `name`, created now if it does not exist yet."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO groups (name, created_at) VALUES (?, ?)", (name, _to_text(now))
+            )
+            row = db.execute("SELECT name, created_at FROM groups WHERE name = ?", (name,)).fetchone()
+        return _group(row)
+
+    def list_groups(self) -> list[GroupRecord]:
+        """All groups, by name."""
+        return [_group(r) for r in self._db.execute("SELECT name, created_at FROM groups ORDER BY name")]
+
+    # tokens
+
+    def create_token(self, record: TokenRecord) -> None:
+        """Store a new token; its group must exist (see ensure_group)."""
+        with self._write() as db:
+            self._require_group(db, record.group)
+            db.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.token_id,
+                    record.secret_hash,
+                    record.group,
+                    _to_text(record.created_at),
+                    _to_text(record.expires_at),
+                    _opt_text(record.used_at),
+                    record.used_by,
+                ),
+            )
+
+    def list_tokens(self) -> list[TokenRecord]:
+        """All tokens, oldest first."""
+        rows = self._db.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, token_id")
+        return [_token(r) for r in rows]
+
+    def enrol(
+        self, token_id: str, secret: str, now: datetime, issue: Callable[[TokenRecord], IssueResult[R]]
+    ) -> tuple[ConnectorRecord, R]:
+        """Redeem a token once: check it, mark it used, store what `issue` made; all or nothing."""
+        with self._write() as db:
+            token = self._redeemable_token(db, token_id, secret, now)
+            connector, certificate, result = issue(token)
+            self._insert_connector(db, connector)
+            self._insert_certificate(db, certificate)
+            db.execute(
+                "UPDATE tokens SET used_at = ?, used_by = ? WHERE token_id = ?",
+                (_to_text(now), connector.connector_id, token_id),
+            )
+        return connector, result
+
+    # connectors and certificates
+
+    def get_connector(self, connector_id: str) -> ConnectorRecord | None:
+        """The connector with this id (deleted or not), or None."""
+        row = self._db.execute(
+            f"SELECT {_CONNECTOR_COLUMNS} FROM connectors WHERE connector_id = ?", (connector_id,)
+        ).fetchone()
+        return None if row is None else _connector(row)
+
+    def list_connectors(self, include_deleted: bool = False) -> list[ConnectorRecord]:
+        """Connectors, oldest first; deleted ones only when asked for."""
+        where = "" if include_deleted else "WHERE deleted_at IS NULL"
+        rows = self._db.execute(
+            f"SELECT {_CONNECTOR_COLUMNS} FROM connectors {where} ORDER BY created_at, connector_id"
+        )
+        return [_connector(r) for r in rows]
+
+    def delete_connector(self, connector_id: str, now: datetime) -> bool:
+        """Mark the connector deleted and revoke its certificates; False if unknown or already deleted."""
+        stamp = _to_text(now)
+        with self._write() as db:
+            marked = db.execute(
+                "UPDATE connectors SET deleted_at = ? WHERE connector_id = ? AND deleted_at IS NULL",
+                (stamp, connector_id),
+            ).rowcount
+            db.execute(
+                "UPDATE certificates SET revoked_at = ? WHERE connector_id = ? AND revoked_at IS NULL",
+                (stamp, connector_id),
+            )
+        return marked == 1
+
+    def certificate_status(self, serial_hex: str, connector_id: str) -> CertificateStatus:
+        """Whether a presented client certificate may still be used by this connector."""
+        row = self._db.execute(
+            "SELECT c.revoked_at, n.deleted_at FROM certificates c "
+            "JOIN connectors n ON n.connector_id = c.connector_id "
+            "WHERE c.serial_hex = ? AND c.connector_id = ?",
+            (serial_hex.lower(), connector_id),
+        ).fetchone()
+        if row is None:
+            return "unknown"
+        revoked_at, deleted_at = row
+        # Deletion is the more useful thing to tell the connector: it must enrol again.
+        if deleted_at is not None:
+            return "connector deleted"
+        if revoked_at is not None:
+            return "revoked"
+        return "valid"
+
+    def touch_connector(self, connector_id: str, now: datetime) -> None:
+        """Record that the connector was just seen."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE connectors SET last_seen = ? WHERE connector_id = ?", (_to_text(now), connector_id)
+            )
+
+    def close(self) -> None:
+        """Close the connection; the store is unusable afterwards."""
+        self._db.close()
+
+    # internals
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so two processes that both read
+        # "token unused" cannot both go on to redeem it: the second waits, then sees it used.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = 0 if row is None else row[0]
+            if version > SCHEMA_VERSION:
+                raise GatewayError(
+                    f"{self.path}: database schema version {version} is newer than this gateway "
+                    f"understands ({SCHEMA_VERSION}): upgrade gateway"
+                )
+            for script in MIGRATIONS[version:]:
+                _run_script(db, script)
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+    @staticmethod
+    def _require_group(db: sqlite3.Connection, group: str) -> None:
+        if db.execute("SELECT 1 FROM groups WHERE name = ?", (group,)).fetchone() is None:
+            raise GatewayError(f"no group named {group!r}: create the group first")
+
+    @staticmethod
+    def _redeemable_token(db: sqlite3.Connection, token_id: str, secret: str, now: datetime) -> TokenRecord:
+        row = db.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
+        # A wrong secret looks exactly like a missing token, so guessing ids teaches nothing.
+        if row is None or not secret_matches(secret, row[1]):
+            raise EnrolmentError(
+                "unknown token: copy the whole token again, or create a new one on the service"
+            )
+        token = _token(row)
+        if token.used_at is not None:
+            raise EnrolmentError(
+                f"token already used (at {token.used_at.isoformat()}): create a new token on the service"
+            )
+        if now >= token.expires_at:
+            raise EnrolmentError(
+                f"token expired at {token.expires_at.isoformat()}: create a new token on the service"
+            )
+        return token
+
+    @staticmethod
+    def _insert_connector(db: sqlite3.Connection, c: ConnectorRecord) -> None:
+        db.execute(
+            f"INSERT INTO connectors ({_CONNECTOR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                c.connector_id,
+                c.name,
+                c.group,
+                _to_text(c.created_at),
+                _opt_text(c.last_seen),
+                _opt_text(c.deleted_at),
+            ),
+        )
+
+    @staticmethod
+    def _insert_certificate(db: sqlite3.Connection, c: CertificateRecord) -> None:
+        db.execute(
+            "INSERT INTO certificates (serial_hex, connector_id, not_after, revoked_at) VALUES (?, ?, ?, ?)",
+            (c.serial_hex.lower(), c.connector_id, _to_text(c.not_after), _opt_text(c.revoked_at)),
+        )
+
+
+_TOKEN_COLUMNS = "token_id, secret_hash, group_name, created_at, expires_at, used_at, used_by"
+_CONNECTOR_COLUMNS = "connector_id, name, group_name, created_at, last_seen, deleted_at"
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT our open transaction first; run statement by statement instead.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _to_text(when: datetime) -> str:
+    # Fixed-width ISO-8601 UTC, so text order is time order.
+    if when.tzinfo is None:
+        raise ValueError(f"naive datetime {when!r}: the store only takes timezone-aware times")
+    return when.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _opt_text(when: datetime | None) -> str | None:
+    return None if when is None else _to_text(when)
+
+
+def _from_text(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _group(row: Any) -> GroupRecord:
+    return GroupRecord(row[0], _from_text(row[1]))
+
+
+def _token(row: Any) -> TokenRecord:
+    token_id, secret_hash, group, created, expires, used_at, used_by = row
+    return TokenRecord(
+        token_id, secret_hash, group, _from_text(created), _from_text(expires), _from_text(used_at), used_by
+    )
+
+
+def _connector(row: Any) -> ConnectorRecord:
+    connector_id, name, group, created, last_seen, deleted_at = row
+    return ConnectorRecord(
+        connector_id, name, group, _from_text(created), _from_text(last_seen), _from_text(deleted_at)
+    )

@@ -1,0 +1,110 @@
+"""Runs a synchronous store on a one-thread pool so blocking drivers never stall the reactor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+
+def _one_thread_pool() -> ThreadPool:
+    # One thread: the store has one connection, and serial calls keep its transactions simple.
+    return ThreadPool(minthreads=1, maxthreads=1, name="gateway-store")
+
+
+@define
+class ThreadedStore:
+    """The store's methods, each returning a Deferred that fires with the store's result.
+
+    Calls run one at a time, in order, on the pool's single thread.
+    """
+
+    store: Any
+    reactor: Any
+    threadpool: ThreadPool = field(default=None, converter=lambda p: _one_thread_pool() if p is None else p)
+    _closing: Deferred | None = field(default=None, init=False)
+    _close_result: Any = field(default=None, init=False)
+    _shutdown_trigger: Any = field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.reactor.running:
+            self._start()
+        else:
+            self.reactor.callWhenRunning(self._start)
+        # "before": the reactor waits for close()'s Deferred, so pending writes finish first.
+        self._shutdown_trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._on_shutdown)
+
+    def ensure_group(self, name, now) -> Deferred:
+        return self._call(self.store.ensure_group, name, now)
+
+    def list_groups(self) -> Deferred:
+        return self._call(self.store.list_groups)
+
+    def create_token(self, record) -> Deferred:
+        return self._call(self.store.create_token, record)
+
+    def list_tokens(self) -> Deferred:
+        return self._call(self.store.list_tokens)
+
+    def enrol(self, token_id, secret, now, issue) -> Deferred:
+        """Note: `issue` runs on the store thread, inside the transaction; it must not touch the reactor."""
+        return self._call(self.store.enrol, token_id, secret, now, issue)
+
+    def get_connector(self, connector_id) -> Deferred:
+        return self._call(self.store.get_connector, connector_id)
+
+    def list_connectors(self, *args, **kwargs) -> Deferred:
+        return self._call(self.store.list_connectors, *args, **kwargs)
+
+    def delete_connector(self, connector_id, now) -> Deferred:
+        return self._call(self.store.delete_connector, connector_id, now)
+
+    def certificate_status(self, serial_hex, connector_id) -> Deferred:
+        return self._call(self.store.certificate_status, serial_hex, connector_id)
+
+    def touch_connector(self, connector_id, now) -> Deferred:
+        return self._call(self.store.touch_connector, connector_id, now)
+
+    def close(self) -> Deferred:
+        """Close the store after the calls already queued, then stop the thread; safe to call twice."""
+        if self._closing is None:
+            self._start()  # close() before the reactor ran still needs a thread to close on
+            self._closing = deferToThreadPool(self.reactor, self.threadpool, self.store.close)
+            self._closing.addBoth(self._stop_pool)
+        # Each caller gets its own Deferred, so one caller's callbacks cannot change another's result.
+        mine: Deferred = Deferred()
+        self._closing.addCallback(lambda _: _fire(mine, self._close_result))
+        return mine
+
+    def _call(self, method, *args, **kwargs) -> Deferred:
+        if self._closing is not None:
+            return fail(RuntimeError("the store is closed"))
+        return deferToThreadPool(self.reactor, self.threadpool, method, *args, **kwargs)
+
+    def _start(self) -> None:
+        if not self.threadpool.started and self._closing is None:
+            self.threadpool.start()
+
+    def _stop_pool(self, result) -> None:
+        # Kept aside, not passed down the shared chain, so a failure is reported to each
+        # close() caller and not again as "unhandled" when the shared Deferred is collected.
+        self._close_result = result
+        self.threadpool.stop()
+        if self._shutdown_trigger is not None:
+            self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+
+    def _on_shutdown(self) -> Deferred:
+        self._shutdown_trigger = None  # the reactor is running it; removing it now would fail
+        return self.close()
+
+
+def _fire(target: Deferred, result) -> None:
+    if isinstance(result, Failure):
+        target.errback(result)
+    else:
+        target.callback(result)
