@@ -3,6 +3,7 @@
 # in BENCH_PIDS and killed by PID in bench_cleanup (EXIT trap). No pkill/killall.
 
 BENCH_PIDS=()
+CUR_PID=""   # the measurement running now (wrk/iperf3/curl/idle), killed at exit too
 
 log() { echo "[$(date +%T)] $*" >&2; }
 
@@ -284,7 +285,7 @@ measure_http() {  # path port conns
   quiet
   timeout 15 wrk -t1 -c"$c" -d"${WARM}s" "$url" >/dev/null 2>&1   # warm-up
   timeout $((DUR + 20)) wrk -t1 -c"$c" -d"${DUR}s" --timeout 5s --latency "$url" >"$f.wrk" 2>&1 &
-  w=$!
+  w=$!; CUR_PID=$w
   CPU_BACKEND="nginx=$NGINX_PID" cpu_sample $w wrk "$f.cpu"
   wait $w; echo $? >"$f.rc"
 }
@@ -295,7 +296,7 @@ measure_iperf() {  # path port up|down
   quiet
   timeout $((DUR + 20)) iperf3 -c 127.0.0.1 -p "$2" -t "$DUR" "${r[@]}" -J \
     --connect-timeout 5000 >"$f.json" 2>"$f.err" &
-  w=$!
+  w=$!; CUR_PID=$w
   CPU_BACKEND="iperf_s=$IPERF_PID" cpu_sample $w iperf_c "$f.cpu"
   wait $w; echo $? >"$f.rc"
   if [ "$(cat "$f.rc")" != 0 ]; then  # a killed client can leave the server busy
@@ -314,7 +315,7 @@ measure_curl() {  # path port: download 256 MiB repeatedly for ~DUR s (at least 
       n=$((n + 1))
       { [ $(( ${EPOCHREALTIME/[.,]/} - start )) -ge $((DUR * 1000000)) ] || [ $n -ge 100 ]; } && break
     done ) >"$f.txt" 2>&1 &
-  w=$!
+  w=$!; CUR_PID=$w
   CPU_BACKEND="nginx=$NGINX_PID" cpu_sample $w curl "$f.cpu"
   wait $w
 }
@@ -324,6 +325,7 @@ measure_idle() {  # N idle spliced streams; RSS of the path's processes (CPU_LAB
   for x in $CPU_LABELS; do rss+=(--rss "$x"); done
   log "$1: idle streams: opening $IDLE connections through port $2"
   timeout $((IDLE_DEADLINE + 30)) "$PY" "$HERE/idle_streams.py" --port "$2" --n "$IDLE" \
-    --backend-port "$P_NGINX" --deadline "$IDLE_DEADLINE" "${rss[@]}" >"$f.json" 2>"$f.err"
-  echo $? >"$f.rc"
+    --backend-port "$P_NGINX" --deadline "$IDLE_DEADLINE" "${rss[@]}" >"$f.json" 2>"$f.err" &
+  CUR_PID=$!
+  wait $CUR_PID; echo $? >"$f.rc"
 }

@@ -18,7 +18,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from attrs import field, frozen
 
@@ -124,13 +124,15 @@ class GatewayConfig:
     apps: tuple[AppConfig, ...] = ()
     tunnel: TunnelConfig = field(factory=TunnelConfig)
     logging: LoggingConfig = field(factory=LoggingConfig)
+    # Tables that plugins added through the gateway_config_sections hook, parsed by them.
+    sections: dict[str, Any] = field(factory=dict, hash=False)
 
 
 # ---------------------------------------------------------------------------
 # Public API
 
 
-def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+def load_config(path: str | os.PathLike[str], sections: Mapping[str, Callable] | None = None) -> GatewayConfig:
     """Read, parse and validate the TOML file at ``path``; raise ConfigError on any problem."""
     shown = os.fspath(path)
     try:
@@ -150,12 +152,17 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(shown, "(syntax)", f"expected valid TOML: {e}") from None
-    return parse_config(data, path)
+    return parse_config(data, path, sections)
 
 
-def parse_config(data: Mapping[str, Any], path: str | os.PathLike[str]) -> GatewayConfig:
-    """Validate an already-parsed TOML document; ``path`` names the file in errors and anchors relative paths."""
-    return _Parser(os.fspath(path)).parse(data)
+def parse_config(
+    data: Mapping[str, Any], path: str | os.PathLike[str], sections: Mapping[str, Callable] | None = None
+) -> GatewayConfig:
+    """Validate an already-parsed TOML document; ``path`` names the file in errors and anchors relative paths.
+
+    ``sections`` maps extra top-level table names (from plugins) to ``parse(table, error)``.
+    """
+    return _Parser(os.fspath(path), sections or {}).parse(data)
 
 
 # ---------------------------------------------------------------------------
@@ -393,8 +400,9 @@ class _Parser:
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
     LOGGING = ["format", "level"]
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, sections: Mapping[str, Callable] | None = None) -> None:
         self.file = file
+        self.sections = dict(sections or {})
         self.abs_path = Path(os.path.abspath(file))
         self.base_dir = self.abs_path.parent
 
@@ -412,7 +420,7 @@ class _Parser:
     def parse(self, data: Mapping[str, Any]) -> GatewayConfig:
         if not isinstance(data, Mapping):
             raise self.error("(file)", f"expected a TOML document (a table), got {_describe(data)}")
-        _Table(self, "", data, self.TOP)
+        _Table(self, "", data, self.TOP + sorted(self.sections))
         service_data = self.table(data, "service")
         connector_data = self.table(data, "connector")
         if service_data is None and connector_data is None:
@@ -424,8 +432,13 @@ class _Parser:
         tunnel = self.tunnel(tunnel_data if tunnel_data is not None else {})
         logging_data = self.table(data, "logging")
         logging = self.logging(logging_data if logging_data is not None else {})
+        extra = {}
+        for name, parse in self.sections.items():
+            table = self.table(data, name)
+            extra[name] = parse(table if table is not None else {},
+                                lambda key, expected, _n=name: self.error(f"{_n}.{key}", expected))
         return GatewayConfig(path=self.abs_path, service=service, connector=connector, apps=apps,
-                             tunnel=tunnel, logging=logging)
+                             tunnel=tunnel, logging=logging, sections=extra)
 
     def service(self, data: Mapping[str, Any]) -> ServiceConfig:
         t = _Table(self, "service", data, self.SERVICE)

@@ -72,6 +72,7 @@ class TunnelSession(Protocol):
         self.settings = settings
         self.is_client = is_client
         self.on_stream = on_stream
+        self.owner: Any = None  # the TunnelHandler (service) or TunnelClient (connector)
         self.on_handshake: Callable[[TunnelSession], None] | None = None
         self.on_lost: list[Callable[[TunnelSession, Failure], None]] = []
         self.on_stream_closed: Callable[[Stream, Failure], None] | None = None

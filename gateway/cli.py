@@ -1,0 +1,229 @@
+"""The `gateway` command: tokens, registration, connectors, plugins, config checks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__, plugins
+from gateway.config import DEFAULT_CONFIG_PATH, load_config
+from gateway.errors import GatewayError
+
+TOKEN_ENV = "GATEWAY_ENROL_TOKEN"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="Manage a gateway service and its connectors.")
+    p.add_argument("--version", action="version", version=f"gateway {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    token = sub.add_parser("token", help="enrolment tokens").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create", help="make a one-time enrolment token for a connector group")
+    create.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="the service's TOML file")
+    create.add_argument("--group", default="default", help="the connector group the new connector joins")
+    create.add_argument("--lifetime", type=int, help="seconds the token stays valid (default: service.token_lifetime)")
+    create.add_argument("--output", help="write the token to this file (mode 0600) instead of standard output")
+    token.add_parser("list", help="list tokens (never their secrets)").add_argument(
+        "--config", default=str(DEFAULT_CONFIG_PATH))
+
+    conn = sub.add_parser("connector", help="this machine's connector").add_subparsers(dest="action", required=True)
+    reg = conn.add_parser("register", help="enrol this connector with a service using a token")
+    reg.add_argument("--service", required=True, help="the service's tunnel address, HOST:PORT")
+    reg.add_argument("--token-file", help=f"file holding the token, or - for standard input (or set {TOKEN_ENV})")
+    reg.add_argument("--state-dir", required=True, help="where the connector keeps its key and certificates")
+    reg.add_argument("--server-name", help="name to check in the service's certificate (default: the HOST)")
+    reg.add_argument("--name", help="a name for this connector (default: the host name)")
+
+    conns = sub.add_parser("connectors", help="connectors known to the service").add_subparsers(
+        dest="action", required=True)
+    lst = conns.add_parser("list", help="list connectors")
+    lst.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    lst.add_argument("--all", action="store_true", help="include deleted connectors")
+    delete = conns.add_parser("delete", help="delete a connector and revoke its certificate")
+    delete.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    delete.add_argument("connector_id")
+
+    sub.add_parser("plugins", help="list loaded plugins, their versions and hooks")
+    check = sub.add_parser("check-config", help="validate a TOML file and exit")
+    check.add_argument("config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[(args.command, getattr(args, "action", None))](args)
+    except GatewayError as e:
+        print(f"gateway: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _service_store(config_path: str) -> tuple[Any, Any]:
+    from gateway.service.node import open_store
+
+    config = load_config(config_path)
+    if config.service is None:
+        raise GatewayError(f"{config_path} has no [service] table; give the service's config file")
+    return config, open_store(config.service.state_dir)
+
+
+def token_create(args: argparse.Namespace) -> int:
+    from gateway.pki.ca import CertificateAuthority
+    from gateway.pki.tokens import EnrolmentToken, hash_secret
+    from gateway.store.records import TokenRecord
+
+    config, store = _service_store(args.config)
+    known = {g.name for g in store.list_groups()} | {a.group for a in config.apps} | {"default"}
+    if args.group not in known:
+        raise GatewayError(
+            f"no connector group {args.group!r}; known groups: {', '.join(sorted(known))}"
+            " (a group exists once an app in the config names it)"
+        )
+    now = datetime.now(UTC)
+    store.ensure_group(args.group, now)
+    ca = CertificateAuthority.load_or_create(config.service.state_dir)
+    token = EnrolmentToken.generate(ca.fingerprint)
+    lifetime = args.lifetime or config.service.token_lifetime
+    if lifetime <= 0:
+        raise GatewayError(f"--lifetime must be a positive number of seconds, got {lifetime}")
+    store.create_token(TokenRecord(
+        token_id=token.token_id, secret_hash=hash_secret(token.secret), group=args.group,
+        created_at=now, expires_at=now + timedelta(seconds=lifetime),
+    ))
+    store.close()
+    expires = (now + timedelta(seconds=lifetime)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if args.output:
+        from gateway.pki.keys import write_private
+
+        write_private(Path(args.output), (token.encode() + "\n").encode())
+        print(f"token {token.token_id} for group {args.group!r} written to {args.output}; one use, expires {expires}",
+              file=sys.stderr)
+    else:
+        print(token.encode())
+        print(f"token {token.token_id} for group {args.group!r}: one use, expires {expires}", file=sys.stderr)
+    return 0
+
+
+def token_list(args: argparse.Namespace) -> int:
+    _, store = _service_store(args.config)
+    now = datetime.now(UTC)
+    rows = [("TOKEN", "GROUP", "EXPIRES", "STATE")]
+    for t in store.list_tokens():
+        state = f"used by {t.used_by[:12]}" if t.used_at else ("expired" if t.expires_at <= now else "unused")
+        rows.append((t.token_id, t.group, f"{t.expires_at:%Y-%m-%d %H:%M}", state))
+    _table(rows)
+    return 0
+
+
+def connector_register(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    from gateway.connector.register import register
+
+    text = _read_token(args.token_file)
+    outcome: dict[str, Any] = {}
+
+    async def run() -> None:
+        outcome["result"] = await register(
+            reactor, args.service, text, Path(args.state_dir).absolute(), args.server_name, args.name
+        )
+
+    def done(result: Any) -> None:
+        if hasattr(result, "value"):
+            outcome["error"] = result.value
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(run()).addBoth(done))
+    reactor.run()
+    if "error" in outcome:
+        error = outcome["error"]
+        if isinstance(error, GatewayError):
+            raise error
+        raise GatewayError(f"registration failed: {error!r}")
+    result = outcome["result"]
+    print(f"registered connector {result['connector_id']} ({result.get('name')}) in group {result['group']!r};"
+          f" state in {Path(args.state_dir).absolute()}")
+    print(f"start it with: twistd -n gateway --config FILE.toml  ([connector] state_dir = \"{args.state_dir}\")")
+    return 0
+
+
+def _read_token(path: str | None) -> str:
+    if path is None:
+        text = os.environ.get(TOKEN_ENV)
+        if not text:
+            raise GatewayError(f"give the token with --token-file FILE (or - for standard input) or {TOKEN_ENV}")
+        return text
+    if path == "-":
+        return sys.stdin.readline()
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise GatewayError(f"cannot read the token file {path}: {e.strerror}") from None
+
+
+def connectors_list(args: argparse.Namespace) -> int:
+    _, store = _service_store(args.config)
+    rows = [("ID", "NAME", "GROUP", "LAST SEEN", "STATE")]
+    for c in store.list_connectors(include_deleted=args.all):
+        seen = f"{c.last_seen:%Y-%m-%d %H:%M:%S}" if c.last_seen else "never"
+        rows.append((c.connector_id, c.name, c.group, seen, "deleted" if c.deleted_at else "active"))
+    _table(rows)
+    return 0
+
+
+def connectors_delete(args: argparse.Namespace) -> int:
+    _, store = _service_store(args.config)
+    if not store.delete_connector(args.connector_id, datetime.now(UTC)):
+        raise GatewayError(f"no active connector {args.connector_id!r}; see `gateway connectors list`")
+    print(f"connector {args.connector_id} deleted; its certificate is revoked")
+    return 0
+
+
+def list_plugins(args: argparse.Namespace) -> int:
+    pm = plugins.make_plugin_manager()
+    rows = [("PLUGIN", "VERSION", "HOOKS")]
+    for info in plugins.list_plugins(pm):
+        rows.append((info.name, info.version, ", ".join(info.hooks) or "-"))
+    _table(rows)
+    handlers = plugins.protocol_handlers(pm)
+    print(f"\nprotocols: {', '.join(sorted(handlers)) or 'none'}")
+    blocked = os.environ.get(plugins.DISABLE_ENV)
+    if blocked:
+        print(f"blocked by {plugins.DISABLE_ENV}: {blocked}")
+    return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    from gateway.tap import check_protocols
+
+    pm = plugins.make_plugin_manager()
+    config = load_config(args.config, plugins.config_sections(pm))
+    check_protocols(config, plugins.protocol_handlers(pm))
+    roles = [r for r in ("service", "connector") if getattr(config, r) is not None]
+    print(f"{args.config}: OK ({' and '.join(roles)}, {len(config.apps)} apps)")
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+COMMANDS = {
+    ("token", "create"): token_create,
+    ("token", "list"): token_list,
+    ("connector", "register"): connector_register,
+    ("connectors", "list"): connectors_list,
+    ("connectors", "delete"): connectors_delete,
+    ("plugins", None): list_plugins,
+    ("check-config", None): check_config,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The connector: keeps N outbound tunnels up and serves the streams the service opens on them."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from typing import Any
+
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway import PROTOCOL_VERSION, __version__, plugins
+from gateway.config import AppConfig, GatewayConfig
+from gateway.connector.identity import ConnectorIdentity
+from gateway.control import messages as m
+from gateway.control.messages import ControlChannel
+from gateway.errors import GatewayError
+from gateway.pki.tls import client_options
+from gateway.tunnel.frame import GoAwayCode, ResetCode
+from gateway.tunnel.session import TunnelSession, TunnelSettings
+from gateway.tunnel.stream import Stream
+
+# A TLS handshake plus hello that takes longer than this is abandoned and retried.
+PREPARE_TIMEOUT = 30.0
+
+
+class TunnelRefused(GatewayError):
+    """The service refused this tunnel (version, revoked certificate, ...)."""
+
+
+def jittered_backoff(initial: float, maximum: float) -> Any:
+    """Exponential backoff with 'equal jitter': half fixed, half random, so restarts spread out."""
+
+    def policy(attempt: int) -> float:
+        delay = min(initial * 2 ** min(attempt, 30), maximum)
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    return policy
+
+
+class ConnectorNode(MultiService):
+    log = Logger()
+
+    def __init__(
+        self, config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any], identity: ConnectorIdentity
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.pm = pm
+        self.handlers = handlers
+        self.identity = identity
+        self.settings = TunnelSettings.from_config(config.tunnel)
+        self.apps: dict[str, AppConfig] = {}
+        self.config_version: str | None = None
+        self.tunnels: dict[str, TunnelClient] = {}
+        self._tunnel_ids = itertools.count(1)
+        self._clients: list[ClientService] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.ctx = {"connector_id": identity.connector_id}
+
+    # -- start and stop ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        ident = self.identity
+        tls = client_options(ident.ca_cert, ident.cert, ident.key, ident.server_name)
+        endpoint = wrapClientTLS(tls, HostnameEndpoint(self.reactor, ident.service_host, ident.service_port, timeout=10))
+        connector = self.config.connector
+        for i in range(connector.tunnels):
+            client = ClientService(
+                endpoint,
+                Factory.forProtocol(self._build_session),
+                retryPolicy=jittered_backoff(connector.backoff_initial, connector.backoff_max),
+                clock=self.reactor,
+                prepareConnection=self._prepare,
+            )
+            client.setName(f"tunnel-{i + 1}")
+            client.setServiceParent(self)
+            self._clients.append(client)
+        super().startService()
+        self.log.info(
+            "connector {connector_id} ({name}, group {group}) keeping {n} tunnels to {host}:{port}",
+            name=ident.name, group=ident.group, n=connector.tunnels,
+            host=ident.service_host, port=ident.service_port, **self.ctx,
+        )
+
+    def stopService(self) -> Deferred:
+        """Drain: GO_AWAY on every tunnel, let open streams finish (bounded), then disconnect."""
+        live = [t.session for t in self.tunnels.values() if t.session.connected]
+        for session in live:
+            session.go_away(GoAwayCode.NORMAL, "connector is shutting down")
+        open_streams = sum(s.open_streams for s in live)
+        self.log.info(
+            "connector {connector_id} draining {n} open streams (up to {timeout}s)",
+            n=open_streams, timeout=self.config.connector.drain_timeout, **self.ctx,
+        )
+        drained = gatherResults([s.wait_idle() for s in live])
+        timeout = self.reactor.callLater(self.config.connector.drain_timeout, drained.cancel)
+
+        def stop(result: Any) -> Deferred:
+            if timeout.active():
+                timeout.cancel()
+            left = sum(s.open_streams for s in live if s.connected)
+            if left:
+                self.log.warn("drain deadline passed; closing {n} streams", n=left, **self.ctx)
+            return maybeDeferred(super(ConnectorNode, self).stopService)
+
+        return drained.addBoth(stop)
+
+    # -- tunnels -------------------------------------------------------------------------
+
+    def _build_session(self) -> TunnelSession:
+        tunnel_id = f"{self.identity.connector_id[:8]}/t{next(self._tunnel_ids)}"
+        session = TunnelSession(self.reactor, self.settings, is_client=True, on_stream=self.dispatch,
+                                tunnel_id=tunnel_id)
+        session.log_context.update(self.ctx)
+        TunnelClient(self, session)
+        return session
+
+    def _prepare(self, session: TunnelSession) -> Deferred:
+        return session.owner.ready
+
+    def tunnel_up(self, client: TunnelClient) -> None:
+        self.tunnels[client.session.tunnel_id] = client
+        plugins.notify(self.pm, "gateway_connector_up", connector=client)
+
+    def tunnel_lost(self, client: TunnelClient, reason: str) -> None:
+        if self.tunnels.pop(client.session.tunnel_id, None) is not None:
+            plugins.notify(self.pm, "gateway_connector_lost", connector=client, reason=reason)
+
+    # -- config --------------------------------------------------------------------------
+
+    def apply_config(self, message: dict[str, Any]) -> None:
+        version = message.get("version")
+        if version == self.config_version:
+            return
+        try:
+            apps = {
+                a["name"]: AppConfig(
+                    name=a["name"], listen="", destination=a["destination"], host=a["host"], port=int(a["port"]),
+                    group=message.get("group", self.identity.group), protocol=a["protocol"],
+                    connect_timeout=float(a.get("connect_timeout", 10)), options=dict(a.get("options") or {}),
+                )
+                for a in message["apps"]
+            }
+        except (KeyError, TypeError, ValueError) as e:
+            self.log.error("ignoring malformed config {version} from the service: {error}; keeping {current}",
+                           version=version, error=repr(e), current=self.config_version, **self.ctx)
+            return
+        for app in apps.values():
+            if app.protocol not in self.handlers:
+                self.log.warn("app {app} uses protocol {protocol}, which no plugin here provides",
+                              app=app.name, protocol=app.protocol, **self.ctx)
+        self.apps = apps
+        self.config_version = version
+        self.log.info("config {version}: apps {apps}", version=version,
+                      apps=", ".join(f"{a.name}→{a.destination}" for a in apps.values()) or "none", **self.ctx)
+
+    # -- streams -------------------------------------------------------------------------
+
+    def dispatch(self, stream: Stream) -> None:
+        meta = stream.metadata
+        ctx = {**stream.session.log_context, "stream_id": stream.id, "app": meta.get("app"),
+               "request_id": meta.get("request_id")}
+        if meta.get("kind") != "app":
+            stream.reset(ResetCode.REFUSED, f"connectors accept only app streams, not {meta.get('kind')!r}")
+            return
+        app = self.apps.get(meta.get("app"))
+        if app is None:
+            reason = (f"connector {self.identity.connector_id} has no app {meta.get('app')!r}"
+                      f" in its configuration (version {self.config_version})")
+            self.log.warn("stream {stream_id} refused: {reason}", reason=reason, **ctx)
+            stream.reset(ResetCode.UNKNOWN_APP, reason)
+            return
+        if meta.get("destination") != app.destination:
+            reason = (f"destination {meta.get('destination')!r} is not the destination of app {app.name!r};"
+                      " a connector dials only the destinations its apps name")
+            self.log.warn("stream {stream_id} refused: {reason}", reason=reason, **ctx)
+            stream.reset(ResetCode.REFUSED, reason)
+            return
+        handler = self.handlers.get(app.protocol)
+        if handler is None:
+            stream.reset(ResetCode.UNKNOWN_PROTOCOL, f"no plugin on this connector handles protocol {app.protocol!r}")
+            return
+        try:
+            handler.connector_stream(stream, app, self.reactor)
+        except Exception as e:
+            self.log.failure("stream {stream_id}: the {protocol} plugin failed", protocol=app.protocol, **ctx)
+            stream.reset(ResetCode.INTERNAL_ERROR, f"the {app.protocol} plugin failed on the connector: {e!r}")
+            return
+        self.log.debug("stream {stream_id} for app {app} → {destination}", destination=app.destination, **ctx)
+
+    def load(self) -> dict[str, Any]:
+        sessions = [t.session for t in self.tunnels.values()]
+        times = os.times()
+        return {
+            "open_streams": sum(s.open_streams for s in sessions),
+            "tunnels": len(sessions),
+            "bytes_in": sum(s.bytes_in for s in sessions),
+            "bytes_out": sum(s.bytes_out for s in sessions),
+            "cpu_seconds": round(times.user + times.system, 3),
+            "capacity": 1.0,
+        }
+
+
+class TunnelClient:
+    """The connector's end of one tunnel: hello, config, heartbeats."""
+
+    log = Logger()
+
+    def __init__(self, node: ConnectorNode, session: TunnelSession) -> None:
+        self.node = node
+        self.session = session
+        self.ready: Deferred = Deferred()
+        self.control: ControlChannel | None = None
+        self.welcome: dict[str, Any] = {}
+        self._timers: list[LoopingCall] = []
+        session.owner = self
+        session.on_handshake = self._handshake_done
+        session.on_lost.append(self._lost)
+        self._deadline = node.reactor.callLater(PREPARE_TIMEOUT, self._too_slow)
+
+    @property
+    def connector_id(self) -> str:
+        return self.node.identity.connector_id
+
+    @property
+    def tunnel_id(self) -> str:
+        return self.session.tunnel_id
+
+    def _handshake_done(self, session: TunnelSession) -> None:
+        d = session.open_stream({"kind": "control"})
+        d.addCallbacks(self._control_open, self._fail)
+
+    def _control_open(self, stream: Stream) -> None:
+        self.control = ControlChannel(self._message)
+        stream.attach(self.control)
+        self.control.send({
+            "type": m.HELLO, "protocol_version": PROTOCOL_VERSION, "software_version": __version__,
+            "connector_id": self.connector_id, "capabilities": list(m.CAPABILITIES),
+            "hostname": os.uname().nodename,
+        })
+
+    def _message(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == m.WELCOME:
+            self._welcome(message)
+        elif kind == m.CONFIG:
+            self.node.apply_config(message)
+        elif kind == m.ERROR:
+            self._fail(Failure(TunnelRefused(f"the service refused the tunnel: {message.get('message')}")))
+        else:
+            self.log.warn("tunnel {tunnel_id}: ignoring control message {kind!r}", kind=kind,
+                          **self.session.log_context)
+
+    def _welcome(self, message: dict[str, Any]) -> None:
+        self.welcome = message
+        if self._deadline.active():
+            self._deadline.cancel()
+        self._every(float(message.get("heartbeat_interval", 15)), self._heartbeat)
+        self._every(float(message.get("config_interval", 300)), self._pull_config)
+        self.log.info("tunnel {tunnel_id} up to node {node_id}", node_id=message.get("node_id"),
+                      **self.session.log_context)
+        self.node.tunnel_up(self)
+        if not self.ready.called:
+            self.ready.callback(self.session)
+
+    def _every(self, interval: float, f: Any) -> None:
+        call = LoopingCall(f)
+        call.clock = self.node.reactor
+        call.start(interval, now=False)
+        self._timers.append(call)
+
+    def _heartbeat(self) -> None:
+        if self.control is not None:
+            self.control.send({"type": m.HEARTBEAT, **self.node.load()})
+
+    def _pull_config(self) -> None:
+        if self.control is not None:
+            self.control.send({"type": m.CONFIG_REQUEST, "have_version": self.node.config_version})
+
+    def _too_slow(self) -> None:
+        self._fail(Failure(TunnelRefused(f"no TLS handshake and welcome within {PREPARE_TIMEOUT:.0f}s")))
+
+    def _fail(self, failure: Failure) -> None:
+        if not self.ready.called:
+            self.log.error("tunnel {tunnel_id} to the service failed: {reason}",
+                           reason=_reason(failure), **self.session.log_context)
+            self.ready.errback(failure)
+        if self.session.connected:
+            self.session.transport.abortConnection()
+
+    def _lost(self, session: TunnelSession, reason: Failure) -> None:
+        if self._deadline.active():
+            self._deadline.cancel()
+        for call in self._timers:
+            if call.running:
+                call.stop()
+        why = _reason(reason)
+        if session.go_away_reason is not None and session.go_away_reason[0] != GoAwayCode.NORMAL:
+            why = f"the service closed the tunnel: {session.go_away_reason[1]}"
+        if not self.ready.called:
+            self.log.error("tunnel {tunnel_id} to the service failed: {reason}", reason=why,
+                           **self.session.log_context)
+            self.ready.errback(Failure(TunnelRefused(why)))
+        else:
+            self.log.warn("tunnel {tunnel_id} lost: {reason}", reason=why, **self.session.log_context)
+            self.node.tunnel_lost(self, why)
+
+
+def _reason(failure: Failure | None) -> str:
+    if failure is None:
+        return "closed"
+    value = failure.value
+    if isinstance(value, GatewayError):
+        return str(value)
+    text = failure.getErrorMessage()
+    # pyOpenSSL errors are lists of tuples; the last element of each is the readable part.
+    if text.startswith("[("):
+        text = "TLS: " + text
+    return text or type(value).__name__

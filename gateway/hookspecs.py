@@ -1,0 +1,79 @@
+"""Every hook a gateway plugin can implement: the contract for plugin authors.
+
+Plugins are found through the ``gateway`` entry-point group (the built-in ones too) and
+implement hooks with ``@gateway.hookimpl``. Hooks are synchronous. Registration hooks receive
+a ``register`` callable instead of returning values, so one plugin may register several things.
+Lifecycle hooks are observers: an exception in one is logged and does not stop the others,
+nor the stream or tunnel they observe. docs/plugins.md documents each hook; a test fails when
+one is missing there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT = "gateway"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- registration: called once when the node or connector starts ------------------------
+
+
+@hookspec
+def gateway_register_protocols(register: Callable[[Any], None]) -> None:
+    """Register protocol handlers with ``register(handler)``.
+
+    ``handler`` provides :class:`gateway.protocols.IProtocolHandler`: a ``name`` that apps
+    name in their ``protocol`` key, a ``service_factory(app, open_stream, reactor)`` serving the
+    app's listen endpoint on the service, and ``connector_stream(stream, app, reactor)``
+    handling a stream on the connector. Two plugins registering one name is an error at start.
+    """
+
+
+@hookspec
+def gateway_register_sso_providers(register: Callable[[Any], None]) -> None:
+    """Register single sign-on providers with ``register(provider)``.
+
+    ``provider`` provides :class:`gateway.protocols.ISSOProvider`: a ``name`` that apps select
+    and ``credentials(identity, app) -> Deferred[dict]``, which the connector calls before it
+    dials a back end on a user's behalf (for example a Kerberos constrained-delegation token).
+    """
+
+
+@hookspec
+def gateway_config_sections(register: Callable[[str, Callable[[dict, Any], Any]], None]) -> None:
+    """Add top-level tables to the TOML config with ``register(name, parse)``.
+
+    ``parse(table, error)`` validates the table and returns the value plugins will read from
+    ``config.sections[name]``; it raises ``error(key, expected)`` (a ConfigError naming the
+    file) for bad input. Unknown top-level tables are still an error.
+    """
+
+
+# -- lifecycle observers -----------------------------------------------------------------
+
+
+@hookspec
+def gateway_connector_up(connector: Any) -> None:
+    """A connector's tunnel completed its hello (on the service) or connected (on the connector).
+
+    ``connector`` has ``connector_id``, ``group``, ``tunnel_id``, ``node_id`` and ``address``.
+    """
+
+
+@hookspec
+def gateway_connector_lost(connector: Any, reason: str) -> None:
+    """A connector's tunnel ended; ``reason`` says why in a sentence."""
+
+
+@hookspec
+def gateway_stream_opened(stream: Any) -> None:
+    """A stream for an app was opened; ``stream`` is a :class:`gateway.protocols.StreamInfo`."""
+
+
+@hookspec
+def gateway_stream_closed(stream: Any, reason: str) -> None:
+    """A stream for an app ended; ``reason`` is ``"done"`` or what went wrong."""

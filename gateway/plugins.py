@@ -1,0 +1,114 @@
+"""Finding, blocking, listing and calling plugins (pluggy, entry-point group ``gateway``)."""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+from attrs import frozen
+from twisted.logger import Logger
+
+from gateway import hookspecs
+from gateway.errors import GatewayError
+from gateway.hookspecs import PROJECT
+
+log = Logger()
+
+DISABLE_ENV = "GATEWAY_DISABLE_PLUGINS"
+TRACE_ENV = "GATEWAY_TRACE_PLUGINS"
+
+
+@frozen
+class PluginInfo:
+    name: str
+    version: str
+    hooks: tuple[str, ...]
+
+
+class PluginError(GatewayError):
+    """A plugin could not be loaded or registered something inconsistent."""
+
+
+def make_plugin_manager(environ: dict[str, str] | None = None) -> pluggy.PluginManager:
+    """A manager with every ``gateway`` entry point loaded, minus the blocked ones."""
+    env = os.environ if environ is None else environ
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in _blocked(env):
+        pm.set_blocked(name)
+    try:
+        pm.load_setuptools_entrypoints(PROJECT)
+    except Exception as e:
+        raise PluginError(f"a gateway plugin failed to load: {e!r}; block it with {DISABLE_ENV}=NAME") from e
+    pm.check_pending()
+    if env.get(TRACE_ENV):
+        pm.trace.root.setwriter(lambda text: log.info("plugin trace: {text}", text=text.rstrip()))
+        pm.enable_tracing()
+    return pm
+
+
+def _blocked(env) -> list[str]:
+    return [n.strip() for n in env.get(DISABLE_ENV, "").split(",") if n.strip()]
+
+
+def list_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
+    """Name, distribution version and implemented hooks of each loaded plugin."""
+    versions = {}
+    for plugin, dist in pm.list_plugin_distinfo():
+        versions[pm.get_name(plugin)] = dist.version
+    result = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or ()))
+        result.append(PluginInfo(name, versions.get(name, "?"), hooks))
+    return sorted(result, key=lambda p: p.name)
+
+
+def collect(hook: Callable[..., Any], what: str, key: Callable[[Any], str]) -> dict[str, Any]:
+    """Call a registration hook and gather what it registers by name, refusing duplicates."""
+    found: dict[str, Any] = {}
+
+    def register(item: Any) -> None:
+        name = key(item)
+        if name in found:
+            raise PluginError(f"two plugins register the {what} {name!r}; block one with {DISABLE_ENV}")
+        found[name] = item
+
+    hook(register=register)
+    return found
+
+
+def protocol_handlers(pm: pluggy.PluginManager) -> dict[str, Any]:
+    return collect(pm.hook.gateway_register_protocols, "protocol", lambda h: h.name)
+
+
+def config_sections(pm: pluggy.PluginManager) -> dict[str, Callable]:
+    found: dict[str, Callable] = {}
+
+    def register(name: str, parse: Callable) -> None:
+        if name in found:
+            raise PluginError(f"two plugins register the config section [{name}]")
+        found[name] = parse
+
+    pm.hook.gateway_config_sections(register=register)
+    return found
+
+
+def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call an observer hook; one plugin's exception is logged and never reaches the caller."""
+    caller = getattr(pm.hook, hook_name)
+    for impl in reversed(caller.get_hookimpls()):
+        try:
+            impl.function(**{k: kwargs[k] for k in impl.argnames})
+        except Exception:
+            log.failure("plugin {plugin} failed in {hook}", plugin=impl.plugin_name, hook=hook_name)
+
+
+def installed_version(dist_name: str) -> str:
+    try:
+        return metadata.version(dist_name)
+    except metadata.PackageNotFoundError:
+        return "?"

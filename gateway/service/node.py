@@ -1,0 +1,274 @@
+"""A service node: the tunnel listener, the app listeners, enrolment and the router."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from gateway import plugins
+from gateway.config import AppConfig, GatewayConfig
+from gateway.control import messages as m
+from gateway.errors import EnrolmentError, GatewayError
+from gateway.pki import keys
+from gateway.pki.ca import CertificateAuthority
+from gateway.pki.tls import server_options
+from gateway.protocols import StreamInfo
+from gateway.service.registry import NoConnector, Registry
+from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler, _describe
+from gateway.store.records import CertificateRecord, ConnectorRecord
+from gateway.store.sqlite import SQLiteStore
+from gateway.store.threaded import ThreadedStore
+from gateway.tunnel.frame import GoAwayCode, ResetCode
+from gateway.tunnel.session import TunnelClosed, TunnelSettings
+from gateway.tunnel.stream import Stream, StreamReset
+
+STORE_FILE = "gateway.db"
+NODE_CERT_FILE = "node.pem"
+NODE_KEY_FILE = "node.key"
+
+# Resets that prove the back end was never reached, so the stream can go to another connector.
+_RETRYABLE = {ResetCode.GOING_AWAY, ResetCode.TOO_MANY_STREAMS}
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+
+
+def open_store(state_dir: Path) -> SQLiteStore:
+    prepare_state_dir(state_dir)
+    return SQLiteStore(state_dir / STORE_FILE)
+
+
+class ServiceNode(MultiService):
+    log = Logger()
+
+    def __init__(self, config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.pm = pm
+        self.handlers = handlers
+        self.settings = TunnelSettings.from_config(config.tunnel)
+        self.registry = Registry()
+        self.store: Any = None
+        self.ca: CertificateAuthority | None = None
+        self.apps: dict[str, AppConfig] = {a.name: a for a in config.apps}
+        self._app_services: dict[str, StreamServerEndpointService] = {}
+
+    # -- start and stop ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        service = self.config.service
+        now = datetime.now(UTC)
+        prepare_state_dir(service.state_dir)
+        self.ca = CertificateAuthority.load_or_create(service.state_dir)
+        node_cert, node_key = self.ca.issue_node_certificate(list(service.names), now)
+        keys.write_public(service.state_dir / NODE_CERT_FILE, keys.cert_pem(node_cert))
+        keys.write_private(service.state_dir / NODE_KEY_FILE, keys.key_pem(node_key))
+        sync_store = open_store(service.state_dir)
+        for group in sorted({a.group for a in self.apps.values()} | {"default"}):
+            sync_store.ensure_group(group, now)
+        self.store = ThreadedStore(sync_store, self.reactor)
+
+        tls_factory = TLSMemoryBIOFactory(
+            server_options(self.ca.cert, node_cert, node_key), False, ServiceTunnelFactory(self)
+        )
+        tunnel_listener = StreamServerEndpointService(serverFromString(self.reactor, service.listen), tls_factory)
+        tunnel_listener._raiseSynchronously = True
+        tunnel_listener.setName("tunnel-listener")
+        tunnel_listener.setServiceParent(self)
+        for app in self.apps.values():
+            self._add_app_listener(app)
+        super().startService()
+        self.log.info(
+            "service node {node_id} listening for tunnels on {listen}; CA {fingerprint}; apps: {apps}",
+            node_id=service.node_id, listen=service.listen, fingerprint=self.ca.fingerprint,
+            apps=", ".join(sorted(self.apps)) or "none",
+        )
+
+    def _add_app_listener(self, app: AppConfig) -> None:
+        handler = self.handlers[app.protocol]
+        factory = handler.service_factory(app, lambda extra, _app=app: self.open_app_stream(_app, extra), self.reactor)
+        listener = StreamServerEndpointService(serverFromString(self.reactor, app.listen), factory)
+        listener._raiseSynchronously = True
+        listener.setName(f"app:{app.name}")
+        self._app_services[app.name] = listener
+        listener.setServiceParent(self)
+
+    def stopService(self) -> Deferred:
+        for session in self.registry.sessions():
+            session.go_away(GoAwayCode.NORMAL, "service node is shutting down")
+        d = maybeDeferred(super().stopService)
+        if self.store is not None:
+            d.addBoth(lambda _: self.store.close())
+        return d
+
+    # -- config --------------------------------------------------------------------------
+
+    def group_config(self, group: str) -> dict[str, Any]:
+        apps = [
+            {
+                "name": a.name, "protocol": a.protocol, "destination": a.destination,
+                "host": a.host, "port": a.port, "connect_timeout": a.connect_timeout, "options": a.options,
+            }
+            for a in sorted(self.apps.values(), key=lambda a: a.name)
+            if a.group == group
+        ]
+        body = json.dumps(apps, sort_keys=True, separators=(",", ":")).encode()
+        return {"type": m.CONFIG, "version": hashlib.sha256(body).hexdigest()[:16], "group": group, "apps": apps}
+
+    def reload(self, config: GatewayConfig) -> None:
+        """Take a new config (SIGHUP): add, replace or remove app listeners and push config."""
+        new_apps = {a.name: a for a in config.apps}
+        for name, old in list(self.apps.items()):
+            if new_apps.get(name) != old:
+                listener = self._app_services.pop(name)
+                listener.disownServiceParent()
+                del self.apps[name]
+        for name, app in new_apps.items():
+            if name not in self.apps:
+                self.apps[name] = app
+                self._add_app_listener(app)
+        self.config = config
+        for handler in self._handlers():
+            handler.send_config()
+        self.log.info("configuration reloaded; apps: {apps}", apps=", ".join(sorted(self.apps)) or "none")
+
+    def _handlers(self) -> list[TunnelHandler]:
+        return [t.session.owner for ts in self.registry.connectors().values() for t in ts]
+
+    # -- tunnels -------------------------------------------------------------------------
+
+    def tunnel_up(self, handler: TunnelHandler) -> None:
+        self.registry.add(handler.entry)
+        self.log.info(
+            "connector {connector_id} (group {group}) up on tunnel {tunnel_id} from {address}",
+            group=handler.group, address=handler.address, **handler.ctx,
+        )
+        plugins.notify(self.pm, "gateway_connector_up", connector=handler.entry)
+        self.heartbeat(handler.identity.connector_id)
+
+    def tunnel_lost(self, handler: TunnelHandler, reason: Failure) -> None:
+        self.registry.remove(handler.session)
+        why = _describe(reason)
+        self.log.info("connector {connector_id} tunnel {tunnel_id} lost: {reason}", reason=why, **handler.ctx)
+        plugins.notify(self.pm, "gateway_connector_lost", connector=handler.entry, reason=why)
+
+    def heartbeat(self, connector_id: str) -> None:
+        self.store.touch_connector(connector_id, datetime.now(UTC)).addErrback(
+            lambda f: self.log.failure("could not record heartbeat of {connector_id}", f, connector_id=connector_id)
+        )
+
+    # -- routing -------------------------------------------------------------------------
+
+    def open_app_stream(self, app: AppConfig, extra: dict[str, Any], tried: frozenset[str] = frozenset()) -> Deferred:
+        """Open a stream for `app` on the best connector of its group; retry only what never left."""
+        request_id = extra.get("request_id") or uuid.uuid4().hex[:16]
+        try:
+            tunnel = self.registry.pick(app.group, exclude=tried)
+        except NoConnector as e:
+            self.log.warn("app {app} request {request_id}: {error}", app=app.name, request_id=request_id, error=str(e))
+            return fail(e)
+        metadata = {
+            **extra, "kind": "app", "app": app.name, "protocol": app.protocol,
+            "destination": app.destination, "request_id": request_id,
+        }
+        try:
+            d = tunnel.session.open_stream(metadata)
+        except TunnelClosed:
+            return self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id})
+
+        def opened(stream: Stream) -> Stream:
+            stream.log_info = StreamInfo(
+                stream_id=stream.id, tunnel_id=tunnel.session.tunnel_id, connector_id=tunnel.connector_id,
+                app=app.name, protocol=app.protocol, request_id=request_id, user=extra.get("user"),
+            )
+            plugins.notify(self.pm, "gateway_stream_opened", stream=stream.log_info)
+            return stream
+
+        def failed(failure: Failure) -> Any:
+            retry = failure.check(TunnelClosed) or (
+                failure.check(StreamReset) and failure.value.code in _RETRYABLE
+            )
+            if retry:
+                return self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id})
+            self.log.warn(
+                "app {app} request {request_id} via connector {connector_id}: {error}",
+                app=app.name, request_id=request_id, connector_id=tunnel.connector_id,
+                error=failure.getErrorMessage(),
+            )
+            return failure
+
+        return d.addCallbacks(opened, failed)
+
+    def stream_closed(self, stream: Stream, reason: Failure) -> None:
+        info = getattr(stream, "log_info", None)
+        if info is not None:
+            why = "done" if reason is None or reason.check(ConnectionDone) else _describe(reason)
+            plugins.notify(self.pm, "gateway_stream_closed", stream=info, reason=why)
+
+    # -- enrolment -----------------------------------------------------------------------
+
+    def enrol(self, message: dict[str, Any], address: str) -> Deferred:
+        """Redeem a token for a client certificate; fires with the reply message, never fails."""
+        now = datetime.now(UTC)
+        lifetime = timedelta(days=self.config.service.certificate_lifetime_days)
+        try:
+            if message.get("type") != m.ENROL_REQUEST:
+                raise EnrolmentError(f"expected an enrol_request, got {message.get('type')!r}")
+            token_id = str(message["token_id"])
+            secret = str(message["secret"])
+            csr = str(message["csr"]).encode()
+            name = str(message.get("name") or "")[:200]
+        except (KeyError, EnrolmentError) as e:
+            return succeed({"type": m.ERROR, "code": "bad_request", "message": f"malformed enrolment request: {e}"})
+
+        ca = self.ca
+
+        def issue(token: Any) -> tuple[ConnectorRecord, CertificateRecord, Any]:
+            connector_id = uuid.uuid4().hex
+            cert = ca.issue_client_certificate(csr, connector_id, now, lifetime)
+            return (
+                ConnectorRecord(connector_id=connector_id, name=name or connector_id[:12], group=token.group, created_at=now),
+                CertificateRecord(serial_hex=keys.serial_hex(cert), connector_id=connector_id,
+                                  not_after=cert.not_valid_after_utc),
+                cert,
+            )
+
+        def done(result: tuple[ConnectorRecord, Any]) -> dict[str, Any]:
+            record, cert = result
+            self.log.info(
+                "enrolled connector {connector_id} ({name}) in group {group} from {address}",
+                connector_id=record.connector_id, name=record.name, group=record.group, address=address,
+            )
+            return {
+                "type": m.ENROL_RESULT, "connector_id": record.connector_id, "group": record.group,
+                "name": record.name, "certificate": keys.cert_pem(cert).decode(),
+                "ca": keys.cert_pem(ca.cert).decode(),
+            }
+
+        def refused(failure: Failure) -> dict[str, Any]:
+            if failure.check(GatewayError):
+                message = str(failure.value)
+            else:
+                self.log.failure("enrolment failed", failure)
+                message = "internal error on the service; see its log"
+            self.log.warn("enrolment from {address} refused: {reason}", address=address, reason=message)
+            return {"type": m.ERROR, "code": "enrolment_refused", "message": message}
+
+        return self.store.enrol(token_id, secret, now, issue).addCallbacks(done, refused)

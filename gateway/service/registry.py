@@ -1,0 +1,85 @@
+"""Which connectors are connected, through which tunnels, and which one takes the next stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+
+from gateway.errors import GatewayError
+
+
+class NoConnector(GatewayError):
+    """No healthy connector of the app's group is connected."""
+
+
+@define
+class ConnectorTunnel:
+    """One authenticated tunnel of a connector, as the service sees it."""
+
+    session: Any
+    connector_id: str
+    group: str
+    address: str
+    software_version: str = "?"
+    load: dict[str, Any] = field(factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return self.session.available
+
+
+@define
+class Registry:
+    """Live tunnels by connector; picks the least-loaded healthy connector of a group."""
+
+    _tunnels: dict[str, list[ConnectorTunnel]] = field(factory=dict)
+
+    def add(self, tunnel: ConnectorTunnel) -> None:
+        self._tunnels.setdefault(tunnel.connector_id, []).append(tunnel)
+
+    def remove(self, session: Any) -> ConnectorTunnel | None:
+        for connector_id, tunnels in list(self._tunnels.items()):
+            for t in tunnels:
+                if t.session is session:
+                    tunnels.remove(t)
+                    if not tunnels:
+                        del self._tunnels[connector_id]
+                    return t
+        return None
+
+    def connectors(self) -> dict[str, list[ConnectorTunnel]]:
+        return {cid: list(ts) for cid, ts in self._tunnels.items()}
+
+    def sessions(self) -> list[Any]:
+        return [t.session for ts in self._tunnels.values() for t in ts]
+
+    def close_connector(self, connector_id: str, code: int, message: str) -> int:
+        """GO_AWAY and close every tunnel of one connector (deleted or revoked)."""
+        tunnels = self._tunnels.get(connector_id, [])
+        for t in list(tunnels):
+            t.session.go_away(code, message)
+            t.session.transport.loseConnection()
+        return len(tunnels)
+
+    def pick(self, group: str, exclude: frozenset[str] = frozenset()) -> ConnectorTunnel:
+        """The healthy tunnel with the fewest open streams, on the least-loaded connector."""
+        best: tuple[float, int, ConnectorTunnel] | None = None
+        for connector_id, tunnels in self._tunnels.items():
+            if connector_id in exclude:
+                continue
+            healthy = [t for t in tunnels if t.group == group and t.healthy]
+            if not healthy:
+                continue
+            open_streams = sum(t.session.open_streams for t in healthy)
+            capacity = max(float(healthy[0].load.get("capacity", 1.0)), 0.01)
+            tunnel = min(healthy, key=lambda t: t.session.open_streams)
+            score = (open_streams / capacity, tunnel.session.open_streams)
+            if best is None or score < best[:2]:
+                best = (*score, tunnel)
+        if best is None:
+            raise NoConnector(
+                f"no healthy connector of group {group!r} is connected"
+                " (check `gateway connectors list` and the connectors' logs)"
+            )
+        return best[2]

@@ -1,0 +1,92 @@
+"""`twistd gateway --config FILE.toml`: build the service node and/or connector the file names."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from gateway import logs, plugins
+from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, load_config
+from gateway.connector.identity import ConnectorIdentity
+from gateway.errors import GatewayError
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE.toml"
+    longdesc = (
+        "Runs the roles a TOML file names: a service node ([service]), a connector ([connector]),"
+        " or both. The file is checked before anything binds; errors name the file and key."
+    )
+    optParameters = [["config", "c", str(DEFAULT_CONFIG_PATH), "The TOML configuration file."]]
+
+    def postOptions(self) -> None:
+        try:
+            self.pm = plugins.make_plugin_manager()
+            self.handlers = plugins.protocol_handlers(self.pm)
+            self.config = load_config(self["config"], plugins.config_sections(self.pm))
+            check_protocols(self.config, self.handlers)
+            self.identity = (
+                ConnectorIdentity.load(self.config.connector.state_dir) if self.config.connector else None
+            )
+        except GatewayError as e:
+            raise usage.UsageError(str(e)) from None
+        parent = getattr(self, "parent", None)
+        # twistd reads its `logger` option after this runs; in the foreground we choose the
+        # observer so the config's format (text or JSON) and level apply.
+        if parent is not None and parent.get("nodaemon") and not parent.get("logger") and not parent.get("logfile"):
+            parent["logger"] = logs.configure(self.config.logging.format, self.config.logging.level)
+
+
+def check_protocols(config: GatewayConfig, handlers: dict[str, Any]) -> None:
+    from gateway.errors import ConfigError
+
+    for i, app in enumerate(config.apps):
+        if app.protocol not in handlers:
+            raise ConfigError(
+                str(config.path), f"apps[{i}].protocol",
+                f"a protocol a loaded plugin provides ({', '.join(sorted(handlers)) or 'none loaded'}),"
+                f" got {app.protocol!r}",
+            )
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    return build(options.config, reactor, options.pm, options.handlers, options.identity, config_path=options["config"])
+
+
+def build(config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any],
+          identity: ConnectorIdentity | None, config_path: str | None = None) -> IService:
+    from gateway.connector.node import ConnectorNode
+    from gateway.service.node import ServiceNode
+
+    top = MultiService()
+    if config.service is not None:
+        node = ServiceNode(config, reactor, pm, handlers)
+        node.setServiceParent(top)
+        if config_path is not None:
+            install_reload(reactor, node, config_path, pm, handlers)
+    if config.connector is not None:
+        ConnectorNode(config, reactor, pm, handlers, identity).setServiceParent(top)
+    return top
+
+
+def install_reload(reactor: Any, node: Any, path: str, pm: Any, handlers: dict[str, Any]) -> None:
+    """SIGHUP re-reads the file; a bad file is logged and the running config kept."""
+
+    def reload() -> None:
+        try:
+            config = load_config(path, plugins.config_sections(pm))
+            check_protocols(config, handlers)
+        except GatewayError as e:
+            node.log.error("config reload refused, keeping the running config: {error}", error=str(e))
+            return
+        node.reload(config)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reload)
+
+    reactor.callWhenRunning(signal.signal, signal.SIGHUP, on_signal)
