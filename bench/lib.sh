@@ -308,10 +308,12 @@ measure_iperf() {  # path port up|down
 measure_curl() {  # path port: download 256 MiB repeatedly for ~DUR s (at least once)
   local f=$RAW/$1.curl w
   quiet
-  ( start=${EPOCHREALTIME/[.,]/}; n=0   # microseconds
+  ( start=${EPOCHREALTIME/[.,]/}; n=0; c=   # microseconds
+    trap '[ -n "$c" ] && kill $c 2>/dev/null; exit 143' TERM
     while :; do
       curl -s -o /dev/null --max-time $((DUR + 30)) \
-        -w '%{http_code} %{size_download} %{time_total}\n' "http://127.0.0.1:$2/256m.bin"
+        -w '%{http_code} %{size_download} %{time_total}\n' "http://127.0.0.1:$2/256m.bin" &
+      c=$!; wait $c; c=
       n=$((n + 1))
       { [ $(( ${EPOCHREALTIME/[.,]/} - start )) -ge $((DUR * 1000000)) ] || [ $n -ge 100 ]; } && break
     done ) >"$f.txt" 2>&1 &
