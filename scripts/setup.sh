@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Set up what gateway needs on a Debian machine: Debian packages (when root and missing),
+# a virtualenv in .venv and the project installed into it in editable mode.
+# Usage: scripts/setup.sh [--with-tests] [--with-bench]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_tests=0; want_bench=0
+for a in "$@"; do
+  case $a in --with-tests) want_tests=1 ;; --with-bench) want_bench=1 ;; esac
+done
+
+need=()
+command -v curl >/dev/null || need+=(curl)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if [ $want_bench = 1 ]; then
+  command -v nginx >/dev/null || need+=(nginx-light)
+  command -v wrk >/dev/null || need+=(wrk)
+  command -v iperf3 >/dev/null || need+=(iperf3)
+  command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  command -v ssh >/dev/null || need+=(openssh-client)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian packages: ${need[*]}"
+    made_policy=0
+    # Keep package installs from starting system daemons (nginx, sshd) on this machine.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1; fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    [ $made_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+  else
+    echo "setup: missing Debian packages: ${need[*]} (run as root or install them)" >&2
+    exit 1
+  fi
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "setup: gateway needs Python 3.11 or newer; python3 is $(python3 -V)" >&2; exit 1; }
+[ -x .venv/bin/python ] || python3 -m venv .venv
+extras=""
+[ $want_tests = 1 ] && extras="test"
+[ $want_bench = 1 ] && extras="${extras:+$extras,}bench"
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" > .venv/pip.log 2>&1; then
+  tail -n 30 .venv/pip.log >&2; echo "setup: pip install failed (full log: .venv/pip.log)" >&2; exit 1
+fi
+.venv/bin/python -c 'import gateway, gateway_tcp' 
+# An editable install does not put twisted/plugins/ on sys.path; twistd finds our plugin
+# through this .pth (a regular `pip install .` copies it into Twisted's plugin folder).
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD" > "$site/gateway-dev-twisted-plugins.pth"
+.venv/bin/twistd --help | grep -q ' gateway ' || { echo "setup: twistd does not see the gateway plugin" >&2; exit 1; }
