@@ -16,7 +16,7 @@ from typing import Any, Callable
 import attrs
 from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +25,7 @@ from zope.interface import implementer
 from gateway.errors import GatewayError, ProtocolError
 from gateway.tunnel import frame
 from gateway.tunnel.frame import BASE_WINDOW, Flag, FrameType, GoAwayCode, ResetCode
+from gateway.tunnel.splice import tune_socket
 from gateway.tunnel.stream import Stream, StreamReset
 
 
@@ -107,9 +108,7 @@ class TunnelSession(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self._last_received = self.clock.seconds()
-        tcp = getattr(self.transport, "transport", self.transport)
-        if ITCPTransport.providedBy(tcp):
-            tcp.setTcpNoDelay(True)
+        tune_socket(getattr(self.transport, "transport", self.transport))
         self.transport.registerProducer(self, True)
         self._ping_call = self.clock.callLater(self.settings.ping_interval, self._keepalive)
 
