@@ -11,7 +11,6 @@ from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +24,7 @@ from gateway.errors import GatewayError
 from gateway.pki.tls import client_options
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.session import TunnelSession, TunnelSettings
+from gateway.tunnel.splice import QuietFactory
 from gateway.tunnel.stream import Stream
 
 # A TLS handshake plus hello that takes longer than this is abandoned and retried.
@@ -77,7 +77,7 @@ class ConnectorNode(MultiService):
         for i in range(connector.tunnels):
             client = ClientService(
                 endpoint,
-                Factory.forProtocol(self._build_session),
+                QuietFactory.forProtocol(self._build_session),
                 retryPolicy=jittered_backoff(connector.backoff_initial, connector.backoff_max),
                 clock=self.reactor,
                 prepareConnection=self._prepare,

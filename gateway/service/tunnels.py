@@ -35,24 +35,40 @@ _REFUSALS = {
 class ServiceTunnelFactory(Factory):
     """Builds one TunnelSession (and its handler) per accepted TLS connection."""
 
+    noisy = False
+    log = Logger()
+
     def __init__(self, node: ServiceNode) -> None:
         self.node = node
         self._ids = itertools.count(1)
+        self.handshaking = 0
+        self._last_shed_log = 0.0
 
-    def buildProtocol(self, addr: Any) -> TunnelSession:
+    def buildProtocol(self, addr: Any) -> TunnelSession | None:
         node = self.node
+        if self.handshaking >= node.config.service.max_handshakes:
+            # Shed load during a reconnect storm: the connector's jittered backoff retries later.
+            now = node.reactor.seconds()
+            if now - self._last_shed_log > 1.0:
+                self._last_shed_log = now
+                self.log.warn("{n} TLS handshakes in progress (max_handshakes); refusing new tunnels for now",
+                              n=self.handshaking)
+            return None
         session = TunnelSession(
             node.reactor, node.settings, is_client=False, tunnel_id=f"{node.config.service.node_id}/t{next(self._ids)}"
         )
-        TunnelHandler(node, session, addr)
+        self.handshaking += 1
+        TunnelHandler(node, session, addr, self)
         return session
 
 
 class TunnelHandler:
     log = Logger()
 
-    def __init__(self, node: ServiceNode, session: TunnelSession, addr: Any) -> None:
+    def __init__(self, node: ServiceNode, session: TunnelSession, addr: Any,
+                 factory: ServiceTunnelFactory | None = None) -> None:
         self.node = node
+        self._factory = factory
         self.session = session
         self.address = f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
         self.state = "handshaking"
@@ -74,7 +90,13 @@ class TunnelHandler:
 
     # -- authentication ------------------------------------------------------------------
 
+    def _handshake_over(self) -> None:
+        if self._factory is not None:
+            self._factory.handshaking -= 1
+            self._factory = None
+
     def handshake_done(self, session: TunnelSession) -> None:
+        self._handshake_over()
         self.identity = peer_identity(session.transport)
         if self.identity is None:
             self.state = "enrolling"
@@ -214,6 +236,7 @@ class TunnelHandler:
             self.refuse(GoAwayCode.PROTOCOL_ERROR, "the control stream was closed")
 
     def lost(self, session: TunnelSession, reason: Failure) -> None:
+        self._handshake_over()
         if self._deadline.active():
             self._deadline.cancel()
         if self.state == "up":

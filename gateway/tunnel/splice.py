@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -28,6 +28,12 @@ def tune_socket(transport: Any) -> None:
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
         transport.bufferSize = SOCKET_BUFFER
+
+
+class QuietFactory(Factory):
+    """A factory that does not log every start and stop: one per connection is noise."""
+
+    noisy = False
 
 
 @implementer(IHalfCloseableProtocol)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -15,7 +15,7 @@ from zope.interface import implementer
 from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
 from gateway.tunnel.frame import ResetCode
-from gateway.tunnel.splice import SocketSide
+from gateway.tunnel.splice import QuietFactory, SocketSide
 
 log = Logger(namespace="gateway_tcp")
 
@@ -58,12 +58,12 @@ class TCPHandler:
     name = "tcp"
 
     def service_factory(self, app: Any, open_stream: Any, reactor: Any) -> Factory:
-        return Factory.forProtocol(lambda: _ClientSide(app, open_stream))
+        return QuietFactory.forProtocol(lambda: _ClientSide(app, open_stream))
 
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
         endpoint = HostnameEndpoint(reactor, app.host, app.port, timeout=app.connect_timeout)
         backend = SocketSide()
-        d = connectProtocol(endpoint, backend)
+        d = endpoint.connect(QuietFactory.forProtocol(lambda: backend))
 
         def connected(_: Any) -> None:
             if stream.closed:
