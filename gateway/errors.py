@@ -28,3 +28,20 @@ class ProtocolError(GatewayError):
         self.code = code
         self.message = message
         super().__init__(f"{message} (code {code})")
+
+
+def describe_failure(failure) -> str:
+    """One readable sentence for a Failure, for logs and for the peer."""
+    if failure is None:
+        return "closed"
+    value = failure.value
+    if isinstance(value, GatewayError):
+        return str(value)
+    args = getattr(value, "args", ())
+    # pyOpenSSL raises Error([(library, function, reason), ...]); the reasons are the readable part.
+    if args and isinstance(args[0], list) and all(isinstance(a, tuple) and len(a) == 3 for a in args[0]):
+        reasons = "; ".join(str(a[2]) for a in args[0] if a[2])
+        if reasons:
+            return f"TLS error: {reasons}"
+    text = failure.getErrorMessage()
+    return text or type(value).__name__

@@ -20,7 +20,7 @@ from gateway.config import AppConfig, GatewayConfig
 from gateway.connector.identity import ConnectorIdentity
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, describe_failure
 from gateway.pki.tls import client_options
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.session import TunnelSession, TunnelSettings
@@ -293,7 +293,7 @@ class TunnelClient:
     def _fail(self, failure: Failure) -> None:
         if not self.ready.called:
             self.log.error("tunnel {tunnel_id} to the service failed: {reason}",
-                           reason=_reason(failure), **self.session.log_context)
+                           reason=describe_failure(failure), **self.session.log_context)
             self.ready.errback(failure)
         if self.session.connected:
             self.session.transport.abortConnection()
@@ -304,7 +304,7 @@ class TunnelClient:
         for call in self._timers:
             if call.running:
                 call.stop()
-        why = _reason(reason)
+        why = describe_failure(reason)
         if session.go_away_reason is not None and session.go_away_reason[0] != GoAwayCode.NORMAL:
             why = f"the service closed the tunnel: {session.go_away_reason[1]}"
         if not self.ready.called:
@@ -314,16 +314,3 @@ class TunnelClient:
         else:
             self.log.warn("tunnel {tunnel_id} lost: {reason}", reason=why, **self.session.log_context)
             self.node.tunnel_lost(self, why)
-
-
-def _reason(failure: Failure | None) -> str:
-    if failure is None:
-        return "closed"
-    value = failure.value
-    if isinstance(value, GatewayError):
-        return str(value)
-    text = failure.getErrorMessage()
-    # pyOpenSSL errors are lists of tuples; the last element of each is the readable part.
-    if text.startswith("[("):
-        text = "TLS: " + text
-    return text or type(value).__name__

@@ -22,13 +22,13 @@ from twisted.python.failure import Failure
 from gateway import plugins
 from gateway.config import AppConfig, GatewayConfig
 from gateway.control import messages as m
-from gateway.errors import EnrolmentError, GatewayError
+from gateway.errors import EnrolmentError, GatewayError, describe_failure
 from gateway.pki import keys
 from gateway.pki.ca import CertificateAuthority
 from gateway.pki.tls import server_options
 from gateway.protocols import StreamInfo
 from gateway.service.registry import NoConnector, Registry
-from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler, _describe
+from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler
 from gateway.store.records import CertificateRecord, ConnectorRecord
 from gateway.store.sqlite import SQLiteStore
 from gateway.store.threaded import ThreadedStore
@@ -165,7 +165,7 @@ class ServiceNode(MultiService):
 
     def tunnel_lost(self, handler: TunnelHandler, reason: Failure) -> None:
         self.registry.remove(handler.session)
-        why = _describe(reason)
+        why = describe_failure(reason)
         self.log.info("connector {connector_id} tunnel {tunnel_id} lost: {reason}", reason=why, **handler.ctx)
         plugins.notify(self.pm, "gateway_connector_lost", connector=handler.entry, reason=why)
 
@@ -219,7 +219,7 @@ class ServiceNode(MultiService):
     def stream_closed(self, stream: Stream, reason: Failure) -> None:
         info = getattr(stream, "log_info", None)
         if info is not None:
-            why = "done" if reason is None or reason.check(ConnectionDone) else _describe(reason)
+            why = "done" if reason is None or reason.check(ConnectionDone) else describe_failure(reason)
             plugins.notify(self.pm, "gateway_stream_closed", stream=info, reason=why)
 
     # -- enrolment -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from gateway import PROTOCOL_VERSION, __version__
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, describe_failure
 from gateway.pki.tls import peer_identity
 from gateway.service.registry import ConnectorTunnel
 from gateway.tunnel.frame import GoAwayCode, ResetCode
@@ -242,17 +242,7 @@ class TunnelHandler:
         if self.state == "up":
             self.node.tunnel_lost(self, reason)
         elif self.state == "handshaking":
-            self.log.info(
+            self.log.warn(
                 "connection from {address} ended before the TLS handshake completed: {reason}",
-                address=self.address, reason=_describe(reason), **self.ctx,
+                address=self.address, reason=describe_failure(reason), **self.ctx,
             )
-
-
-def _describe(reason: Failure | None) -> str:
-    if reason is None:
-        return "closed"
-    value = reason.value
-    if isinstance(value, GatewayError):
-        return str(value)
-    text = reason.getErrorMessage()
-    return text or type(value).__name__
