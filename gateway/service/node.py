@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -94,6 +94,10 @@ class ServiceNode(MultiService):
         tunnel_listener.setServiceParent(self)
         for app in self.apps.values():
             self._add_app_listener(app)
+        revalidate = TimerService(service.config_interval, self.revalidate_tunnels)
+        revalidate.clock = self.reactor
+        revalidate.setName("revalidate-tunnels")
+        revalidate.setServiceParent(self)
         super().startService()
         self.log.info(
             "service node {node_id} listening for tunnels on {listen}; CA {fingerprint}; apps: {apps}",
@@ -168,6 +172,11 @@ class ServiceNode(MultiService):
         why = describe_failure(reason)
         self.log.info("connector {connector_id} tunnel {tunnel_id} lost: {reason}", reason=why, **handler.ctx)
         plugins.notify(self.pm, "gateway_connector_lost", connector=handler.entry, reason=why)
+
+    def revalidate_tunnels(self) -> Deferred:
+        """Close tunnels whose connector was deleted or certificate revoked since they connected."""
+        checks = [handler.recheck() for handler in self._handlers()]
+        return gatherResults(checks, consumeErrors=True) if checks else succeed(None)
 
     def heartbeat(self, connector_id: str) -> None:
         self.store.touch_connector(connector_id, datetime.now(UTC)).addErrback(

@@ -115,6 +115,16 @@ class TunnelHandler:
         d.addCallback(self._authenticated)
         return d
 
+    def recheck(self) -> Any:
+        """Check again that this tunnel's certificate and connector are still valid."""
+        d = self.node.store.certificate_status(self.identity.serial_hex, self.identity.connector_id)
+
+        def checked(status: str) -> None:
+            if status != "valid" and self.session.connected:
+                self.refuse(GoAwayCode.NOT_AUTHORIZED, _REFUSALS.get(status, f"certificate is {status}"))
+
+        return d.addCallback(checked)
+
     def _authenticated(self, record: Any) -> None:
         if record is None or record.deleted_at is not None:
             self.refuse(GoAwayCode.NOT_AUTHORIZED, _REFUSALS["connector deleted"])
