@@ -99,6 +99,7 @@ class TunnelSession(Protocol):
         self._ping_ids = itertools.count(1)
         self._pings: dict[int, float] = {}
         self._ping_call: Any = None
+        self._last_ping_sent = 0.0
         self._idle_waiters: list[Deferred] = []
         self.bytes_in = 0
         self.bytes_out = 0
@@ -110,7 +111,8 @@ class TunnelSession(Protocol):
         self._last_received = self.clock.seconds()
         tune_socket(getattr(self.transport, "transport", self.transport))
         self.transport.registerProducer(self, True)
-        self._ping_call = self.clock.callLater(self.settings.ping_interval, self._keepalive)
+        self._last_ping_sent = self.clock.seconds()
+        self._ping_call = self.clock.callLater(self.settings.ping_interval / 2, self._keepalive)
 
     def handshakeCompleted(self) -> None:
         if self.on_handshake is not None:
@@ -353,20 +355,26 @@ class TunnelSession(Protocol):
     # -- keep-alive and drain ------------------------------------------------------------
 
     def _keepalive(self) -> None:
+        """Runs every half interval: PING once an interval, and call the tunnel dead once
+        1.5 intervals passed without a byte (both ends PING, so a live peer is never that
+        quiet); a dead tunnel is therefore noticed within two intervals."""
         interval = self.settings.ping_interval
-        silent = self.clock.seconds() - self._last_received
-        if silent >= 2 * interval:
+        now = self.clock.seconds()
+        silent = now - self._last_received
+        if silent >= 1.5 * interval:
             self.log.warn(
                 "tunnel {tunnel_id} dead: nothing received for {silent:.1f}s, closing",
                 silent=silent, **self.log_context,
             )
             self.transport.abortConnection()
             return
-        opaque = next(self._ping_ids) & 0xFFFFFFFF
-        self._pings = {k: v for k, v in self._pings.items() if self.clock.seconds() - v < 4 * interval}
-        self._pings[opaque] = self.clock.seconds()
-        self.write_frame(frame.ping(opaque))
-        self._ping_call = self.clock.callLater(interval, self._keepalive)
+        if now - self._last_ping_sent >= interval - 1e-9:
+            self._last_ping_sent = now
+            opaque = next(self._ping_ids) & 0xFFFFFFFF
+            self._pings = {k: v for k, v in self._pings.items() if now - v < 4 * interval}
+            self._pings[opaque] = now
+            self.write_frame(frame.ping(opaque))
+        self._ping_call = self.clock.callLater(interval / 2, self._keepalive)
 
     def go_away(self, code: int = GoAwayCode.NORMAL, message: str = "draining") -> None:
         """Tell the peer to open no more streams here; open ones carry on."""
