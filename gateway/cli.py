@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def _service_store(config_path: str) -> tuple[Any, Any]:
     from gateway.service.node import open_store
 
-    config = load_config(config_path)
+    config = load_config(config_path, plugins.config_sections(plugins.make_plugin_manager()))
     if config.service is None:
         raise GatewayError(f"{config_path} has no [service] table; give the service's config file")
     return config, open_store(config.service.state_dir)
@@ -115,6 +115,7 @@ def token_list(args: argparse.Namespace) -> int:
     for t in store.list_tokens():
         state = f"used by {t.used_by[:12]}" if t.used_at else ("expired" if t.expires_at <= now else "unused")
         rows.append((t.token_id, t.group, f"{t.expires_at:%Y-%m-%d %H:%M}", state))
+    store.close()
     _table(rows)
     return 0
 
@@ -172,13 +173,16 @@ def connectors_list(args: argparse.Namespace) -> int:
     for c in store.list_connectors(include_deleted=args.all):
         seen = f"{c.last_seen:%Y-%m-%d %H:%M:%S}" if c.last_seen else "never"
         rows.append((c.connector_id, c.name, c.group, seen, "deleted" if c.deleted_at else "active"))
+    store.close()
     _table(rows)
     return 0
 
 
 def connectors_delete(args: argparse.Namespace) -> int:
     _, store = _service_store(args.config)
-    if not store.delete_connector(args.connector_id, datetime.now(UTC)):
+    deleted = store.delete_connector(args.connector_id, datetime.now(UTC))
+    store.close()
+    if not deleted:
         raise GatewayError(f"no active connector {args.connector_id!r}; see `gateway connectors list`")
     print(f"connector {args.connector_id} deleted; its certificate is revoked")
     return 0

@@ -1,7 +1,7 @@
 """Every hook a gateway plugin can implement: the contract for plugin authors.
 
 Plugins are found through the ``gateway`` entry-point group (the built-in ones too) and
-implement hooks with ``@gateway.hookimpl``. Hooks are synchronous. Registration hooks receive
+implement hooks with ``@gateway.hookimpl`` (``from gateway import hookimpl``). Hooks are synchronous. Registration hooks receive
 a ``register`` callable instead of returning values, so one plugin may register several things.
 Lifecycle hooks are observers: an exception in one is logged and does not stop the others,
 nor the stream or tunnel they observe. docs/plugins.md documents each hook; a test fails when
@@ -58,9 +58,11 @@ def gateway_config_sections(register: Callable[[str, Callable[[dict, Any], Any]]
 
 @hookspec
 def gateway_connector_up(connector: Any) -> None:
-    """A connector's tunnel completed its hello (on the service) or connected (on the connector).
+    """A connector's tunnel completed its hello: on the service and on the connector.
 
-    ``connector`` has ``connector_id``, ``group``, ``tunnel_id``, ``node_id`` and ``address``.
+    ``connector`` always has ``connector_id`` and ``tunnel_id``. On the service it is the
+    routing entry (also ``group``, ``address``, ``software_version``, ``load``); on the
+    connector it is the tunnel client (also ``welcome``, the service's welcome message).
     """
 
 

@@ -42,7 +42,10 @@ def make_plugin_manager(environ: dict[str, str] | None = None) -> pluggy.PluginM
         pm.load_setuptools_entrypoints(PROJECT)
     except Exception as e:
         raise PluginError(f"a gateway plugin failed to load: {e!r}; block it with {DISABLE_ENV}=NAME") from e
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"a gateway plugin implements a hook that does not exist: {e}") from e
     if env.get(TRACE_ENV):
         pm.trace.root.setwriter(lambda text: log.info("plugin trace: {text}", text=text.rstrip()))
         pm.enable_tracing()
@@ -77,7 +80,12 @@ def collect(hook: Callable[..., Any], what: str, key: Callable[[Any], str]) -> d
             raise PluginError(f"two plugins register the {what} {name!r}; block one with {DISABLE_ENV}")
         found[name] = item
 
-    hook(register=register)
+    try:
+        hook(register=register)
+    except PluginError:
+        raise
+    except Exception as e:
+        raise PluginError(f"a plugin failed while registering {what}s: {e!r}") from e
     return found
 
 

@@ -64,27 +64,34 @@ def build(config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any]
     from gateway.service.node import ServiceNode
 
     top = MultiService()
+    service = connector = None
     if config.service is not None:
-        node = ServiceNode(config, reactor, pm, handlers)
-        node.setServiceParent(top)
-        if config_path is not None:
-            install_reload(reactor, node, config_path, pm, handlers)
+        service = ServiceNode(config, reactor, pm, handlers)
+        service.setServiceParent(top)
     if config.connector is not None:
-        ConnectorNode(config, reactor, pm, handlers, identity).setServiceParent(top)
+        connector = ConnectorNode(config, reactor, pm, handlers, identity)
+        connector.setServiceParent(top)
+    if config_path is not None:
+        install_reload(reactor, config_path, pm, handlers, service, connector)
     return top
 
 
-def install_reload(reactor: Any, node: Any, path: str, pm: Any, handlers: dict[str, Any]) -> None:
-    """SIGHUP re-reads the file; a bad file is logged and the running config kept."""
+def install_reload(reactor: Any, path: str, pm: Any, handlers: dict[str, Any], service: Any, connector: Any) -> None:
+    """SIGHUP: a service re-reads its file (a bad file is logged, the running config kept);
+    a connector pulls its configuration from the service at once."""
 
     def reload() -> None:
+        if connector is not None:
+            connector.pull_config()
+        if service is None:
+            return
         try:
             config = load_config(path, plugins.config_sections(pm))
             check_protocols(config, handlers)
         except GatewayError as e:
-            node.log.error("config reload refused, keeping the running config: {error}", error=str(e))
+            service.log.error("config reload refused, keeping the running config: {error}", error=str(e))
             return
-        node.reload(config)
+        service.reload(config)
 
     def on_signal(signum: int, frame: Any) -> None:
         reactor.callFromThread(reload)

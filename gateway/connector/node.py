@@ -198,6 +198,12 @@ class ConnectorNode(MultiService):
             return
         self.log.debug("stream {stream_id} for app {app} → {destination}", destination=app.destination, **ctx)
 
+    def pull_config(self) -> None:
+        """Ask the service for the current config now (SIGHUP on a connector)."""
+        for client in self.tunnels.values():
+            client.pull_config()
+            return
+
     def load(self) -> dict[str, Any]:
         sessions = [t.session for t in self.tunnels.values()]
         times = os.times()
@@ -226,6 +232,7 @@ class TunnelClient:
         session.owner = self
         session.on_handshake = self._handshake_done
         session.on_lost.append(self._lost)
+        session.on_go_away.append(self._service_going_away)
         self._deadline = node.reactor.callLater(PREPARE_TIMEOUT, self._too_slow)
 
     @property
@@ -266,7 +273,7 @@ class TunnelClient:
         if self._deadline.active():
             self._deadline.cancel()
         self._every(float(message.get("heartbeat_interval", 15)), self._heartbeat)
-        self._every(float(message.get("config_interval", 300)), self._pull_config)
+        self._every(float(message.get("config_interval", 300)), self.pull_config)
         self.log.info("tunnel {tunnel_id} up to node {node_id}", node_id=message.get("node_id"),
                       **self.session.log_context)
         self.node.tunnel_up(self)
@@ -279,11 +286,16 @@ class TunnelClient:
         call.start(interval, now=False)
         self._timers.append(call)
 
+    def _service_going_away(self, session: TunnelSession, code: int, message: str) -> None:
+        # The node drains (restart, stream ids used up): finish what is open, then close, so
+        # ClientService dials a fresh tunnel instead of keeping one that takes no new streams.
+        session.wait_idle().addCallback(lambda _: session.connected and session.transport.loseConnection())
+
     def _heartbeat(self) -> None:
         if self.control is not None:
             self.control.send({"type": m.HEARTBEAT, **self.node.load()})
 
-    def _pull_config(self) -> None:
+    def pull_config(self) -> None:
         if self.control is not None:
             self.control.send({"type": m.CONFIG_REQUEST, "have_version": self.node.config_version})
 

@@ -37,6 +37,7 @@ from gateway.tunnel.session import TunnelClosed, TunnelSettings
 from gateway.tunnel.stream import Stream, StreamReset
 
 STORE_FILE = "gateway.db"
+OPEN_GRACE = 5.0
 NODE_CERT_FILE = "node.pem"
 NODE_KEY_FILE = "node.key"
 
@@ -111,8 +112,8 @@ class ServiceNode(MultiService):
         listener = StreamServerEndpointService(serverFromString(self.reactor, app.listen), factory)
         listener._raiseSynchronously = True
         listener.setName(f"app:{app.name}")
-        self._app_services[app.name] = listener
         listener.setServiceParent(self)
+        self._app_services[app.name] = listener
 
     def stopService(self) -> Deferred:
         for session in self.registry.sessions():
@@ -136,22 +137,37 @@ class ServiceNode(MultiService):
         body = json.dumps(apps, sort_keys=True, separators=(",", ":")).encode()
         return {"type": m.CONFIG, "version": hashlib.sha256(body).hexdigest()[:16], "group": group, "apps": apps}
 
-    def reload(self, config: GatewayConfig) -> None:
-        """Take a new config (SIGHUP): add, replace or remove app listeners and push config."""
+    def reload(self, config: GatewayConfig) -> Deferred:
+        """Take a new config (SIGHUP): replace changed app listeners, push config to connectors.
+
+        Old listeners are closed before new ones bind, so an app may keep its port; a listener
+        that fails to bind is logged and the other apps still take effect.
+        """
         new_apps = {a.name: a for a in config.apps}
+        closing = []
         for name, old in list(self.apps.items()):
             if new_apps.get(name) != old:
-                listener = self._app_services.pop(name)
-                listener.disownServiceParent()
+                closing.append(maybeDeferred(self._app_services.pop(name).disownServiceParent))
                 del self.apps[name]
-        for name, app in new_apps.items():
-            if name not in self.apps:
-                self.apps[name] = app
-                self._add_app_listener(app)
         self.config = config
-        for handler in self._handlers():
-            handler.send_config()
-        self.log.info("configuration reloaded; apps: {apps}", apps=", ".join(sorted(self.apps)) or "none")
+
+        def bind(_: Any) -> None:
+            for name, app in new_apps.items():
+                if name in self.apps:
+                    continue
+                try:
+                    self._add_app_listener(app)
+                except Exception as e:
+                    self._app_services.pop(name, None)
+                    self.log.error("app {app}: cannot listen on {listen}: {error}; fix the config and reload",
+                                   app=name, listen=app.listen, error=str(e))
+                    continue
+                self.apps[name] = app
+            for handler in self._handlers():
+                handler.send_config()
+            self.log.info("configuration reloaded; apps: {apps}", apps=", ".join(sorted(self.apps)) or "none")
+
+        return gatherResults(closing, consumeErrors=True).addCallback(bind)
 
     def _handlers(self) -> list[TunnelHandler]:
         return [t.session.owner for ts in self.registry.connectors().values() for t in ts]
@@ -198,7 +214,8 @@ class ServiceNode(MultiService):
             "destination": app.destination, "request_id": request_id,
         }
         try:
-            d = tunnel.session.open_stream(metadata)
+            # The connector answers once the back end connected or failed to: allow it that long.
+            d = tunnel.session.open_stream(metadata, timeout=app.connect_timeout + OPEN_GRACE)
         except TunnelClosed:
             return self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id})
 

@@ -53,6 +53,7 @@ class TunnelClosed(GatewayError):
 
 
 _tunnel_ids = itertools.count(1)
+MAX_STREAM_ID = 2**32 - 3
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -101,6 +102,8 @@ class TunnelSession(Protocol):
         self._ping_call: Any = None
         self._last_ping_sent = 0.0
         self._idle_waiters: list[Deferred] = []
+        self._failed = False
+        self.on_go_away: list[Callable[[TunnelSession, int, str], None]] = []
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -135,25 +138,33 @@ class TunnelSession(Protocol):
         self._fire_idle()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._failed:
+            return
         self._last_received = self.clock.seconds()
         self.bytes_in += len(data)
         try:
             frames = self._decoder.feed(data)
             for f in frames:
                 self._handle(f)
-                if not self.connected:
+                if not self.connected or self._failed:
                     return
         except ProtocolError as e:
             self.fail(e.code, e.message)
 
     def fail(self, code: int, message: str) -> None:
-        """End the tunnel for a protocol violation: say why in GO_AWAY, then close."""
+        """End the tunnel for a protocol violation: say why in GO_AWAY, then close.
+
+        Everything the peer sends afterwards is ignored: one violation, one log line.
+        """
+        if self._failed:
+            return
+        self._failed = True
         self.log.error(
             "tunnel {tunnel_id} protocol error, closing: {message}",
             message=message, code=code, **self.log_context,
         )
-        self.go_away(code, message)
-        self._decoder = frame.FrameDecoder(0)
+        self.going_away = True
+        self.write_frame(frame.go_away(code, message))
         self.transport.loseConnection()
 
     # -- frames in -----------------------------------------------------------------------
@@ -209,6 +220,11 @@ class TunnelSession(Protocol):
         if sid <= self._highest_peer_id:
             raise ProtocolError(GoAwayCode.PROTOCOL_ERROR, f"SYN for stream {sid}, which was already used")
         self._highest_peer_id = sid
+        if len(payload) > frame.MAX_METADATA:
+            raise ProtocolError(
+                GoAwayCode.PROTOCOL_ERROR,
+                f"SYN metadata of {len(payload)} bytes exceeds the limit of {frame.MAX_METADATA}",
+            )
         metadata = frame.decode_metadata(payload)
         stream = Stream(self, sid, metadata)
         if self.going_away:
@@ -269,6 +285,8 @@ class TunnelSession(Protocol):
                 code_name=_code_name(code), message=message, **self.log_context,
             )
             self.transport.loseConnection()
+        for callback in self.on_go_away:
+            callback(self, code, message)
 
     def _is_peer_id(self, sid: int) -> bool:
         return sid != 0 and (sid % 2 == 0) == self.is_client
@@ -279,17 +297,28 @@ class TunnelSession(Protocol):
     def available(self) -> bool:
         return self.connected and not self.peer_going_away and not self.going_away
 
-    def open_stream(self, metadata: dict[str, Any]) -> Deferred:
-        """Open a stream; fires with the Stream once the peer ACKs, or fails with StreamReset."""
+    def open_stream(self, metadata: dict[str, Any], timeout: float | None = None) -> Deferred:
+        """Open a stream; fires with the Stream once the peer ACKs, or fails with StreamReset.
+
+        With `timeout`, a peer that neither accepts nor refuses in time gets an RST (TIMEOUT)
+        and the Deferred fails with StreamReset.
+        """
         if not self.available:
             raise TunnelClosed(f"tunnel {self.tunnel_id} is not accepting new streams")
         sid = self._next_id
+        if sid > MAX_STREAM_ID:
+            # Ids are never reused: a tunnel that ran out drains and the connector reconnects.
+            self.go_away(GoAwayCode.NORMAL, "stream ids exhausted; open a new tunnel")
+            raise TunnelClosed(f"tunnel {self.tunnel_id} has used all its stream ids")
         self._next_id += 2
         block = frame.syn(sid, metadata)
         stream = Stream(self, sid, metadata)
         self.streams[sid] = stream
         d = Deferred()
         self._opening[sid] = d
+        if timeout is not None:
+            call = self.clock.callLater(timeout, self._open_timed_out, stream, timeout)
+            d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
         self.write_frame(block)
         extra = self.initial_window - BASE_WINDOW
         if extra > 0:
@@ -297,6 +326,16 @@ class TunnelSession(Protocol):
             stream.target_window = self.initial_window
             self.write_frame(frame.window_update(sid, extra))
         return d
+
+    def _open_timed_out(self, stream: Stream, timeout: float) -> None:
+        opening = self._opening.pop(stream.id, None)
+        if opening is None:
+            return
+        reason = f"the peer did not accept or refuse the stream within {timeout:g}s"
+        self.write_frame(frame.rst(stream.id, ResetCode.TIMEOUT, reason))
+        stream.closed = True
+        self.forget(stream, Failure(StreamReset(ResetCode.TIMEOUT, reason)))
+        opening.errback(StreamReset(ResetCode.TIMEOUT, reason))
 
     # -- frames out ----------------------------------------------------------------------
 

@@ -239,7 +239,14 @@ class Stream:
         self._deliver(payload)
 
     def _deliver(self, payload: bytes) -> None:
-        self.protocol.dataReceived(payload)
+        try:
+            self.protocol.dataReceived(payload)
+        except Exception as e:
+            # A faulty protocol (a plugin's, say) costs its own stream, never the tunnel.
+            self.session.log.failure("stream {stream_id}: its protocol failed", stream_id=self.id,
+                                     **self.session.log_context)
+            self.reset(ResetCode.INTERNAL_ERROR, f"the stream's protocol failed: {e!r}")
+            return
         self._consumed += len(payload)
         self._maybe_credit()
 

@@ -263,3 +263,58 @@ def test_fair_share_while_transport_paused():
     p.client.resumeProducing()
     order = [int.from_bytes(sid, "big") for sid in written[:4]]
     assert order[0] != order[1] and order[2] != order[3]
+
+
+def test_protocol_exception_resets_only_its_stream():
+    """A stream protocol raising in dataReceived resets that stream; the tunnel and other streams live on."""
+    p = Pair()
+    bad = p.open()
+    good = p.open()
+    (bad_remote, _), (good_remote, good_proto) = p.accepted
+
+    class Exploding(Collector):
+        def dataReceived(self, data):
+            raise RuntimeError("plugin bug")
+
+    bad_remote.protocol = Exploding()
+    mine = Collector()
+    bad.attach(mine)
+    bad.write(b"boom")
+    good.write(b"fine")
+    p.pump.flush()
+    assert mine.lost is not None and mine.lost.check(StreamReset)
+    assert mine.lost.value.code == ResetCode.INTERNAL_ERROR
+    assert good_proto.received == b"fine" and p.client.connected and p.server.connected
+
+
+def test_protocol_error_logged_once_and_input_ignored_after():
+    """After a violation the session sends one GO_AWAY and ignores whatever follows."""
+    p = Pair()
+    sent = []
+    real = p.server.write_frame
+    p.server.write_frame = lambda data: (sent.append(data), real(data))
+    p.server.dataReceived(frame.HEADER.pack(1, 9, 0, 1, 0))
+    p.server.dataReceived(frame.ping(7))
+    go_aways = [d for d in sent if d[1] == frame.FrameType.GO_AWAY]
+    assert len(go_aways) == 1 and not any(d[1] == frame.FrameType.PING for d in sent)
+
+
+def test_oversized_metadata_from_peer_is_refused():
+    """A SYN whose metadata block exceeds 16 KiB is a protocol error."""
+    p = Pair()
+    block = b'{"x":"' + b"y" * frame.MAX_METADATA + b'"}'
+    p.client.write_frame(frame.data(1, block, frame.Flag.SYN))
+    p.pump.flush()
+    code, message = p.client.go_away_reason
+    assert code == GoAwayCode.PROTOCOL_ERROR and "metadata" in message
+
+
+def test_stream_ids_exhausted_means_go_away_not_crash():
+    """A tunnel that used all its stream ids refuses new streams with TunnelClosed and drains."""
+    from gateway.tunnel.session import MAX_STREAM_ID, TunnelClosed
+
+    p = Pair()
+    p.client._next_id = MAX_STREAM_ID + 2
+    with pytest.raises(TunnelClosed):
+        p.client.open_stream({"kind": "app"})
+    assert p.client.going_away
