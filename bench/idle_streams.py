@@ -141,7 +141,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--n", type=int, default=10000)
-    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--batch", type=int, default=50,
+                   help="concurrent connects; keep <= the listener backlog (Twisted default 50)")
     p.add_argument("--timeout", type=float, default=20.0, help="per connection+request")
     p.add_argument("--deadline", type=float, default=180.0, help="for opening all")
     p.add_argument("--settle", type=float, default=2.0)

@@ -327,7 +327,7 @@ measure_idle() {  # N idle spliced streams; RSS of the path's processes (CPU_LAB
   for x in $CPU_LABELS; do rss+=(--rss "$x"); done
   log "$1: idle streams: opening $IDLE connections through port $2"
   timeout $((IDLE_DEADLINE + 30)) "$PY" "$HERE/idle_streams.py" --port "$2" --n "$IDLE" \
-    --backend-port "$P_NGINX" --deadline "$IDLE_DEADLINE" "${rss[@]}" >"$f.json" 2>"$f.err" &
+    --backend-port "$P_NGINX" --deadline "$IDLE_DEADLINE" --batch "${IDLE_BATCH:-50}" "${rss[@]}" >"$f.json" 2>"$f.err" &
   CUR_PID=$!
   wait $CUR_PID; echo $? >"$f.rc"
 }
