@@ -171,11 +171,11 @@ class TunnelSession(Protocol):
 
     def _handle(self, f: frame.Frame) -> None:
         ftype = f.type
-        if ftype == FrameType.DATA:
+        if ftype == 0:  # DATA
             self._handle_data(f)
-        elif ftype == FrameType.WINDOW_UPDATE:
+        elif ftype == 1:  # WINDOW_UPDATE
             self._handle_window(f)
-        elif ftype == FrameType.PING:
+        elif ftype == 2:  # PING
             self._handle_ping(f)
         else:
             self._handle_go_away(f)
@@ -183,7 +183,7 @@ class TunnelSession(Protocol):
     def _handle_data(self, f: frame.Frame) -> None:
         flags = f.flags
         sid = f.stream_id
-        if flags & Flag.SYN:
+        if flags & frame.SYN:
             self._accept_syn(sid, f.payload)
             return
         stream = self.streams.get(sid)
@@ -195,7 +195,7 @@ class TunnelSession(Protocol):
             ):
                 raise ProtocolError(GoAwayCode.PROTOCOL_ERROR, f"DATA for stream {sid}, which was never opened")
             return
-        if flags & Flag.RST:
+        if flags & frame.RST:
             code, reason = frame.decode_reason(f.payload)
             opening = self._opening.pop(sid, None)
             if opening is not None:
@@ -207,7 +207,7 @@ class TunnelSession(Protocol):
             return
         if f.payload:
             stream.frame_data(f.payload)
-        if flags & Flag.FIN:
+        if flags & frame.FIN:
             stream.frame_fin()
 
     def _accept_syn(self, sid: int, payload: bytes) -> None:
@@ -251,7 +251,7 @@ class TunnelSession(Protocol):
         if stream is None:
             return
         flags = f.flags
-        if flags & Flag.ACK:
+        if flags & frame.ACK:
             opening = self._opening.pop(f.stream_id, None)
             if f.value:
                 stream.frame_window(f.value)
@@ -259,15 +259,15 @@ class TunnelSession(Protocol):
                 opening.callback(stream)
         elif f.value:
             stream.frame_window(f.value)
-        if flags & Flag.RST:
+        if flags & frame.RST:
             stream.frame_rst(ResetCode.CANCELLED, "reset by peer")
-        elif flags & Flag.FIN:
+        elif flags & frame.FIN:
             stream.frame_fin()
 
     def _handle_ping(self, f: frame.Frame) -> None:
-        if f.flags & Flag.SYN:
+        if f.flags & frame.SYN:
             self.write_frame(frame.ping(f.value, ack=True))
-        elif f.flags & Flag.ACK:
+        elif f.flags & frame.ACK:
             sent = self._pings.pop(f.value, None)
             if sent is not None:
                 sample = max(self.clock.seconds() - sent, 0.0001)

@@ -24,10 +24,44 @@ SOCKET_BUFFER = 256 * 1024
 
 
 def tune_socket(transport: Any) -> None:
-    """TCP_NODELAY (no Nagle stalls on request/response traffic) and larger reads."""
+    """TCP_NODELAY (no Nagle stalls on request/response traffic), larger reads, direct writes."""
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
         transport.bufferSize = SOCKET_BUFFER
+        _write_directly(transport)
+
+
+def _write_directly(transport: Any) -> None:
+    """Send at once when nothing is queued, instead of waiting for the next writable event.
+
+    Twisted's TCP transport always buffers a write and registers for writability, costing two
+    epoll_ctl calls and a loop pass per write; on request/response traffic through the tunnel
+    that was a tenth of each process's time. When the socket's buffer is empty we try send()
+    first and hand only what it did not take to the normal path (which then also handles
+    errors and producers). Falls back to the stock write if the transport looks different.
+    """
+    queued = getattr(transport, "_tempDataBuffer", None)
+    if queued is None or not hasattr(transport, "writeSomeData") or not hasattr(transport, "dataBuffer"):
+        return
+    buffered_write = transport.write
+
+    def write(data: bytes) -> None:
+        if (
+            data
+            and not transport._tempDataBuffer
+            and len(transport.dataBuffer) == transport.offset
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+        ):
+            sent = transport.writeSomeData(data)
+            if isinstance(sent, int) and sent > 0:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        buffered_write(data)
+
+    transport.write = write
 
 
 class QuietFactory(Factory):
