@@ -55,6 +55,18 @@ def open_store(state_dir: Path) -> SQLiteStore:
     return SQLiteStore(state_dir / STORE_FILE)
 
 
+DEFAULT_BACKLOG = 1024
+
+
+def listen_endpoint(reactor: Any, description: str) -> Any:
+    """A server endpoint; TCP listeners get a deeper accept queue than Twisted's 50 unless the
+    admin set one, so a burst of connections is not dropped into SYN retries."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        description = f"{description}:backlog={DEFAULT_BACKLOG}"
+    return serverFromString(reactor, description)
+
+
 class ServiceNode(MultiService):
     log = Logger()
 
@@ -89,7 +101,7 @@ class ServiceNode(MultiService):
         tls_factory = TLSMemoryBIOFactory(
             server_options(self.ca.cert, node_cert, node_key), False, ServiceTunnelFactory(self)
         )
-        tunnel_listener = StreamServerEndpointService(serverFromString(self.reactor, service.listen), tls_factory)
+        tunnel_listener = StreamServerEndpointService(listen_endpoint(self.reactor, service.listen), tls_factory)
         tunnel_listener._raiseSynchronously = True
         tunnel_listener.setName("tunnel-listener")
         tunnel_listener.setServiceParent(self)
@@ -109,7 +121,7 @@ class ServiceNode(MultiService):
     def _add_app_listener(self, app: AppConfig) -> None:
         handler = self.handlers[app.protocol]
         factory = handler.service_factory(app, lambda extra, _app=app: self.open_app_stream(_app, extra), self.reactor)
-        listener = StreamServerEndpointService(serverFromString(self.reactor, app.listen), factory)
+        listener = StreamServerEndpointService(listen_endpoint(self.reactor, app.listen), factory)
         listener._raiseSynchronously = True
         listener.setName(f"app:{app.name}")
         listener.setServiceParent(self)

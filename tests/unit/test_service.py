@@ -1,0 +1,17 @@
+"""Service-node helpers that need no network."""
+
+from twisted.internet.testing import MemoryReactor
+
+from gateway.service.node import DEFAULT_BACKLOG, listen_endpoint
+
+
+def test_tcp_listeners_get_a_deep_accept_queue():
+    """A TCP listen string without backlog gets DEFAULT_BACKLOG; an explicit one is kept."""
+    assert listen_endpoint(MemoryReactor(), "tcp:8080:interface=127.0.0.1")._backlog == DEFAULT_BACKLOG
+    assert listen_endpoint(MemoryReactor(), "tcp:8080:backlog=7")._backlog == 7
+
+
+def test_other_endpoint_kinds_are_left_alone():
+    """Non-TCP endpoints (a UNIX socket here) are built exactly as written."""
+    endpoint = listen_endpoint(MemoryReactor(), "unix:/tmp/gw-test.sock")
+    assert endpoint._address == "/tmp/gw-test.sock"
