@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conftest import (
+from gateway_harness import (
     ACK,
     DATA,
     GO_AWAY,

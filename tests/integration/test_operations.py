@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from conftest import (
+from gateway_harness import (
     HOST,
     echo_handler,
     echo_once,

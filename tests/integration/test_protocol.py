@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from conftest import (
+from gateway_harness import (
     DATA,
     SYN,
     FrameReader,

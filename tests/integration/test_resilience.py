@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from conftest import (
+from gateway_harness import (
     connect,
     echo_handler,
     echo_once,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (
+from gateway_harness import (
     HOST,
     free_port,
     chunks,
@@ -20,6 +20,7 @@ from conftest import (
     read_exact,
     sink_handler,
     sized_sink_handler,
+    stalled_sink_handler,
     source_handler,
     wait_echo,
     wait_until,
@@ -249,3 +250,58 @@ def test_slow_reader_does_not_stall_a_fast_stream(gw, backends):
     [sent] = stalled_src.wait_results(1, 30)
     assert sent[0] == big
     assert got == sent
+
+
+@pytest.mark.timeout(180)
+def test_stalled_back_end_does_not_stall_another_upload(gw, backends):
+    """A back end that stops reading holds up only its own upload: another upload on the tunnel completes; then both do."""
+    big, fast_size = 100 * MiB, 20 * MiB
+    release = threading.Event()
+    stalled = backends(stalled_sink_handler(big, release))
+    fast = backends(sized_sink_handler(fast_size))
+    svc = gw.service(apps=[
+        {"name": "stalled", "destination": stalled.destination},
+        {"name": "fast", "destination": fast.destination},
+    ])
+    conn = gw.connector(svc, tunnels=1)
+    progress = {"sent": 0}
+    digest = hashlib.sha256()
+    errors: list[str] = []
+
+    def upload_to_stalled() -> None:
+        try:
+            with connect(svc.app_port("stalled"), timeout=120) as s:
+                for chunk in chunks(big, seed=11):
+                    s.sendall(chunk)
+                    digest.update(chunk)
+                    progress["sent"] += len(chunk)
+                stalled.wait_results(1, 120)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    thread = threading.Thread(target=upload_to_stalled, daemon=True)
+    thread.start()
+    try:
+        samples: list[int] = []
+
+        def settled() -> bool:
+            samples.append(progress["sent"])
+            return len(samples) > 10 and samples[-1] > 0 and samples[-1] == samples[-11]
+
+        wait_until(settled, 60, "the upload to the stalled back end to block", interval=0.1)
+        assert progress["sent"] < big, "the whole upload was buffered somewhere: no backpressure"
+
+        h = hashlib.sha256()
+        with connect(svc.app_port("fast"), timeout=60) as s:
+            for chunk in chunks(fast_size, seed=12):
+                s.sendall(chunk)
+                h.update(chunk)
+            [(n, got)] = fast.wait_results(1, 60)
+        assert (n, got) == (fast_size, h.hexdigest())
+        assert conn.proc.rss_bytes() < 300 * MiB, f"connector RSS {conn.proc.rss_bytes() / MiB:.0f} MiB"
+    finally:
+        release.set()
+    thread.join(120)
+    assert not errors, errors
+    [(n, got)] = stalled.wait_results(1, 30)
+    assert (n, got) == (big, digest.hexdigest())
