@@ -24,7 +24,8 @@ LEVELS = {
 
 def make_observer(format: str, level: str, out: IO[str] | None = None) -> Any:
     out = out or sys.stdout
-    inner = jsonFileLogObserver(out) if format == "json" else textFileLogObserver(out)
+    # recordSeparator "": one JSON object per line, what line-oriented log shippers expect.
+    inner = jsonFileLogObserver(out, recordSeparator="") if format == "json" else textFileLogObserver(out)
     return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
 
 

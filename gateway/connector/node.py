@@ -111,6 +111,11 @@ class ConnectorNode(MultiService):
             left = sum(s.open_streams for s in live if s.connected)
             if left:
                 self.log.warn("drain deadline passed; closing {n} streams", n=left, **self.ctx)
+            for session in live:
+                # ClientService closes the connection itself; TLS only closes once the
+                # session no longer is its producer.
+                if session.connected:
+                    session.transport.unregisterProducer()
             return maybeDeferred(super(ConnectorNode, self).stopService)
 
         return drained.addBoth(stop)
@@ -289,7 +294,7 @@ class TunnelClient:
     def _service_going_away(self, session: TunnelSession, code: int, message: str) -> None:
         # The node drains (restart, stream ids used up): finish what is open, then close, so
         # ClientService dials a fresh tunnel instead of keeping one that takes no new streams.
-        session.wait_idle().addCallback(lambda _: session.connected and session.transport.loseConnection())
+        session.wait_idle().addCallback(lambda _: session.close())
 
     def _heartbeat(self) -> None:
         if self.control is not None:

@@ -72,7 +72,7 @@ async def register(
         if timeout.active():
             timeout.cancel()
         if session.transport is not None:
-            session.transport.loseConnection()
+            session.close()
     if result.get("type") != m.ENROL_RESULT:
         raise EnrolmentError(f"the service refused the enrolment: {result.get('message', result)}")
     cert = keys.load_cert(result["certificate"].encode())

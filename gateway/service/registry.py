@@ -59,7 +59,7 @@ class Registry:
         tunnels = self._tunnels.get(connector_id, [])
         for t in list(tunnels):
             t.session.go_away(code, message)
-            t.session.transport.loseConnection()
+            t.session.close()
         return len(tunnels)
 
     def pick(self, group: str, exclude: frozenset[str] = frozenset()) -> ConnectorTunnel:

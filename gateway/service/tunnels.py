@@ -143,7 +143,7 @@ class TunnelHandler:
         if self.control is not None:
             self.control.send({"type": m.ERROR, "code": GoAwayCode(code).name.lower(), "message": message})
         self.session.go_away(code, message)
-        self.session.transport.loseConnection()
+        self.session.close()
 
     def _internal_error(self, failure: Failure) -> None:
         self.log.failure("tunnel {tunnel_id}: internal error", failure, **self.ctx)

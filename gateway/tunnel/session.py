@@ -151,6 +151,17 @@ class TunnelSession(Protocol):
         except ProtocolError as e:
             self.fail(e.code, e.message)
 
+    def close(self) -> None:
+        """Close the tunnel cleanly (TLS close_notify) once queued bytes are out.
+
+        The session must stop being the TLS transport's producer first: TLSMemoryBIOProtocol
+        defers loseConnection until its producer is unregistered, so the close would never happen.
+        """
+        if self.transport is None or not self.connected:
+            return
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     def fail(self, code: int, message: str) -> None:
         """End the tunnel for a protocol violation: say why in GO_AWAY, then close.
 
@@ -165,7 +176,7 @@ class TunnelSession(Protocol):
         )
         self.going_away = True
         self.write_frame(frame.go_away(code, message))
-        self.transport.loseConnection()
+        self.close()
 
     # -- frames in -----------------------------------------------------------------------
 
@@ -284,7 +295,7 @@ class TunnelSession(Protocol):
                 "tunnel {tunnel_id} closed by peer ({code_name}): {message}",
                 code_name=_code_name(code), message=message, **self.log_context,
             )
-            self.transport.loseConnection()
+            self.close()
         for callback in self.on_go_away:
             callback(self, code, message)
 

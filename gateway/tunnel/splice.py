@@ -127,6 +127,9 @@ class StreamSide(Protocol):
 
     def readConnectionLost(self) -> None:
         transport = self.socket_side.transport
+        # A socket with a registered producer resumes it when its buffer drains instead of
+        # shutting down: the stream sends nothing more, so let go of it first.
+        transport.unregisterProducer()
         if self.socket_side._read_done or not hasattr(transport, "loseWriteConnection"):
             transport.loseConnection()
         else:
