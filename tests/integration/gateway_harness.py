@@ -479,6 +479,7 @@ class Backend:
         self.port = self.sock.getsockname()[1]
         self.results: list[Any] = []
         self.accepted = 0
+        self.eofs = 0  # connections whose EOF a handler saw (sized_sink_handler counts them)
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         self.closed = False
@@ -584,6 +585,7 @@ def sized_sink_handler(total: int) -> Callable[[socket.socket, Backend], None]:
         backend.record((n, h.hexdigest()))
         while conn.recv(65536):
             pass
+        backend.eofs += 1
 
     return handler
 

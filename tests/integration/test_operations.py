@@ -142,12 +142,6 @@ def test_json_logs_carry_ids_and_no_log_has_a_token_secret(gw, backends):
     gw.assert_no_secret_in_logs()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/logs.py make_observer uses twisted.logger.jsonFileLogObserver(out) with its default"
-    " recordSeparator '\\x1e', so every line starts with an RS byte (RFC 7464 JSON text sequence);"
-    " docs/configuration.md promises 'one JSON object per line', and line-oriented readers"
-    " (json.loads per line, jq without --seq, log shippers) reject the lines."
-    " It should pass recordSeparator=''."))
 @pytest.mark.timeout(90)
 def test_json_log_lines_are_each_one_json_object(gw, backends):
     """With format = "json", every line the connector prints parses on its own as one JSON object."""

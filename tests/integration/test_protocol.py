@@ -104,12 +104,6 @@ def test_protocol_version_mismatch_is_refused_with_both_versions(served):
     assert echo_once(svc.app_port("echo"), b"still serving") == b"still serving"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/tunnel/session.py: TunnelSession registers itself as the TLS transport's producer in"
-    " connectionMade and never unregisters; TLSMemoryBIOProtocol.loseConnection() waits for the"
-    " producer to be unregistered, so TunnelSession.fail() and TunnelHandler.refuse() send GO_AWAY"
-    " but never close the connection: the peer's socket stays open indefinitely (the 30 s hello"
-    " timeout only calls loseConnection() again). The service should close the connection after GO_AWAY."))
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", ["unknown frame type", "version mismatch"])
 def test_connection_is_closed_after_go_away(served, case):

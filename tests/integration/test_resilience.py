@@ -149,13 +149,6 @@ def test_sigterm_drains_streams_and_new_streams_go_elsewhere(gw, backends):
     assert "drain deadline passed" not in draining.proc.log()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/tunnel/session.py TunnelSession.connectionMade registers the session as the TLS"
-    " transport's streaming producer and never unregisters it; TLSMemoryBIOProtocol.loseConnection()"
-    " only shuts TLS down once no producer is registered, so every session.transport.loseConnection()"
-    " on a tunnel is a no-op. ConnectorNode.stopService (via ClientService.stopService) waits for"
-    " the tunnel to close, so a connector never exits after SIGTERM (even with no open stream)"
-    " until SIGKILL. It should exit once drained (within drain_timeout)."))
 @pytest.mark.timeout(60)
 def test_sigterm_connector_exits_after_drain(gw, backends):
     """A connector given SIGTERM with no open stream exits promptly and cleanly."""
