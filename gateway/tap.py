@@ -55,7 +55,15 @@ def check_protocols(config: GatewayConfig, handlers: dict[str, Any]) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    # twistd re-raises the signal that stopped it, so a drained, orderly SIGTERM shutdown would
+    # exit with status -15; for gateway that shutdown is a success and exits 0.
+    reactor.addSystemEventTrigger("after", "shutdown", _clean_exit, reactor)
     return build(options.config, reactor, options.pm, options.handlers, options.identity, config_path=options["config"])
+
+
+def _clean_exit(reactor: Any) -> None:
+    if getattr(reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+        reactor._exitSignal = None
 
 
 def build(config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any],
