@@ -139,7 +139,7 @@ start_path() {
   PATH_MARK=${#BENCH_PIDS[@]}; CPU_LABELS=""; PATH_LOGS=(); FAIL_MSG=""
   case $1 in
     direct) HTTP_PORT=$P_NGINX; IPERF_PORT=$P_IPERF ;;
-    sshR | sshRnd) start_ssh "$1" ;;
+    sshR | sshRnd | sshRaes) start_ssh "$1" ;;
     asshR) start_assh ;;
     gateway) start_gateway ;;
     *) FAIL_MSG="unknown path '$1' (known: $ALL_PATHS)"; return 1 ;;
@@ -156,7 +156,10 @@ path_alive() {  # all PIDs of the current path still running?
   for p in "${BENCH_PIDS[@]:$PATH_MARK}"; do kill -0 "$p" 2>/dev/null || return 1; done
 }
 
-SSH_CIPHER=aes128-gcm@openssh.com   # both ssh variants, for fairness
+# sshR and sshRnd use OpenSSH's default cipher (chacha20-poly1305 here), as the recipes' and
+# the targets' `ssh -R`; sshRaes is sshRnd with AES-GCM, the cipher our tunnel negotiates.
+SSH_AES_CIPHER=aes128-gcm@openssh.com
+SSH_CIPHER=$SSH_AES_CIPHER   # what sshd accepts: both, so the client picks
 start_ssh() {  # OpenSSH sshd relay + `ssh -R` connector
   local d=$T/ssh
   mkdir -p /run/sshd 2>/dev/null
@@ -173,7 +176,7 @@ KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 AllowTcpForwarding yes
 GatewayPorts no
-Ciphers $SSH_CIPHER
+Ciphers chacha20-poly1305@openssh.com,$SSH_AES_CIPHER
 SC
   PATH_LOGS=("$T/logs/sshd-$1.err" "$T/logs/ssh-$1.err")
   bg /usr/sbin/sshd -D -e -f "$d/sshd_config" >/dev/null 2>"$T/logs/sshd-$1.err"
@@ -182,8 +185,10 @@ SC
   # sshR: -N (no session): Nagle stays on. sshRnd: interactive session (-tt +
   # remote sleep): OpenSSH then sets TCP_NODELAY on the connection.
   local mode=(-N -T) cmd=()
-  [ "$1" = sshRnd ] && { mode=(-tt); cmd=(sleep 86400); }
-  bg ssh "${mode[@]}" -i "$d/clientkey" -p "$P_SSHD" -c "$SSH_CIPHER" \
+  [ "$1" != sshR ] && { mode=(-tt); cmd=(sleep 86400); }
+  local cipher=(-c chacha20-poly1305@openssh.com)
+  [ "$1" = sshRaes ] && cipher=(-c "$SSH_AES_CIPHER")
+  bg ssh "${mode[@]}" -i "$d/clientkey" -p "$P_SSHD" "${cipher[@]}" \
     -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
     -o ExitOnForwardFailure=yes -o LogLevel=ERROR \
     -R "127.0.0.1:$P_SSHR:127.0.0.1:$P_NGINX" -R "127.0.0.1:$P_SSHR_I:127.0.0.1:$P_IPERF" \

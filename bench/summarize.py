@@ -160,8 +160,9 @@ say(f"{'QUICK smoke run' if q else 'Full run'}: {meta.get('duration')} s per mea
     f"RLIMIT_NOFILE {meta.get('nofile', '?')}.  ")
 say(f"Tools: {meta.get('versions', '?')}.  ")
 assh_cipher = (read("asshR.cipher") or "").strip()
-say(f"sshR and sshRnd both use `-c {meta.get('ssh_cipher', '?')}` (forced for fairness; "
-    f"sshR = `ssh -N -R` with Nagle on, sshRnd = `ssh -tt -R … sleep` which sets TCP_NODELAY)."
+say("sshR = `ssh -N -R` (Nagle on) and sshRnd = `ssh -tt -R … sleep` (OpenSSH sets TCP_NODELAY) use "
+    "OpenSSH's default cipher, chacha20-poly1305, as the targets' `ssh -R`; sshRaes is sshRnd with "
+    f"`-c {meta.get('ssh_cipher', '?')}`, the AES-GCM our tunnel negotiates (reference rows, stricter)."
     + (f" asshR (asyncssh, default negotiation as in the recipe) uses `{assh_cipher}`." if assh_cipher else ""))
 say("All traffic on 127.0.0.1; nginx 1 worker; client, tunnel ends and backend share the same cores, "
     "so numbers are for ratios on this box, not absolute capacity.\n")
@@ -295,8 +296,15 @@ for t, n in names.items():
                                                       bulk.get(("sshRnd", t), (None,))[0]), "≥ 1.0",
            lambda v: v >= 1.0, inputs=(f"gateway.{t}.cpu", f"sshRnd.{t}.cpu"))
 for t, n in names.items():
+    target(f"gateway bulk ÷ sshRaes bulk ({n})", ratio(bulk.get(("gateway", t), (None,))[0],
+                                                       bulk.get(("sshRaes", t), (None,))[0]), "≥ 1.0 (reference)",
+           lambda v: v >= 1.0, inputs=(f"gateway.{t}.cpu", f"sshRaes.{t}.cpu"))
+for t, n in names.items():
     target(f"gateway bulk Gbit/s ({n})", bulk.get(("gateway", t), (None,))[0], "≥ 2",
            lambda v: v >= 2, inputs=(f"gateway.{t}.cpu",))
+for c in conns_list:
+    target(f"gateway req/s ÷ sshRaes req/s (c{c})", ratio(rps("gateway", c), rps("sshRaes", c)), "≥ 0.35 (reference)",
+           lambda v: v >= 0.35, inputs=(f"gateway.http_c{c}.cpu", f"sshRaes.http_c{c}.cpu"))
 for c in conns_list:
     target(f"gateway p99 ÷ sshRnd p99 (c{c})", ratio(p99("gateway", c), p99("sshRnd", c)), "≤ 3",
            lambda v: v <= 3, inputs=(f"gateway.http_c{c}.cpu", f"sshRnd.http_c{c}.cpu"))

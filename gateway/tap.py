@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 from typing import Any
 
@@ -58,7 +59,20 @@ def makeService(options: Options) -> IService:
     # twistd re-raises the signal that stopped it, so a drained, orderly SIGTERM shutdown would
     # exit with status -15; for gateway that shutdown is a success and exits 0.
     reactor.addSystemEventTrigger("after", "shutdown", _clean_exit, reactor)
+    _tune_gc(reactor)
     return build(options.config, reactor, options.pm, options.handlers, options.identity, config_path=options["config"])
+
+
+def _tune_gc(reactor: Any) -> None:
+    """Keep the cyclic GC off the latency tail.
+
+    With CPython's defaults, collections of the older generations over everything loaded at
+    start-up paused a busy node for tens of milliseconds: p99 of keep-alive requests through a
+    fresh service and connector was 25 ms against 3.5 ms once warm (docs/PERFORMANCE.md).
+    Freezing the start-up objects and collecting the young generation less often removes that.
+    """
+    gc.set_threshold(50_000, 50, 100)
+    reactor.callWhenRunning(gc.freeze)
 
 
 def _clean_exit(reactor: Any) -> None:
