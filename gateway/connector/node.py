@@ -61,6 +61,8 @@ class ConnectorNode(MultiService):
         self.apps: dict[str, AppConfig] = {}
         self.config_version: str | None = None
         self.tunnels: dict[str, TunnelClient] = {}
+        # type -> handler(tunnel_client, message) for control messages beyond welcome/config/error
+        self.control_handlers: dict[str, Any] = {}
         self._tunnel_ids = itertools.count(1)
         self._clients: list[ClientService] = []
         self.bytes_in = 0
@@ -267,6 +269,8 @@ class TunnelClient:
             self._welcome(message)
         elif kind == m.CONFIG:
             self.node.apply_config(message)
+        elif kind in self.node.control_handlers:
+            self.node.control_handlers[kind](self, message)
         elif kind == m.ERROR:
             self._fail(Failure(TunnelRefused(f"the service refused the tunnel: {message.get('message')}")))
         else:

@@ -82,6 +82,8 @@ class ServiceNode(MultiService):
         self.ca: CertificateAuthority | None = None
         self.apps: dict[str, AppConfig] = {a.name: a for a in config.apps}
         self._app_services: dict[str, StreamServerEndpointService] = {}
+        # type -> handler(tunnel_handler, message) for control messages beyond hello/config/heartbeat
+        self.control_handlers: dict[str, Any] = {}
 
     # -- start and stop ------------------------------------------------------------------
 

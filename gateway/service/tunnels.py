@@ -194,6 +194,9 @@ class TunnelHandler:
             self.send_config(force=True)
         elif kind == m.HEARTBEAT:
             self._heartbeat(message)
+        elif kind in self.node.control_handlers:
+            # Further control messages (certificate renewal, ...) live in their own modules.
+            self.node.control_handlers[kind](self, message)
         else:
             self.log.warn("tunnel {tunnel_id}: ignoring control message {kind!r}", kind=kind, **self.ctx)
 
