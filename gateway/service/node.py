@@ -42,7 +42,10 @@ NODE_CERT_FILE = "node.pem"
 NODE_KEY_FILE = "node.key"
 
 # Resets that prove the back end was never reached, so the stream can go to another connector.
-_RETRYABLE = {ResetCode.GOING_AWAY, ResetCode.TOO_MANY_STREAMS}
+_RETRYABLE = {
+    ResetCode.GOING_AWAY, ResetCode.TOO_MANY_STREAMS, ResetCode.CONNECT_FAILED,
+    ResetCode.UNKNOWN_APP, ResetCode.TIMEOUT,
+}
 
 
 def prepare_state_dir(state_dir: Path) -> None:
@@ -221,7 +224,9 @@ class ServiceNode(MultiService):
         try:
             tunnel = self.registry.pick(app.group, exclude=tried)
         except NoConnector as e:
-            self.log.warn("app {app} request {request_id}: {error}", app=app.name, request_id=request_id, error=str(e))
+            if not tried:
+                self.log.warn("app {app} request {request_id}: {error}", app=app.name, request_id=request_id,
+                              error=str(e))
             return fail(e)
         metadata = {
             **extra, "kind": "app", "app": app.name, "protocol": app.protocol,
@@ -246,7 +251,18 @@ class ServiceNode(MultiService):
                 failure.check(StreamReset) and failure.value.code in _RETRYABLE
             )
             if retry:
-                return self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id})
+                self.log.info(
+                    "app {app} request {request_id}: connector {connector_id} could not take it ({error});"
+                    " trying another connector of group {group}",
+                    app=app.name, request_id=request_id, connector_id=tunnel.connector_id,
+                    error=failure.getErrorMessage(), group=app.group,
+                )
+                again = self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id})
+                # Out of connectors: the last real reason says more than "no connector left".
+                return again.addErrback(lambda f: give_up(failure) if f.check(NoConnector) else f)
+            return give_up(failure)
+
+        def give_up(failure: Failure) -> Failure:
             self.log.warn(
                 "app {app} request {request_id} via connector {connector_id}: {error}",
                 app=app.name, request_id=request_id, connector_id=tunnel.connector_id,

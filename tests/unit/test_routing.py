@@ -1,0 +1,78 @@
+"""The service's router: retries on another connector only what never reached the back end."""
+
+from twisted.internet.task import Clock
+from twisted.test.iosim import FakeTransport, connect
+
+from gateway.config import parse_config
+from gateway.service.node import ServiceNode
+from gateway.service.registry import ConnectorTunnel
+from gateway.tunnel.frame import ResetCode
+from gateway.tunnel.session import TunnelSession, TunnelSettings
+from gateway.tunnel.stream import StreamReset
+
+
+def node_with(*behaviours):
+    """A service node whose registry holds one in-memory tunnel per behaviour(stream)."""
+    config = parse_config({
+        "service": {"state_dir": "/tmp/unused"},
+        "apps": [{"name": "web", "listen": "tcp:0", "destination": "10.0.0.5:80"}],
+    }, "svc.toml")
+    node = ServiceNode(config, Clock(), pm=None, handlers={})
+    pumps = []
+    for i, behaviour in enumerate(behaviours):
+        clock = Clock()
+        service = TunnelSession(clock, TunnelSettings(), is_client=False)
+        connector = TunnelSession(clock, TunnelSettings(), is_client=True, on_stream=behaviour)
+        pumps.append(connect(service, FakeTransport(service, True), connector, FakeTransport(connector, False),
+                             greet=False))
+        node.registry.add(ConnectorTunnel(session=service, connector_id=f"c{i}", group="default", address="x"))
+    return node, pumps
+
+
+def refuse(code, reason, asked=None):
+    def behaviour(stream):
+        if asked is not None:
+            asked.append(stream.metadata["request_id"])
+        stream.reset(code, reason)
+    return behaviour
+
+
+def accept(stream):
+    stream.accept()
+
+
+def open_web(node, pumps, monkeypatch):
+    monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
+    d = node.open_app_stream(node.apps["web"], {})
+    for _ in range(4):
+        for p in pumps:
+            p.flush()
+    result = []
+    d.addBoth(result.append)
+    assert result, "the open did not finish"
+    return result[0]
+
+
+def test_connect_failure_is_retried_on_another_connector(monkeypatch):
+    """A connector that could not reach the back end hands the stream to the next connector."""
+    asked = []
+    node, pumps = node_with(refuse(ResetCode.CONNECT_FAILED, "connection refused", asked), accept)
+    result = open_web(node, pumps, monkeypatch)
+    assert not hasattr(result, "check"), result
+    assert result.session is node.registry._tunnels["c1"][0].session
+    assert len(asked) == 1 and asked[0] == result.metadata["request_id"], "the first connector was not tried"
+
+
+def test_refusal_by_policy_is_not_retried(monkeypatch):
+    """A REFUSED stream (destination not allowed) fails at once with its reason."""
+    node, pumps = node_with(refuse(ResetCode.REFUSED, "not allowed"), accept)
+    result = open_web(node, pumps, monkeypatch)
+    assert result.check(StreamReset) and result.value.code == ResetCode.REFUSED
+
+
+def test_all_connectors_failing_reports_the_real_reason(monkeypatch):
+    """When every connector fails to connect, the error is the connect failure, not 'no connector'."""
+    node, pumps = node_with(refuse(ResetCode.CONNECT_FAILED, "connection refused by 10.0.0.5:80"),
+                            refuse(ResetCode.CONNECT_FAILED, "connection refused by 10.0.0.5:80"))
+    result = open_web(node, pumps, monkeypatch)
+    assert result.check(StreamReset) and "10.0.0.5:80" in result.value.reason
