@@ -34,6 +34,7 @@ class Registry:
     """Live tunnels by connector; picks the least-loaded healthy connector of a group."""
 
     _tunnels: dict[str, list[ConnectorTunnel]] = field(factory=dict)
+    _turn: int = 0
 
     def add(self, tunnel: ConnectorTunnel) -> None:
         self._tunnels.setdefault(tunnel.connector_id, []).append(tunnel)
@@ -63,8 +64,13 @@ class Registry:
         return len(tunnels)
 
     def pick(self, group: str, exclude: frozenset[str] = frozenset()) -> ConnectorTunnel:
-        """The healthy tunnel with the fewest open streams, on the least-loaded connector."""
-        best: tuple[float, int, ConnectorTunnel] | None = None
+        """The healthy tunnel with the fewest open streams, on the least-loaded connector.
+
+        Load is open streams divided by the capacity a connector reports. Connectors that tie
+        take turns, so sequential traffic spreads evenly instead of always landing on the first.
+        """
+        best_score: tuple[float, int] | None = None
+        tied: list[ConnectorTunnel] = []
         for connector_id, tunnels in self._tunnels.items():
             if connector_id in exclude:
                 continue
@@ -75,11 +81,14 @@ class Registry:
             capacity = max(float(healthy[0].load.get("capacity", 1.0)), 0.01)
             tunnel = min(healthy, key=lambda t: t.session.open_streams)
             score = (open_streams / capacity, tunnel.session.open_streams)
-            if best is None or score < best[:2]:
-                best = (*score, tunnel)
-        if best is None:
+            if best_score is None or score < best_score:
+                best_score, tied = score, [tunnel]
+            elif score == best_score:
+                tied.append(tunnel)
+        if not tied:
             raise NoConnector(
                 f"no healthy connector of group {group!r} is connected"
                 " (check `gateway connectors list` and the connectors' logs)"
             )
-        return best[2]
+        self._turn += 1
+        return tied[self._turn % len(tied)]

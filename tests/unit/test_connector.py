@@ -142,3 +142,12 @@ def test_registry_without_connectors_says_so():
     r.add(_tunnel("a", 0, healthy=False))
     with pytest.raises(NoConnector, match="group 'default'"):
         r.pick("default")
+
+
+def test_tied_connectors_take_turns():
+    """Equally loaded connectors share sequential streams evenly."""
+    r = Registry()
+    for name in ("a", "b", "c"):
+        r.add(_tunnel(name, 0))
+    picks = [r.pick("default").connector_id for _ in range(300)]
+    assert {n: picks.count(n) for n in "abc"} == {"a": 100, "b": 100, "c": 100}
