@@ -34,7 +34,8 @@ class Registry:
     """Live tunnels by connector; picks the least-loaded healthy connector of a group."""
 
     _tunnels: dict[str, list[ConnectorTunnel]] = field(factory=dict)
-    _turn: int = 0
+    _picks: int = 0
+    _last_pick: dict[str, int] = field(factory=dict)
 
     def add(self, tunnel: ConnectorTunnel) -> None:
         self._tunnels.setdefault(tunnel.connector_id, []).append(tunnel)
@@ -66,11 +67,12 @@ class Registry:
     def pick(self, group: str, exclude: frozenset[str] = frozenset()) -> ConnectorTunnel:
         """The healthy tunnel with the fewest open streams, on the least-loaded connector.
 
-        Load is open streams divided by the capacity a connector reports. Connectors that tie
-        take turns, so sequential traffic spreads evenly instead of always landing on the first.
+        Load is open streams divided by the capacity a connector reports. Among equally loaded
+        connectors the one picked least recently wins, so sequential traffic spreads evenly
+        instead of always landing on the first.
         """
-        best_score: tuple[float, int] | None = None
-        tied: list[ConnectorTunnel] = []
+        best_score: tuple[float, int, int] | None = None
+        best: ConnectorTunnel | None = None
         for connector_id, tunnels in self._tunnels.items():
             if connector_id in exclude:
                 continue
@@ -80,15 +82,14 @@ class Registry:
             open_streams = sum(t.session.open_streams for t in healthy)
             capacity = max(float(healthy[0].load.get("capacity", 1.0)), 0.01)
             tunnel = min(healthy, key=lambda t: t.session.open_streams)
-            score = (open_streams / capacity, tunnel.session.open_streams)
+            score = (open_streams / capacity, tunnel.session.open_streams, self._last_pick.get(connector_id, 0))
             if best_score is None or score < best_score:
-                best_score, tied = score, [tunnel]
-            elif score == best_score:
-                tied.append(tunnel)
-        if not tied:
+                best_score, best = score, tunnel
+        if best is None:
             raise NoConnector(
                 f"no healthy connector of group {group!r} is connected"
                 " (check `gateway connectors list` and the connectors' logs)"
             )
-        self._turn += 1
-        return tied[self._turn % len(tied)]
+        self._picks += 1
+        self._last_pick[best.connector_id] = self._picks
+        return best

@@ -26,7 +26,6 @@ def node_with(*behaviours):
         pumps.append(connect(service, FakeTransport(service, True), connector, FakeTransport(connector, False),
                              greet=False))
         node.registry.add(ConnectorTunnel(session=service, connector_id=f"c{i}", group="default", address="x"))
-    node.registry._turn = -1  # the first stream goes to c0, the next to c1
     return node, pumps
 
 
