@@ -1,13 +1,16 @@
-"""The `gateway` command: tokens, registration, connectors, plugins, config checks."""
+"""The `gateway` command: tokens, registration, connectors, groups, plugins, config checks."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from gateway import __version__, plugins
 from gateway.config import DEFAULT_CONFIG_PATH, load_config
@@ -40,12 +43,32 @@ def _parser() -> argparse.ArgumentParser:
 
     conns = sub.add_parser("connectors", help="connectors known to the service").add_subparsers(
         dest="action", required=True)
-    lst = conns.add_parser("list", help="list connectors")
+    lst = conns.add_parser("list", help="list connectors with their status")
     lst.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
     lst.add_argument("--all", action="store_true", help="include deleted connectors")
+    lst.add_argument("--wide", action="store_true", help="show full connector ids")
+    lst.add_argument("--json", action="store_true", help="print the full records as JSON")
     delete = conns.add_parser("delete", help="delete a connector and revoke its certificate")
     delete.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
-    delete.add_argument("connector_id")
+    delete.add_argument("connector_id", help="the id, or a unique prefix of it")
+    move = conns.add_parser("move", help="move a connector to another group")
+    move.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    move.add_argument("connector_id", help="the id, or a unique prefix of it")
+    move.add_argument("--group", required=True, help="the group it joins")
+
+    groups = sub.add_parser("groups", help="connector groups").add_subparsers(dest="action", required=True)
+    groups.add_parser("list", help="list groups").add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    gcreate = groups.add_parser("create", help="create an empty group")
+    gcreate.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    gcreate.add_argument("name")
+    grename = groups.add_parser("rename", help="rename a group no app names")
+    grename.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    grename.add_argument("old")
+    grename.add_argument("new")
+    gdelete = groups.add_parser("delete", help="delete a group no app names")
+    gdelete.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    gdelete.add_argument("name")
+    gdelete.add_argument("--move-connectors-to", metavar="GROUP", help="the group its connectors join")
 
     sub.add_parser("plugins", help="list loaded plugins, their versions and hooks")
     check = sub.add_parser("check-config", help="validate a TOML file and exit")
@@ -81,7 +104,7 @@ def token_create(args: argparse.Namespace) -> int:
     if args.group not in known:
         raise GatewayError(
             f"no connector group {args.group!r}; known groups: {', '.join(sorted(known))}"
-            " (a group exists once an app in the config names it)"
+            " (a group exists once an app in the config names it or `gateway groups create` made it)"
         )
     now = datetime.now(UTC)
     store.ensure_group(args.group, now)
@@ -167,24 +190,157 @@ def _read_token(path: str | None) -> str:
         raise GatewayError(f"cannot read the token file {path}: {e.strerror}") from None
 
 
+ID_WIDTH = 12
+
+
 def connectors_list(args: argparse.Namespace) -> int:
     _, store = _service_store(args.config)
-    rows = [("ID", "NAME", "GROUP", "LAST SEEN", "STATE")]
-    for c in store.list_connectors(include_deleted=args.all):
-        seen = f"{c.last_seen:%Y-%m-%d %H:%M:%S}" if c.last_seen else "never"
-        rows.append((c.connector_id, c.name, c.group, seen, "deleted" if c.deleted_at else "active"))
-    store.close()
+    try:
+        connectors = store.list_connectors(include_deleted=args.all)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([_jsonable(attrs.asdict(c)) for c in connectors], indent=2))
+        return 0
+    rows = [("ID", "NAME", "GROUP", "STATE", "VERSION", "ADDRESS", "TUNNELS", "STREAMS", "LAST HEARTBEAT",
+             "CERT EXPIRES")]
+    for c in connectors:
+        rows.append((
+            c.connector_id if args.wide else c.connector_id[:ID_WIDTH], c.name, c.group,
+            "deleted" if c.deleted_at else c.state, c.software_version or "-", c.address or "-",
+            str(c.tunnels), str(c.open_streams), _when(c.last_seen, "never"), _when(c.cert_not_after, "-"),
+        ))
     _table(rows)
     return 0
 
 
+def _when(value: datetime | None, missing: str) -> str:
+    return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}" if value else missing
+
+
+def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in record.items()}
+
+
+def _find_connector(store: Any, text: str) -> Any:
+    """The live connector whose id is `text` or starts with it (unique)."""
+    matches = [c for c in store.list_connectors() if c.connector_id.startswith(text)] if text else []
+    exact = [c for c in matches if c.connector_id == text]
+    if exact:
+        return exact[0]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise GatewayError(f"no active connector {text!r}; see `gateway connectors list`")
+    raise GatewayError(f"{text!r} matches {len(matches)} connectors; give more of the id (`--wide` shows it all)")
+
+
 def connectors_delete(args: argparse.Namespace) -> int:
     _, store = _service_store(args.config)
-    deleted = store.delete_connector(args.connector_id, datetime.now(UTC))
-    store.close()
-    if not deleted:
-        raise GatewayError(f"no active connector {args.connector_id!r}; see `gateway connectors list`")
-    print(f"connector {args.connector_id} deleted; its certificate is revoked")
+    try:
+        connector = _find_connector(store, args.connector_id)
+        store.delete_connector(connector.connector_id, datetime.now(UTC))
+    finally:
+        store.close()
+    print(f"connector {connector.connector_id} deleted; its certificate is revoked")
+    return 0
+
+
+def connectors_move(args: argparse.Namespace) -> int:
+    config, store = _service_store(args.config)
+    try:
+        connector = _find_connector(store, args.connector_id)
+        if args.group in _app_groups(config):
+            store.ensure_group(args.group, datetime.now(UTC))
+        if connector.group == args.group:
+            print(f"connector {connector.connector_id} is in group {args.group!r} already")
+            return 0
+        store.move_connector(connector.connector_id, args.group)
+    finally:
+        store.close()
+    print(f"connector {connector.connector_id} ({connector.name}) moved from group {connector.group!r} to"
+          f" {args.group!r}; the running service routes {args.group!r}'s apps to it and sends it their config"
+          " at its next heartbeat; open streams carry on")
+    return 0
+
+
+def _app_groups(config: Any) -> dict[str, list[str]]:
+    """Group name -> the apps of the config that name it."""
+    groups: dict[str, list[str]] = {}
+    for app in config.apps:
+        groups.setdefault(app.group, []).append(app.name)
+    return groups
+
+
+def _refuse_if_apps_use(config: Any, group: str, what: str) -> None:
+    apps = _app_groups(config).get(group)
+    if apps:
+        raise GatewayError(
+            f"cannot {what} group {group!r}: apps {', '.join(sorted(apps))} in {config.path} name it;"
+            " edit the config first (and reload the service)"
+        )
+
+
+def _check_group_name(name: str) -> None:
+    from gateway.config import _NAME_RE
+
+    if not _NAME_RE.match(name):
+        raise GatewayError(f"a group name must match [a-z0-9][a-z0-9._-]{{0,62}}, got {name!r}")
+
+
+def groups_list(args: argparse.Namespace) -> int:
+    config, store = _service_store(args.config)
+    try:
+        stored = {g.name: g for g in store.list_groups()}
+        counts: dict[str, int] = {}
+        for c in store.list_connectors():
+            counts[c.group] = counts.get(c.group, 0) + 1
+    finally:
+        store.close()
+    apps = _app_groups(config)
+    rows = [("GROUP", "CONNECTORS", "APPS", "CREATED")]
+    for name in sorted(set(stored) | set(apps) | {"default"}):
+        created = _when(stored[name].created_at, "-") if name in stored else "at the next service start"
+        rows.append((name, str(counts.get(name, 0)), ", ".join(sorted(apps.get(name, []))) or "-", created))
+    _table(rows)
+    return 0
+
+
+def groups_create(args: argparse.Namespace) -> int:
+    _check_group_name(args.name)
+    _, store = _service_store(args.config)
+    try:
+        store.create_group(args.name, datetime.now(UTC))
+    finally:
+        store.close()
+    print(f"group {args.name!r} created")
+    return 0
+
+
+def groups_rename(args: argparse.Namespace) -> int:
+    _check_group_name(args.new)
+    config, store = _service_store(args.config)
+    try:
+        _refuse_if_apps_use(config, args.old, "rename")
+        moved = store.rename_group(args.old, args.new)
+    finally:
+        store.close()
+    print(f"group {args.old!r} renamed to {args.new!r} ({moved} connectors)")
+    return 0
+
+
+def groups_delete(args: argparse.Namespace) -> int:
+    config, store = _service_store(args.config)
+    try:
+        _refuse_if_apps_use(config, args.name, "delete")
+        target = args.move_connectors_to
+        if target is not None and target in _app_groups(config):
+            store.ensure_group(target, datetime.now(UTC))
+        moved = store.delete_group(args.name, target)
+    finally:
+        store.close()
+    note = f"; {moved} connectors moved to {target!r}" if moved else ""
+    print(f"group {args.name!r} deleted{note}")
     return 0
 
 
@@ -225,6 +381,11 @@ COMMANDS = {
     ("connector", "register"): connector_register,
     ("connectors", "list"): connectors_list,
     ("connectors", "delete"): connectors_delete,
+    ("connectors", "move"): connectors_move,
+    ("groups", "list"): groups_list,
+    ("groups", "create"): groups_create,
+    ("groups", "rename"): groups_rename,
+    ("groups", "delete"): groups_delete,
     ("plugins", None): list_plugins,
     ("check-config", None): check_config,
 }

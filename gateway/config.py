@@ -67,6 +67,9 @@ class ServiceConfig:
     certificate_lifetime_days: int = 90
     token_lifetime: int = 3600
     max_handshakes: int = 64
+    inactive_after: float = 600.0
+    remove_inactive_after: float = 864000.0
+    sweep_interval: float = 60.0
 
 
 @frozen
@@ -394,7 +397,8 @@ def _parse_destination(text: str) -> tuple[str, int] | None:
 class _Parser:
     TOP = ["service", "connector", "apps", "tunnel", "logging"]
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
-               "certificate_lifetime_days", "token_lifetime", "max_handshakes"]
+               "certificate_lifetime_days", "token_lifetime", "max_handshakes",
+               "inactive_after", "remove_inactive_after", "sweep_interval"]
     APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options"]
     CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max"]
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
@@ -466,6 +470,9 @@ class _Parser:
             certificate_lifetime_days=t.integer("certificate_lifetime_days", 90, 1, 3650),
             token_lifetime=t.integer("token_lifetime", 3600, 1),
             max_handshakes=t.integer("max_handshakes", 64, 1),
+            inactive_after=t.number("inactive_after", 600, positive=True),
+            remove_inactive_after=t.number("remove_inactive_after", 864000, positive=True),
+            sweep_interval=t.number("sweep_interval", 60, positive=True),
         )
 
     def connector(self, data: Mapping[str, Any]) -> ConnectorConfig:

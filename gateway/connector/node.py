@@ -36,11 +36,14 @@ class TunnelRefused(GatewayError):
 
 
 def jittered_backoff(initial: float, maximum: float) -> Any:
-    """Exponential backoff with 'equal jitter': half fixed, half random, so restarts spread out."""
+    """Exponential backoff with 'full jitter': a random delay up to the exponential bound.
+
+    After a node restart every connector's first attempt lands anywhere in [0, initial), not
+    in one burst; those the node sheds (max_handshakes) retry over a window twice as long.
+    """
 
     def policy(attempt: int) -> float:
-        delay = min(initial * 2 ** min(attempt, 30), maximum)
-        return delay / 2 + random.uniform(0, delay / 2)
+        return random.uniform(0, min(initial * 2 ** min(attempt, 30), maximum))
 
     return policy
 

@@ -27,6 +27,7 @@ from gateway.pki import keys
 from gateway.pki.ca import CertificateAuthority
 from gateway.pki.tls import server_options
 from gateway.protocols import StreamInfo
+from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.registry import NoConnector, Registry
 from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler
 from gateway.store.records import CertificateRecord, ConnectorRecord
@@ -116,6 +117,11 @@ class ServiceNode(MultiService):
         revalidate.clock = self.reactor
         revalidate.setName("revalidate-tunnels")
         revalidate.setServiceParent(self)
+        self.lifecycle = StatusRecorder(self.store, self.registry, self.reactor, service.node_id,
+                                        service.heartbeat_interval)
+        sweeper = Sweeper(self.store, self.reactor, lambda cid: cid in self.registry.connectors(),
+                          service.inactive_after, service.remove_inactive_after)
+        SweeperService(sweeper, service.sweep_interval, self.reactor).setServiceParent(self)
         super().startService()
         self.log.info(
             "service node {node_id} listening for tunnels on {listen}; CA {fingerprint}; apps: {apps}",
@@ -198,10 +204,13 @@ class ServiceNode(MultiService):
             group=handler.group, address=handler.address, **handler.ctx,
         )
         plugins.notify(self.pm, "gateway_connector_up", connector=handler.entry)
-        self.heartbeat(handler.identity.connector_id)
+        connector_id = handler.identity.connector_id
+        handler.session.on_go_away.append(lambda *_: self.lifecycle.changed(connector_id))
+        self.lifecycle.changed(connector_id)
 
     def tunnel_lost(self, handler: TunnelHandler, reason: Failure) -> None:
         self.registry.remove(handler.session)
+        self.lifecycle.changed(handler.entry.connector_id)
         why = describe_failure(reason)
         self.log.info("connector {connector_id} tunnel {tunnel_id} lost: {reason}", reason=why, **handler.ctx)
         plugins.notify(self.pm, "gateway_connector_lost", connector=handler.entry, reason=why)
@@ -212,9 +221,8 @@ class ServiceNode(MultiService):
         return gatherResults(checks, consumeErrors=True) if checks else succeed(None)
 
     def heartbeat(self, connector_id: str) -> None:
-        self.store.touch_connector(connector_id, datetime.now(UTC)).addErrback(
-            lambda f: self.log.failure("could not record heartbeat of {connector_id}", f, connector_id=connector_id)
-        )
+        # Coalesced: at most one store write per connector per heartbeat interval.
+        self.lifecycle.heartbeat(connector_id)
 
     # -- routing -------------------------------------------------------------------------
 

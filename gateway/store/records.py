@@ -36,8 +36,35 @@ class ConnectorRecord:
     name: str
     group: str
     created_at: datetime
-    last_seen: datetime | None = None
+    last_seen: datetime | None = None  # the last hello or heartbeat on any tunnel
     deleted_at: datetime | None = None
+    # Status, as the service node saw it at last_seen (see ConnectorStatus).
+    state: str = "active"  # "active" | "draining" | "inactive"
+    state_since: datetime | None = None
+    software_version: str | None = None
+    address: str | None = None  # host:port of its last tunnel, as the node saw it
+    tunnels: int = 0  # live tunnels on node_id
+    open_streams: int = 0
+    node_id: str | None = None
+    cert_serial: str | None = None  # the certificate its tunnels presented
+    cert_not_after: datetime | None = None
+
+
+CONNECTOR_STATES = ("active", "draining", "inactive")
+
+
+@frozen
+class ConnectorStatus:
+    """What a service node reports about a connector on hello, heartbeats and tunnel changes."""
+
+    state: str  # "active" or "draining" ("inactive" is only set by the sweeper)
+    software_version: str | None
+    address: str | None
+    tunnels: int
+    open_streams: int
+    node_id: str | None
+    cert_serial: str | None
+    cert_not_after: datetime | None
 
 
 @frozen

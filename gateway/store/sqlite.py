@@ -13,7 +13,13 @@ from attrs import define, field
 
 from gateway.errors import EnrolmentError, GatewayError
 from gateway.pki.tokens import secret_matches
-from gateway.store.records import CertificateRecord, ConnectorRecord, GroupRecord, TokenRecord
+from gateway.store.records import (
+    CertificateRecord,
+    ConnectorRecord,
+    ConnectorStatus,
+    GroupRecord,
+    TokenRecord,
+)
 
 R = TypeVar("R")
 CertificateStatus = str  # "valid" | "unknown" | "revoked" | "connector deleted"
@@ -51,7 +57,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX certificates_by_connector ON certificates(connector_id);
     """,
+    # 1 -> 2: connector status and lifecycle (what the node last saw; the sweeper's tag).
+    """
+    ALTER TABLE connectors ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
+    ALTER TABLE connectors ADD COLUMN state_since TEXT;
+    ALTER TABLE connectors ADD COLUMN software_version TEXT;
+    ALTER TABLE connectors ADD COLUMN address TEXT;
+    ALTER TABLE connectors ADD COLUMN tunnels INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE connectors ADD COLUMN open_streams INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE connectors ADD COLUMN node_id TEXT;
+    ALTER TABLE connectors ADD COLUMN cert_serial TEXT;
+    ALTER TABLE connectors ADD COLUMN cert_not_after TEXT;
+    """,
 )
+DEFAULT_GROUP = "default"
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
 
@@ -87,6 +106,56 @@ class SQLiteStore:
     def list_groups(self) -> list[GroupRecord]:
         """All groups, by name."""
         return [_group(r) for r in self._db.execute("SELECT name, created_at FROM groups ORDER BY name")]
+
+    def create_group(self, name: str, now: datetime) -> GroupRecord:
+        """A new group; GatewayError if it exists."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone() is not None:
+                raise GatewayError(f"group {name!r} already exists")
+            db.execute("INSERT INTO groups (name, created_at) VALUES (?, ?)", (name, _to_text(now)))
+        return GroupRecord(name, now.astimezone(UTC))
+
+    def rename_group(self, old: str, new: str) -> int:
+        """Rename a group with its connectors and tokens; returns how many connectors moved."""
+        with self._write() as db:
+            if old == DEFAULT_GROUP:
+                raise GatewayError(f"the group {DEFAULT_GROUP!r} always exists and cannot be renamed")
+            self._require_group(db, old)
+            if db.execute("SELECT 1 FROM groups WHERE name = ?", (new,)).fetchone() is not None:
+                raise GatewayError(f"group {new!r} already exists")
+            # The foreign keys do not cascade: add the new name, move the rows, drop the old name.
+            db.execute("INSERT INTO groups (name, created_at) SELECT ?, created_at FROM groups WHERE name = ?",
+                       (new, old))
+            moved = self._move_rows(db, old, new)
+            db.execute("DELETE FROM groups WHERE name = ?", (old,))
+        return moved
+
+    def delete_group(self, name: str, move_to: str | None = None) -> int:
+        """Delete a group; its connectors go to `move_to`, which is required if it has any.
+
+        Unused tokens of the group are deleted; history (deleted connectors, used tokens)
+        moves to `move_to`, or to the default group. Returns how many connectors moved.
+        """
+        with self._write() as db:
+            if name == DEFAULT_GROUP:
+                raise GatewayError(f"the group {DEFAULT_GROUP!r} always exists and cannot be deleted")
+            self._require_group(db, name)
+            live = db.execute(
+                "SELECT count(*) FROM connectors WHERE group_name = ? AND deleted_at IS NULL", (name,)
+            ).fetchone()[0]
+            if move_to is None and live:
+                raise GatewayError(
+                    f"group {name!r} has {live} connector(s): give --move-connectors-to GROUP"
+                    " (or move or delete them first)"
+                )
+            if move_to == name:
+                raise GatewayError(f"cannot move the connectors of group {name!r} to itself")
+            target = move_to or DEFAULT_GROUP
+            self._require_group(db, target)
+            db.execute("DELETE FROM tokens WHERE group_name = ? AND used_at IS NULL", (name,))
+            moved = self._move_rows(db, name, target)
+            db.execute("DELETE FROM groups WHERE name = ?", (name,))
+        return live if moved else 0
 
     # tokens
 
@@ -176,6 +245,51 @@ class SQLiteStore:
             return "revoked"
         return "valid"
 
+    def move_connector(self, connector_id: str, group: str) -> ConnectorRecord:
+        """Put a (not deleted) connector in another existing group; returns the updated record."""
+        with self._write() as db:
+            self._require_group(db, group)
+            changed = db.execute(
+                "UPDATE connectors SET group_name = ? WHERE connector_id = ? AND deleted_at IS NULL",
+                (group, connector_id),
+            ).rowcount
+            if not changed:
+                raise GatewayError(f"no active connector {connector_id!r}; see `gateway connectors list`")
+        return self.get_connector(connector_id)
+
+    def record_status(self, connector_id: str, status: ConnectorStatus, now: datetime) -> ConnectorRecord | None:
+        """Store what a node saw of a connector now (also its last_seen); returns the updated record.
+
+        state_since changes only when the state does. None if the connector is unknown.
+        """
+        stamp = _to_text(now)
+        with self._write() as db:
+            db.execute(
+                "UPDATE connectors SET last_seen = ?,"
+                " state_since = CASE WHEN state = ? AND state_since IS NOT NULL THEN state_since ELSE ? END,"
+                " state = ?, software_version = ?, address = ?, tunnels = ?, open_streams = ?,"
+                " node_id = ?, cert_serial = ?, cert_not_after = ? WHERE connector_id = ?",
+                (
+                    stamp, status.state, stamp, status.state, status.software_version, status.address,
+                    status.tunnels, status.open_streams, status.node_id,
+                    None if status.cert_serial is None else status.cert_serial.lower(),
+                    _opt_text(status.cert_not_after), connector_id,
+                ),
+            )
+        return self.get_connector(connector_id)
+
+    def mark_inactive(self, connector_id: str, seen_before: datetime, now: datetime) -> bool:
+        """Tag a connector inactive if it is not yet and was last seen (or made) at or before `seen_before`."""
+        cutoff = _to_text(seen_before)
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE connectors SET state = 'inactive', state_since = ?, tunnels = 0, open_streams = 0"
+                " WHERE connector_id = ? AND deleted_at IS NULL AND state != 'inactive'"
+                " AND COALESCE(last_seen, created_at) <= ?",
+                (_to_text(now), connector_id, cutoff),
+            ).rowcount
+        return changed == 1
+
     def touch_connector(self, connector_id: str, now: datetime) -> None:
         """Record that the connector was just seen."""
         with self._write() as db:
@@ -217,6 +331,12 @@ class SQLiteStore:
             db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     @staticmethod
+    def _move_rows(db: sqlite3.Connection, old: str, new: str) -> int:
+        moved = db.execute("UPDATE connectors SET group_name = ? WHERE group_name = ?", (new, old)).rowcount
+        db.execute("UPDATE tokens SET group_name = ? WHERE group_name = ?", (new, old))
+        return moved
+
+    @staticmethod
     def _require_group(db: sqlite3.Connection, group: str) -> None:
         if db.execute("SELECT 1 FROM groups WHERE name = ?", (group,)).fetchone() is None:
             raise GatewayError(f"no group named {group!r}: create the group first")
@@ -243,7 +363,7 @@ class SQLiteStore:
     @staticmethod
     def _insert_connector(db: sqlite3.Connection, c: ConnectorRecord) -> None:
         db.execute(
-            f"INSERT INTO connectors ({_CONNECTOR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO connectors ({_CONNECTOR_COLUMNS}) VALUES ({', '.join('?' * 15)})",
             (
                 c.connector_id,
                 c.name,
@@ -251,6 +371,15 @@ class SQLiteStore:
                 _to_text(c.created_at),
                 _opt_text(c.last_seen),
                 _opt_text(c.deleted_at),
+                c.state,
+                _opt_text(c.state_since),
+                c.software_version,
+                c.address,
+                c.tunnels,
+                c.open_streams,
+                c.node_id,
+                c.cert_serial,
+                _opt_text(c.cert_not_after),
             ),
         )
 
@@ -263,7 +392,10 @@ class SQLiteStore:
 
 
 _TOKEN_COLUMNS = "token_id, secret_hash, group_name, created_at, expires_at, used_at, used_by"
-_CONNECTOR_COLUMNS = "connector_id, name, group_name, created_at, last_seen, deleted_at"
+_CONNECTOR_COLUMNS = (
+    "connector_id, name, group_name, created_at, last_seen, deleted_at, state, state_since,"
+    " software_version, address, tunnels, open_streams, node_id, cert_serial, cert_not_after"
+)
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
@@ -300,7 +432,11 @@ def _token(row: Any) -> TokenRecord:
 
 
 def _connector(row: Any) -> ConnectorRecord:
-    connector_id, name, group, created, last_seen, deleted_at = row
+    (connector_id, name, group, created, last_seen, deleted_at, state, state_since, version, address,
+     tunnels, open_streams, node_id, cert_serial, cert_not_after) = row
     return ConnectorRecord(
-        connector_id, name, group, _from_text(created), _from_text(last_seen), _from_text(deleted_at)
+        connector_id, name, group, _from_text(created), _from_text(last_seen), _from_text(deleted_at),
+        state=state, state_since=_from_text(state_since), software_version=version, address=address,
+        tunnels=tunnels, open_streams=open_streams, node_id=node_id, cert_serial=cert_serial,
+        cert_not_after=_from_text(cert_not_after),
     )

@@ -69,6 +69,12 @@ class ThreadedStore:
     def touch_connector(self, connector_id, now) -> Deferred:
         return self._call(self.store.touch_connector, connector_id, now)
 
+    def record_status(self, connector_id, status, now) -> Deferred:
+        return self._call(self.store.record_status, connector_id, status, now)
+
+    def mark_inactive(self, connector_id, seen_before, now) -> Deferred:
+        return self._call(self.store.mark_inactive, connector_id, seen_before, now)
+
     def close(self) -> Deferred:
         """Close the store after the calls already queued, then stop the thread; safe to call twice."""
         if self._closing is None:

@@ -95,7 +95,7 @@ def test_deleted_connector_new_tunnels_are_refused(gw, backends):
     assert all(re.search(r"deleted|revoked", line) for line in refusals), refusals[:3]
     assert "up to node" not in conn.proc.log()
     assert re.search(r"refused: this connector (was deleted|'s certificate was revoked)", svc.log())
-    listed = gw.cli("connectors", "list", "--all", "--config", str(svc.config_path))
+    listed = gw.cli("connectors", "list", "--all", "--wide", "--config", str(svc.config_path))
     assert re.search(rf"{conn.connector_id}.*deleted", listed.stdout), listed.stdout
     with pytest.raises(OSError):
         echo_once(svc.app_port("echo"), timeout=3)

@@ -16,7 +16,7 @@ from twisted.python.threadpool import ThreadPool
 from gateway.errors import EnrolmentError, GatewayError
 from gateway.pki.tokens import hash_secret
 from gateway.store.records import CertificateRecord, ConnectorRecord, GroupRecord, TokenRecord
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from gateway.store.threaded import ThreadedStore
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -73,7 +73,7 @@ def test_schema_has_the_contract_tables(store):
     """All five tables exist and the schema version is recorded."""
     names = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"schema_version", "groups", "tokens", "connectors", "certificates"} <= names
-    assert store._db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert store._db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
 
 def test_reopening_keeps_data_and_does_not_remigrate(db_path):
