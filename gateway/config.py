@@ -85,6 +85,11 @@ class AppConfig:
     protocol: str = "tcp"
     connect_timeout: float = 10.0
     options: dict[str, Any] = field(factory=dict, hash=False)
+    # Web apps (protocol "http") have no listen of their own: they are served by the http
+    # plugin's shared front door, routed by the host of external_url; destination, host and
+    # port come from internal_url.
+    external_url: str = ""
+    internal_url: str = ""
 
 
 @frozen
@@ -390,6 +395,65 @@ def _parse_destination(text: str) -> tuple[str, int] | None:
     return host, port
 
 
+# Apps with external_url and internal_url are web apps: served on a shared front door (the
+# http plugin's), routed by external host; their protocol defaults to this.
+WEB_PROTOCOL = "http"
+EXTERNAL_SCHEMES = ("http",)   # https (a TLS front door with SNI certificates) is not there yet
+INTERNAL_SCHEMES = ("http",)   # https back ends (with certificate checks) are not there yet
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _split_origin(url: str) -> tuple[str, str, int]:
+    """(scheme, lower-case host without brackets, port with the scheme's default) of a checked URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS[scheme]
+
+
+def web_origin(url: str) -> str:
+    """"scheme://host:port" of a checked URL, the default port made explicit: what routing compares."""
+    scheme, host, port = _split_origin(url)
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _check_web_url(url: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with an external or internal URL, as an "expected ..." text; None when fine."""
+    from urllib.parse import urlsplit
+
+    allowed = " or ".join(f"{s}://" for s in schemes)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return f"a URL with a valid host and port ({e})"
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        known = scheme in _DEFAULT_PORTS
+        why = "not supported yet" if known else "unknown scheme"
+        return f"a URL starting with {allowed} ({why}: {scheme or 'none'}:)"
+    host = parts.hostname or ""
+    if not host:
+        return f"a URL with a host, such as {schemes[0]}://wiki.example.test/"
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return "a URL with a valid host"
+    elif not _check_name_for_certificate(host) or host.startswith("*"):
+        return "a URL with a valid DNS name or IP address as host"
+    if port == 0:
+        return "a URL with a port 1..65535"
+    if parts.username is not None or parts.password is not None:
+        return "a URL without user name or password"
+    if parts.query or parts.fragment:
+        return "a URL without query or fragment"
+    if parts.path not in ("", "/"):
+        return 'a URL whose path is "/" (path prefixes are not supported yet)'
+    return None
+
+
 # ---------------------------------------------------------------------------
 # The parser
 
@@ -399,7 +463,8 @@ class _Parser:
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
                "certificate_lifetime_days", "token_lifetime", "max_handshakes",
                "inactive_after", "remove_inactive_after", "sweep_interval"]
-    APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options"]
+    APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options",
+           "external_url", "internal_url"]
     CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max"]
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
     LOGGING = ["format", "level"]
@@ -501,12 +566,22 @@ class _Parser:
         names: dict[str, int] = {}
         listens: list[tuple[int, tuple | None, str]] = []
         service_listen = _endpoint_identity(service.listen) if service is not None else None
+        external: dict[str, int] = {}
         for i, item in enumerate(value):
             app = self.app(i, item)
             if app.name in names:
                 raise self.error(f"apps[{i}].name", f"expected a unique app name, got {json.dumps(app.name)} "
                                                     f"(also used by apps[{names[app.name]}])")
             names[app.name] = i
+            if app.external_url:
+                origin = web_origin(app.external_url)
+                if origin in external:
+                    raise self.error(f"apps[{i}].external_url",
+                                     f"expected an external host unique among apps, got {json.dumps(app.external_url)} "
+                                     f"(apps[{external[origin]}] has the same scheme, host and port)")
+                external[origin] = i
+                apps.append(app)
+                continue
             identity = _endpoint_identity(app.listen)
             if service is not None and _endpoints_conflict(identity, service_listen):
                 raise self.error(f"apps[{i}].listen",
@@ -529,22 +604,46 @@ class _Parser:
         group = t.get("group", "default", False)
         if not isinstance(group, str) or not _NAME_RE.match(group):
             raise t.fail("group", "a group name matching [a-z0-9][a-z0-9._-]{0,62}", group)
-        protocol = t.get("protocol", "tcp", False)
+        web = "external_url" in data or "internal_url" in data
+        protocol = t.get("protocol", WEB_PROTOCOL if web else "tcp", False)
         if not isinstance(protocol, str) or not _PROTOCOL_RE.match(protocol):
             raise t.fail("protocol", 'a protocol handler name such as "tcp"', protocol)
+        connect_timeout = t.number("connect_timeout", 10, positive=True)
+        options = t.get("options", {}, False)
+        if not isinstance(options, Mapping):
+            raise t.fail("options", "a table", options)
+        if web:
+            return self.web_app(t, name, group, protocol, connect_timeout, dict(options))
         listen = t.endpoint("listen", None, required=True)
         destination = t.get("destination", None, True, '"host:port"')
         parsed = _parse_destination(destination) if isinstance(destination, str) else None
         if parsed is None:
             raise t.fail("destination", '"host:port" (or "[v6]:port") with a port 1..65535', destination)
         host, port = parsed
-        connect_timeout = t.number("connect_timeout", 10, positive=True)
-        options = t.get("options", {}, False)
-        if not isinstance(options, Mapping):
-            raise t.fail("options", "a table", options)
         return AppConfig(name=name, listen=listen, destination=destination, host=host, port=port,
                          group=group, protocol=protocol, connect_timeout=connect_timeout,
                          options=dict(options))
+
+    def web_app(self, t: _Table, name: str, group: str, protocol: str, connect_timeout: float,
+                options: dict) -> AppConfig:
+        """An app the http plugin serves on its shared front door: external_url -> internal_url."""
+        for key in ("listen", "destination"):
+            if key in t.data:
+                derived = "the front door's [http] listen" if key == "listen" else "internal_url"
+                raise self.error(t.key(key), f"expected no {key} in a web app (one with external_url and "
+                                             f"internal_url; it comes from {derived}), got {_describe(t.data[key])}")
+        urls = {}
+        for key, schemes in (("external_url", EXTERNAL_SCHEMES), ("internal_url", INTERNAL_SCHEMES)):
+            value = t.string(key, None, required=True, what='an absolute URL such as "http://wiki.example.test/"')
+            problem = _check_web_url(value, schemes)
+            if problem:
+                raise self.error(t.key(key), f"expected {problem}, got {_describe(value)}")
+            urls[key] = value
+        scheme, host, port = _split_origin(urls["internal_url"])
+        destination = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return AppConfig(name=name, listen="", destination=destination, host=host, port=port, group=group,
+                         protocol=protocol, connect_timeout=connect_timeout, options=options,
+                         external_url=urls["external_url"], internal_url=urls["internal_url"])
 
     def tunnel(self, data: Mapping[str, Any]) -> TunnelConfig:
         t = _Table(self, "tunnel", data, self.TUNNEL)

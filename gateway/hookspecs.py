@@ -53,6 +53,22 @@ def gateway_config_sections(register: Callable[[str, Callable[[dict, Any], Any]]
     """
 
 
+@hookspec
+def gateway_service_listeners(register: Callable[[str, str, Any], None], config: Any,
+                              open_stream: Callable[[Any, dict], Any], reactor: Any) -> None:
+    """Add listeners a service node serves for several apps at once, such as an HTTP front door.
+
+    Called on the service when the node starts, and again after each SIGHUP reload (the
+    listeners registered before are closed first, then the new ones bound). ``config`` is the
+    node's :class:`gateway.config.GatewayConfig` (plugin tables in ``config.sections``);
+    ``open_stream(app, extra) -> Deferred[Stream]`` opens a stream for ``app`` (one of
+    ``config.apps``) exactly like the per-app ``open_stream`` of ``service_factory``.
+    Register with ``register(name, endpoint, factory)``: a unique ``name`` for logs, a Twisted
+    server endpoint string, and the protocol factory to serve on it. Apps without a ``listen``
+    of their own (web apps) are reached only through such listeners.
+    """
+
+
 # -- lifecycle observers -----------------------------------------------------------------
 
 

@@ -86,6 +86,8 @@ class ServiceNode(MultiService):
         self.ca: CertificateAuthority | None = None
         self.apps: dict[str, AppConfig] = {a.name: a for a in config.apps}
         self._app_services: dict[str, StreamServerEndpointService] = {}
+        # listeners plugins register through gateway_service_listeners (shared by several apps)
+        self._shared_services: list[StreamServerEndpointService] = []
         # type -> handler(tunnel_handler, message) for control messages beyond hello/config/heartbeat
         self.control_handlers: dict[str, Any] = {}
 
@@ -113,6 +115,7 @@ class ServiceNode(MultiService):
         tunnel_listener.setServiceParent(self)
         for app in self.apps.values():
             self._add_app_listener(app)
+        self._add_shared_listeners()
         revalidate = TimerService(service.config_interval, self.revalidate_tunnels)
         revalidate.clock = self.reactor
         revalidate.setName("revalidate-tunnels")
@@ -130,6 +133,8 @@ class ServiceNode(MultiService):
         )
 
     def _add_app_listener(self, app: AppConfig) -> None:
+        if not app.listen:
+            return  # a web app: served by a shared listener (gateway_service_listeners)
         handler = self.handlers[app.protocol]
         factory = handler.service_factory(app, lambda extra, _app=app: self.open_app_stream(_app, extra), self.reactor)
         listener = StreamServerEndpointService(listen_endpoint(self.reactor, app.listen), factory)
@@ -137,6 +142,25 @@ class ServiceNode(MultiService):
         listener.setName(f"app:{app.name}")
         listener.setServiceParent(self)
         self._app_services[app.name] = listener
+
+    def _add_shared_listeners(self) -> None:
+        """Bind the listeners plugins register for several apps at once (e.g. the HTTP front door)."""
+        names: set[str] = set()
+
+        def register(name: str, endpoint: str, factory: Any) -> None:
+            if name in names:
+                raise plugins.PluginError(f"two plugins register the service listener {name!r}")
+            names.add(name)
+            listener = StreamServerEndpointService(listen_endpoint(self.reactor, endpoint), factory)
+            listener._raiseSynchronously = True
+            listener.setName(f"listener:{name}")
+            listener.setServiceParent(self)
+            self._shared_services.append(listener)
+            self.log.info("listener {name} on {endpoint}", name=name, endpoint=endpoint)
+
+        self.pm.hook.gateway_service_listeners(
+            register=register, config=self.config, open_stream=self.open_app_stream, reactor=self.reactor,
+        )
 
     def stopService(self) -> Deferred:
         for session in self.registry.sessions():
@@ -170,8 +194,11 @@ class ServiceNode(MultiService):
         closing = []
         for name, old in list(self.apps.items()):
             if new_apps.get(name) != old:
-                closing.append(maybeDeferred(self._app_services.pop(name).disownServiceParent))
+                if name in self._app_services:
+                    closing.append(maybeDeferred(self._app_services.pop(name).disownServiceParent))
                 del self.apps[name]
+        closing += [maybeDeferred(s.disownServiceParent) for s in self._shared_services]
+        self._shared_services = []
         self.config = config
 
         def bind(_: Any) -> None:
@@ -186,6 +213,10 @@ class ServiceNode(MultiService):
                                    app=name, listen=app.listen, error=str(e))
                     continue
                 self.apps[name] = app
+            try:
+                self._add_shared_listeners()
+            except Exception as e:
+                self.log.error("shared listeners: {error}; fix the config and reload", error=str(e))
             for handler in self._handlers():
                 handler.send_config()
             self.log.info("configuration reloaded; apps: {apps}", apps=", ".join(sorted(self.apps)) or "none")

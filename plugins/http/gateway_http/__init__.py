@@ -1,0 +1,122 @@
+"""The HTTP protocol plugin: internal web apps published at external URLs.
+
+Loaded through the ``gateway`` entry point exactly as a third-party plugin would be.
+
+- **Service**: one front door (``[http] listen``) for every web app (``[[apps]]`` with
+  ``external_url`` and ``internal_url``), routing each request by its Host header
+  (``gateway_service_listeners``). Each request travels in its own tunnel stream; see
+  ``frontdoor.py`` for the proxying, ``rules.py`` for the header rules.
+- **Connector**: dials the host and port of the app's ``internal_url`` and splices the stream
+  to it, like the tcp plugin; the HTTP work all happens on the service.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gateway.errors import GatewayError
+from gateway.hookspecs import hookimpl
+from gateway.protocols import IProtocolHandler
+from gateway.tunnel.frame import ResetCode
+from gateway.tunnel.splice import QuietFactory, SocketSide
+
+from . import rules
+from .frontdoor import FrontDoor
+
+log = Logger(namespace="gateway_http")
+
+NAME = "http"
+DEFAULT_LISTEN = "tcp:80"
+SECTION_KEYS = ("listen",)
+
+
+@implementer(IProtocolHandler)
+class HTTPHandler:
+    name = NAME
+
+    def service_factory(self, app: Any, open_stream: Any, reactor: Any) -> Factory:
+        """An app with a ``listen`` of its own (no external_url): a front door serving only it."""
+        return QuietFactory.forProtocol(lambda: FrontDoor(lambda host: app, lambda _app, extra: open_stream(extra)))
+
+    def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
+        request_id = stream.metadata.get("request_id")
+        endpoint = HostnameEndpoint(reactor, app.host, app.port, timeout=app.connect_timeout)
+        backend = SocketSide()
+        d = endpoint.connect(QuietFactory.forProtocol(lambda: backend))
+
+        def connected(_: Any) -> None:
+            if stream.closed:
+                backend.transport.loseConnection()
+                return
+            stream.accept()
+            backend.join(stream)
+            log.debug("request {request_id} for app {app}: connected to {destination}",
+                      request_id=request_id, app=app.name, destination=app.destination)
+
+        def failed(failure: Any) -> None:
+            reason = f"connector could not connect to {app.destination}: {failure.getErrorMessage()}"
+            log.warn("request {request_id} for app {app}: {reason}", request_id=request_id, app=app.name,
+                     reason=reason)
+            stream.reset(ResetCode.CONNECT_FAILED, reason)
+
+        d.addCallbacks(connected, failed)
+
+
+def web_apps(config: Any) -> list[Any]:
+    """The apps the shared front door serves: protocol http with an external_url."""
+    return [a for a in config.apps if a.protocol == NAME and a.external_url]
+
+
+def check_options(apps: list[Any]) -> None:
+    for app in apps:
+        value = app.options.get("translate_host", True)
+        if not isinstance(value, bool):
+            raise GatewayError(f"app {app.name}: options.translate_host: expected true or false, got {value!r}")
+
+
+def front_door_factory(apps: list[Any], open_stream: Any) -> Factory:
+    table = rules.routing_table(apps)
+    return QuietFactory.forProtocol(lambda: FrontDoor(lambda host: rules.route(table, host), open_stream))
+
+
+@hookimpl
+def gateway_register_protocols(register: Any) -> None:
+    register(HTTPHandler())
+
+
+@hookimpl
+def gateway_config_sections(register: Any) -> None:
+    def parse(table: dict, error: Any) -> dict:
+        unknown = sorted(set(table) - set(SECTION_KEYS))
+        if unknown:
+            raise error(unknown[0], f"unknown key; expected one of {', '.join(SECTION_KEYS)}")
+        listen = table.get("listen", DEFAULT_LISTEN)
+        if not isinstance(listen, str) or not listen:
+            raise error("listen", f'expected a Twisted server endpoint string such as "tcp:8080", got {listen!r}')
+        try:
+            from twisted.internet.endpoints import serverFromString
+            from twisted.internet.testing import MemoryReactor
+
+            serverFromString(MemoryReactor(), listen)
+        except Exception as e:
+            raise error("listen", f"expected a Twisted server endpoint string such as \"tcp:8080\", got {listen!r} ({e})")
+        return {"listen": listen}
+
+    register(NAME, parse)
+
+
+@hookimpl
+def gateway_service_listeners(register: Any, config: Any, open_stream: Any) -> None:
+    apps = web_apps(config)
+    if not apps:
+        return  # no web app: no front door to bind
+    check_options(apps)
+    listen = (config.sections.get(NAME) or {}).get("listen", DEFAULT_LISTEN)
+    register("http", listen, front_door_factory(apps, open_stream))
+    log.info("http front door on {listen} for {apps}", listen=listen,
+             apps=", ".join(f"{a.name} ({a.external_url})" for a in apps))

@@ -1,0 +1,458 @@
+"""The front door: one client connection on the service, one tunnel stream per request.
+
+For each request the client sends, ``FrontDoor`` parses the head, routes it by Host to a web
+app, opens a stream to a connector of the app's group, writes the translated head and relays
+the body (decoding chunked framing and re-encoding it, so nothing but the body crosses
+unchecked). The connector dials the back end and splices bytes, nothing more. The response
+comes back on the same stream; ``ResponseSide`` parses its head, translates it, and relays the
+body to the client with framing of the front door's choosing, so the client connection stays
+alive across requests while every back-end connection carries exactly one.
+
+Backpressure: while a request body flows, the stream is the client socket's consumer (a full
+stream pauses reading from the client); while a response flows, the client socket is the
+stream's consumer (a slow client stops the stream's window credit). Between the two the client
+socket is not read at all, so a pipelining client cannot make us buffer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.tunnel.frame import ResetCode
+from gateway.tunnel.splice import tune_socket
+
+from . import rules
+from .rules import LAST_CHUNK, ChunkDecoder, HTTPError, Origin, chunk
+
+log = Logger(namespace="gateway_http")
+
+NOT_FOUND = "There is no application at this address."
+UNREACHABLE = "The application cannot be reached right now. Try again later."
+BAD_ANSWER = "The application did not send a complete answer."
+
+
+def translate_host(app: Any) -> bool:
+    """``options.translate_host`` (default true): send the internal host as Host to the back end."""
+    return app.options.get("translate_host", True) is not False
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@implementer(IPushProducer)
+class _ClientReader:
+    """The client socket as the producer of a request body, seen by the stream."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+
+    def pauseProducing(self) -> None:
+        self.door._hold("tunnel")
+
+    def resumeProducing(self) -> None:
+        self.door._release("tunnel")
+
+    def stopProducing(self) -> None:
+        self.door.transport.abortConnection()
+
+
+class ResponseSide(Protocol):
+    """The protocol on a request's stream: everything the back end answers."""
+
+    def __init__(self, door: FrontDoor, exchange: Exchange) -> None:
+        self.door = door
+        self.exchange = exchange
+
+    def dataReceived(self, data: bytes) -> None:
+        # Runs inside the tunnel's dataReceived: an exception here must cost one request only.
+        try:
+            self.door._response_data(self.exchange, data)
+        except HTTPError as e:
+            self.door._response_broken(self.exchange, e.message)
+        except Exception:
+            log.failure("request {request_id}: the http plugin failed on a response",
+                        request_id=self.exchange.request_id)
+            self.door._response_broken(self.exchange, "internal error in the http plugin")
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        try:
+            self.door._response_lost(self.exchange, reason)
+        except Exception:
+            log.failure("request {request_id}: the http plugin failed ending a response",
+                        request_id=self.exchange.request_id)
+
+
+class Exchange:
+    """One request and its response."""
+
+    def __init__(self, request_id: str, request: rules.Request, app: Any, external: Origin, internal: Origin,
+                 body_length: int | None, keep_alive: bool) -> None:
+        self.request_id = request_id
+        self.request = request
+        self.app = app
+        self.external = external
+        self.internal = internal
+        self.stream: Any = None
+        # request body: bytes left (int) or a chunk decoder
+        self.body_left = body_length if body_length is not None else 0
+        self.body_decoder = ChunkDecoder(400) if body_length is None else None
+        self.request_done = False
+        self.keep_alive = keep_alive
+        # response
+        self.response_state = "head"    # head, body, done
+        self.response_buf = b""
+        self.response: rules.Response | None = None
+        self.response_left = 0          # for a length-framed body
+        self.response_framing = 0       # n >= 0 (length), None (chunked), -1 (until close)
+        self.response_decoder: ChunkDecoder | None = None
+        self.chunked_to_client = False
+        self.bytes_out = 0
+
+
+@implementer(IHalfCloseableProtocol)
+class FrontDoor(Protocol):
+    """One client connection to the HTTP front door."""
+
+    def __init__(self, router: Callable[[str], Any], open_stream: Callable[[Any, dict], Any],
+                 scheme: str = "http") -> None:
+        self.router = router
+        self.open_stream = open_stream
+        self.scheme = scheme
+        self.buf = b""
+        self.state = "head"             # head, opening, body, response, closed
+        self.exchange: Exchange | None = None
+        self._holds: set[str] = set()
+        self._reader = _ClientReader(self)
+        self._client = ""
+        self._read_closed = False
+        self._streaming = False       # a request's stream is registered as the client socket's producer
+
+    # -- the client socket -------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        tune_socket(self.transport)
+        peer = self.transport.getPeer()
+        self._client_host = getattr(peer, "host", "")
+        self._client = f"{peer.host}:{peer.port}" if hasattr(peer, "port") else str(peer)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        self._advance()
+
+    def readConnectionLost(self) -> None:
+        # The client sent all it will; answer what is in flight, then close.
+        self._read_closed = True
+        if self.exchange is not None:
+            self.exchange.keep_alive = False
+            if self.state == "body":
+                self._fail(400, "The request body was cut short.")
+        elif self.state == "head":
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.state = "closed"
+        ex = self.exchange
+        if ex is not None and ex.stream is not None and not ex.stream.closed and ex.response_state != "done":
+            ex.stream.reset(ResetCode.CANCELLED, "the HTTP client went away")
+
+    def _unregister(self) -> None:
+        """The response is over: the stream stops being the client socket's producer."""
+        if self._streaming:
+            self._streaming = False
+            self.transport.unregisterProducer()
+
+    def _hold(self, why: str) -> None:
+        if not self._holds and self.state != "closed":
+            self.transport.pauseProducing()
+        self._holds.add(why)
+
+    def _release(self, why: str) -> None:
+        if why not in self._holds:
+            return
+        self._holds.discard(why)
+        if not self._holds and self.state != "closed":
+            self.transport.resumeProducing()
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Parse and relay what the client sent, as far as the current state allows."""
+        try:
+            while self.state in ("head", "body"):
+                if self.state == "head":
+                    if not self._read_head():
+                        return
+                else:
+                    self._relay_body()
+                    if self.state == "body":
+                        if self._read_closed:
+                            raise HTTPError(400, "The request body was cut short.")
+                        return
+        except HTTPError as e:
+            self._fail(e.status, e.message)
+        except Exception:
+            log.failure("the http plugin failed on a request from {client}", client=self._client)
+            self._fail(502, UNREACHABLE)
+
+    def _read_head(self) -> bool:
+        self._request_id = None
+        self.buf = self.buf.lstrip(b"\r\n")  # RFC 9112 2.2: ignore empty lines before a request
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            line_end = self.buf.find(b"\r\n")
+            if (line_end < 0 and len(self.buf) > rules.MAX_REQUEST_LINE) or line_end > rules.MAX_REQUEST_LINE:
+                raise HTTPError(414, "The request line is too long.")
+            if len(self.buf) > rules.MAX_HEAD:
+                raise HTTPError(431, "The request header is too large.")
+            return False
+        if end > rules.MAX_HEAD:
+            raise HTTPError(431, "The request header is too large.")
+        head, self.buf = self.buf[:end], self.buf[end + 4:]
+        self._start(head)
+        return True
+
+    def _start(self, head: bytes) -> None:
+        request_id = new_request_id()
+        self._request_id = request_id
+        request = rules.parse_request_head(head)
+        host = rules.request_host(request)
+        app = self.router(host)
+        if app is None:
+            log.info("request {request_id} from {client}: no app at host {host!r}: 404",
+                     request_id=request_id, client=self._client, host=host)
+            raise HTTPError(404, NOT_FOUND)
+        body_length = rules.request_body_length(request)
+        external = Origin.from_url(app.external_url) if app.external_url else Origin(self.scheme, *(
+            rules.route_key(host, self.scheme) or ("", rules.DEFAULT_PORTS[self.scheme])))
+        internal = (Origin.from_url(app.internal_url) if app.internal_url
+                    else Origin("http", app.host.lower(), app.port))
+        ex = Exchange(request_id, request, app, external, internal, body_length, rules.wants_keep_alive(request))
+        if self._read_closed:
+            ex.keep_alive = False
+        self.exchange = ex
+        self.state = "opening"
+        self._hold("stream")
+        d = self.open_stream(app, {"client": self._client, "request_id": request_id})
+        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(ex, body_length),
+                       errbackArgs=(ex,))
+
+    def _opened(self, stream: Any, ex: Exchange, body_length: int | None) -> None:
+        if self.state == "closed" or self.exchange is not ex:
+            stream.loseConnection()
+            return
+        ex.stream = stream
+        try:
+            head = rules.backend_request_head(ex.request, body_length, ex.external, ex.internal,
+                                              self._client_host, translate_host=translate_host(ex.app))
+            stream.attach(ResponseSide(self, ex))
+            self.transport.registerProducer(stream, True)
+            self._streaming = True
+            stream.registerProducer(self._reader, True)
+            stream.write(head)
+        except Exception:
+            log.failure("request {request_id}: the http plugin failed sending a request", request_id=ex.request_id)
+            self._fail(502, UNREACHABLE)
+            return
+        self.state = "body"
+        self._release("stream")
+        self._advance()
+
+    def _open_failed(self, failure: Failure, ex: Exchange) -> None:
+        log.warn("request {request_id} from {client} for app {app}: 502, no stream: {reason}",
+                 request_id=ex.request_id, client=self._client, app=ex.app.name, reason=failure.getErrorMessage())
+        if self.state != "closed" and self.exchange is ex:
+            self._fail(502, UNREACHABLE)
+
+    def _relay_body(self) -> None:
+        ex = self.exchange
+        stream = ex.stream
+        if ex.body_decoder is not None:
+            pieces, rest = ex.body_decoder.feed(self.buf)
+            self.buf = rest
+            if pieces:
+                stream.writeSequence([chunk(p) for p in pieces])
+            if ex.body_decoder.done:
+                stream.write(LAST_CHUNK)
+                self._request_sent(ex)
+        else:
+            n = min(ex.body_left, len(self.buf))
+            if n:
+                stream.write(self.buf[:n])
+                self.buf = self.buf[n:]
+                ex.body_left -= n
+            if ex.body_left == 0:
+                self._request_sent(ex)
+
+    def _request_sent(self, ex: Exchange) -> None:
+        ex.request_done = True
+        ex.stream.unregisterProducer()
+        self.state = "response"
+        self._hold("response")
+        self._release("tunnel")
+        if ex.response_state == "done":
+            self._exchange_over(ex)
+
+    # -- responses ---------------------------------------------------------------------
+
+    def _response_data(self, ex: Exchange, data: bytes) -> None:
+        if ex.response_state == "done" or self.state == "closed":
+            return
+        if ex.response_state == "head":
+            ex.response_buf += data
+            while ex.response_state == "head":
+                end = ex.response_buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(ex.response_buf) > rules.MAX_HEAD:
+                        raise HTTPError(502, "the back end's response header is too large")
+                    return
+                head, ex.response_buf = ex.response_buf[:end], ex.response_buf[end + 4:]
+                self._response_head(ex, rules.parse_response_head(head))
+            data, ex.response_buf = ex.response_buf, b""
+            if not data:
+                if ex.response_state == "body" and ex.response_framing == 0:
+                    self._response_done(ex)
+                return
+        self._response_body(ex, data)
+
+    def _response_head(self, ex: Exchange, response: rules.Response) -> None:
+        if response.status == 101:
+            raise HTTPError(502, "the back end switched protocols, which the front door does not support yet")
+        if 100 <= response.status < 200:
+            if response.status == 100 and ex.request.version == b"HTTP/1.1":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return  # other interim responses are dropped
+        framing = rules.response_body_length(response, ex.request.method)
+        if framing == -1:
+            if ex.request.version == b"HTTP/1.1":
+                ex.chunked_to_client = True
+            else:
+                ex.keep_alive = False
+        elif framing is None:
+            ex.chunked_to_client = ex.request.version == b"HTTP/1.1"
+            ex.response_decoder = ChunkDecoder(502)
+            if not ex.chunked_to_client:
+                ex.keep_alive = False
+        ex.response = response
+        ex.response_framing = framing
+        ex.response_left = framing if framing and framing > 0 else 0
+        ex.response_state = "body"
+        self.transport.write(rules.client_response_head(
+            response, framing, ex.chunked_to_client, ex.keep_alive, ex.external, ex.internal))
+
+    def _response_body(self, ex: Exchange, data: bytes) -> None:
+        framing = ex.response_framing
+        if framing is None:
+            pieces, _ = ex.response_decoder.feed(data)
+            self._to_client(ex, pieces)
+            if ex.response_decoder.done:
+                if ex.chunked_to_client:
+                    self.transport.write(LAST_CHUNK)
+                self._response_done(ex)
+        elif framing == -1:
+            self._to_client(ex, [data])
+        else:
+            n = min(ex.response_left, len(data))
+            if n:
+                self._to_client(ex, [data[:n] if n < len(data) else data])
+                ex.response_left -= n
+            if ex.response_left == 0:
+                self._response_done(ex)
+
+    def _to_client(self, ex: Exchange, pieces: list[bytes]) -> None:
+        for p in pieces:
+            ex.bytes_out += len(p)
+        if ex.chunked_to_client:
+            self.transport.writeSequence([chunk(p) for p in pieces if p])
+        else:
+            self.transport.writeSequence(pieces)
+
+    def _response_done(self, ex: Exchange) -> None:
+        ex.response_state = "done"
+        info = getattr(ex.stream, "log_info", None)
+        log.info("request {request_id} {method} {target} for app {app} via connector {connector}: "
+                 "{status}, {size} bytes",
+                 request_id=ex.request_id, method=ex.request.method.decode("latin-1"),
+                 target=ex.request.target.decode("latin-1")[:200], app=ex.app.name,
+                 connector=info.connector_id if info else "?", status=ex.response.status, size=ex.bytes_out)
+        self._unregister()
+        if not ex.request_done:
+            # The back end answered before the whole request body came: this connection's
+            # framing is lost, so it ends after this response.
+            ex.keep_alive = False
+            ex.stream.unregisterProducer()
+            self._release("tunnel")
+        ex.stream.loseConnection()
+        if ex.request_done or not ex.keep_alive:
+            self._exchange_over(ex)
+
+    def _exchange_over(self, ex: Exchange) -> None:
+        if self.exchange is not ex or self.state == "closed":
+            return
+        self.exchange = None
+        if not ex.keep_alive or self._read_closed:
+            self.state = "closed"
+            self.transport.loseConnection()
+            return
+        self.state = "head"
+        self._release("response")
+        if self.buf:
+            self._advance()
+
+    def _response_lost(self, ex: Exchange, reason: Failure | None) -> None:
+        if ex.response_state == "done" or self.state == "closed" or self.exchange is not ex:
+            return
+        clean = reason is None or reason.check(ConnectionDone)
+        if clean and ex.response_state == "body" and ex.response_framing == -1:
+            if ex.chunked_to_client:
+                self.transport.write(LAST_CHUNK)
+            self._response_done(ex)
+            return
+        why = "the stream closed" if clean else reason.getErrorMessage()
+        self._response_broken(ex, f"the response ended early: {why}")
+
+    def _response_broken(self, ex: Exchange, why: str) -> None:
+        if self.state == "closed" or self.exchange is not ex:
+            return
+        log.warn("request {request_id} from {client} for app {app}: {why}",
+                 request_id=ex.request_id, client=self._client, app=ex.app.name, why=why)
+        if ex.stream is not None and not ex.stream.closed:
+            ex.stream.reset(ResetCode.CANCELLED, why[:200])
+        if ex.response_state == "head":
+            self._fail(502, BAD_ANSWER)
+        else:
+            # The client already has part of the answer: only a broken connection tells it.
+            self.state = "closed"
+            self.transport.abortConnection()
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer with an error page carrying the correlation id, then close."""
+        if self.state == "closed":
+            return
+        ex = self.exchange
+        request_id = ex.request_id if ex is not None else getattr(self, "_request_id", None) or new_request_id()
+        if status not in (404, 502):
+            log.info("request {request_id} from {client}: {status} {message}",
+                     request_id=request_id, client=self._client, status=status, message=message)
+        if ex is not None and ex.stream is not None and not ex.stream.closed:
+            ex.stream.reset(ResetCode.CANCELLED, f"the front door answered {status} itself")
+        self.state = "closed"
+        if ex is not None and ex.response_state != "head":
+            self.transport.abortConnection()
+            return
+        self._unregister()
+        self.transport.write(rules.error_page(status, message, request_id))
+        self.transport.loseConnection()

@@ -1,0 +1,408 @@
+"""Pure HTTP rules of the front door: parsing heads, routing by host, translating headers.
+
+Nothing here does I/O, so every rule is tested on its own (tests/unit/test_http_rules.py).
+Headers are lists of ``(name, value)`` byte pairs in arrival order; names keep their case.
+"""
+
+from __future__ import annotations
+
+import html
+from urllib.parse import urlsplit
+
+from attrs import frozen
+
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEAD = 64 * 1024
+MAX_HEADERS = 100
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# RFC 9110 7.6.1 plus the old ones proxies still meet; Transfer-Encoding and Content-Length are
+# framing, which the front door sets itself on each side.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+FORWARDING = frozenset({b"x-forwarded-proto", b"x-forwarded-host"})
+
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class HTTPError(Exception):
+    """A request the front door answers itself with ``status`` (400, 404, 414, 431, 501, ...)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@frozen
+class Origin:
+    """scheme, lower-case host (no brackets) and port, the scheme's default made explicit."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def from_url(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        return cls(scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS[scheme])
+
+    @property
+    def authority(self) -> str:
+        """host[:port] as a Host header says it: the default port left out."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == DEFAULT_PORTS.get(self.scheme) else f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+@frozen
+class Request:
+    method: bytes
+    target: bytes
+    version: bytes          # b"HTTP/1.1" or b"HTTP/1.0"
+    headers: Headers
+
+
+@frozen
+class Response:
+    version: bytes
+    status: int
+    reason: bytes
+    headers: Headers
+
+
+def get(headers: Headers, name: bytes) -> list[bytes]:
+    """Every value of header ``name`` (lower-case), in order."""
+    return [v for k, v in headers if k.lower() == name]
+
+
+def _tokens(headers: Headers, name: bytes) -> list[bytes]:
+    return [t.strip().lower() for v in get(headers, name) for t in v.split(b",") if t.strip()]
+
+
+def _parse_fields(lines: list[bytes]) -> Headers:
+    if len(lines) > MAX_HEADERS:
+        raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
+    headers: Headers = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not set(name) <= _TOKEN:
+            # also refuses obsolete line folding (a line starting with white space)
+            raise HTTPError(400, "malformed header field")
+        if b"\r" in value or b"\n" in value or b"\0" in value:
+            raise HTTPError(400, "malformed header value")
+        headers.append((name, value.strip(b" \t")))
+    return headers
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parse a request head (everything before the blank line, CRLF line ends)."""
+    line, _, rest = head.partition(b"\r\n")
+    if len(line) > MAX_REQUEST_LINE:
+        raise HTTPError(414, "request line too long")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[0] or not set(parts[0]) <= _TOKEN:
+        raise HTTPError(400, "malformed request line")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HTTPError(505 if version.startswith(b"HTTP/") else 400, "only HTTP/1.0 and HTTP/1.1")
+    if not target or any(c <= 0x20 or c == 0x7F for c in target):
+        raise HTTPError(400, "malformed request target")
+    headers = _parse_fields(rest.split(b"\r\n") if rest else [])
+    return Request(method, target, version, headers)
+
+
+def parse_response_head(head: bytes) -> Response:
+    line, _, rest = head.partition(b"\r\n")
+    parts = line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
+        raise HTTPError(502, "the back end sent a malformed status line")
+    try:
+        headers = _parse_fields(rest.split(b"\r\n") if rest else [])
+    except HTTPError as e:
+        raise HTTPError(502, f"the back end sent a {e.message}") from None
+    return Response(parts[0], int(parts[1]), parts[2] if len(parts) > 2 else b"", headers)
+
+
+def request_body_length(request: Request) -> int | None:
+    """Bytes of body that follow, or None for chunked; refuses ambiguous framing (smuggling)."""
+    codings = _tokens(request.headers, b"transfer-encoding")
+    lengths = get(request.headers, b"content-length")
+    if codings:
+        if lengths:
+            raise HTTPError(400, "both Transfer-Encoding and Content-Length")
+        if codings != [b"chunked"]:
+            raise HTTPError(501, "only the chunked transfer coding is supported")
+        return None
+    return _content_length(lengths, 400)
+
+
+def _content_length(values: list[bytes], status: int) -> int:
+    if not values:
+        return 0 if status == 400 else -1
+    found = {v.strip() for v in b",".join(values).split(b",")}
+    if len(found) != 1:
+        raise HTTPError(status, "conflicting Content-Length values")
+    value = found.pop()
+    if not value.isdigit() or len(value) > 18:
+        raise HTTPError(status, "malformed Content-Length")
+    return int(value)
+
+
+def response_body_length(response: Response, method: bytes) -> int | None:
+    """Bytes of body that follow: n, 0, None for chunked, or -1 for "until the back end closes"."""
+    if method == b"HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
+        return 0
+    codings = _tokens(response.headers, b"transfer-encoding")
+    if codings:
+        return None if codings[-1] == b"chunked" else -1
+    return _content_length(get(response.headers, b"content-length"), 502)
+
+
+def wants_keep_alive(request: Request) -> bool:
+    connection = _tokens(request.headers, b"connection")
+    if request.version == b"HTTP/1.1":
+        return b"close" not in connection
+    return False  # HTTP/1.0 clients get one response per connection
+
+
+def request_host(request: Request) -> str:
+    """The host:port the client asked for (Host header; absolute-form target wins), lower case."""
+    if request.target.lower().startswith((b"http://", b"https://")):
+        return urlsplit(request.target.decode("latin-1")).netloc.rpartition("@")[2].lower()
+    hosts = get(request.headers, b"host")
+    if len(hosts) != 1 and request.version == b"HTTP/1.1":
+        raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
+    return hosts[0].decode("latin-1").strip().lower() if hosts else ""
+
+
+def route_key(host: str, scheme: str) -> tuple[str, int] | None:
+    """(host, port) of a Host header value, the scheme's default port made explicit; None if malformed."""
+    if not host:
+        return None
+    host = host.lower()
+    host = host.rstrip(".") if not host.endswith("]") else host
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return None
+        name, rest = host[1:end], host[end + 1:]
+        if rest and not rest.startswith(":"):
+            return None
+        port_text = rest[1:]
+    else:
+        name, _, port_text = host.partition(":")
+        name = name.rstrip(".")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            return None
+        port = int(port_text)
+    else:
+        port = DEFAULT_PORTS[scheme]
+    return name, port
+
+
+def route(table: dict[tuple[str, int], object], host: str, scheme: str = "http") -> object | None:
+    """The app whose external origin matches the Host header value ``host``; None when none does."""
+    key = route_key(host, scheme)
+    return table.get(key) if key is not None else None
+
+
+def routing_table(apps: list) -> dict[tuple[str, int], object]:
+    """{(external host, port): app} for apps with an external_url."""
+    table = {}
+    for app in apps:
+        origin = Origin.from_url(app.external_url)
+        table[(origin.host, origin.port)] = app
+    return table
+
+
+def _connection_listed(headers: Headers) -> set[bytes]:
+    return set(_tokens(headers, b"connection"))
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """Drop hop-by-hop headers and the ones the Connection header lists (framing too)."""
+    drop = HOP_BY_HOP | FRAMING | _connection_listed(headers)
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def _forwarded_for(client_host: str) -> str:
+    return f'"[{client_host}]"' if ":" in client_host else client_host
+
+
+def backend_request_head(request: Request, body_length: int | None, external: Origin, internal: Origin,
+                         client_host: str, translate_host: bool = True) -> bytes:
+    """The head sent to the back end: origin-form target, translated Host, forwarding headers,
+    hop-by-hop headers stripped, our framing and ``Connection: close`` (one back-end
+    connection per request)."""
+    target = request.target
+    if target.lower().startswith((b"http://", b"https://")):
+        parts = urlsplit(target.decode("latin-1"))
+        target = (parts.path or "/").encode("latin-1") + (b"?" + parts.query.encode("latin-1") if parts.query else b"")
+    headers = [(k, v) for k, v in strip_hop_by_hop(request.headers) if k.lower() not in FORWARDING]
+    original_host = external.authority.encode("latin-1")
+    if translate_host:
+        headers = [(b"Host", internal.authority.encode("latin-1")) if k.lower() == b"host" else (k, v)
+                   for k, v in headers]
+        if not get(headers, b"host"):
+            headers.insert(0, (b"Host", internal.authority.encode("latin-1")))
+    xff = b", ".join(get(headers, b"x-forwarded-for") + [client_host.encode("latin-1")])
+    forwarded = b", ".join(get(headers, b"forwarded") + [
+        f'for={_forwarded_for(client_host)};host="{external.authority}";proto={external.scheme}'.encode("latin-1")
+    ])
+    headers = [(k, v) for k, v in headers if k.lower() not in (b"x-forwarded-for", b"forwarded")]
+    headers += [
+        (b"X-Forwarded-For", xff),
+        (b"X-Forwarded-Proto", external.scheme.encode()),
+        (b"X-Forwarded-Host", original_host),
+        (b"Forwarded", forwarded),
+    ]
+    if body_length is None:
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    elif body_length or request.method in (b"POST", b"PUT", b"PATCH"):
+        headers.append((b"Content-Length", str(body_length).encode()))
+    headers.append((b"Connection", b"close"))
+    return _head(b" ".join((request.method, target, b"HTTP/1.1")), headers)
+
+
+def rewrite_location(value: bytes, external: Origin, internal: Origin) -> bytes:
+    """An absolute Location pointing at the internal origin now points at the external one."""
+    text = value.decode("latin-1").strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return value
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not parts.netloc:
+        return value  # relative: already relative to the external URL (same path)
+    if (scheme, (parts.hostname or "").lower(), port or DEFAULT_PORTS[scheme]) != (
+            internal.scheme, internal.host, internal.port):
+        return value
+    rest = text[len(parts.scheme) + 3 + len(parts.netloc):]
+    return (external.url + rest).encode("latin-1")
+
+
+def client_response_head(response: Response, body_length: int | None, chunked_to_client: bool,
+                         keep_alive: bool, external: Origin, internal: Origin) -> bytes:
+    """The head sent to the client: hop-by-hop stripped, Location rewritten, our framing."""
+    headers = []
+    for k, v in strip_hop_by_hop(response.headers):
+        if k.lower() == b"location":
+            v = rewrite_location(v, external, internal)
+        headers.append((k, v))
+    if chunked_to_client:
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    elif body_length is not None and body_length >= 0:
+        # HEAD, 204 and 304 keep the back end's Content-Length (it describes the would-be body)
+        lengths = get(response.headers, b"content-length")
+        if lengths and body_length == 0:
+            headers.append((b"Content-Length", lengths[0].split(b",")[0].strip()))
+        elif response.status not in (204, 304) and not 100 <= response.status < 200:
+            headers.append((b"Content-Length", str(body_length).encode()))
+    if not 100 <= response.status < 200:
+        headers.append((b"Connection", b"keep-alive" if keep_alive else b"close"))
+    reason = response.reason or b"-"
+    return _head(b"HTTP/1.1 %d %s" % (response.status, reason), headers)
+
+
+def _head(first_line: bytes, headers: Headers) -> bytes:
+    return b"\r\n".join([first_line, *(k + b": " + v for k, v in headers)]) + b"\r\n\r\n"
+
+
+REASONS = {400: "Bad Request", 404: "Not Found", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+           501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+
+def error_page(status: int, message: str, request_id: str) -> bytes:
+    """A complete response (head and HTML body) the front door sends itself; closes the connection.
+
+    ``message`` must name nothing internal: no app, group, connector or back-end address.
+    """
+    reason = REASONS.get(status, "Error")
+    body = (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{s} {r}</title></head>\n"
+        "<body><h1>{s} {r}</h1>\n<p>{m}</p>\n<p>Correlation id: <code>{rid}</code></p></body></html>\n"
+    ).format(s=status, r=reason, m=html.escape(message), rid=html.escape(request_id)).encode()
+    headers = [
+        (b"Content-Type", b"text/html; charset=utf-8"), (b"Content-Length", str(len(body)).encode()),
+        (b"Cache-Control", b"no-store"), (b"X-Request-Id", request_id.encode()), (b"Connection", b"close"),
+    ]
+    return _head(b"HTTP/1.1 %d %s" % (status, reason.encode()), headers) + body
+
+
+class ChunkDecoder:
+    """Incremental chunked-body decoder: ``feed(data)`` returns (pieces of body, bytes after the end).
+
+    ``done`` is True once the last chunk and the trailer section were read; trailers are dropped.
+    Raises HTTPError(400) on malformed framing.
+    """
+
+    MAX_LINE = 4096
+
+    def __init__(self, status: int = 400) -> None:
+        self.status = status
+        self.buf = b""
+        self.left = 0          # bytes of chunk data still to come
+        self.state = "size"    # size, data, data_crlf, trailer
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[list[bytes], bytes]:
+        out: list[bytes] = []
+        buf = self.buf + data if self.buf else data
+        self.buf = b""
+        pos = 0
+        while pos < len(buf) and not self.done:
+            if self.state == "data":
+                n = min(self.left, len(buf) - pos)
+                out.append(buf[pos:pos + n])
+                pos += n
+                self.left -= n
+                if self.left == 0:
+                    self.state = "data_crlf"
+                continue
+            if self.state == "data_crlf" and len(buf) - pos >= 2 and buf[pos:pos + 2] != b"\r\n":
+                raise HTTPError(self.status, "malformed chunk: no CRLF after the data")
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                if len(buf) - pos > self.MAX_LINE:
+                    raise HTTPError(self.status, "chunk framing line too long")
+                break
+            line = buf[pos:end]
+            pos = end + 2
+            if self.state == "data_crlf":
+                if line:
+                    raise HTTPError(self.status, "malformed chunk: no CRLF after the data")
+                self.state = "size"
+            elif self.state == "size":
+                size = line.split(b";", 1)[0].strip()
+                if not size or len(size) > 15 or any(c not in b"0123456789abcdefABCDEF" for c in size):
+                    raise HTTPError(self.status, "malformed chunk size")
+                self.left = int(size, 16)
+                self.state = "data" if self.left else "trailer"
+            else:  # trailer section: lines until an empty one
+                if not line:
+                    self.done = True
+        rest = buf[pos:]
+        if not self.done:
+            self.buf = rest
+            rest = b""
+        return [p for p in out if p], rest
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+LAST_CHUNK = b"0\r\n\r\n"

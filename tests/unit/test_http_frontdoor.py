@@ -1,0 +1,286 @@
+"""The http plugin's front door against in-memory transports: framing, keep-alive, errors, backpressure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from gateway.service.registry import NoConnector
+from gateway_http.frontdoor import FrontDoor
+from gateway_http.rules import ChunkDecoder
+
+
+@define
+class App:
+    name: str = "wiki"
+    external_url: str = "http://wiki.example.test/"
+    internal_url: str = "http://wiki.corp:8000/"
+    host: str = "wiki.corp"
+    port: int = 8000
+    options: dict = field(factory=dict)
+
+
+class FakeStream:
+    """Enough of gateway.tunnel.stream.Stream for the front door."""
+
+    def __init__(self, metadata: dict) -> None:
+        self.metadata = metadata
+        self.data = b""
+        self.protocol: Any = None
+        self.producer: Any = None
+        self.closed = False
+        self.fin = False
+        self.reset_with: Any = None
+        self.paused = False
+
+    def attach(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def writeSequence(self, seq) -> None:
+        self.data += b"".join(seq)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        self.fin = True
+
+    def reset(self, code: int, reason: str) -> None:
+        self.reset_with = (code, reason)
+        self.closed = True
+
+    # the back end's side
+    def answer(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def end(self, reason: Failure | None = None) -> None:
+        self.closed = True
+        self.protocol.connectionLost(reason or Failure(ConnectionDone()))
+
+
+class Harness:
+    def __init__(self, apps=None, fail_with: Exception | None = None) -> None:
+        self.apps = {a.external_url.split("/")[2]: a for a in (apps or [App()])}
+        self.opens: list[tuple[Deferred, FakeStream]] = []
+        self.fail_with = fail_with
+        self.door = FrontDoor(lambda host: self.apps.get(host), self.open_stream)
+        self.transport = StringTransport()
+        self.door.makeConnection(self.transport)
+
+    def open_stream(self, app: Any, extra: dict) -> Deferred:
+        if self.fail_with is not None:
+            return fail(self.fail_with)
+        d: Deferred = Deferred()
+        self.opens.append((d, FakeStream(extra)))
+        return d
+
+    def accept(self, i: int = -1) -> FakeStream:
+        d, stream = self.opens[i]
+        d.callback(stream)
+        return stream
+
+    def send(self, data: bytes) -> None:
+        self.door.dataReceived(data)
+
+    def output(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+
+GET = b"GET /a HTTP/1.1\r\nHost: wiki.example.test\r\n\r\n"
+
+
+def test_request_goes_to_a_stream_and_response_comes_back():
+    """One GET: translated head into the stream, the response back, the connection kept, the stream closed."""
+    h = Harness()
+    h.send(GET)
+    assert h.transport.producerState == "paused"  # nothing is read while the stream opens
+    stream = h.accept()
+    assert stream.data.startswith(b"GET /a HTTP/1.1\r\n") and b"Host: wiki.corp:8000\r\n" in stream.data
+    assert h.transport.producerState == "paused"  # request complete: wait for the response
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nhello")
+    assert b"Connection: keep-alive" in out
+    assert stream.fin and not h.transport.disconnecting
+    assert h.transport.producerState == "producing"
+
+
+def test_pipelined_requests_are_answered_in_order():
+    """Two requests in one read: the second opens its stream only after the first response ended."""
+    h = Harness()
+    h.send(GET + GET.replace(b"/a", b"/b"))
+    first = h.accept()
+    assert len(h.opens) == 1
+    first.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    assert len(h.opens) == 2
+    second = h.accept()
+    assert second.data.startswith(b"GET /b ")
+    second.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+    out = h.output()
+    assert out.index(b"\r\n\r\n1") < out.index(b"\r\n\r\n2")
+
+
+def test_chunked_request_body_is_re_encoded():
+    """A chunked upload reaches the stream as well-formed chunks ending with the last chunk."""
+    h = Harness()
+    h.send(b"PUT /u HTTP/1.1\r\nHost: wiki.example.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    stream = h.accept()
+    h.send(b"2;x=y\r\nde\r\n0\r\nT: 1\r\n\r\n")
+    body = stream.data.partition(b"\r\n\r\n")[2]
+    d = ChunkDecoder()
+    pieces, _ = d.feed(body)
+    assert b"".join(pieces) == b"abcde" and d.done
+    assert b"Transfer-Encoding: chunked" in stream.data
+
+
+def test_length_request_body_and_backpressure():
+    """A length-framed body is relayed exactly; a full stream pauses reading from the client."""
+    h = Harness()
+    h.send(b"POST /u HTTP/1.1\r\nHost: wiki.example.test\r\nContent-Length: 6\r\n\r\nabc")
+    stream = h.accept()
+    assert h.transport.producerState == "producing"
+    stream.producer.pauseProducing()
+    assert h.transport.producerState == "paused"
+    stream.producer.resumeProducing()
+    assert h.transport.producerState == "producing"
+    h.send(b"def")
+    assert stream.data.endswith(b"\r\n\r\nabcdef") and stream.producer is None
+
+
+def test_response_until_close_is_chunked_to_an_http_1_1_client():
+    """A back end answering without length ends by closing; the client gets chunks and keeps its connection."""
+    h = Harness()
+    h.send(GET)
+    stream = h.accept()
+    stream.answer(b"HTTP/1.0 200 OK\r\n\r\nsome")
+    stream.answer(b" body")
+    stream.end()
+    out = h.output()
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    d = ChunkDecoder()
+    pieces, _ = d.feed(body)
+    assert b"".join(pieces) == b"some body" and d.done
+    assert not h.transport.disconnecting
+
+
+def test_chunked_response_to_an_http_1_0_client_is_decoded_and_closes():
+    """An HTTP/1.0 client gets the decoded body and the connection closes after it."""
+    h = Harness()
+    h.send(b"GET / HTTP/1.0\r\nHost: wiki.example.test\r\n\r\n")
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n")
+    out = h.output()
+    assert out.endswith(b"\r\n\r\nabcd") and b"Connection: close" in out
+    assert h.transport.disconnecting
+
+
+def test_head_request_keeps_content_length_and_sends_no_body():
+    """HEAD: the back end's Content-Length is passed on and the response ends without a body."""
+    h = Harness()
+    h.send(b"HEAD / HTTP/1.1\r\nHost: wiki.example.test\r\n\r\n")
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
+    out = h.output()
+    assert b"Content-Length: 99" in out and out.endswith(b"\r\n\r\n") and stream.fin
+
+
+def test_100_continue_is_passed_on():
+    """An interim 100 Continue reaches an HTTP/1.1 client before the final response."""
+    h = Harness()
+    h.send(b"POST / HTTP/1.1\r\nHost: wiki.example.test\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n")
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert h.output() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    h.send(b"x")
+    stream.answer(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert h.output().startswith(b"HTTP/1.1 201 Created")
+
+
+def test_unknown_host_is_404_without_a_stream():
+    """A Host no app has gets a 404 page with a correlation id and opens no stream."""
+    h = Harness()
+    h.send(b"GET / HTTP/1.1\r\nHost: nobody.example.test\r\n\r\n")
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 404 ") and b"X-Request-Id: " in out
+    assert not h.opens and h.transport.disconnecting
+
+
+def test_no_connector_is_502_with_the_request_id_sent_to_the_router():
+    """When no stream can be opened the page carries the same id the router was given."""
+    seen = {}
+    h = Harness(fail_with=NoConnector("no healthy connector of group 'default'"))
+    original = h.open_stream
+    h.door.open_stream = lambda app, extra: (seen.update(extra), original(app, extra))[1]
+    h.send(GET)
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 502 ")
+    assert seen["request_id"].encode() in out and b"default" not in out
+
+
+def test_stream_lost_before_the_response_head_is_502():
+    """A stream that ends (or resets) before any response head gives a 502 page."""
+    h = Harness()
+    h.send(GET)
+    stream = h.accept()
+    stream.end(Failure(ConnectionLost("tunnel lost")))
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 502 ") and stream.metadata["request_id"].encode() in out
+
+
+def test_stream_lost_mid_body_aborts_the_client():
+    """Once part of the response went out, a broken stream breaks the client connection."""
+    h = Harness()
+    h.send(GET)
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    stream.end()
+    assert h.transport.disconnecting and b"502" not in h.output()
+
+
+def test_malformed_response_is_502_and_resets_the_stream():
+    """A garbage status line from the back end gives the client a 502 and resets the stream."""
+    h = Harness()
+    h.send(GET)
+    stream = h.accept()
+    stream.answer(b"SSH-2.0-OpenSSH\r\n\r\n")
+    assert h.output().startswith(b"HTTP/1.1 502 ") and stream.reset_with is not None
+
+
+def test_oversized_head_is_431():
+    """A request head larger than the limit gets a 431 without opening a stream."""
+    h = Harness()
+    h.send(b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"a" * 70000)
+    assert h.output().startswith(b"HTTP/1.1 431 ") and not h.opens
+
+
+def test_client_gone_resets_the_stream():
+    """A client hanging up mid-response resets the request's stream."""
+    h = Harness()
+    h.send(GET)
+    stream = h.accept()
+    h.door.connectionLost(Failure(ConnectionDone()))
+    assert stream.reset_with is not None

@@ -1,0 +1,257 @@
+"""The http plugin's pure rules: parsing, routing by host, header translation, chunked framing."""
+
+from __future__ import annotations
+
+import pytest
+from attrs import frozen
+
+from gateway_http import rules
+from gateway_http.rules import ChunkDecoder, HTTPError, Origin
+
+EXTERNAL = Origin("http", "wiki.apps.example.test", 8080)
+INTERNAL = Origin("http", "wiki.corp", 8000)
+
+
+@frozen
+class App:
+    name: str
+    external_url: str
+
+
+def req(head: bytes) -> rules.Request:
+    return rules.parse_request_head(head)
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+
+def test_request_head_is_parsed():
+    """Method, target, version and headers (names as sent, values trimmed) come out of a head."""
+    r = req(b"GET /a?b=1 HTTP/1.1\r\nHost: wiki\r\nX-A:  1 \r\nX-A: 2")
+    assert (r.method, r.target, r.version) == (b"GET", b"/a?b=1", b"HTTP/1.1")
+    assert r.headers == [(b"Host", b"wiki"), (b"X-A", b"1"), (b"X-A", b"2")]
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GET /\r\nHost: a", 400),
+    (b"GET / HTTP/2.0\r\nHost: a", 505),
+    (b"GET / FTP/1.0\r\nHost: a", 400),
+    (b"GET / HTTP/1.1\r\n folded: x", 400),
+    (b"GET / HTTP/1.1\r\nBad Name: x", 400),
+    (b"GET / HTTP/1.1\r\nNoColon", 400),
+    (b"GET /" + b"a" * rules.MAX_REQUEST_LINE + b" HTTP/1.1\r\nHost: a", 414),
+    (b"GET / HTTP/1.1\r\n" + b"\r\n".join(b"X-%d: 1" % i for i in range(rules.MAX_HEADERS + 1)), 431),
+])
+def test_malformed_requests_are_refused(head, status):
+    """Malformed request lines and fields, too long lines and too many fields get the right status."""
+    with pytest.raises(HTTPError) as e:
+        req(head)
+    assert e.value.status == status
+
+
+@pytest.mark.parametrize("headers, expected", [
+    (b"", 0),
+    (b"\r\nContent-Length: 12", 12),
+    (b"\r\nContent-Length: 12\r\nContent-Length: 12", 12),
+    (b"\r\nTransfer-Encoding: chunked", None),
+])
+def test_request_body_framing(headers, expected):
+    """Content-Length gives a length, chunked gives None, nothing gives 0."""
+    assert rules.request_body_length(req(b"POST / HTTP/1.1\r\nHost: a" + headers)) == expected
+
+
+@pytest.mark.parametrize("headers, status", [
+    (b"\r\nContent-Length: 1\r\nContent-Length: 2", 400),
+    (b"\r\nContent-Length: -1", 400),
+    (b"\r\nContent-Length: 1\r\nTransfer-Encoding: chunked", 400),
+    (b"\r\nTransfer-Encoding: gzip, chunked", 501),
+])
+def test_ambiguous_request_framing_is_refused(headers, status):
+    """Conflicting lengths, length plus chunked (request smuggling) and unknown codings are refused."""
+    with pytest.raises(HTTPError) as e:
+        rules.request_body_length(req(b"POST / HTTP/1.1\r\nHost: a" + headers))
+    assert e.value.status == status
+
+
+@pytest.mark.parametrize("status, method, headers, expected", [
+    (200, b"GET", [(b"Content-Length", b"5")], 5),
+    (200, b"HEAD", [(b"Content-Length", b"5")], 0),
+    (204, b"GET", [], 0),
+    (304, b"GET", [(b"Content-Length", b"5")], 0),
+    (200, b"GET", [(b"Transfer-Encoding", b"chunked")], None),
+    (200, b"GET", [], -1),
+])
+def test_response_body_framing(status, method, headers, expected):
+    """HEAD, 204 and 304 have no body; chunked is None; no length means until the back end closes."""
+    response = rules.Response(b"HTTP/1.1", status, b"X", headers)
+    assert rules.response_body_length(response, method) == expected
+
+
+def test_keep_alive_rules():
+    """HTTP/1.1 keeps the connection unless Connection: close; HTTP/1.0 never does."""
+    assert rules.wants_keep_alive(req(b"GET / HTTP/1.1\r\nHost: a"))
+    assert not rules.wants_keep_alive(req(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Close"))
+    assert not rules.wants_keep_alive(req(b"GET / HTTP/1.0\r\nConnection: keep-alive"))
+
+
+# -- routing -------------------------------------------------------------------------------
+
+
+def test_routing_by_host_and_port():
+    """The Host header picks the app by host and port, case-insensitive, default port made explicit."""
+    wiki = App("wiki", "http://Wiki.Apps.Example.Test:8080/")
+    crm = App("crm", "http://crm.apps.example.test/")
+    table = rules.routing_table([wiki, crm])
+    assert rules.route(table, "wiki.apps.example.test:8080") is wiki
+    assert rules.route(table, "WIKI.apps.example.test.:8080") is wiki
+    assert rules.route(table, "crm.apps.example.test") is crm
+    assert rules.route(table, "crm.apps.example.test:80") is crm
+    assert rules.route(table, "wiki.apps.example.test") is None
+    assert rules.route(table, "other.apps.example.test:8080") is None
+    assert rules.route(table, "") is None
+    assert rules.route(table, "crm.apps.example.test:http") is None
+
+
+def test_ipv6_hosts_route():
+    """A bracketed IPv6 Host routes to an app whose external URL names that address."""
+    app = App("v6", "http://[::1]:8080/")
+    assert rules.route(rules.routing_table([app]), "[::1]:8080") is app
+    assert rules.route(rules.routing_table([app]), "[::1") is None
+
+
+def test_request_host_needs_exactly_one_host_in_http_1_1():
+    """HTTP/1.1 without a Host header, or with two, is a 400; an absolute target wins over Host."""
+    for head in (b"GET / HTTP/1.1", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b"):
+        with pytest.raises(HTTPError):
+            rules.request_host(req(head))
+    assert rules.request_host(req(b"GET http://Wiki:81/x HTTP/1.1\r\nHost: other")) == "wiki:81"
+    assert rules.request_host(req(b"GET / HTTP/1.0")) == ""
+
+
+# -- translation ---------------------------------------------------------------------------
+
+
+def _headers(head: bytes) -> list[tuple[bytes, bytes]]:
+    return rules.parse_request_head(head.rstrip(b"\r\n")).headers
+
+
+def test_backend_request_translates_host_and_adds_forwarding():
+    """Host becomes the internal host; X-Forwarded-* and Forwarded are added; Connection: close is sent."""
+    r = req(b"GET /p?q HTTP/1.1\r\nHost: wiki.apps.example.test:8080\r\nX-Forwarded-For: 10.0.0.1\r\n"
+            b"X-Forwarded-Host: evil\r\nForwarded: for=10.0.0.1")
+    head = rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "192.0.2.7")
+    assert head.startswith(b"GET /p?q HTTP/1.1\r\n") and head.endswith(b"\r\n\r\n")
+    h = _headers(head)
+    assert rules.get(h, b"host") == [b"wiki.corp:8000"]
+    assert rules.get(h, b"x-forwarded-for") == [b"10.0.0.1, 192.0.2.7"]
+    assert rules.get(h, b"x-forwarded-host") == [b"wiki.apps.example.test:8080"]
+    assert rules.get(h, b"x-forwarded-proto") == [b"http"]
+    assert rules.get(h, b"forwarded") == [b'for=10.0.0.1, for=192.0.2.7;host="wiki.apps.example.test:8080";proto=http']
+    assert rules.get(h, b"connection") == [b"close"]
+    assert rules.get(h, b"content-length") == []
+
+
+def test_backend_request_keeps_host_when_translation_is_off():
+    """translate_host=False leaves the client's Host header as it was."""
+    r = req(b"GET / HTTP/1.1\r\nHost: wiki.apps.example.test:8080")
+    h = _headers(rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "192.0.2.7", translate_host=False))
+    assert rules.get(h, b"host") == [b"wiki.apps.example.test:8080"]
+
+
+def test_backend_request_strips_hop_by_hop_and_sets_framing():
+    """Hop-by-hop headers and those Connection names go; our own framing replaces the client's."""
+    r = req(b"POST http://wiki.apps.example.test:8080/up?x=1 HTTP/1.1\r\nHost: wiki.apps.example.test:8080\r\n"
+            b"Connection: keep-alive, X-Private\r\nX-Private: s\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
+            b"Upgrade: websocket\r\nProxy-Authorization: Basic x\r\nTransfer-Encoding: chunked\r\nX-Kept: 1")
+    head = rules.backend_request_head(r, None, EXTERNAL, INTERNAL, "::1")
+    assert head.startswith(b"POST /up?x=1 HTTP/1.1\r\n")
+    h = _headers(head)
+    names = {k.lower() for k, _ in h}
+    for gone in (b"x-private", b"keep-alive", b"te", b"upgrade", b"proxy-authorization"):
+        assert gone not in names
+    assert rules.get(h, b"transfer-encoding") == [b"chunked"]
+    assert rules.get(h, b"x-kept") == [b"1"]
+    assert rules.get(h, b"x-forwarded-for") == [b"::1"]
+    assert rules.get(h, b"forwarded")[0].startswith(b'for="[::1]"')
+    length = _headers(rules.backend_request_head(req(b"PUT / HTTP/1.1\r\nHost: a"), 0, EXTERNAL, INTERNAL, "h"))
+    assert rules.get(length, b"content-length") == [b"0"]
+
+
+@pytest.mark.parametrize("location, expected", [
+    (b"http://wiki.corp:8000/x?y#z", b"http://wiki.apps.example.test:8080/x?y#z"),
+    (b"HTTP://WIKI.CORP:8000", b"http://wiki.apps.example.test:8080"),
+    (b"http://wiki.corp:8001/x", b"http://wiki.corp:8001/x"),
+    (b"https://wiki.corp:8000/x", b"https://wiki.corp:8000/x"),
+    (b"http://elsewhere/x", b"http://elsewhere/x"),
+    (b"/relative", b"/relative"),
+    (b"http://wiki.corp:bad/", b"http://wiki.corp:bad/"),
+])
+def test_location_rewrite(location, expected):
+    """Only a Location on the internal origin (scheme, host, port) is moved to the external origin."""
+    assert rules.rewrite_location(location, EXTERNAL, INTERNAL) == expected
+
+
+def test_location_rewrite_with_default_ports():
+    """http://host/ and http://host:80/ are the same internal origin; the external default port is left out."""
+    internal = Origin("http", "wiki.corp", 80)
+    external = Origin("http", "wiki.example.test", 80)
+    assert rules.rewrite_location(b"http://wiki.corp/a", external, internal) == b"http://wiki.example.test/a"
+    assert rules.rewrite_location(b"http://wiki.corp:80/a", external, internal) == b"http://wiki.example.test/a"
+
+
+def test_client_response_head():
+    """The client's head: hop-by-hop stripped, Location rewritten, the front door's framing and Connection."""
+    response = rules.Response(b"HTTP/1.0", 302, b"Found", [
+        (b"Location", b"http://wiki.corp:8000/x"), (b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"),
+        (b"Transfer-Encoding", b"chunked"), (b"Set-Cookie", b"a=1")])
+    head = rules.client_response_head(response, None, True, True, EXTERNAL, INTERNAL)
+    assert head.startswith(b"HTTP/1.1 302 Found\r\n")
+    h = rules.parse_response_head(head.rstrip(b"\r\n")).headers
+    assert rules.get(h, b"location") == [b"http://wiki.apps.example.test:8080/x"]
+    assert rules.get(h, b"x-hop") == [] and rules.get(h, b"set-cookie") == [b"a=1"]
+    assert rules.get(h, b"transfer-encoding") == [b"chunked"]
+    assert rules.get(h, b"connection") == [b"keep-alive"]
+    head = rules.client_response_head(rules.Response(b"HTTP/1.1", 200, b"OK", [(b"Content-Length", b"7")]),
+                                      0, False, False, EXTERNAL, INTERNAL)
+    h = rules.parse_response_head(head.rstrip(b"\r\n")).headers
+    assert rules.get(h, b"content-length") == [b"7"] and rules.get(h, b"connection") == [b"close"]
+
+
+def test_error_page_names_the_correlation_id_and_escapes():
+    """An error page is a complete closing response with the id in a header and the body, HTML escaped."""
+    page = rules.error_page(502, "<b>down</b>", "0123456789abcdef")
+    head, _, body = page.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"X-Request-Id: 0123456789abcdef" in head and b"Connection: close" in head
+    assert b"Content-Length: %d" % len(body) in head
+    assert b"0123456789abcdef" in body and b"&lt;b&gt;down" in body and b"<b>" not in body
+
+
+# -- chunked framing -----------------------------------------------------------------------
+
+
+def test_chunk_decoder_across_any_split():
+    """A chunked body decodes to the same bytes however it is split, trailers dropped, rest returned."""
+    wire = b"5;ext=1\r\nhello\r\n1A\r\n" + b"x" * 26 + b"\r\n0\r\nTrailer: t\r\n\r\nNEXT"
+    for step in (1, 2, 3, 7, len(wire)):
+        d = ChunkDecoder()
+        out, rest = [], b""
+        for i in range(0, len(wire), step):
+            pieces, rest_part = d.feed(wire[i:i + step])
+            out += pieces
+            rest += rest_part
+        assert b"".join(out) == b"hello" + b"x" * 26 and d.done and rest == b"NEXT"
+
+
+@pytest.mark.parametrize("wire", [b"zz\r\n", b"5\r\nhelloXX", b"\r\n", b"1" * 20 + b"\r\n"])
+def test_chunk_decoder_refuses_bad_framing(wire):
+    """Bad sizes, data without its CRLF and empty size lines raise HTTPError."""
+    with pytest.raises(HTTPError):
+        ChunkDecoder().feed(wire)
+
+
+def test_chunk_encoding_round_trips():
+    """chunk() and LAST_CHUNK produce what ChunkDecoder reads back."""
+    d = ChunkDecoder()
+    pieces, rest = d.feed(rules.chunk(b"abc") + rules.chunk(b"\r\n") + rules.LAST_CHUNK)
+    assert b"".join(pieces) == b"abc\r\n" and d.done and rest == b""
