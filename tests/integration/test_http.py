@@ -1,0 +1,240 @@
+"""The http plugin through real processes: front door on the service, a connector, a real nginx."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gateway_harness import HOST, free_port, toml_table, wait_until
+
+NGINX = "/usr/sbin/nginx"
+WIKI = "wiki.apps.example.test"
+TEN_MIB = 10 * 1024 * 1024
+
+pytestmark = pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="nginx is not installed")
+
+
+class Nginx:
+    """A real nginx on a free port: 1 worker, in the foreground, everything under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.www = root / "www"
+        (self.www / "up").mkdir(parents=True)
+        (root / "tmp").mkdir()
+        os.chmod(root, 0o755)
+        conf = root / "nginx.conf"
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf.write_text(f"""
+{user}
+worker_processes 1;
+daemon off;
+master_process on;
+pid {root}/nginx.pid;
+error_log {root}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+  access_log {root}/access.log;
+  client_body_temp_path {root}/tmp;
+  proxy_temp_path {root}/tmp;
+  fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp;
+  scgi_temp_path {root}/tmp;
+  server {{
+    listen {HOST}:{self.port};
+    root {self.www};
+    client_max_body_size 0;
+    location = /headers {{
+      default_type text/plain;
+      return 200 "host=$http_host|xff=$http_x_forwarded_for|proto=$http_x_forwarded_proto|xhost=$http_x_forwarded_host|fwd=$http_forwarded|conn=$http_connection|te=$http_transfer_encoding|secret=$http_x_secret\\n";
+    }}
+    location = /redir {{ return 302 http://{HOST}:{self.port}/x; }}
+    location /up/ {{ dav_methods PUT; create_full_put_path on; }}
+  }}
+}}
+""")
+        self.log = open(root / "nginx.out", "ab")
+        self.proc = subprocess.Popen([NGINX, "-c", str(conf), "-e", str(root / "error.log")],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: self._listening(), 10, "nginx to listen")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"nginx exited: {(self.root / 'error.log').read_text()[-2000:]}")
+        c = http.client.HTTPConnection(HOST, self.port, timeout=2)
+        try:
+            c.request("GET", "/headers")
+            return c.getresponse().status == 200
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    server = Nginx(tmp_path / "nginx")
+    yield server
+    server.stop()
+
+
+def get(front: int, host: str, path: str, method: str = "GET", body=None, headers=None,
+        conn: http.client.HTTPConnection | None = None):
+    """One request to the front door with Host `host`; returns (response, body bytes)."""
+    c = conn or http.client.HTTPConnection(HOST, front, timeout=30)
+    c.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+    r = c.getresponse()
+    data = r.read()
+    if conn is None:
+        c.close()
+    return r, data
+
+
+def start_wiki(gw, nginx, extra_apps=(), **extra):
+    """Publish nginx as the wiki app; return (service, connector, front door port)."""
+    port = free_port()
+    app = {"name": "wiki", "external_url": f"http://{WIKI}:{port}/",
+           "internal_url": f"http://{HOST}:{nginx.port}/", **extra}
+    svc = gw.service(start=False)
+    text = svc.config_path.read_text()
+    text += "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
+    for a in [app, *extra_apps]:
+        text += "\n" + toml_table("apps", {"protocol": "http", **a}, array=True)
+    svc.config_path.write_text(text)
+    svc.start()
+    conn = gw.connector(svc)
+    wait_until(lambda: get(port, f"{WIKI}:{port}", "/headers")[0].status == 200, 30,
+               "the wiki app to answer through the front door")
+    return svc, conn, port
+
+
+def test_get_by_host_translates_headers(gw, nginx):
+    """A GET by Host reaches nginx with the internal Host, forwarding headers and no hop-by-hop ones."""
+    svc, conn, front = start_wiki(gw, nginx)
+    r, body = get(front, f"{WIKI}:{front}", "/headers",
+                  headers={"X-Forwarded-For": "10.9.9.9", "Connection": "keep-alive, X-Secret", "X-Secret": "s"})
+    text = body.decode()
+    assert r.status == 200, text
+    assert f"host={HOST}:{nginx.port}|" in text
+    assert f"xff=10.9.9.9, {HOST}|" in text
+    assert "proto=http|" in text and f"xhost={WIKI}:{front}|" in text
+    assert f'fwd=for={HOST};host="{WIKI}:{front}";proto=http|' in text
+    assert "conn=close|" in text and text.endswith("secret=\n")
+
+
+def test_translate_host_off_keeps_the_external_host(gw, nginx):
+    """With options.translate_host = false nginx sees the Host the client sent."""
+    svc, conn, front = start_wiki(gw, nginx, options={"translate_host": False})
+    r, body = get(front, f"{WIKI}:{front}", "/headers")
+    assert r.status == 200 and f"host={WIKI}:{front}|" in body.decode()
+
+
+def test_download_and_upload_10_mib(gw, nginx):
+    """10 MiB down and up (length-framed and chunked) arrive with the same sha256."""
+    data = os.urandom(TEN_MIB)
+    digest = hashlib.sha256(data).hexdigest()
+    (nginx.www / "big.bin").write_bytes(data)
+    svc, conn, front = start_wiki(gw, nginx)
+    r, body = get(front, f"{WIKI}:{front}", "/big.bin")
+    assert r.status == 200 and len(body) == TEN_MIB and hashlib.sha256(body).hexdigest() == digest
+
+    up = os.urandom(TEN_MIB)
+    r, _ = get(front, f"{WIKI}:{front}", "/up/a.bin", method="PUT", body=up)
+    assert r.status in (201, 204), r.status
+    assert hashlib.sha256((nginx.www / "up" / "a.bin").read_bytes()).hexdigest() == hashlib.sha256(up).hexdigest()
+
+    def pieces():
+        for i in range(0, TEN_MIB, 1 << 20):
+            yield up[i:i + (1 << 20)]
+
+    c = http.client.HTTPConnection(HOST, front, timeout=30)
+    c.request("PUT", "/up/b.bin", body=pieces(), headers={"Host": f"{WIKI}:{front}"}, encode_chunked=True)
+    r = c.getresponse()
+    r.read()
+    c.close()
+    assert r.status in (201, 204), r.status
+    assert (nginx.www / "up" / "b.bin").read_bytes() == up
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(gw, nginx):
+    """Five requests on one client connection all succeed over the same socket."""
+    (nginx.www / "small.txt").write_text("hello\n")
+    svc, conn, front = start_wiki(gw, nginx)
+    c = http.client.HTTPConnection(HOST, front, timeout=30)
+    sockets = set()
+    for i in range(5):
+        r, body = get(front, f"{WIKI}:{front}", "/small.txt" if i % 2 else "/headers", conn=c)
+        assert r.status == 200
+        assert r.getheader("Connection") == "keep-alive"
+        sockets.add(c.sock.getsockname())
+    c.close()
+    assert len(sockets) == 1
+
+
+def test_location_is_rewritten_to_the_external_url(gw, nginx):
+    """A redirect to the internal URL comes out pointing at the external one."""
+    (nginx.www / "dir").mkdir()
+    (nginx.www / "dir" / "index.html").write_text("in dir\n")
+    svc, conn, front = start_wiki(gw, nginx)
+    r, _ = get(front, f"{WIKI}:{front}", "/redir")
+    assert r.status == 302
+    assert r.getheader("Location") == f"http://{WIKI}:{front}/x"
+    r, _ = get(front, f"{WIKI}:{front}", "/dir")
+    assert r.status == 301
+    assert r.getheader("Location") == f"http://{WIKI}:{front}/dir/"
+
+
+def test_unknown_host_gets_404_naming_nothing_internal(gw, nginx):
+    """A Host no app has gets a 404 page with a correlation id and no internal detail."""
+    svc, conn, front = start_wiki(gw, nginx)
+    r, body = get(front, f"other.apps.example.test:{front}", "/headers")
+    page = body.decode()
+    assert r.status == 404
+    request_id = r.getheader("X-Request-Id")
+    assert request_id and request_id in page
+    for secret in (str(nginx.port), "wiki", "default", conn.connector_id[:12]):
+        assert secret not in page
+    wait_until(lambda: request_id in svc.log(), 10, "the 404's id in the service log")
+
+
+def test_no_connector_gives_502_with_correlation_id(gw, nginx):
+    """An app whose group has no connector answers 502; the id is on the page and in the service log."""
+    svc, conn, front = start_wiki(gw, nginx, extra_apps=[{
+        "name": "lonely", "group": "nobody", "external_url": "http://lonely.apps.example.test/",
+        "internal_url": f"http://{HOST}:{nginx.port}/"}])
+    r, body = get(front, "lonely.apps.example.test", "/headers")
+    assert r.status == 502
+    request_id = r.getheader("X-Request-Id")
+    assert re.fullmatch(r"[0-9a-f]{16}", request_id) and request_id in body.decode()
+    assert str(nginx.port) not in body.decode()
+    wait_until(lambda: request_id in svc.log(), 10, "the 502's id in the service log")
+
+
+def test_refused_back_end_gives_502_logged_on_both_sides(gw, nginx):
+    """A back end that refuses connections answers 502; the id is in the service and connector logs."""
+    dead = free_port()
+    svc, conn, front = start_wiki(gw, nginx, extra_apps=[{
+        "name": "dead", "external_url": "http://dead.apps.example.test/",
+        "internal_url": f"http://{HOST}:{dead}/", "connect_timeout": 2}])
+    r, body = get(front, "dead.apps.example.test", "/")
+    assert r.status == 502
+    request_id = r.getheader("X-Request-Id")
+    assert request_id in body.decode() and str(dead) not in body.decode()
+    wait_until(lambda: request_id in svc.log(), 10, "the 502's id in the service log")
+    wait_until(lambda: request_id in conn.proc.log(), 10, "the 502's id in the connector log")
