@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -47,6 +48,8 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
 _PROTOCOL_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
 _DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+# Shortest certificate_lifetime_seconds: renewal needs time for a round trip and retries.
+MIN_CERTIFICATE_LIFETIME = 60
 _HOST_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}\Z")
 
 
@@ -67,9 +70,17 @@ class ServiceConfig:
     certificate_lifetime_days: int = 90
     token_lifetime: int = 3600
     max_handshakes: int = 64
+    certificate_lifetime_seconds: int | None = None
     inactive_after: float = 600.0
     remove_inactive_after: float = 864000.0
     sweep_interval: float = 60.0
+
+    @property
+    def certificate_lifetime(self) -> timedelta:
+        """How long new client certificates are valid: the seconds if set, else the days."""
+        if self.certificate_lifetime_seconds is not None:
+            return timedelta(seconds=self.certificate_lifetime_seconds)
+        return timedelta(days=self.certificate_lifetime_days)
 
 
 @frozen
@@ -461,7 +472,7 @@ def _check_web_url(url: str, schemes: tuple[str, ...]) -> str | None:
 class _Parser:
     TOP = ["service", "connector", "apps", "tunnel", "logging"]
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
-               "certificate_lifetime_days", "token_lifetime", "max_handshakes",
+               "certificate_lifetime_days", "token_lifetime", "max_handshakes", "certificate_lifetime_seconds",
                "inactive_after", "remove_inactive_after", "sweep_interval"]
     APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options",
            "external_url", "internal_url"]
@@ -535,6 +546,8 @@ class _Parser:
             certificate_lifetime_days=t.integer("certificate_lifetime_days", 90, 1, 3650),
             token_lifetime=t.integer("token_lifetime", 3600, 1),
             max_handshakes=t.integer("max_handshakes", 64, 1),
+            certificate_lifetime_seconds=(t.integer("certificate_lifetime_seconds", 0, MIN_CERTIFICATE_LIFETIME)
+                                          if "certificate_lifetime_seconds" in data else None),
             inactive_after=t.number("inactive_after", 600, positive=True),
             remove_inactive_after=t.number("remove_inactive_after", 864000, positive=True),
             sweep_interval=t.number("sweep_interval", 60, positive=True),

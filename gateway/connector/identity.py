@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from attrs import frozen
+from attrs import evolve, frozen
 
 from gateway.errors import GatewayError
 from gateway.pki import keys
@@ -17,6 +18,8 @@ SETTINGS_FILE = "connection.toml"
 CA_FILE = "ca.pem"
 CERT_FILE = "client.pem"
 KEY_FILE = "client.key"
+# A renewal writes the new key here first, then client.pem, then renames this over client.key.
+NEXT_KEY_FILE = "client.key.next"
 
 
 class NotRegistered(GatewayError):
@@ -51,7 +54,7 @@ class ConnectorIdentity:
             settings = tomllib.loads(settings_path.read_text())
             ca_cert = keys.load_cert((state_dir / CA_FILE).read_bytes())
             cert = keys.load_cert((state_dir / CERT_FILE).read_bytes())
-            key = keys.load_key((state_dir / KEY_FILE).read_bytes())
+            key = _matching_key(state_dir, cert)
             identity = cls(
                 state_dir=state_dir,
                 service_host=str(settings["service_host"]),
@@ -75,6 +78,30 @@ class ConnectorIdentity:
                 f" get a new token from the service and {register}"
             )
         return identity
+
+
+def _matching_key(state_dir: Path, cert: Any) -> Any:
+    """client.key, or client.key.next if a renewal stopped between writing client.pem and the rename."""
+    key = keys.load_key((state_dir / KEY_FILE).read_bytes())
+    if key.public_key() == cert.public_key():
+        return key
+    next_path = state_dir / NEXT_KEY_FILE
+    if next_path.exists():
+        next_key = keys.load_key(next_path.read_bytes())
+        if next_key.public_key() == cert.public_key():
+            os.replace(next_path, state_dir / KEY_FILE)
+            return next_key
+    raise ValueError(f"{KEY_FILE} does not belong to {CERT_FILE}")
+
+
+def install_certificate(identity: ConnectorIdentity, cert: Any, key: Any) -> ConnectorIdentity:
+    """Write a renewed key (0600) and certificate so that a crash at any point leaves a loadable
+    pair, and return the identity that uses them."""
+    state_dir = identity.state_dir
+    keys.write_private(state_dir / NEXT_KEY_FILE, keys.key_pem(key))
+    keys.write_public(state_dir / CERT_FILE, keys.cert_pem(cert))
+    os.replace(state_dir / NEXT_KEY_FILE, state_dir / KEY_FILE)
+    return evolve(identity, cert=cert, key=key)
 
 
 def write_settings(state_dir: Path, **values: Any) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,10 +17,10 @@ from twisted.python.failure import Failure
 from gateway import PROTOCOL_VERSION, __version__, plugins
 from gateway.config import AppConfig, GatewayConfig
 from gateway.connector.identity import ConnectorIdentity
+from gateway.connector.renewal import CertificateRenewer, IdentityEndpoint
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
 from gateway.errors import GatewayError, describe_failure
-from gateway.pki.tls import client_options
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.session import TunnelSession, TunnelSettings
 from gateway.tunnel.splice import QuietFactory
@@ -71,13 +70,17 @@ class ConnectorNode(MultiService):
         self.bytes_in = 0
         self.bytes_out = 0
         self.ctx = {"connector_id": identity.connector_id}
+        self.renewer = CertificateRenewer(self, reactor)
+        self.renewer.setServiceParent(self)
+        self.control_handlers[m.RENEW_RESULT] = self.renewer.on_result
+        self.control_handlers[m.ERROR] = self.renewer.on_error
 
     # -- start and stop ------------------------------------------------------------------
 
     def startService(self) -> None:
         ident = self.identity
-        tls = client_options(ident.ca_cert, ident.cert, ident.key, ident.server_name)
-        endpoint = wrapClientTLS(tls, HostnameEndpoint(self.reactor, ident.service_host, ident.service_port, timeout=10))
+        # Built from the current identity at each connect: new tunnels get a renewed certificate.
+        endpoint = IdentityEndpoint(self, self.reactor)
         connector = self.config.connector
         for i in range(connector.tunnels):
             client = ClientService(

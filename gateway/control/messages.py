@@ -18,6 +18,8 @@ CONFIG = "config"
 HEARTBEAT = "heartbeat"
 ENROL_REQUEST = "enrol_request"
 ENROL_RESULT = "enrol_result"
+RENEW_REQUEST = "renew_request"
+RENEW_RESULT = "renew_result"
 
 CAPABILITIES = ("tcp", "go_away_drain", "config_push", "window_autotune")
 

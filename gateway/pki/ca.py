@@ -105,7 +105,8 @@ class CertificateAuthority:
 
     def _issued(self, subject: x509.Name, public_key, now: datetime, lifetime: timedelta):
         return (
-            _builder(subject, self.cert.subject, public_key, now - CLOCK_SKEW, now + lifetime)
+            # Short-lived certificates back-date less, so most of their life lies ahead.
+            _builder(subject, self.cert.subject, public_key, now - min(CLOCK_SKEW, lifetime / 10), now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(cert_sign=False), critical=True)
             .add_extension(

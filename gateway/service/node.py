@@ -29,6 +29,7 @@ from gateway.pki.tls import server_options
 from gateway.protocols import StreamInfo
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.registry import NoConnector, Registry
+from gateway.service.renewal import handle_renew_request
 from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler
 from gateway.store.records import CertificateRecord, ConnectorRecord
 from gateway.store.sqlite import SQLiteStore
@@ -90,6 +91,7 @@ class ServiceNode(MultiService):
         self._shared_services: list[StreamServerEndpointService] = []
         # type -> handler(tunnel_handler, message) for control messages beyond hello/config/heartbeat
         self.control_handlers: dict[str, Any] = {}
+        self.control_handlers[m.RENEW_REQUEST] = handle_renew_request
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -231,8 +233,8 @@ class ServiceNode(MultiService):
     def tunnel_up(self, handler: TunnelHandler) -> None:
         self.registry.add(handler.entry)
         self.log.info(
-            "connector {connector_id} (group {group}) up on tunnel {tunnel_id} from {address}",
-            group=handler.group, address=handler.address, **handler.ctx,
+            "connector {connector_id} (group {group}) up on tunnel {tunnel_id} from {address} with certificate {serial}",
+            group=handler.group, address=handler.address, serial=handler.identity.serial_hex, **handler.ctx,
         )
         plugins.notify(self.pm, "gateway_connector_up", connector=handler.entry)
         connector_id = handler.identity.connector_id
@@ -322,7 +324,7 @@ class ServiceNode(MultiService):
     def enrol(self, message: dict[str, Any], address: str) -> Deferred:
         """Redeem a token for a client certificate; fires with the reply message, never fails."""
         now = datetime.now(UTC)
-        lifetime = timedelta(days=self.config.service.certificate_lifetime_days)
+        lifetime = self.config.service.certificate_lifetime
         try:
             if message.get("type") != m.ENROL_REQUEST:
                 raise EnrolmentError(f"expected an enrol_request, got {message.get('type')!r}")

@@ -290,6 +290,22 @@ class SQLiteStore:
             ).rowcount
         return changed == 1
 
+    def renew_certificate(
+        self, serial_hex: str, connector_id: str, issue: Callable[[], tuple[CertificateRecord, R]]
+    ) -> R:
+        """Store a further certificate for a connector that presented `serial_hex`, all or nothing.
+
+        Raises GatewayError naming the status unless that certificate is still valid (known, not
+        revoked, connector not deleted). The old certificate stays valid until it expires.
+        """
+        with self._write() as db:
+            status = self.certificate_status(serial_hex, connector_id)
+            if status != "valid":
+                raise GatewayError(f"certificate {serial_hex} of connector {connector_id} is {status}")
+            certificate, result = issue()
+            self._insert_certificate(db, certificate)
+        return result
+
     def touch_connector(self, connector_id: str, now: datetime) -> None:
         """Record that the connector was just seen."""
         with self._write() as db:
