@@ -47,7 +47,7 @@ class StatusRecorder:
 
     def status(self, connector_id: str) -> ConnectorStatus | None:
         """What this node sees of a connector now; None if it has no tunnel here."""
-        tunnels = self.registry.connectors().get(connector_id, [])
+        tunnels = self.registry.tunnels_of(connector_id)
         if not tunnels:
             return None
         latest = tunnels[-1]
@@ -86,6 +86,8 @@ class StatusRecorder:
         return self._write(connector_id, status)
 
     def _write(self, connector_id: str, status: ConnectorStatus, remember: bool = True) -> Deferred:
+        if getattr(self.store, "closed", False):
+            return succeed(None)  # the node is stopping; the connector's next hello writes afresh
         if remember:
             self._written[connector_id] = (self.clock.seconds(), status)
         d = self.store.record_status(connector_id, status, clock_now(self.clock))
@@ -97,7 +99,7 @@ class StatusRecorder:
     def _check_group(self, record: ConnectorRecord | None, connector_id: str) -> None:
         if record is None or record.deleted_at is not None:
             return  # the re-check every config_interval closes its tunnels
-        tunnels = self.registry.connectors().get(connector_id, [])
+        tunnels = self.registry.tunnels_of(connector_id)
         stale = [t for t in tunnels if t.group != record.group]
         if not stale:
             return

@@ -124,7 +124,7 @@ class ServiceNode(MultiService):
         revalidate.setServiceParent(self)
         self.lifecycle = StatusRecorder(self.store, self.registry, self.reactor, service.node_id,
                                         service.heartbeat_interval)
-        sweeper = Sweeper(self.store, self.reactor, lambda cid: cid in self.registry.connectors(),
+        sweeper = Sweeper(self.store, self.reactor, lambda cid: bool(self.registry.tunnels_of(cid)),
                           service.inactive_after, service.remove_inactive_after)
         SweeperService(sweeper, service.sweep_interval, self.reactor).setServiceParent(self)
         super().startService()

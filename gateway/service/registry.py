@@ -53,6 +53,10 @@ class Registry:
     def connectors(self) -> dict[str, list[ConnectorTunnel]]:
         return {cid: list(ts) for cid, ts in self._tunnels.items()}
 
+    def tunnels_of(self, connector_id: str) -> list[ConnectorTunnel]:
+        """The live tunnels of one connector (a copy; empty if it has none)."""
+        return list(self._tunnels.get(connector_id, ()))
+
     def sessions(self) -> list[Any]:
         return [t.session for ts in self._tunnels.values() for t in ts]
 

@@ -38,6 +38,11 @@ class ThreadedStore:
         # "before": the reactor waits for close()'s Deferred, so pending writes finish first.
         self._shutdown_trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._on_shutdown)
 
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called; every later call fails."""
+        return self._closing is not None
+
     def ensure_group(self, name, now) -> Deferred:
         return self._call(self.store.ensure_group, name, now)
 

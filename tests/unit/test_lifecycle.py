@@ -26,6 +26,7 @@ class DeferredStore:
     def __init__(self, store: SQLiteStore) -> None:
         self.sync = store
         self.calls: list[str] = []
+        self.closed = False
 
     def __getattr__(self, name):
         method = getattr(self.sync, name)
@@ -102,7 +103,7 @@ def connect(registry, connector_id="conn-1", group="office", streams=0) -> Conne
 
 
 def sweeper(store, clock, registry, inactive_after=10 * MINUTE, remove_after=10 * DAY) -> Sweeper:
-    return Sweeper(store, clock, lambda cid: cid in registry.connectors(), inactive_after, remove_after)
+    return Sweeper(store, clock, lambda cid: bool(registry.tunnels_of(cid)), inactive_after, remove_after)
 
 
 def recorder(store, clock, registry, heartbeat_interval=15.0) -> StatusRecorder:
@@ -186,6 +187,19 @@ def test_group_move_in_the_store_reaches_live_tunnels(store, sync_store, clock):
     assert [e.session.owner.group for e in entries] == ["lab", "lab"]
     assert [e.session.owner.configs_sent for e in entries] == [1, 1]
     assert registry.pick("lab") in entries
+
+
+def test_no_writes_once_the_store_is_closing(store, sync_store, clock):
+    """Tunnels lost while the node stops write nothing (and log no failure) once the store closes."""
+    enrol(sync_store)
+    registry = Registry()
+    connect(registry)
+    rec = recorder(store, clock, registry)
+    store.closed = True
+    rec.changed("conn-1")
+    clock.advance(60)
+    rec.heartbeat("conn-1")
+    assert "record_status" not in store.calls
 
 
 # the sweep

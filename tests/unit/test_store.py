@@ -402,7 +402,9 @@ def test_shutdown_trigger_closes_store_and_stops_pool(db_path, reactor):
 
 def test_close_twice_fires_both_and_refuses_later_calls(threaded, reactor):
     """Both close() callers are told when it is done; a call after close fails, it does not hang."""
+    assert threaded.closed is False
     first, second = threaded.close(), threaded.close()
+    assert threaded.closed is True
     assert reactor.result_of(first) is None
     assert reactor.result_of(second) is None
     assert reactor.triggers == {}
