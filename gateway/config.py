@@ -626,6 +626,8 @@ class _Parser:
         if not isinstance(options, Mapping):
             raise t.fail("options", "a table", options)
         if web:
+            if protocol != WEB_PROTOCOL:
+                raise t.fail("protocol", f'"{WEB_PROTOCOL}" in an app with external_url or internal_url', protocol)
             return self.web_app(t, name, group, protocol, connect_timeout, dict(options))
         listen = t.endpoint("listen", None, required=True)
         destination = t.get("destination", None, True, '"host:port"')

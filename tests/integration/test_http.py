@@ -238,3 +238,28 @@ def test_refused_back_end_gives_502_logged_on_both_sides(gw, nginx):
     assert request_id in body.decode() and str(dead) not in body.decode()
     wait_until(lambda: request_id in svc.log(), 10, "the 502's id in the service log")
     wait_until(lambda: request_id in conn.proc.log(), 10, "the 502's id in the connector log")
+
+
+def test_reload_adds_a_web_app_to_the_front_door(gw, nginx):
+    """After SIGHUP a web app added to the file is served by the rebound front door; the old one still is."""
+    svc, conn, front = start_wiki(gw, nginx)
+    with open(svc.config_path, "a") as f:
+        f.write("\n" + toml_table("apps", {"name": "blog", "external_url": f"http://blog.apps.example.test:{front}/",
+                                           "internal_url": f"http://{HOST}:{nginx.port}/"}, array=True))
+    svc.proc.signal(signal.SIGHUP)
+    wait_until(lambda: get(front, f"blog.apps.example.test:{front}", "/headers")[0].status == 200, 30,
+               "the blog app to answer after the reload")
+    assert get(front, f"{WIKI}:{front}", "/headers")[0].status == 200
+
+
+def test_http_app_with_its_own_listen(gw, nginx):
+    """An http app with listen and destination gets its own front door; Location follows the client's Host."""
+    svc = gw.service(apps=[{"name": "site", "protocol": "http", "destination": f"{HOST}:{nginx.port}"}])
+    gw.connector(svc)
+    port = svc.app_port("site")
+    wait_until(lambda: get(port, f"site.example.test:{port}", "/headers")[0].status == 200, 30,
+               "the site app to answer")
+    r, body = get(port, f"site.example.test:{port}", "/headers")
+    assert f"host={HOST}:{nginx.port}|" in body.decode()
+    r, _ = get(port, f"site.example.test:{port}", "/redir")
+    assert r.status == 302 and r.getheader("Location") == f"http://site.example.test:{port}/x"

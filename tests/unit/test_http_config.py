@@ -1,0 +1,130 @@
+"""Web apps in the config file and the http plugin's [http] table: what is accepted, what is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import plugins
+from gateway.config import parse_config
+from gateway.errors import ConfigError, GatewayError
+
+import gateway_http
+
+
+def config(*apps, http=None, sections=None):
+    data = {"service": {"state_dir": "/tmp/gw-state"}, "apps": list(apps)}
+    if http is not None:
+        data["http"] = http
+    return parse_config(data, "gw.toml", sections)
+
+
+def web(**extra):
+    return {"name": "wiki", "external_url": "http://wiki.apps.example.test:8080/",
+            "internal_url": "http://wiki.corp:8000/", **extra}
+
+
+def refused(*apps, **kwargs) -> str:
+    with pytest.raises(ConfigError) as e:
+        config(*apps, **kwargs)
+    return str(e.value)
+
+
+def test_web_app_gets_destination_from_internal_url():
+    """A web app has no listen; destination, host and port come from internal_url; protocol defaults to http."""
+    app, = config(web()).apps
+    assert (app.protocol, app.listen, app.destination, app.host, app.port) == ("http", "", "wiki.corp:8000",
+                                                                                 "wiki.corp", 8000)
+    assert app.external_url == "http://wiki.apps.example.test:8080/"
+
+
+def test_default_port_and_ipv6_internal_url():
+    """Without a port the scheme's default is used; an IPv6 host becomes a bracketed destination."""
+    app, = config(web(internal_url="http://[2001:db8::5]/")).apps
+    assert (app.host, app.port, app.destination) == ("2001:db8::5", 80, "[2001:db8::5]:80")
+
+
+def test_tcp_apps_are_unchanged_next_to_web_apps():
+    """A tcp app still needs listen and destination and may sit next to web apps."""
+    cfg = config(web(), {"name": "db", "listen": "tcp:15432", "destination": "db.corp:5432"})
+    assert [a.protocol for a in cfg.apps] == ["http", "tcp"]
+    assert "apps[0].listen" in refused({"name": "db", "destination": "db.corp:5432"})
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("external_url", "ftp://wiki.example.test/", "unknown scheme: ftp:"),
+    ("external_url", "https://wiki.example.test/", "not supported yet: https:"),
+    ("external_url", "wiki.example.test", "unknown scheme: none:"),
+    ("external_url", "http:///", "with a host"),
+    ("external_url", "http://wiki.example.test:99999/", "valid host and port"),
+    ("external_url", "http://wiki.example.test:0/", "port 1..65535"),
+    ("external_url", "http://u:p@wiki.example.test/", "without user name"),
+    ("external_url", "http://wiki.example.test/?a=1", "without query"),
+    ("external_url", "http://wiki.example.test/sub/", 'path is "/"'),
+    ("external_url", "http://*.example.test/", "valid DNS name"),
+    ("external_url", "http://bad_name!.test/", "valid DNS name"),
+    ("internal_url", "https://wiki.corp/", "not supported yet: https:"),
+    ("internal_url", 8000, "an absolute URL"),
+    ("internal_url", "", "an absolute URL"),
+])
+def test_invalid_urls_are_refused(key, value, words):
+    """Bad external and internal URLs are refused with the key and what was wrong."""
+    message = refused(web(**{key: value}))
+    assert f"apps[0].{key}" in message and words in message
+
+
+def test_both_urls_are_required():
+    """A web app without its internal_url (or external_url) is refused naming the missing key."""
+    app = web()
+    del app["internal_url"]
+    assert "apps[0].internal_url" in refused(app) and "required" in refused(app)
+    app = web()
+    del app["external_url"]
+    assert "apps[0].external_url" in refused(app)
+
+
+def test_duplicate_external_hosts_are_refused():
+    """Two apps on one external scheme, host and port (case and default port ignored) are refused."""
+    message = refused(web(external_url="http://wiki.example.test/"),
+                      web(name="other", external_url="http://WIKI.example.test:80"))
+    assert "apps[1].external_url" in message and "apps[0]" in message
+    assert len(config(web(), web(name="other", external_url="http://wiki.apps.example.test:8081/")).apps) == 2
+
+
+def test_listen_or_destination_in_a_web_app_is_refused():
+    """listen and destination come from the front door and internal_url, so setting them is an error."""
+    assert "apps[0].listen: expected no listen" in refused(web(listen="tcp:8080"))
+    assert "apps[0].destination: expected no destination" in refused(web(destination="a:1"))
+
+
+def test_urls_in_a_tcp_app_are_refused():
+    """external_url in an app that names another protocol is refused."""
+    message = refused(web(protocol="tcp"))
+    assert 'apps[0].protocol: expected "http" in an app with external_url' in message
+
+
+def sections():
+    pm = plugins.make_plugin_manager({})
+    return plugins.config_sections(pm)
+
+
+def test_http_table_is_parsed_by_the_plugin():
+    """[http] listen is read by the plugin; its default is tcp:80."""
+    assert config(web(), http={"listen": "tcp:8080"}, sections=sections()).sections["http"] == {"listen": "tcp:8080"}
+    assert config(web(), sections=sections()).sections["http"] == {"listen": "tcp:80"}
+
+
+@pytest.mark.parametrize("table, words", [
+    ({"listen": 8080}, "http.listen"),
+    ({"listen": "nonsense:x"}, "http.listen"),
+    ({"lisen": "tcp:80"}, "http.lisen: unknown key"),
+])
+def test_bad_http_table_is_refused(table, words):
+    """A bad [http] table is refused with the dotted key."""
+    assert words in refused(web(), http=table, sections=sections())
+
+
+def test_translate_host_must_be_a_boolean():
+    """options.translate_host other than true/false stops the front door from starting."""
+    cfg = config(web(options={"translate_host": "yes"}))
+    with pytest.raises(GatewayError, match="translate_host"):
+        gateway_http.check_options(gateway_http.web_apps(cfg))
