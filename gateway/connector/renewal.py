@@ -129,7 +129,11 @@ class CertificateRenewer(Service):
             return
         client = next((t for t in self.node.tunnels.values() if t.control is not None), None)
         if client is None:
-            self._failed("no tunnel to the service is up")
+            # Normal right after a start with a renewal already due: wait for a tunnel.
+            delay = retry_delay(_clock_now(self.clock), self.node.identity.not_after)
+            self.log.info("certificate renewal due, but no tunnel to the service is up; trying again in {delay:.0f}s",
+                          delay=delay, **self.ctx)
+            self._schedule(delay)
             return
         ident = self.node.identity
         key = keys.generate_key()
