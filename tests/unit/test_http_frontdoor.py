@@ -284,3 +284,13 @@ def test_client_gone_resets_the_stream():
     stream = h.accept()
     h.door.connectionLost(Failure(ConnectionDone()))
     assert stream.reset_with is not None
+
+
+def test_a_finished_response_lets_its_stream_drain():
+    """A stream paused by a slow client is resumed once its response is complete, so it can close."""
+    h = Harness()
+    h.send(GET)
+    stream = h.accept()
+    stream.pauseProducing()
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert not stream.paused and stream.fin

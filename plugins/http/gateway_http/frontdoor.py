@@ -393,6 +393,8 @@ class FrontDoor(Protocol):
             ex.keep_alive = False
             ex.stream.unregisterProducer()
             self._release("tunnel")
+        # Whatever still comes on this stream is dropped: let it flow so the stream can close.
+        ex.stream.resumeProducing()
         ex.stream.loseConnection()
         if ex.request_done or not ex.keep_alive:
             self._exchange_over(ex)
