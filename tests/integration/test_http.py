@@ -263,3 +263,53 @@ def test_http_app_with_its_own_listen(gw, nginx):
     assert f"host={HOST}:{nginx.port}|" in body.decode()
     r, _ = get(port, f"site.example.test:{port}", "/redir")
     assert r.status == 302 and r.getheader("Location") == f"http://site.example.test:{port}/x"
+
+
+def test_large_bodies_stream_in_bounded_memory(gw, nginx):
+    """256 MiB down and up go through with the same sha256 while service and connector RSS stay bounded."""
+    size = 256 * 1024 * 1024
+    block = os.urandom(1 << 20)
+    h = hashlib.sha256()
+    with open(nginx.www / "huge.bin", "wb") as f:
+        for i in range(size >> 20):
+            piece = block[i % 7:] + block[:i % 7]
+            f.write(piece)
+            h.update(piece)
+    digest = h.hexdigest()
+    svc, conn, front = start_wiki(gw, nginx)
+    before = max(svc.proc.rss_bytes(), conn.proc.rss_bytes())
+    peak = [0]
+
+    c = http.client.HTTPConnection(HOST, front, timeout=60)
+    c.request("GET", "/huge.bin", headers={"Host": f"{WIKI}:{front}"})
+    r = c.getresponse()
+    got = hashlib.sha256()
+    n = 0
+    while True:
+        data = r.read(1 << 20)
+        if not data:
+            break
+        got.update(data)
+        n += len(data)
+        if n % (32 << 20) < (1 << 20):
+            peak[0] = max(peak[0], svc.proc.rss_bytes(), conn.proc.rss_bytes())
+    assert r.status == 200 and n == size and got.hexdigest() == digest
+
+    def body():
+        for i in range(size >> 20):
+            if i % 32 == 0:
+                peak[0] = max(peak[0], svc.proc.rss_bytes(), conn.proc.rss_bytes())
+            yield block[i % 7:] + block[:i % 7]
+
+    c.request("PUT", "/up/huge.bin", body=body(), headers={"Host": f"{WIKI}:{front}", "Content-Length": str(size)})
+    r = c.getresponse()
+    r.read()
+    c.close()
+    assert r.status in (201, 204), r.status
+    up = hashlib.sha256()
+    with open(nginx.www / "up" / "huge.bin", "rb") as f:
+        while chunk := f.read(1 << 20):
+            up.update(chunk)
+    assert up.hexdigest() == digest
+    print(f"RSS before {before >> 20} MiB, peak {peak[0] >> 20} MiB")
+    assert peak[0] - before < 64 * 1024 * 1024, f"RSS grew from {before >> 20} MiB to {peak[0] >> 20} MiB"
