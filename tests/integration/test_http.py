@@ -7,6 +7,8 @@ import http.client
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -313,3 +315,30 @@ def test_large_bodies_stream_in_bounded_memory(gw, nginx):
     assert up.hexdigest() == digest
     print(f"RSS before {before >> 20} MiB, peak {peak[0] >> 20} MiB")
     assert peak[0] - before < 64 * 1024 * 1024, f"RSS grew from {before >> 20} MiB to {peak[0] >> 20} MiB"
+
+
+def _reset_after_request(conn, backend) -> None:
+    """Read the request head, then reset the connection without answering."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            break
+        data += more
+    backend.record(data)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_back_end_reset_gives_502_with_correlation_id(gw, nginx, backends):
+    """A back end that resets the connection instead of answering gives a 502 whose id both logs have."""
+    rude = backends(_reset_after_request)
+    svc, conn, front = start_wiki(gw, nginx, extra_apps=[{
+        "name": "rude", "external_url": "http://rude.apps.example.test/",
+        "internal_url": f"http://{HOST}:{rude.port}/"}])
+    r, body = get(front, "rude.apps.example.test", "/x")
+    assert r.status == 502
+    request_id = r.getheader("X-Request-Id")
+    assert request_id in body.decode() and str(rude.port) not in body.decode()
+    assert rude.wait_results(1, 10)[0].startswith(b"GET /x HTTP/1.1\r\n")
+    wait_until(lambda: request_id in svc.log(), 10, "the 502's id in the service log")
+    wait_until(lambda: request_id in conn.proc.log(), 10, "the 502's id in the connector log")

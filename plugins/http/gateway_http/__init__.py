@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -46,7 +47,13 @@ class HTTPHandler:
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
         request_id = stream.metadata.get("request_id")
         endpoint = HostnameEndpoint(reactor, app.host, app.port, timeout=app.connect_timeout)
-        backend = SocketSide()
+        def lost(reason: Any) -> None:
+            if reason is not None and not reason.check(ConnectionDone):
+                log.warn("request {request_id} for app {app}: the connection to {destination} broke: {reason}",
+                         request_id=request_id, app=app.name, destination=app.destination,
+                         reason=reason.getErrorMessage())
+
+        backend = SocketSide(on_lost=lost)
         d = endpoint.connect(QuietFactory.forProtocol(lambda: backend))
 
         def connected(_: Any) -> None:
