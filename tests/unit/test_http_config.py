@@ -108,15 +108,19 @@ def sections():
 
 
 def test_http_table_is_parsed_by_the_plugin():
-    """[http] listen is read by the plugin; its default is tcp:80."""
-    assert config(web(), http={"listen": "tcp:8080"}, sections=sections()).sections["http"] == {"listen": "tcp:8080"}
-    assert config(web(), sections=sections()).sections["http"] == {"listen": "tcp:80"}
+    """[http] listen and the timeouts are read by the plugin; listen defaults to tcp:80."""
+    parsed = config(web(), http={"listen": "tcp:8080", "idle_timeout": 5}, sections=sections()).sections["http"]
+    assert parsed == {"listen": "tcp:8080", "header_timeout": 30.0, "idle_timeout": 5.0}
+    assert config(web(), sections=sections()).sections["http"]["listen"] == "tcp:80"
 
 
 @pytest.mark.parametrize("table, words", [
     ({"listen": 8080}, "http.listen"),
     ({"listen": "nonsense:x"}, "http.listen"),
     ({"lisen": "tcp:80"}, "http.lisen: unknown key"),
+    ({"header_timeout": 0}, "http.header_timeout: expected a number of seconds > 0"),
+    ({"idle_timeout": "60"}, "http.idle_timeout: expected a number of seconds > 0"),
+    ({"idle_timeout": True}, "http.idle_timeout"),
 ])
 def test_bad_http_table_is_refused(table, words):
     """A bad [http] table is refused with the dotted key."""

@@ -7,11 +7,12 @@ from typing import Any
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from gateway.service.registry import NoConnector
-from gateway_http.frontdoor import FrontDoor
+from gateway_http.frontdoor import FrontDoor, Timeouts
 from gateway_http.rules import ChunkDecoder
 
 
@@ -80,11 +81,12 @@ class FakeStream:
 
 
 class Harness:
-    def __init__(self, apps=None, fail_with: Exception | None = None) -> None:
+    def __init__(self, apps=None, fail_with: Exception | None = None, clock: Clock | None = None) -> None:
         self.apps = {a.external_url.split("/")[2]: a for a in (apps or [App()])}
         self.opens: list[tuple[Deferred, FakeStream]] = []
         self.fail_with = fail_with
-        self.door = FrontDoor(lambda host: self.apps.get(host), self.open_stream)
+        self.door = FrontDoor(lambda host: self.apps.get(host), self.open_stream, reactor=clock,
+                              timeouts=Timeouts(header=5, idle=20))
         self.transport = StringTransport()
         self.door.makeConnection(self.transport)
 
@@ -294,3 +296,41 @@ def test_a_finished_response_lets_its_stream_drain():
     stream.pauseProducing()
     stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert not stream.paused and stream.fin
+
+
+def test_idle_connection_is_closed_quietly():
+    """A connection that sends nothing for idle_timeout is closed without a response."""
+    clock = Clock()
+    h = Harness(clock=clock)
+    clock.advance(19)
+    assert not h.transport.disconnecting
+    clock.advance(1)
+    assert h.transport.disconnecting and h.output() == b""
+
+
+def test_slow_request_head_gets_408():
+    """A head still incomplete header_timeout after its first byte gets 408, however slowly bytes trickle in."""
+    clock = Clock()
+    h = Harness(clock=clock)
+    for _ in range(4):
+        h.send(b"G")
+        clock.advance(1)
+    assert not h.transport.disconnecting
+    clock.advance(1)
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 408 ") and b"X-Request-Id: " in out and h.transport.disconnecting
+
+
+def test_timers_stop_during_a_request_and_restart_after():
+    """No timeout while a request is in flight; a kept-alive connection gets the idle timeout again."""
+    clock = Clock()
+    h = Harness(clock=clock)
+    h.send(GET)
+    stream = h.accept()
+    clock.advance(100)
+    assert not h.transport.disconnecting
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    clock.advance(19)
+    assert not h.transport.disconnecting
+    clock.advance(1)
+    assert h.transport.disconnecting and not clock.getDelayedCalls()

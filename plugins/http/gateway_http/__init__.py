@@ -27,13 +27,13 @@ from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import QuietFactory, SocketSide
 
 from . import rules
-from .frontdoor import FrontDoor
+from .frontdoor import DEFAULT_TIMEOUTS, FrontDoor, Timeouts
 
 log = Logger(namespace="gateway_http")
 
 NAME = "http"
 DEFAULT_LISTEN = "tcp:80"
-SECTION_KEYS = ("listen",)
+SECTION_KEYS = ("listen", "header_timeout", "idle_timeout")
 
 
 @implementer(IProtocolHandler)
@@ -42,7 +42,8 @@ class HTTPHandler:
 
     def service_factory(self, app: Any, open_stream: Any, reactor: Any) -> Factory:
         """An app with a ``listen`` of its own (no external_url): a front door serving only it."""
-        return QuietFactory.forProtocol(lambda: FrontDoor(lambda host: app, lambda _app, extra: open_stream(extra)))
+        return QuietFactory.forProtocol(lambda: FrontDoor(
+            lambda host: app, lambda _app, extra: open_stream(extra), reactor=reactor))
 
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
         request_id = stream.metadata.get("request_id")
@@ -86,9 +87,11 @@ def check_options(apps: list[Any]) -> None:
             raise GatewayError(f"app {app.name}: options.translate_host: expected true or false, got {value!r}")
 
 
-def front_door_factory(apps: list[Any], open_stream: Any) -> Factory:
+def front_door_factory(apps: list[Any], open_stream: Any, reactor: Any = None,
+                       timeouts: Timeouts | None = None) -> Factory:
     table = rules.routing_table(apps)
-    return QuietFactory.forProtocol(lambda: FrontDoor(lambda host: rules.route(table, host), open_stream))
+    return QuietFactory.forProtocol(lambda: FrontDoor(
+        lambda host: rules.route(table, host), open_stream, reactor=reactor, timeouts=timeouts))
 
 
 @hookimpl
@@ -112,18 +115,27 @@ def gateway_config_sections(register: Any) -> None:
             serverFromString(MemoryReactor(), listen)
         except Exception as e:
             raise error("listen", f"expected a Twisted server endpoint string such as \"tcp:8080\", got {listen!r} ({e})")
-        return {"listen": listen}
+        timeouts = {}
+        for key, default in (("header_timeout", DEFAULT_TIMEOUTS.header), ("idle_timeout", DEFAULT_TIMEOUTS.idle)):
+            value = table.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise error(key, f"expected a number of seconds > 0, got {value!r}")
+            timeouts[key] = float(value)
+        return {"listen": listen, **timeouts}
 
     register(NAME, parse)
 
 
 @hookimpl
-def gateway_service_listeners(register: Any, config: Any, open_stream: Any) -> None:
+def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reactor: Any) -> None:
     apps = web_apps(config)
     if not apps:
         return  # no web app: no front door to bind
     check_options(apps)
-    listen = (config.sections.get(NAME) or {}).get("listen", DEFAULT_LISTEN)
-    register("http", listen, front_door_factory(apps, open_stream))
+    section = config.sections.get(NAME) or {}
+    listen = section.get("listen", DEFAULT_LISTEN)
+    timeouts = Timeouts(header=section.get("header_timeout", DEFAULT_TIMEOUTS.header),
+                        idle=section.get("idle_timeout", DEFAULT_TIMEOUTS.idle))
+    register("http", listen, front_door_factory(apps, open_stream, reactor, timeouts))
     log.info("http front door on {listen} for {apps}", listen=listen,
              apps=", ".join(f"{a.name} ({a.external_url})" for a in apps))

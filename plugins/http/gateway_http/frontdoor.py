@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Callable
 
+from attrs import frozen
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -118,12 +119,27 @@ class Exchange:
         self.bytes_out = 0
 
 
+@frozen
+class Timeouts:
+    """Slow-client limits while the front door waits for a request head."""
+
+    header: float = 30.0   # from the first byte of a request head to its end, else 408
+    idle: float = 60.0     # a connection with no request at all (new, or kept alive), else closed
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+
+
 @implementer(IHalfCloseableProtocol)
 class FrontDoor(Protocol):
     """One client connection to the HTTP front door."""
 
     def __init__(self, router: Callable[[str], Any], open_stream: Callable[[Any, dict], Any],
-                 scheme: str = "http") -> None:
+                 scheme: str = "http", reactor: Any = None, timeouts: Timeouts | None = None) -> None:
+        self.reactor = reactor
+        self.timeouts = timeouts or Timeouts()
+        self._timer: Any = None
+        self._timer_kind = ""
         self.router = router
         self.open_stream = open_stream
         self.scheme = scheme
@@ -143,6 +159,7 @@ class FrontDoor(Protocol):
         peer = self.transport.getPeer()
         self._client_host = getattr(peer, "host", "")
         self._client = f"{peer.host}:{peer.port}" if hasattr(peer, "port") else str(peer)
+        self._arm()
 
     def dataReceived(self, data: bytes) -> None:
         self.buf += data
@@ -163,9 +180,35 @@ class FrontDoor(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.state = "closed"
+        self._disarm()
         ex = self.exchange
         if ex is not None and ex.stream is not None and not ex.stream.closed and ex.response_state != "done":
             ex.stream.reset(ResetCode.CANCELLED, "the HTTP client went away")
+
+    def _arm(self) -> None:
+        """Time the wait for a request head: ``idle`` while nothing came, ``header`` once bytes did."""
+        kind = "header" if self.buf else "idle"
+        if self.reactor is None or self.state != "head" or (self._timer is not None and self._timer_kind == kind):
+            return
+        self._disarm()
+        self._timer_kind = kind
+        delay = self.timeouts.header if kind == "header" else self.timeouts.idle
+        self._timer = self.reactor.callLater(delay, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.state != "head":
+            return
+        if self.buf:
+            self._fail(408, "The request took too long to arrive.")
+        else:
+            self.state = "closed"
+            self.transport.loseConnection()
 
     def _unregister(self) -> None:
         """The response is over: the stream stops being the client socket's producer."""
@@ -216,10 +259,12 @@ class FrontDoor(Protocol):
                 raise HTTPError(414, "The request line is too long.")
             if len(self.buf) > rules.MAX_HEAD:
                 raise HTTPError(431, "The request header is too large.")
+            self._arm()
             return False
         if end > rules.MAX_HEAD:
             raise HTTPError(431, "The request header is too large.")
         head, self.buf = self.buf[:end], self.buf[end + 4:]
+        self._disarm()
         self._start(head)
         return True
 
@@ -411,6 +456,7 @@ class FrontDoor(Protocol):
         self._release("response")
         if self.buf:
             self._advance()
+        self._arm()
 
     def _response_lost(self, ex: Exchange, reason: Failure | None) -> None:
         if ex.response_state == "done" or self.state == "closed" or self.exchange is not ex:
@@ -452,6 +498,7 @@ class FrontDoor(Protocol):
         if ex is not None and ex.stream is not None and not ex.stream.closed:
             ex.stream.reset(ResetCode.CANCELLED, f"the front door answered {status} itself")
         self.state = "closed"
+        self._disarm()
         if ex is not None and ex.response_state != "head":
             self.transport.abortConnection()
             return

@@ -321,7 +321,7 @@ def _head(first_line: bytes, headers: Headers) -> bytes:
     return b"\r\n".join([first_line, *(k + b": " + v for k, v in headers)]) + b"\r\n\r\n"
 
 
-REASONS = {400: "Bad Request", 404: "Not Found", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+REASONS = {400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 
