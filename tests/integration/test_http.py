@@ -59,6 +59,12 @@ http {{
       return 200 "host=$http_host|xff=$http_x_forwarded_for|proto=$http_x_forwarded_proto|xhost=$http_x_forwarded_host|fwd=$http_forwarded|conn=$http_connection|te=$http_transfer_encoding|secret=$http_x_secret\\n";
     }}
     location = /redir {{ return 302 http://{HOST}:{self.port}/x; }}
+    location = /cookie {{
+      add_header Set-Cookie "s=1; Domain={HOST}; Path=/";
+      add_header Refresh "0; url=http://{HOST}:{self.port}/y";
+      add_header Content-Location "http://{HOST}:{self.port}/cookie";
+      return 200 "ok\n";
+    }}
     location /up/ {{ dav_methods PUT; create_full_put_path on; }}
   }}
 }}
@@ -190,7 +196,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(gw, nginx):
 
 
 def test_location_is_rewritten_to_the_external_url(gw, nginx):
-    """A redirect to the internal URL comes out pointing at the external one."""
+    """Redirects, Content-Location, Refresh and cookie domains of the internal URL come out external."""
     (nginx.www / "dir").mkdir()
     (nginx.www / "dir" / "index.html").write_text("in dir\n")
     svc, conn, front = start_wiki(gw, nginx)
@@ -200,6 +206,11 @@ def test_location_is_rewritten_to_the_external_url(gw, nginx):
     r, _ = get(front, f"{WIKI}:{front}", "/dir")
     assert r.status == 301
     assert r.getheader("Location") == f"http://{WIKI}:{front}/dir/"
+    r, _ = get(front, f"{WIKI}:{front}", "/cookie")
+    assert r.status == 200
+    assert r.getheader("Set-Cookie") == f"s=1; Domain={WIKI}; Path=/"
+    assert r.getheader("Refresh") == f"0; url=http://{WIKI}:{front}/y"
+    assert r.getheader("Content-Location") == f"http://{WIKI}:{front}/cookie"
 
 
 def test_unknown_host_gets_404_naming_nothing_internal(gw, nginx):

@@ -199,16 +199,41 @@ def test_location_rewrite_with_default_ports():
     assert rules.rewrite_location(b"http://wiki.corp:80/a", external, internal) == b"http://wiki.example.test/a"
 
 
+@pytest.mark.parametrize("refresh, expected", [
+    (b"5; url=http://wiki.corp:8000/x", b"5; url=http://wiki.apps.example.test:8080/x"),
+    (b"0;URL='http://wiki.corp:8000/'", b"0; URL='http://wiki.apps.example.test:8080/'"),
+    (b"5; url=http://other/x", b"5; url=http://other/x"),
+    (b"5", b"5"),
+])
+def test_refresh_rewrite(refresh, expected):
+    """The url of a Refresh header on the internal origin moves to the external origin."""
+    assert rules.rewrite_refresh(refresh, EXTERNAL, INTERNAL) == expected
+
+
+@pytest.mark.parametrize("cookie, expected", [
+    (b"a=1; Domain=wiki.corp; Path=/", b"a=1; Domain=wiki.apps.example.test; Path=/"),
+    (b"a=1; domain=.WIKI.corp", b"a=1; Domain=wiki.apps.example.test"),
+    (b"a=1; Domain=corp", b"a=1; Domain=corp"),
+    (b"a=1; Path=/", b"a=1; Path=/"),
+])
+def test_cookie_domain_rewrite(cookie, expected):
+    """A Set-Cookie for the internal host's domain is set for the external host; other domains stay."""
+    assert rules.rewrite_cookie_domain(cookie, EXTERNAL, INTERNAL) == expected
+
+
 def test_client_response_head():
     """The client's head: hop-by-hop stripped, Location rewritten, the front door's framing and Connection."""
     response = rules.Response(b"HTTP/1.0", 302, b"Found", [
         (b"Location", b"http://wiki.corp:8000/x"), (b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"),
-        (b"Transfer-Encoding", b"chunked"), (b"Set-Cookie", b"a=1")])
+        (b"Transfer-Encoding", b"chunked"), (b"Set-Cookie", b"a=1"),
+        (b"Content-Location", b"http://wiki.corp:8000/c"), (b"Refresh", b"1; url=http://wiki.corp:8000/r")])
     head = rules.client_response_head(response, None, True, True, EXTERNAL, INTERNAL)
     assert head.startswith(b"HTTP/1.1 302 Found\r\n")
     h = rules.parse_response_head(head.rstrip(b"\r\n")).headers
     assert rules.get(h, b"location") == [b"http://wiki.apps.example.test:8080/x"]
     assert rules.get(h, b"x-hop") == [] and rules.get(h, b"set-cookie") == [b"a=1"]
+    assert rules.get(h, b"content-location") == [b"http://wiki.apps.example.test:8080/c"]
+    assert rules.get(h, b"refresh") == [b"1; url=http://wiki.apps.example.test:8080/r"]
     assert rules.get(h, b"transfer-encoding") == [b"chunked"]
     assert rules.get(h, b"connection") == [b"keep-alive"]
     head = rules.client_response_head(rules.Response(b"HTTP/1.1", 200, b"OK", [(b"Content-Length", b"7")]),

@@ -294,13 +294,39 @@ def rewrite_location(value: bytes, external: Origin, internal: Origin) -> bytes:
     return (external.url + rest).encode("latin-1")
 
 
+def rewrite_refresh(value: bytes, external: Origin, internal: Origin) -> bytes:
+    """``Refresh: 5; url=http://internal/x`` points at the external origin instead."""
+    delay, sep, rest = value.partition(b";")
+    key, eq, url = rest.strip().partition(b"=")
+    if not sep or not eq or key.strip().lower() != b"url":
+        return value
+    quote = url[:1] if url[:1] in (b"'", b'"') else b""
+    inner = url[1:-1] if quote and url.endswith(quote) and len(url) > 1 else url
+    return delay + b"; " + key.strip() + b"=" + quote + rewrite_location(inner, external, internal) + quote
+
+
+def rewrite_cookie_domain(value: bytes, external: Origin, internal: Origin) -> bytes:
+    """A cookie for the internal host's domain (``Domain=wiki.corp``) is set for the external host."""
+    parts = value.split(b";")
+    for i, attribute in enumerate(parts[1:], 1):
+        key, eq, domain = attribute.strip().partition(b"=")
+        if eq and key.lower() == b"domain" and domain.strip().lstrip(b".").lower() == internal.host.encode("latin-1"):
+            parts[i] = b" Domain=" + external.host.encode("latin-1")
+    return b";".join(parts)
+
+
 def client_response_head(response: Response, body_length: int | None, chunked_to_client: bool,
                          keep_alive: bool, external: Origin, internal: Origin) -> bytes:
-    """The head sent to the client: hop-by-hop stripped, Location rewritten, our framing."""
+    """The head sent to the client: hop-by-hop stripped, URLs and cookie domains translated, our framing."""
     headers = []
     for k, v in strip_hop_by_hop(response.headers):
-        if k.lower() == b"location":
+        name = k.lower()
+        if name in (b"location", b"content-location"):
             v = rewrite_location(v, external, internal)
+        elif name == b"refresh":
+            v = rewrite_refresh(v, external, internal)
+        elif name == b"set-cookie":
+            v = rewrite_cookie_domain(v, external, internal)
         headers.append((k, v))
     if chunked_to_client:
         headers.append((b"Transfer-Encoding", b"chunked"))
