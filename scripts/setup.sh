@@ -48,4 +48,4 @@ fi
 # through this .pth (a regular `pip install .` copies it into Twisted's plugin folder).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD" > "$site/gateway-dev-twisted-plugins.pth"
-.venv/bin/twistd --help | grep -q ' gateway ' || { echo "setup: twistd does not see the gateway plugin" >&2; exit 1; }
+grep -q ' gateway ' <<< "$(.venv/bin/twistd --help)" || { echo "setup: twistd does not see the gateway plugin" >&2; exit 1; }
