@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import attrs
 from attrs import field, frozen
 
 from gateway.errors import ConfigError
@@ -101,6 +102,9 @@ class AppConfig:
     # port come from internal_url.
     external_url: str = ""
     internal_url: str = ""
+    # "client" or "user": the same client address (or signed-in user) keeps the same healthy
+    # connector; "none" spreads every stream by load.
+    affinity: str = "none"
 
 
 @frozen
@@ -469,13 +473,16 @@ def _check_web_url(url: str, schemes: tuple[str, ...]) -> str | None:
 # The parser
 
 
+AFFINITIES = ("none", "client", "user")
+
+
 class _Parser:
     TOP = ["service", "connector", "apps", "tunnel", "logging"]
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
                "certificate_lifetime_days", "token_lifetime", "max_handshakes", "certificate_lifetime_seconds",
                "inactive_after", "remove_inactive_after", "sweep_interval"]
     APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options",
-           "external_url", "internal_url"]
+           "external_url", "internal_url", "affinity"]
     CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max"]
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
     LOGGING = ["format", "level"]
@@ -622,13 +629,15 @@ class _Parser:
         if not isinstance(protocol, str) or not _PROTOCOL_RE.match(protocol):
             raise t.fail("protocol", 'a protocol handler name such as "tcp"', protocol)
         connect_timeout = t.number("connect_timeout", 10, positive=True)
+        affinity = t.choice("affinity", "none", AFFINITIES)
         options = t.get("options", {}, False)
         if not isinstance(options, Mapping):
             raise t.fail("options", "a table", options)
         if web:
             if protocol != WEB_PROTOCOL:
                 raise t.fail("protocol", f'"{WEB_PROTOCOL}" in an app with external_url or internal_url', protocol)
-            return self.web_app(t, name, group, protocol, connect_timeout, dict(options))
+            return attrs.evolve(self.web_app(t, name, group, protocol, connect_timeout, dict(options)),
+                                affinity=affinity)
         listen = t.endpoint("listen", None, required=True)
         destination = t.get("destination", None, True, '"host:port"')
         parsed = _parse_destination(destination) if isinstance(destination, str) else None
@@ -637,7 +646,7 @@ class _Parser:
         host, port = parsed
         return AppConfig(name=name, listen=listen, destination=destination, host=host, port=port,
                          group=group, protocol=protocol, connect_timeout=connect_timeout,
-                         options=dict(options))
+                         options=dict(options), affinity=affinity)
 
     def web_app(self, t: _Table, name: str, group: str, protocol: str, connect_timeout: float,
                 options: dict) -> AppConfig:

@@ -72,6 +72,17 @@ def listen_endpoint(reactor: Any, description: str) -> Any:
     return serverFromString(reactor, description)
 
 
+def affinity_key(app: AppConfig, extra: dict[str, Any]) -> str | None:
+    """What keeps a stream on the same connector: the user, else the client's address."""
+    if app.affinity == "none":
+        return None
+    user = extra.get("user")
+    if app.affinity == "user" and user:
+        return f"user:{user}"
+    client = str(extra.get("client", ""))
+    return f"client:{client.rsplit(':', 1)[0]}"
+
+
 class ServiceNode(MultiService):
     log = Logger()
 
@@ -263,7 +274,7 @@ class ServiceNode(MultiService):
         """Open a stream for `app` on the best connector of its group; retry only what never left."""
         request_id = extra.get("request_id") or uuid.uuid4().hex[:16]
         try:
-            tunnel = self.registry.pick(app.group, exclude=tried)
+            tunnel = self.registry.pick(app.group, exclude=tried, affinity=affinity_key(app, extra))
         except NoConnector as e:
             if not tried:
                 self.log.warn("app {app} request {request_id}: {error}", app=app.name, request_id=request_id,

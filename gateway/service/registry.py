@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from attrs import define, field
@@ -68,13 +69,15 @@ class Registry:
             t.session.close()
         return len(tunnels)
 
-    def pick(self, group: str, exclude: frozenset[str] = frozenset()) -> ConnectorTunnel:
+    def pick(self, group: str, exclude: frozenset[str] = frozenset(), affinity: str | None = None) -> ConnectorTunnel:
         """The healthy tunnel with the fewest open streams, on the least-loaded connector.
 
         Load is open streams divided by the capacity a connector reports. Among equally loaded
         connectors the one picked least recently wins, so sequential traffic spreads evenly
         instead of always landing on the first.
         """
+        if affinity is not None:
+            return self._pick_by_affinity(group, exclude, affinity)
         best_score: tuple[float, int, int] | None = None
         best: ConnectorTunnel | None = None
         for connector_id, tunnels in self._tunnels.items():
@@ -97,3 +100,21 @@ class Registry:
         self._picks += 1
         self._last_pick[best.connector_id] = self._picks
         return best
+
+    def _pick_by_affinity(self, group: str, exclude: frozenset[str], key: str) -> ConnectorTunnel:
+        """Rendezvous hashing: the same key keeps its connector while that one is healthy, and
+        only the keys of a connector that leaves move when it does."""
+        best: tuple[bytes, ConnectorTunnel] | None = None
+        for connector_id, tunnels in self._tunnels.items():
+            healthy = [t for t in tunnels if t.group == group and t.healthy]
+            if connector_id in exclude or not healthy:
+                continue
+            weight = hashlib.sha256(f"{key}\0{connector_id}".encode()).digest()
+            if best is None or weight > best[0]:
+                best = (weight, min(healthy, key=lambda t: t.session.open_streams))
+        if best is None:
+            raise NoConnector(
+                f"no healthy connector of group {group!r} is connected"
+                " (check `gateway connectors list` and the connectors' logs)"
+            )
+        return best[1]

@@ -91,10 +91,10 @@ class Load:
             t.join(15)
 
 
-def group_of_three(gw, backends, **connector_options):
+def group_of_three(gw, backends, app_options=None, **connector_options):
     requests = RequestLog()
     backend = backends(requests.handler)
-    svc = gw.service(apps=[{"name": "app", "destination": backend.destination}])
+    svc = gw.service(apps=[{"name": "app", "destination": backend.destination, **(app_options or {})}])
     connectors = [gw.connector(svc, name=f"c{i}", tunnels=1, log_level="debug", **connector_options)
                   for i in range(3)]
     wait_echo(svc.app_port("app"), payload=b"ping\n")
@@ -155,3 +155,30 @@ def test_spread_over_three_equal_connectors_is_even(gw, backends):
     wait_until(lambda: sum(streams_served(c) for c in connectors) - sum(before) >= 300, 10, "the logs")
     counts = [streams_served(c) - b for c, b in zip(connectors, before)]
     assert all(85 <= n <= 115 for n in counts), counts
+
+
+def one_request(port: int, number: int) -> None:
+    with connect(port, timeout=10) as s:
+        s.sendall(b"req-%d\n" % number)
+        assert s.recv(100) == b"ok-%d\n" % number
+
+
+@pytest.mark.timeout(120)
+def test_client_affinity_keeps_a_client_on_one_connector_until_it_dies(gw, backends):
+    """With affinity = "client", one client's connections all use one connector; when it dies they move to one other."""
+    requests, svc, connectors = group_of_three(gw, backends, app_options={"affinity": "client"}, ping_interval=1.0)
+    port = svc.app_port("app")
+    before = [streams_served(c) for c in connectors]
+    for number in range(30):
+        one_request(port, number)
+    wait_until(lambda: sum(streams_served(c) for c in connectors) - sum(before) >= 30, 10, "the logs")
+    counts = [streams_served(c) - b for c, b in zip(connectors, before)]
+    assert sorted(counts) == [0, 0, 30], counts
+    chosen = connectors[counts.index(30)]
+    chosen.kill9()
+    others = [c for c in connectors if c is not chosen]
+    before = [streams_served(c) for c in others]
+    for number in range(30, 60):
+        one_request(port, number)
+    wait_until(lambda: sum(streams_served(c) for c in others) - sum(before) >= 30, 10, "the logs")
+    assert sorted(streams_served(c) - b for c, b in zip(others, before)) == [0, 30]

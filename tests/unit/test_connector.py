@@ -151,3 +151,34 @@ def test_tied_connectors_take_turns():
         r.add(_tunnel(name, 0))
     picks = [r.pick("default").connector_id for _ in range(300)]
     assert {n: picks.count(n) for n in "abc"} == {"a": 100, "b": 100, "c": 100}
+
+
+def test_affinity_keeps_a_client_on_its_connector_while_healthy():
+    """With an affinity key the same key lands on the same connector; when it leaves only its keys move."""
+    r = Registry()
+    tunnels = {name: _tunnel(name, 0) for name in "abc"}
+    for t in tunnels.values():
+        r.add(t)
+    first = {k: r.pick("default", affinity=f"client:10.0.0.{k}").connector_id for k in range(60)}
+    assert all(r.pick("default", affinity=f"client:10.0.0.{k}").connector_id == c for k, c in first.items())
+    assert len(set(first.values())) == 3, "keys should spread over the connectors"
+    gone = first[0]
+    tunnels[gone].session.available = False
+    after = {k: r.pick("default", affinity=f"client:10.0.0.{k}").connector_id for k in range(60)}
+    assert all(after[k] == c for k, c in first.items() if c != gone)
+    assert all(after[k] != gone for k in after)
+
+
+def test_affinity_key_follows_the_app_setting():
+    """affinity "client" keys on the address without the port; "user" prefers the user; "none" has no key."""
+    from gateway.config import parse_config
+    from gateway.service.node import affinity_key
+
+    def app(affinity):
+        return parse_config({"service": {"state_dir": "/tmp/x"}, "apps": [
+            {"name": "a", "listen": "tcp:0", "destination": "10.0.0.1:22", "affinity": affinity}]}, "s.toml").apps[0]
+
+    assert affinity_key(app("none"), {"client": "1.2.3.4:5555"}) is None
+    assert affinity_key(app("client"), {"client": "1.2.3.4:5555"}) == affinity_key(app("client"), {"client": "1.2.3.4:6"})
+    assert affinity_key(app("user"), {"client": "1.2.3.4:5", "user": "alice"}) == "user:alice"
+    assert affinity_key(app("user"), {"client": "1.2.3.4:5"}) == "client:1.2.3.4"
