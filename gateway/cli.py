@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     gdelete.add_argument("name")
     gdelete.add_argument("--move-connectors-to", metavar="GROUP", help="the group its connectors join")
 
+    status = sub.add_parser("status", help="per connector group: its apps, connectors and how streams are spread")
+    status.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="the service's TOML file")
     sub.add_parser("plugins", help="list loaded plugins, their versions and hooks")
     check = sub.add_parser("check-config", help="validate a TOML file and exit")
     check.add_argument("config")
@@ -211,6 +213,33 @@ def connectors_list(args: argparse.Namespace) -> int:
             str(c.tunnels), str(c.open_streams), _when(c.last_seen, "never"), _when(c.cert_not_after, "-"),
         ))
     _table(rows)
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """Groups with their apps and connectors, and each connector's share of the open streams."""
+    config, store = _service_store(args.config)
+    try:
+        connectors = store.list_connectors()
+        groups = [g.name for g in store.list_groups()]
+    finally:
+        store.close()
+    for name in sorted(set(groups) | {a.group for a in config.apps} | {c.group for c in connectors}):
+        apps = sorted(a.name for a in config.apps if a.group == name)
+        members = [c for c in connectors if c.group == name]
+        active = [c for c in members if c.state == "active"]
+        total = sum(c.open_streams for c in active)
+        health = "ok" if active else ("NO ACTIVE CONNECTOR" if apps else "idle")
+        print(f"group {name}: {len(active)}/{len(members)} connectors active, {total} open streams, {health}")
+        print(f"  apps: {', '.join(apps) or '-'}")
+        rows = [("  CONNECTOR", "NAME", "STATE", "TUNNELS", "STREAMS", "SHARE", "LAST HEARTBEAT")]
+        for c in sorted(members, key=lambda c: (c.state != "active", -c.open_streams, c.name)):
+            share = f"{100 * c.open_streams / total:.0f}%" if total and c.state == "active" else "-"
+            rows.append((f"  {c.connector_id[:ID_WIDTH]}", c.name, c.state, str(c.tunnels), str(c.open_streams),
+                         share, _when(c.last_seen, "never")))
+        if members:
+            _table(rows)
+        print()
     return 0
 
 
@@ -386,6 +415,7 @@ COMMANDS = {
     ("groups", "create"): groups_create,
     ("groups", "rename"): groups_rename,
     ("groups", "delete"): groups_delete,
+    ("status", None): status,
     ("plugins", None): list_plugins,
     ("check-config", None): check_config,
 }

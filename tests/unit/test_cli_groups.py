@@ -117,3 +117,17 @@ def test_groups_create_rename_list(service, capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert set(rows) == {"branch", "default", "lab2", "web"}
     assert rows["lab2"][1] == "1" and rows["web"][2] == "wiki"
+
+
+def test_status_shows_groups_apps_and_share(service, capsys):
+    """`gateway status` lists each group with its apps and each active connector's share of open streams."""
+    store = SQLiteStore(service.parent / "state" / "gateway.db")
+    other = "9" * 32
+    store._insert_connector(store._db, ConnectorRecord(other, "dc1-conn-2", "lab", NOW))
+    store.record_status(other, ConnectorStatus("active", "0.1.0", "10.0.0.8:5000", 2, 3, "node-1", None, None), NOW)
+    store.close()
+    code, out, _ = run(capsys, "status", "--config", str(service))
+    assert code == 0
+    assert "group lab: 2/2 connectors active, 4 open streams, ok" in out
+    assert "75%" in out and "25%" in out
+    assert "group web: 0/0 connectors active" in out and "NO ACTIVE CONNECTOR" in out and "apps: wiki" in out
