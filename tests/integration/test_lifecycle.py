@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gateway import __version__
-from gateway_harness import echo_handler, wait_echo, wait_until
+from gateway_harness import connect, echo_handler, read_exact, wait_echo, wait_until
 
 SERVICE = {"inactive_after": 2, "sweep_interval": 0.5, "heartbeat_interval": 1}
 
@@ -44,12 +44,18 @@ def test_status_group_move_and_inactive_tag(gw, backends):
     [row] = [line for line in table.splitlines() if line.startswith(cid[:12] + " ")]
     assert row.split()[2:8] == ["default", "active", __version__, status["address"], "2", "0"]
 
+    held = connect(svc.app_port("echo"))  # a stream open across the group change
+    held.sendall(b"before the move")
+    assert read_exact(held, len(b"before the move"))[0] == len(b"before the move")
     moved = gw.cli("connectors", "move", cid[:12], "--group", "lab", "--config", str(svc.config_path))
     assert moved.returncode == 0, moved.stderr
     assert record(gw, svc, cid)["group"] == "lab"
     # Within a heartbeat the node routes lab's apps to it and the connector has lab's config.
     wait_echo(svc.app_port("lab-echo"), timeout=15)
     assert "moved from group default to group lab" in svc.log()
+    held.sendall(b"after the move")  # a group change does not cut open streams
+    assert read_exact(held, len(b"after the move"))[0] == len(b"after the move")
+    held.close()
     groups = gw.cli("groups", "list", "--config", str(svc.config_path)).stdout
     assert any(line.split()[:2] == ["lab", "1"] for line in groups.splitlines()), groups
 
