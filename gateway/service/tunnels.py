@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from gateway import PROTOCOL_VERSION, __version__
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
-from gateway.errors import GatewayError, describe_failure
+from gateway.errors import describe_failure
 from gateway.pki.tls import peer_identity
 from gateway.service.registry import ConnectorTunnel
 from gateway.tunnel.frame import GoAwayCode, ResetCode

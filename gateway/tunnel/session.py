@@ -13,7 +13,6 @@ import itertools
 from collections import deque
 from typing import Any, Callable
 
-import attrs
 from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
@@ -24,7 +23,7 @@ from zope.interface import implementer
 
 from gateway.errors import GatewayError, ProtocolError
 from gateway.tunnel import frame
-from gateway.tunnel.frame import BASE_WINDOW, Flag, FrameType, GoAwayCode, ResetCode
+from gateway.tunnel.frame import BASE_WINDOW, GoAwayCode, ResetCode
 from gateway.tunnel.splice import tune_socket
 from gateway.tunnel.stream import Stream, StreamReset
 

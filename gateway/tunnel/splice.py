@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.tunnel.frame import ResetCode
@@ -146,3 +148,40 @@ class StreamSide(Protocol):
         else:
             # The far end reset or the tunnel died: pass that on rather than fake a clean close.
             transport.abortConnection()
+
+
+_log = Logger(namespace="gateway.connector.dial")
+
+
+def dial_and_splice(stream: Stream, app: Any, reactor: Any) -> None:
+    """The connector's half of a byte-stream protocol: dial the app's destination, accept the
+    stream once connected and splice the two; reset it with the reason if the dial fails.
+
+    Logs carry the stream's request id, so a failure can be matched with the service's log.
+    """
+    request_id = stream.metadata.get("request_id")
+    endpoint = HostnameEndpoint(reactor, app.host, app.port, timeout=app.connect_timeout)
+
+    def lost(reason: Any) -> None:
+        if reason is not None and not reason.check(ConnectionDone):
+            _log.warn("request {request_id} for app {app}: the connection to {destination} broke: {reason}",
+                      request_id=request_id, app=app.name, destination=app.destination,
+                      reason=reason.getErrorMessage())
+
+    backend = SocketSide(on_lost=lost)
+
+    def connected(_: Any) -> None:
+        if stream.closed:
+            backend.transport.loseConnection()
+            return
+        stream.accept()
+        backend.join(stream)
+
+    def failed(failure: Any) -> None:
+        reason = f"connector could not connect to {app.destination}: {failure.getErrorMessage()}"
+        _log.warn("request {request_id} for app {app}: {reason}", request_id=request_id, app=app.name,
+                  reason=reason)
+        stream.reset(ResetCode.CONNECT_FAILED, reason)
+
+    endpoint.connect(QuietFactory.forProtocol(lambda: backend)).addCallbacks(connected, failed)
+

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -23,8 +21,7 @@ from zope.interface import implementer
 from gateway.errors import GatewayError
 from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
-from gateway.tunnel.frame import ResetCode
-from gateway.tunnel.splice import QuietFactory, SocketSide
+from gateway.tunnel.splice import QuietFactory, dial_and_splice
 
 from . import rules
 from .frontdoor import DEFAULT_TIMEOUTS, FrontDoor, Timeouts
@@ -46,33 +43,8 @@ class HTTPHandler:
             lambda host: app, lambda _app, extra: open_stream(extra), reactor=reactor))
 
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
-        request_id = stream.metadata.get("request_id")
-        endpoint = HostnameEndpoint(reactor, app.host, app.port, timeout=app.connect_timeout)
-        def lost(reason: Any) -> None:
-            if reason is not None and not reason.check(ConnectionDone):
-                log.warn("request {request_id} for app {app}: the connection to {destination} broke: {reason}",
-                         request_id=request_id, app=app.name, destination=app.destination,
-                         reason=reason.getErrorMessage())
-
-        backend = SocketSide(on_lost=lost)
-        d = endpoint.connect(QuietFactory.forProtocol(lambda: backend))
-
-        def connected(_: Any) -> None:
-            if stream.closed:
-                backend.transport.loseConnection()
-                return
-            stream.accept()
-            backend.join(stream)
-            log.debug("request {request_id} for app {app}: connected to {destination}",
-                      request_id=request_id, app=app.name, destination=app.destination)
-
-        def failed(failure: Any) -> None:
-            reason = f"connector could not connect to {app.destination}: {failure.getErrorMessage()}"
-            log.warn("request {request_id} for app {app}: {reason}", request_id=request_id, app=app.name,
-                     reason=reason)
-            stream.reset(ResetCode.CONNECT_FAILED, reason)
-
-        d.addCallbacks(connected, failed)
+        # The connector only carries bytes; all HTTP work happens on the service.
+        dial_and_splice(stream, app, reactor)
 
 
 def web_apps(config: Any) -> list[Any]:

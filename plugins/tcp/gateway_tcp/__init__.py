@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
-from gateway.tunnel.frame import ResetCode
-from gateway.tunnel.splice import QuietFactory, SocketSide
+from gateway.tunnel.splice import QuietFactory, SocketSide, dial_and_splice
 
 log = Logger(namespace="gateway_tcp")
 
@@ -61,24 +59,7 @@ class TCPHandler:
         return QuietFactory.forProtocol(lambda: _ClientSide(app, open_stream))
 
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
-        endpoint = HostnameEndpoint(reactor, app.host, app.port, timeout=app.connect_timeout)
-        backend = SocketSide()
-        d = endpoint.connect(QuietFactory.forProtocol(lambda: backend))
-
-        def connected(_: Any) -> None:
-            if stream.closed:
-                backend.transport.loseConnection()
-                return
-            stream.accept()
-            backend.join(stream)
-
-        def failed(failure: Any) -> None:
-            stream.reset(
-                ResetCode.CONNECT_FAILED,
-                f"connector could not connect to {app.destination}: {failure.getErrorMessage()}",
-            )
-
-        d.addCallbacks(connected, failed)
+        dial_and_splice(stream, app, reactor)
 
 
 @hookimpl
