@@ -15,17 +15,21 @@ STORM = Path(__file__).with_name("storm.py")
 N = 200
 
 
-def up_times(log_text: str) -> list[float]:
-    """log_time of every "connector ... up on tunnel" event in a JSON log."""
-    times = []
+def up_events(log_text: str) -> list[dict]:
+    """Every "connector ... up on tunnel" event in a JSON log."""
+    events = []
     for line in log_text.splitlines():
         try:
             event = json.loads(line)
         except ValueError:
             continue
         if "up on tunnel" in event.get("log_format", ""):
-            times.append(event["log_time"])
-    return times
+            events.append(event)
+    return events
+
+
+def up_times(log_text: str) -> list[float]:
+    return [e["log_time"] for e in up_events(log_text)]
 
 
 @pytest.mark.timeout(240)
@@ -44,7 +48,7 @@ def test_two_hundred_connectors_come_back_spread_out_after_a_node_restart(gw, tm
     restarted = svc.start()
     wait_until(lambda: len(up_times(restarted.log())) >= N, 120, f"all {N} connectors back after the restart")
     times = sorted(up_times(restarted.log()))
-    assert len(set(_connectors(restarted.log()))) == N, "some connector did not come back"
+    assert len({e.get('connector_id') for e in up_events(restarted.log())}) == N, "some connector did not come back"
     spread = times[-1] - times[0]
     per_second: dict[int, int] = {}
     for t in times:
@@ -60,14 +64,3 @@ def test_two_hundred_connectors_come_back_spread_out_after_a_node_restart(gw, tm
     assert max(buckets.values()) <= N // 3, f"a thundering herd: {max(buckets.values())} in one 100 ms ({curve})"
     assert sims.running
 
-
-def _connectors(log_text: str) -> list[str]:
-    ids = []
-    for line in log_text.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if "up on tunnel" in event.get("log_format", ""):
-            ids.append(event.get("connector_id"))
-    return ids
