@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 import json
 import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import attrs
 
@@ -87,13 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _service_store(config_path: str) -> tuple[Any, Any]:
+@contextmanager
+def _service_store(config_path: str) -> Iterator[tuple[Any, Any]]:
+    """The service's config and its store, closed when the command is done with it."""
     from gateway.service.node import open_store
 
     config = load_config(config_path, plugins.config_sections(plugins.make_plugin_manager()))
     if config.service is None:
         raise GatewayError(f"{config_path} has no [service] table; give the service's config file")
-    return config, open_store(config.service.state_dir)
+    store = open_store(config.service.state_dir)
+    try:
+        yield config, store
+    finally:
+        store.close()
 
 
 def token_create(args: argparse.Namespace) -> int:
@@ -101,25 +108,24 @@ def token_create(args: argparse.Namespace) -> int:
     from gateway.pki.tokens import EnrolmentToken, hash_secret
     from gateway.store.records import TokenRecord
 
-    config, store = _service_store(args.config)
-    known = {g.name for g in store.list_groups()} | {a.group for a in config.apps} | {"default"}
-    if args.group not in known:
-        raise GatewayError(
-            f"no connector group {args.group!r}; known groups: {', '.join(sorted(known))}"
-            " (a group exists once an app in the config names it or `gateway groups create` made it)"
-        )
-    now = datetime.now(UTC)
-    store.ensure_group(args.group, now)
-    ca = CertificateAuthority.load_or_create(config.service.state_dir)
-    token = EnrolmentToken.generate(ca.fingerprint)
-    lifetime = args.lifetime or config.service.token_lifetime
-    if lifetime <= 0:
-        raise GatewayError(f"--lifetime must be a positive number of seconds, got {lifetime}")
-    store.create_token(TokenRecord(
-        token_id=token.token_id, secret_hash=hash_secret(token.secret), group=args.group,
-        created_at=now, expires_at=now + timedelta(seconds=lifetime),
-    ))
-    store.close()
+    with _service_store(args.config) as (config, store):
+        known = {g.name for g in store.list_groups()} | {a.group for a in config.apps} | {"default"}
+        if args.group not in known:
+            raise GatewayError(
+                f"no connector group {args.group!r}; known groups: {', '.join(sorted(known))}"
+                " (a group exists once an app in the config names it or `gateway groups create` made it)"
+            )
+        now = datetime.now(UTC)
+        store.ensure_group(args.group, now)
+        ca = CertificateAuthority.load_or_create(config.service.state_dir)
+        token = EnrolmentToken.generate(ca.fingerprint)
+        lifetime = args.lifetime or config.service.token_lifetime
+        if lifetime <= 0:
+            raise GatewayError(f"--lifetime must be a positive number of seconds, got {lifetime}")
+        store.create_token(TokenRecord(
+            token_id=token.token_id, secret_hash=hash_secret(token.secret), group=args.group,
+            created_at=now, expires_at=now + timedelta(seconds=lifetime),
+        ))
     expires = (now + timedelta(seconds=lifetime)).strftime("%Y-%m-%d %H:%M:%S UTC")
     if args.output:
         from gateway.pki.keys import write_private
@@ -134,13 +140,12 @@ def token_create(args: argparse.Namespace) -> int:
 
 
 def token_list(args: argparse.Namespace) -> int:
-    _, store = _service_store(args.config)
     now = datetime.now(UTC)
     rows = [("TOKEN", "GROUP", "EXPIRES", "STATE")]
-    for t in store.list_tokens():
-        state = f"used by {t.used_by[:12]}" if t.used_at else ("expired" if t.expires_at <= now else "unused")
-        rows.append((t.token_id, t.group, f"{t.expires_at:%Y-%m-%d %H:%M}", state))
-    store.close()
+    with _service_store(args.config) as (_, store):
+        for t in store.list_tokens():
+            state = f"used by {t.used_by[:12]}" if t.used_at else ("expired" if t.expires_at <= now else "unused")
+            rows.append((t.token_id, t.group, f"{t.expires_at:%Y-%m-%d %H:%M}", state))
     _table(rows)
     return 0
 
@@ -196,11 +201,8 @@ ID_WIDTH = 12
 
 
 def connectors_list(args: argparse.Namespace) -> int:
-    _, store = _service_store(args.config)
-    try:
+    with _service_store(args.config) as (_, store):
         connectors = store.list_connectors(include_deleted=args.all)
-    finally:
-        store.close()
     if args.json:
         print(json.dumps([_jsonable(attrs.asdict(c)) for c in connectors], indent=2))
         return 0
@@ -218,12 +220,9 @@ def connectors_list(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Groups with their apps and connectors, and each connector's share of the open streams."""
-    config, store = _service_store(args.config)
-    try:
+    with _service_store(args.config) as (config, store):
         connectors = store.list_connectors()
         groups = [g.name for g in store.list_groups()]
-    finally:
-        store.close()
     for name in sorted(set(groups) | {a.group for a in config.apps} | {c.group for c in connectors}):
         apps = sorted(a.name for a in config.apps if a.group == name)
         members = [c for c in connectors if c.group == name]
@@ -265,19 +264,15 @@ def _find_connector(store: Any, text: str) -> Any:
 
 
 def connectors_delete(args: argparse.Namespace) -> int:
-    _, store = _service_store(args.config)
-    try:
+    with _service_store(args.config) as (_, store):
         connector = _find_connector(store, args.connector_id)
         store.delete_connector(connector.connector_id, datetime.now(UTC))
-    finally:
-        store.close()
     print(f"connector {connector.connector_id} deleted; its certificate is revoked")
     return 0
 
 
 def connectors_move(args: argparse.Namespace) -> int:
-    config, store = _service_store(args.config)
-    try:
+    with _service_store(args.config) as (config, store):
         connector = _find_connector(store, args.connector_id)
         if args.group in _app_groups(config):
             store.ensure_group(args.group, datetime.now(UTC))
@@ -285,8 +280,6 @@ def connectors_move(args: argparse.Namespace) -> int:
             print(f"connector {connector.connector_id} is in group {args.group!r} already")
             return 0
         store.move_connector(connector.connector_id, args.group)
-    finally:
-        store.close()
     print(f"connector {connector.connector_id} ({connector.name}) moved from group {connector.group!r} to"
           f" {args.group!r}; the running service routes {args.group!r}'s apps to it and sends it their config"
           " at its next heartbeat; open streams carry on")
@@ -318,14 +311,11 @@ def _check_group_name(name: str) -> None:
 
 
 def groups_list(args: argparse.Namespace) -> int:
-    config, store = _service_store(args.config)
-    try:
+    with _service_store(args.config) as (config, store):
         stored = {g.name: g for g in store.list_groups()}
         counts: dict[str, int] = {}
         for c in store.list_connectors():
             counts[c.group] = counts.get(c.group, 0) + 1
-    finally:
-        store.close()
     apps = _app_groups(config)
     rows = [("GROUP", "CONNECTORS", "APPS", "CREATED")]
     for name in sorted(set(stored) | set(apps) | {"default"}):
@@ -337,37 +327,28 @@ def groups_list(args: argparse.Namespace) -> int:
 
 def groups_create(args: argparse.Namespace) -> int:
     _check_group_name(args.name)
-    _, store = _service_store(args.config)
-    try:
+    with _service_store(args.config) as (_, store):
         store.create_group(args.name, datetime.now(UTC))
-    finally:
-        store.close()
     print(f"group {args.name!r} created")
     return 0
 
 
 def groups_rename(args: argparse.Namespace) -> int:
     _check_group_name(args.new)
-    config, store = _service_store(args.config)
-    try:
+    with _service_store(args.config) as (config, store):
         _refuse_if_apps_use(config, args.old, "rename")
         moved = store.rename_group(args.old, args.new)
-    finally:
-        store.close()
     print(f"group {args.old!r} renamed to {args.new!r} ({moved} connectors)")
     return 0
 
 
 def groups_delete(args: argparse.Namespace) -> int:
-    config, store = _service_store(args.config)
-    try:
+    with _service_store(args.config) as (config, store):
         _refuse_if_apps_use(config, args.name, "delete")
         target = args.move_connectors_to
         if target is not None and target in _app_groups(config):
             store.ensure_group(target, datetime.now(UTC))
         moved = store.delete_group(args.name, target)
-    finally:
-        store.close()
     note = f"; {moved} connectors moved to {target!r}" if moved else ""
     print(f"group {args.name!r} deleted{note}")
     return 0
