@@ -86,6 +86,7 @@ class TunnelSession(Protocol):
         self._opening: dict[int, Deferred] = {}
         self._next_id = 1 if is_client else 2
         self._highest_peer_id = 0
+        self._control_streams = 0
         self._decoder = frame.FrameDecoder()
         self._ready: deque[Stream] = deque()
         self._scheduled: set[int] = set()
@@ -246,7 +247,7 @@ class TunnelSession(Protocol):
                           f"tunnel has {len(self.streams)} streams, the limit is {self.settings.max_streams}")
             )
             return
-        self.streams[sid] = stream
+        self._add(stream)
         if self.on_stream is None:
             stream.reset(ResetCode.REFUSED, "this end accepts no streams")
             return
@@ -323,7 +324,7 @@ class TunnelSession(Protocol):
         self._next_id += 2
         block = frame.syn(sid, metadata)
         stream = Stream(self, sid, metadata)
-        self.streams[sid] = stream
+        self._add(stream)
         d = Deferred()
         self._opening[sid] = d
         if timeout is not None:
@@ -381,8 +382,14 @@ class TunnelSession(Protocol):
                 self._scheduled.discard(stream.id)
             stream._drained()
 
+    def _add(self, stream: Stream) -> None:
+        self.streams[stream.id] = stream
+        if stream.metadata.get("kind") == "control":
+            self._control_streams += 1
+
     def forget(self, stream: Stream, reason: Failure) -> None:
-        self.streams.pop(stream.id, None)
+        if self.streams.pop(stream.id, None) is not None and stream.metadata.get("kind") == "control":
+            self._control_streams -= 1
         self._scheduled.discard(stream.id)
         if self.on_stream_closed is not None:
             self.on_stream_closed(stream, reason)
@@ -434,7 +441,8 @@ class TunnelSession(Protocol):
 
     @property
     def open_streams(self) -> int:
-        return sum(1 for s in self.streams.values() if s.metadata.get("kind") != "control")
+        # Counted, not scanned: the router reads this for every tunnel on every new stream.
+        return len(self.streams) - self._control_streams
 
     def wait_idle(self) -> Deferred:
         """Fires when no stream but the control stream is open (or the tunnel is gone)."""

@@ -318,3 +318,15 @@ def test_stream_ids_exhausted_means_go_away_not_crash():
     with pytest.raises(TunnelClosed):
         p.client.open_stream({"kind": "app"})
     assert p.client.going_away
+
+
+def test_open_streams_counts_app_streams_not_control():
+    """open_streams counts every open stream except the control stream, and drops closed ones."""
+    p = Pair()
+    p.open({"kind": "control"})
+    app = p.open({"kind": "app"})
+    p.open({"kind": "app"})
+    assert p.client.open_streams == 2 and p.server.open_streams == 2
+    app.reset(ResetCode.CANCELLED, "done")
+    p.pump.flush()
+    assert p.client.open_streams == 1 and p.server.open_streams == 1
