@@ -693,13 +693,17 @@ def echo_once(port: int, payload: bytes = b"ping", timeout: float = 10.0) -> byt
     with connect(port, timeout) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        out = bytearray()
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            out += data
-    return bytes(out)
+        return read_to_eof(s)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes its side."""
+    out = bytearray()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return bytes(out)
+        out += data
 
 
 def wait_echo(port: int, timeout: float = 30.0, payload: bytes = b"ping") -> None:

@@ -16,6 +16,7 @@ from gateway_harness import (
     connect,
     echo_handler,
     read_exact,
+    read_to_eof,
     sink_handler,
     sized_sink_handler,
     stalled_sink_handler,
@@ -134,12 +135,7 @@ def test_500_concurrent_streams_on_one_tunnel(gw, backends):
                     return
                 sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
                 sender.start()
-                back = bytearray()
-                while True:
-                    data = s.recv(65536)
-                    if not data:
-                        break
-                    back += data
+                back = read_to_eof(s)
                 sender.join(30)
                 results[i] = bytes(back) == payload or f"mismatch: {len(back)} bytes back of {len(payload)}"
         except Exception as e:  # noqa: BLE001
