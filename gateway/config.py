@@ -413,8 +413,8 @@ def _parse_destination(text: str) -> tuple[str, int] | None:
 # Apps with external_url and internal_url are web apps: served on a shared front door (the
 # http plugin's), routed by external host; their protocol defaults to this.
 WEB_PROTOCOL = "http"
-EXTERNAL_SCHEMES = ("http",)   # https (a TLS front door with SNI certificates) is not there yet
-INTERNAL_SCHEMES = ("http",)   # https back ends (with certificate checks) are not there yet
+EXTERNAL_SCHEMES = ("https", "http")
+INTERNAL_SCHEMES = ("http", "https")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -428,12 +428,15 @@ def _split_origin(url: str) -> tuple[str, str, int]:
 
 
 def web_origin(url: str) -> str:
-    """"scheme://host:port" of a checked URL, the default port made explicit: what routing compares."""
+    """"scheme://host:port/path" of a checked URL, the default port made explicit: what routing compares."""
+    from urllib.parse import urlsplit
+
     scheme, host, port = _split_origin(url)
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+    path = urlsplit(url).path or "/"
+    return f"{scheme}://[{host}]:{port}{path}" if ":" in host else f"{scheme}://{host}:{port}{path}"
 
 
-def _check_web_url(url: str, schemes: tuple[str, ...]) -> str | None:
+def _check_web_url(url: str, schemes: tuple[str, ...], wildcard: bool = False) -> str | None:
     """What is wrong with an external or internal URL, as an "expected ..." text; None when fine."""
     from urllib.parse import urlsplit
 
@@ -456,7 +459,10 @@ def _check_web_url(url: str, schemes: tuple[str, ...]) -> str | None:
             ipaddress.IPv6Address(host)
         except ValueError:
             return "a URL with a valid host"
-    elif not _check_name_for_certificate(host) or host.startswith("*"):
+    elif wildcard and host.startswith("*."):
+        if not _check_name_for_certificate(host[2:]) or "*" in host[2:] or "." not in host[2:]:
+            return "a URL whose wildcard host is *. and a DNS name of two labels or more, such as *.apps.example.test"
+    elif not _check_name_for_certificate(host) or "*" in host:
         return "a URL with a valid DNS name or IP address as host"
     if port == 0:
         return "a URL with a port 1..65535"
@@ -464,8 +470,10 @@ def _check_web_url(url: str, schemes: tuple[str, ...]) -> str | None:
         return "a URL without user name or password"
     if parts.query or parts.fragment:
         return "a URL without query or fragment"
-    if parts.path not in ("", "/"):
-        return 'a URL whose path is "/" (path prefixes are not supported yet)'
+    if parts.path and not parts.path.endswith("/"):
+        return 'a URL whose path ends with "/" (the path is a prefix: "/" or such as "/wiki/")'
+    if parts.path and ("//" in parts.path or "/../" in parts.path or "/./" in parts.path or "%" in parts.path):
+        return 'a URL with a plain path prefix (no "//", "." or ".." segments and no %-escapes)'
     return None
 
 
@@ -597,8 +605,8 @@ class _Parser:
                 origin = web_origin(app.external_url)
                 if origin in external:
                     raise self.error(f"apps[{i}].external_url",
-                                     f"expected an external host unique among apps, got {json.dumps(app.external_url)} "
-                                     f"(apps[{external[origin]}] has the same scheme, host and port)")
+                                     f"expected an external URL unique among apps, got {json.dumps(app.external_url)} "
+                                     f"(apps[{external[origin]}] has the same scheme, host, port and path)")
                 external[origin] = i
                 apps.append(app)
                 continue
@@ -659,7 +667,7 @@ class _Parser:
         urls = {}
         for key, schemes in (("external_url", EXTERNAL_SCHEMES), ("internal_url", INTERNAL_SCHEMES)):
             value = t.string(key, None, required=True, what='an absolute URL such as "http://wiki.example.test/"')
-            problem = _check_web_url(value, schemes)
+            problem = _check_web_url(value, schemes, wildcard=key == "external_url")
             if problem:
                 raise self.error(t.key(key), f"expected {problem}, got {_describe(value)}")
             urls[key] = value

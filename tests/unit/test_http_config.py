@@ -52,17 +52,20 @@ def test_tcp_apps_are_unchanged_next_to_web_apps():
 
 @pytest.mark.parametrize("key, value, words", [
     ("external_url", "ftp://wiki.example.test/", "unknown scheme: ftp:"),
-    ("external_url", "https://wiki.example.test/", "not supported yet: https:"),
+    ("external_url", "ws://wiki.example.test/", "unknown scheme: ws:"),
     ("external_url", "wiki.example.test", "unknown scheme: none:"),
     ("external_url", "http:///", "with a host"),
     ("external_url", "http://wiki.example.test:99999/", "valid host and port"),
     ("external_url", "http://wiki.example.test:0/", "port 1..65535"),
     ("external_url", "http://u:p@wiki.example.test/", "without user name"),
     ("external_url", "http://wiki.example.test/?a=1", "without query"),
-    ("external_url", "http://wiki.example.test/sub/", 'path is "/"'),
-    ("external_url", "http://*.example.test/", "valid DNS name"),
+    ("external_url", "http://wiki.example.test/sub", 'path ends with "/"'),
+    ("external_url", "http://wiki.example.test/a/../b/", "plain path prefix"),
+    ("external_url", "http://*.test/", "two labels or more"),
+    ("external_url", "http://a.*.example.test/", "valid DNS name"),
+    ("internal_url", "http://*.corp/", "valid DNS name"),
     ("external_url", "http://bad_name!.test/", "valid DNS name"),
-    ("internal_url", "https://wiki.corp/", "not supported yet: https:"),
+    ("internal_url", "ftp://wiki.corp/", "unknown scheme: ftp:"),
     ("internal_url", 8000, "an absolute URL"),
     ("internal_url", "", "an absolute URL"),
 ])
@@ -132,3 +135,19 @@ def test_translate_host_must_be_a_boolean():
     cfg = config(web(options={"translate_host": "yes"}))
     with pytest.raises(GatewayError, match="translate_host"):
         gateway_http.check_options(gateway_http.web_apps(cfg))
+
+
+def test_https_path_prefixes_and_wildcards_are_accepted():
+    """https on either side, a path prefix and a *. wildcard host are valid web-app URLs."""
+    a, b, c = config(web(name="a", external_url="https://apps.example.test/wiki/", internal_url="https://wiki.corp/w/"),
+                     web(name="b", external_url="https://apps.example.test/crm/"),
+                     web(name="c", external_url="https://*.apps.example.test/")).apps
+    assert (a.host, a.port, a.destination) == ("wiki.corp", 443, "wiki.corp:443")
+    assert c.external_url == "https://*.apps.example.test/"
+
+
+def test_same_host_and_path_twice_is_refused():
+    """Two apps may share a host with different paths, but not the same host and path."""
+    message = refused(web(name="a", external_url="https://apps.example.test/wiki/"),
+                      web(name="b", external_url="https://APPS.example.test:443/wiki/"))
+    assert "apps[1].external_url" in message and "unique among apps" in message

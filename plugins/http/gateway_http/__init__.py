@@ -21,16 +21,17 @@ from zope.interface import implementer
 from gateway.errors import GatewayError
 from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
-from gateway.tunnel.splice import QuietFactory, dial_and_splice
+from gateway.tunnel.splice import QuietFactory
 
-from . import rules
+from . import auth, backend, https, rules
 from .frontdoor import DEFAULT_TIMEOUTS, FrontDoor, Timeouts
 
 log = Logger(namespace="gateway_http")
 
 NAME = "http"
 DEFAULT_LISTEN = "tcp:80"
-SECTION_KEYS = ("listen", "header_timeout", "idle_timeout")
+BASE_KEYS = ("listen", "header_timeout", "idle_timeout")
+SECTION_KEYS = BASE_KEYS + https.SECTION_KEYS + auth.SECTION_KEYS
 
 
 @implementer(IProtocolHandler)
@@ -43,8 +44,7 @@ class HTTPHandler:
             lambda host: app, lambda _app, extra: open_stream(extra), reactor=reactor))
 
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
-        # The connector only carries bytes; all HTTP work happens on the service.
-        dial_and_splice(stream, app, reactor)
+        backend.serve_stream(stream, app, reactor)
 
 
 def web_apps(config: Any) -> list[Any]:
@@ -57,13 +57,15 @@ def check_options(apps: list[Any]) -> None:
         value = app.options.get("translate_host", True)
         if not isinstance(value, bool):
             raise GatewayError(f"app {app.name}: options.translate_host: expected true or false, got {value!r}")
+        auth.check_app_options(app)
 
 
 def front_door_factory(apps: list[Any], open_stream: Any, reactor: Any = None,
-                       timeouts: Timeouts | None = None) -> Factory:
+                       timeouts: Timeouts | None = None, scheme: str = "http", gate: Any = None) -> Factory:
     table = rules.routing_table(apps)
     return QuietFactory.forProtocol(lambda: FrontDoor(
-        lambda host: rules.route(table, host), open_stream, reactor=reactor, timeouts=timeouts))
+        lambda host: rules.route(table, host, scheme), open_stream, scheme=scheme, reactor=reactor,
+        timeouts=timeouts, gate=gate))
 
 
 @hookimpl
@@ -74,6 +76,9 @@ def gateway_register_protocols(register: Any) -> None:
 @hookimpl
 def gateway_config_sections(register: Any) -> None:
     def parse(table: dict, error: Any) -> dict:
+        return {**parse_base(table, error), **https.parse_section(table, error), **auth.parse_section(table, error)}
+
+    def parse_base(table: dict, error: Any) -> dict:
         unknown = sorted(set(table) - set(SECTION_KEYS))
         if unknown:
             raise error(unknown[0], f"unknown key; expected one of {', '.join(SECTION_KEYS)}")
@@ -108,6 +113,12 @@ def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reac
     listen = section.get("listen", DEFAULT_LISTEN)
     timeouts = Timeouts(header=section.get("header_timeout", DEFAULT_TIMEOUTS.header),
                         idle=section.get("idle_timeout", DEFAULT_TIMEOUTS.idle))
-    register("http", listen, front_door_factory(apps, open_stream, reactor, timeouts))
+    gate = auth.build_gate(section, apps, config, reactor)
+
+    def factory_for(scheme: str) -> Factory:
+        return front_door_factory(apps, open_stream, reactor, timeouts, scheme=scheme, gate=gate)
+
+    register("http", listen, factory_for("http"))
+    https.register_listeners(register, section, factory_for, reactor)
     log.info("http front door on {listen} for {apps}", listen=listen,
              apps=", ".join(f"{a.name} ({a.external_url})" for a in apps))

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import tune_socket
 
-from . import rules
+from . import auth, rules
 from .rules import LAST_CHUNK, ChunkDecoder, HTTPError, Origin, chunk
 
 log = Logger(namespace="gateway_http")
@@ -103,6 +103,7 @@ class Exchange:
         self.external = external
         self.internal = internal
         self.stream: Any = None
+        self.identity: auth.Identity | None = None
         # request body: bytes left (int) or a chunk decoder
         self.body_left = body_length if body_length is not None else 0
         self.body_decoder = ChunkDecoder(400) if body_length is None else None
@@ -135,8 +136,10 @@ class FrontDoor(Protocol):
     """One client connection to the HTTP front door."""
 
     def __init__(self, router: Callable[[str], Any], open_stream: Callable[[Any, dict], Any],
-                 scheme: str = "http", reactor: Any = None, timeouts: Timeouts | None = None) -> None:
+                 scheme: str = "http", reactor: Any = None, timeouts: Timeouts | None = None,
+                 gate: Any = None) -> None:
         self.reactor = reactor
+        self.gate = gate or auth.PassthroughGate()
         self.timeouts = timeouts or Timeouts()
         self._timer: Any = None
         self._timer_kind = ""
@@ -289,9 +292,47 @@ class FrontDoor(Protocol):
         self.exchange = ex
         self.state = "opening"
         self._hold("stream")
-        d = self.open_stream(app, {"client": self._client, "request_id": request_id})
+        d = self.gate.check(request, app, external, self._client_host)
+        d.addCallbacks(self._checked, self._check_failed, callbackArgs=(ex, body_length), errbackArgs=(ex,))
+
+    def _checked(self, decision: Any, ex: Exchange, body_length: int | None) -> None:
+        """Pre-authentication said: forward (as whom) or answer here (sign in, forbidden...)."""
+        if self.state == "closed" or self.exchange is not ex:
+            return
+        if isinstance(decision, auth.Respond):
+            self._answer(ex, decision, has_body=body_length != 0)
+            return
+        extra: dict[str, Any] = {"client": self._client, "request_id": ex.request_id}
+        if decision.headers is not None:
+            ex.request = rules.Request(ex.request.method, ex.request.target, ex.request.version, decision.headers)
+        if decision.identity is not None:
+            ex.identity = decision.identity
+            extra["user"] = decision.identity.subject
+            extra["identity"] = decision.identity.to_metadata()
+        d = self.open_stream(ex.app, extra)
         d.addCallbacks(self._opened, self._open_failed, callbackArgs=(ex, body_length),
                        errbackArgs=(ex,))
+
+    def _check_failed(self, failure: Failure, ex: Exchange) -> None:
+        log.failure("request {request_id} from {client}: pre-authentication failed", failure,
+                    request_id=ex.request_id, client=self._client)
+        if self.state != "closed" and self.exchange is ex:
+            self._fail(502, "Signing in is not possible right now. Try again later.")
+
+    def _answer(self, ex: Exchange, answer: auth.Respond, has_body: bool) -> None:
+        """Send a response of the front door's own; a request body we did not read ends the connection."""
+        keep_alive = ex.keep_alive and not has_body and not self._read_closed
+        log.info("request {request_id} from {client} for app {app}: {status} from the front door",
+                 request_id=ex.request_id, client=self._client, app=ex.app.name, status=answer.status)
+        self.transport.write(rules.own_response(answer.status, answer.headers, answer.body, keep_alive,
+                                                ex.request.method == b"HEAD"))
+        ex.keep_alive = keep_alive
+        ex.request_done = True
+        ex.response_state = "done"
+        self._release("stream")
+        self._hold("response")
+        self.state = "response"
+        self._exchange_over(ex)
 
     def _opened(self, stream: Any, ex: Exchange, body_length: int | None) -> None:
         if self.state == "closed" or self.exchange is not ex:

@@ -347,8 +347,20 @@ def _head(first_line: bytes, headers: Headers) -> bytes:
     return b"\r\n".join([first_line, *(k + b": " + v for k, v in headers)]) + b"\r\n\r\n"
 
 
-REASONS = {400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
+           308: "Permanent Redirect", 401: "Unauthorized", 403: "Forbidden", 413: "Content Too Large",
+           504: "Gateway Timeout", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+
+def own_response(status: int, headers: Headers, body: bytes, keep_alive: bool, head_only: bool = False) -> bytes:
+    """A complete response the front door makes itself (redirects, sign-in pages, JWKS)."""
+    reason = REASONS.get(status, "OK" if status < 300 else "Error")
+    headers = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"connection",
+                                                                b"transfer-encoding")]
+    headers += [(b"Content-Length", str(len(body)).encode()),
+                (b"Connection", b"keep-alive" if keep_alive else b"close")]
+    return _head(b"HTTP/1.1 %d %s" % (status, reason.encode()), headers) + (b"" if head_only else body)
 
 
 def error_page(status: int, message: str, request_id: str) -> bytes:
