@@ -85,7 +85,7 @@ class Harness:
         self.apps = {a.external_url.split("/")[2]: a for a in (apps or [App()])}
         self.opens: list[tuple[Deferred, FakeStream]] = []
         self.fail_with = fail_with
-        self.door = FrontDoor(lambda host: self.apps.get(host), self.open_stream, reactor=clock,
+        self.door = FrontDoor(lambda host, target: self.apps.get(host), self.open_stream, reactor=clock,
                               timeouts=Timeouts(header=5, idle=20))
         self.transport = StringTransport()
         self.door.makeConnection(self.transport)

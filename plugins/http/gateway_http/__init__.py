@@ -41,7 +41,7 @@ class HTTPHandler:
     def service_factory(self, app: Any, open_stream: Any, reactor: Any) -> Factory:
         """An app with a ``listen`` of its own (no external_url): a front door serving only it."""
         return QuietFactory.forProtocol(lambda: FrontDoor(
-            lambda host: app, lambda _app, extra: open_stream(extra), reactor=reactor))
+            lambda host, target: app, lambda _app, extra: open_stream(extra), reactor=reactor))
 
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
         backend.serve_stream(stream, app, reactor)
@@ -64,7 +64,7 @@ def front_door_factory(apps: list[Any], open_stream: Any, reactor: Any = None,
                        timeouts: Timeouts | None = None, scheme: str = "http", gate: Any = None) -> Factory:
     table = rules.routing_table(apps)
     return QuietFactory.forProtocol(lambda: FrontDoor(
-        lambda host: rules.route(table, host, scheme), open_stream, scheme=scheme, reactor=reactor,
+        lambda host, target: rules.route(table, host, scheme), open_stream, scheme=scheme, reactor=reactor,
         timeouts=timeouts, gate=gate))
 
 

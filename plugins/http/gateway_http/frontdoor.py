@@ -135,7 +135,7 @@ DEFAULT_TIMEOUTS = Timeouts()
 class FrontDoor(Protocol):
     """One client connection to the HTTP front door."""
 
-    def __init__(self, router: Callable[[str], Any], open_stream: Callable[[Any, dict], Any],
+    def __init__(self, router: Callable[[str, bytes], Any], open_stream: Callable[[Any, dict], Any],
                  scheme: str = "http", reactor: Any = None, timeouts: Timeouts | None = None,
                  gate: Any = None) -> None:
         self.reactor = reactor
@@ -276,11 +276,16 @@ class FrontDoor(Protocol):
         self._request_id = request_id
         request = rules.parse_request_head(head)
         host = rules.request_host(request)
-        app = self.router(host)
+        app = self.router(host, request.target)
         if app is None:
             log.info("request {request_id} from {client}: no app at host {host!r}: 404",
                      request_id=request_id, client=self._client, host=host)
             raise HTTPError(404, NOT_FOUND)
+        if isinstance(app, auth.Respond):
+            # the router answers itself, e.g. the plain listener redirecting to https
+            self.exchange = Exchange(request_id, request, None, None, None, 0, rules.wants_keep_alive(request))
+            self._answer(self.exchange, app, has_body=rules.request_body_length(request) != 0)
+            return
         body_length = rules.request_body_length(request)
         external = Origin.from_url(app.external_url) if app.external_url else Origin(self.scheme, *(
             rules.route_key(host, self.scheme) or ("", rules.DEFAULT_PORTS[self.scheme])))
@@ -323,7 +328,8 @@ class FrontDoor(Protocol):
         """Send a response of the front door's own; a request body we did not read ends the connection."""
         keep_alive = ex.keep_alive and not has_body and not self._read_closed
         log.info("request {request_id} from {client} for app {app}: {status} from the front door",
-                 request_id=ex.request_id, client=self._client, app=ex.app.name, status=answer.status)
+                 request_id=ex.request_id, client=self._client, app=ex.app.name if ex.app else "-",
+                 status=answer.status)
         self.transport.write(rules.own_response(answer.status, answer.headers, answer.body, keep_alive,
                                                 ex.request.method == b"HEAD"))
         ex.keep_alive = keep_alive
