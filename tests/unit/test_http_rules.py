@@ -94,31 +94,6 @@ def test_keep_alive_rules():
     assert not rules.wants_keep_alive(req(b"GET / HTTP/1.0\r\nConnection: keep-alive"))
 
 
-# -- routing -------------------------------------------------------------------------------
-
-
-def test_routing_by_host_and_port():
-    """The Host header picks the app by host and port, case-insensitive, default port made explicit."""
-    wiki = App("wiki", "http://Wiki.Apps.Example.Test:8080/")
-    crm = App("crm", "http://crm.apps.example.test/")
-    table = rules.routing_table([wiki, crm])
-    assert rules.route(table, "wiki.apps.example.test:8080") is wiki
-    assert rules.route(table, "WIKI.apps.example.test.:8080") is wiki
-    assert rules.route(table, "crm.apps.example.test") is crm
-    assert rules.route(table, "crm.apps.example.test:80") is crm
-    assert rules.route(table, "wiki.apps.example.test") is None
-    assert rules.route(table, "other.apps.example.test:8080") is None
-    assert rules.route(table, "") is None
-    assert rules.route(table, "crm.apps.example.test:http") is None
-
-
-def test_ipv6_hosts_route():
-    """A bracketed IPv6 Host routes to an app whose external URL names that address."""
-    app = App("v6", "http://[::1]:8080/")
-    assert rules.route(rules.routing_table([app]), "[::1]:8080") is app
-    assert rules.route(rules.routing_table([app]), "[::1") is None
-
-
 def test_request_host_needs_exactly_one_host_in_http_1_1():
     """HTTP/1.1 without a Host header, or with two, is a 400; an absolute target wins over Host."""
     for head in (b"GET / HTTP/1.1", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b"):

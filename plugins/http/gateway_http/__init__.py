@@ -23,14 +23,14 @@ from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
 from gateway.tunnel.splice import QuietFactory
 
-from . import auth, backend, https, rules
-from .frontdoor import DEFAULT_TIMEOUTS, FrontDoor, Timeouts
+from . import auth, backend, https, routing, rules
+from .frontdoor import BACKEND_TIMEOUTS, DEFAULT_TIMEOUTS, FrontDoor, Timeouts
 
 log = Logger(namespace="gateway_http")
 
 NAME = "http"
 DEFAULT_LISTEN = "tcp:80"
-BASE_KEYS = ("listen", "header_timeout", "idle_timeout")
+BASE_KEYS = ("listen", "header_timeout", "idle_timeout", "body_timeout")
 SECTION_KEYS = BASE_KEYS + https.SECTION_KEYS + auth.SECTION_KEYS
 
 
@@ -57,15 +57,33 @@ def check_options(apps: list[Any]) -> None:
         value = app.options.get("translate_host", True)
         if not isinstance(value, bool):
             raise GatewayError(f"app {app.name}: options.translate_host: expected true or false, got {value!r}")
+        timeout = app.options.get("backend_timeout", "default")
+        if isinstance(timeout, bool) or not (timeout in BACKEND_TIMEOUTS or (
+                isinstance(timeout, (int, float)) and 0 < timeout <= 3600)):
+            raise GatewayError(f"app {app.name}: options.backend_timeout: expected \"default\" (85 s), \"long\" "
+                               f"(180 s) or a number of seconds up to 3600, got {timeout!r}")
+        headers = app.options.get("request_headers", {})
+        if not isinstance(headers, dict) or not all(
+                isinstance(k, str) and rules.is_token(k) and isinstance(v, str) and rules.is_field_value(v)
+                for k, v in headers.items()):
+            raise GatewayError(f"app {app.name}: options.request_headers: expected a table of header names to "
+                               f"values (printable ASCII, no line breaks), got {headers!r}")
+        hop = sorted(k for k in headers if k.lower().encode() in rules.HOP_BY_HOP | rules.FRAMING | {b"host"})
+        if hop:
+            raise GatewayError(f"app {app.name}: options.request_headers: {hop[0]} is set by the front door itself;"
+                               f" remove it")
         auth.check_app_options(app)
 
 
 def front_door_factory(apps: list[Any], open_stream: Any, reactor: Any = None,
-                       timeouts: Timeouts | None = None, scheme: str = "http", gate: Any = None) -> Factory:
-    table = rules.routing_table(apps)
+                       timeouts: Timeouts | None = None, scheme: str = "http", gate: Any = None,
+                       redirect_to_https: bool = False) -> Factory:
+    """The front door of one listener: ``scheme`` is the listener's (routing.py says what it serves)."""
+    table = routing.routing_table(apps)
+    redirect = redirect_to_https and scheme == "http"
     return QuietFactory.forProtocol(lambda: FrontDoor(
-        lambda host, target: rules.route(table, host, scheme), open_stream, scheme=scheme, reactor=reactor,
-        timeouts=timeouts, gate=gate))
+        lambda host, target: routing.route(table, host, target, scheme, redirect), open_stream, scheme=scheme,
+        reactor=reactor, timeouts=timeouts, gate=gate))
 
 
 @hookimpl
@@ -93,7 +111,8 @@ def gateway_config_sections(register: Any) -> None:
         except Exception as e:
             raise error("listen", f"expected a Twisted server endpoint string such as \"tcp:8080\", got {listen!r} ({e})")
         timeouts = {}
-        for key, default in (("header_timeout", DEFAULT_TIMEOUTS.header), ("idle_timeout", DEFAULT_TIMEOUTS.idle)):
+        for key, default in (("header_timeout", DEFAULT_TIMEOUTS.header), ("idle_timeout", DEFAULT_TIMEOUTS.idle),
+                             ("body_timeout", DEFAULT_TIMEOUTS.body)):
             value = table.get(key, default)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise error(key, f"expected a number of seconds > 0, got {value!r}")
@@ -112,11 +131,13 @@ def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reac
     section = config.sections.get(NAME) or {}
     listen = section.get("listen", DEFAULT_LISTEN)
     timeouts = Timeouts(header=section.get("header_timeout", DEFAULT_TIMEOUTS.header),
-                        idle=section.get("idle_timeout", DEFAULT_TIMEOUTS.idle))
+                        idle=section.get("idle_timeout", DEFAULT_TIMEOUTS.idle),
+                        body=section.get("body_timeout", DEFAULT_TIMEOUTS.body))
     gate = auth.build_gate(section, apps, config, reactor)
 
     def factory_for(scheme: str) -> Factory:
-        return front_door_factory(apps, open_stream, reactor, timeouts, scheme=scheme, gate=gate)
+        return front_door_factory(apps, open_stream, reactor, timeouts, scheme=scheme, gate=gate,
+                                  redirect_to_https=section.get("redirect_to_https", False))
 
     register("http", listen, factory_for("http"))
     https.register_listeners(register, section, factory_for, reactor)

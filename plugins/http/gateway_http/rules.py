@@ -1,4 +1,4 @@
-"""Pure HTTP rules of the front door: parsing heads, routing by host, translating headers.
+"""Pure HTTP rules of the front door: parsing heads, translating headers (routing: routing.py).
 
 Nothing here does I/O, so every rule is tested on its own (tests/unit/test_http_rules.py).
 Headers are lists of ``(name, value)`` byte pairs in arrival order; names keep their case.
@@ -10,6 +10,8 @@ import html
 from urllib.parse import urlsplit
 
 from attrs import frozen
+
+from .routing import route_key  # noqa: F401  (routing moved to routing.py; frontdoor still names it here)
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEAD = 64 * 1024
@@ -184,47 +186,6 @@ def request_host(request: Request) -> str:
     if len(hosts) != 1 and request.version == b"HTTP/1.1":
         raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
     return hosts[0].decode("latin-1").strip().lower() if hosts else ""
-
-
-def route_key(host: str, scheme: str) -> tuple[str, int] | None:
-    """(host, port) of a Host header value, the scheme's default port made explicit; None if malformed."""
-    if not host:
-        return None
-    host = host.lower()
-    host = host.rstrip(".") if not host.endswith("]") else host
-    if host.startswith("["):
-        end = host.find("]")
-        if end < 0:
-            return None
-        name, rest = host[1:end], host[end + 1:]
-        if rest and not rest.startswith(":"):
-            return None
-        port_text = rest[1:]
-    else:
-        name, _, port_text = host.partition(":")
-        name = name.rstrip(".")
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            return None
-        port = int(port_text)
-    else:
-        port = DEFAULT_PORTS[scheme]
-    return name, port
-
-
-def route(table: dict[tuple[str, int], object], host: str, scheme: str = "http") -> object | None:
-    """The app whose external origin matches the Host header value ``host``; None when none does."""
-    key = route_key(host, scheme)
-    return table.get(key) if key is not None else None
-
-
-def routing_table(apps: list) -> dict[tuple[str, int], object]:
-    """{(external host, port): app} for apps with an external_url."""
-    table = {}
-    for app in apps:
-        origin = Origin.from_url(app.external_url)
-        table[(origin.host, origin.port)] = app
-    return table
 
 
 def _connection_listed(headers: Headers) -> set[bytes]:
