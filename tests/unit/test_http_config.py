@@ -113,7 +113,8 @@ def sections():
 def test_http_table_is_parsed_by_the_plugin():
     """[http] listen and the timeouts are read by the plugin; listen defaults to tcp:80."""
     parsed = config(web(), http={"listen": "tcp:8080", "idle_timeout": 5}, sections=sections()).sections["http"]
-    assert parsed == {"listen": "tcp:8080", "header_timeout": 30.0, "idle_timeout": 5.0}
+    assert {k: parsed[k] for k in ("listen", "header_timeout", "idle_timeout", "body_timeout")} == {
+        "listen": "tcp:8080", "header_timeout": 30.0, "idle_timeout": 5.0, "body_timeout": 60.0}
     assert config(web(), sections=sections()).sections["http"]["listen"] == "tcp:80"
 
 
@@ -151,3 +152,25 @@ def test_same_host_and_path_twice_is_refused():
     message = refused(web(name="a", external_url="https://apps.example.test/wiki/"),
                       web(name="b", external_url="https://APPS.example.test:443/wiki/"))
     assert "apps[1].external_url" in message and "unique among apps" in message
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"backend_timeout": "forever"}, "options.backend_timeout"),
+    ({"backend_timeout": 0}, "options.backend_timeout"),
+    ({"backend_timeout": True}, "options.backend_timeout"),
+    ({"request_headers": {"X Bad": "v"}}, "options.request_headers"),
+    ({"request_headers": {"X-Ok": "line\nbreak"}}, "options.request_headers"),
+    ({"request_headers": {"Connection": "close"}}, "set by the front door"),
+    ({"request_headers": ["X-A"]}, "options.request_headers"),
+])
+def test_bad_web_app_options_are_refused(options, words):
+    """Per-app back-end timeout and custom headers are checked before the front door starts."""
+    with pytest.raises(GatewayError, match=words):
+        gateway_http.check_options(gateway_http.web_apps(config(web(options=options))))
+
+
+def test_good_web_app_options_pass():
+    """"long", seconds and a header table are fine."""
+    for options in ({"backend_timeout": "long"}, {"backend_timeout": 30},
+                    {"request_headers": {"X-Tenant": "corp", "X-Env": "prod 1"}}):
+        gateway_http.check_options(gateway_http.web_apps(config(web(options=options))))

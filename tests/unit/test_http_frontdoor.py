@@ -67,6 +67,9 @@ class FakeStream:
     def loseConnection(self) -> None:
         self.fin = True
 
+    def loseWriteConnection(self) -> None:
+        self.fin = True
+
     def reset(self, code: int, reason: str) -> None:
         self.reset_with = (code, reason)
         self.closed = True
@@ -327,10 +330,130 @@ def test_timers_stop_during_a_request_and_restart_after():
     h = Harness(clock=clock)
     h.send(GET)
     stream = h.accept()
-    clock.advance(100)
+    clock.advance(80)
     assert not h.transport.disconnecting
     stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     clock.advance(19)
     assert not h.transport.disconnecting
     clock.advance(1)
     assert h.transport.disconnecting and not clock.getDelayedCalls()
+
+
+def test_silent_back_end_gets_504_after_its_timeout():
+    """options.backend_timeout: "default" is 85 s, "long" 180 s; the page carries the request id and
+    the stream is reset with TIMEOUT."""
+    for option, seconds in (("default", 85), ("long", 180), (3, 3)):
+        clock = Clock()
+        h = Harness(apps=[App(options={"backend_timeout": option})], clock=clock)
+        h.send(GET)
+        stream = h.accept()
+        clock.advance(seconds - 0.5)
+        assert h.output() == b""
+        clock.advance(0.5)
+        out = h.output()
+        assert out.startswith(b"HTTP/1.1 504 "), option
+        assert stream.reset_with[0] == 6 and stream.metadata["request_id"].encode() in out
+
+
+def test_back_end_timeout_counts_silence_not_the_whole_body():
+    """A back end that keeps sending a long body is not cut off: the timer restarts with every piece."""
+    clock = Clock()
+    h = Harness(apps=[App(options={"backend_timeout": 10})], clock=clock)
+    h.send(GET)
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+    for piece in (b"a", b"b"):
+        clock.advance(9)
+        stream.answer(piece)
+    clock.advance(9)
+    stream.answer(b"c")
+    assert h.output().endswith(b"abc") and not h.transport.disconnecting
+
+
+def test_slow_request_body_gets_408():
+    """A client that stops sending its body for body_timeout gets 408 and the stream is reset."""
+    clock = Clock()
+    h = Harness(clock=clock)
+    h.door.timeouts = Timeouts(header=5, idle=20, body=7)
+    h.send(b"PUT /a HTTP/1.1\r\nHost: wiki.example.test\r\nContent-Length: 10\r\n\r\n12345")
+    stream = h.accept()
+    clock.advance(6)
+    h.send(b"67")
+    clock.advance(6)
+    assert not h.transport.disconnecting
+    clock.advance(1)
+    assert h.output().startswith(b"HTTP/1.1 408 ") and stream.reset_with is not None
+
+
+def test_websocket_upgrade_splices_both_ways():
+    """After a 101 the client connection and the stream carry raw bytes both ways, half-close included."""
+    h = Harness()
+    h.send(b"GET /ws HTTP/1.1\r\nHost: wiki.example.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+           b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    stream = h.accept()
+    assert b"Connection: Upgrade\r\nUpgrade: websocket\r\n" in stream.data
+    stream.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi")
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 101 ") and out.endswith(b"\r\n\r\n\x81\x02hi")
+    assert h.transport.producerState == "producing"
+    before = len(stream.data)
+    h.send(b"\x81\x82abcdef")
+    assert stream.data[before:] == b"\x81\x82abcdef"
+    stream.answer(b"\x88\x00")
+    assert h.output() == b"\x88\x00"
+    h.door.readConnectionLost()
+    assert stream.fin
+
+
+def test_101_without_an_upgrade_request_is_502():
+    """A back end switching protocols unasked is a broken answer."""
+    h = Harness()
+    h.send(GET)
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+    assert h.output().startswith(b"HTTP/1.1 502 ")
+
+
+def test_custom_request_headers_reach_the_stream():
+    """options.request_headers are set on every request and win over the client's."""
+    h = Harness(apps=[App(options={"request_headers": {"X-Tenant": "corp"}})])
+    h.send(b"GET / HTTP/1.1\r\nHost: wiki.example.test\r\nX-Tenant: evil\r\n\r\n")
+    stream = h.accept()
+    assert b"X-Tenant: corp\r\n" in stream.data and b"evil" not in stream.data
+
+
+class Gate:
+    def __init__(self, decision) -> None:
+        self.decision = decision
+        self.seen = []
+
+    def check(self, request, app, external, client_host):
+        self.seen.append((request.target, external.host, client_host))
+        from twisted.internet.defer import succeed
+        return succeed(self.decision)
+
+
+def test_gate_answering_itself_opens_no_stream_and_keeps_the_connection():
+    """A Respond from pre-authentication (e.g. a redirect to sign in) is sent; no stream is opened."""
+    from gateway_http.auth import Respond
+    h = Harness()
+    h.door.gate = Gate(Respond(302, [(b"Location", b"https://idp.example.test/auth")], b""))
+    h.send(GET)
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 302 Found\r\n") and b"Location: https://idp.example.test/auth" in out
+    assert b"Connection: keep-alive" in out and not h.opens and not h.transport.disconnecting
+    h.send(b"POST /a HTTP/1.1\r\nHost: wiki.example.test\r\nContent-Length: 3\r\n\r\nabc")
+    assert b"Connection: close" in h.output() and h.transport.disconnecting and not h.opens
+
+
+def test_gate_identity_travels_in_the_stream_metadata():
+    """An Allow with an identity puts user and identity into the metadata and may replace headers."""
+    from gateway_http.auth import Allow, Identity
+    h = Harness()
+    who = Identity("alice", "Alice", "alice@example.test", ("staff",))
+    h.door.gate = Gate(Allow(who, [(b"Host", b"wiki.example.test"), (b"X-Gateway-Jwt-Assertion", b"jwt")]))
+    h.send(GET)
+    stream = h.accept()
+    assert stream.metadata["user"] == "alice" and stream.metadata["identity"]["groups"] == ["staff"]
+    assert b"X-Gateway-Jwt-Assertion: jwt\r\n" in stream.data

@@ -111,7 +111,8 @@ def _headers(head: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def test_backend_request_translates_host_and_adds_forwarding():
-    """Host becomes the internal host; X-Forwarded-* and Forwarded are added; Connection: close is sent."""
+    """Host becomes the internal host; X-Forwarded-* and Forwarded are added; no Connection header
+    (the connector keeps its own back-end connections alive)."""
     r = req(b"GET /p?q HTTP/1.1\r\nHost: wiki.apps.example.test:8080\r\nX-Forwarded-For: 10.0.0.1\r\n"
             b"X-Forwarded-Host: evil\r\nForwarded: for=10.0.0.1")
     head = rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "192.0.2.7")
@@ -122,7 +123,7 @@ def test_backend_request_translates_host_and_adds_forwarding():
     assert rules.get(h, b"x-forwarded-host") == [b"wiki.apps.example.test:8080"]
     assert rules.get(h, b"x-forwarded-proto") == [b"http"]
     assert rules.get(h, b"forwarded") == [b'for=10.0.0.1, for=192.0.2.7;host="wiki.apps.example.test:8080";proto=http']
-    assert rules.get(h, b"connection") == [b"close"]
+    assert rules.get(h, b"connection") == []
     assert rules.get(h, b"content-length") == []
 
 
@@ -255,3 +256,71 @@ def test_chunk_encoding_round_trips():
     d = ChunkDecoder()
     pieces, rest = d.feed(rules.chunk(b"abc") + rules.chunk(b"\r\n") + rules.LAST_CHUNK)
     assert b"".join(pieces) == b"abc\r\n" and d.done and rest == b""
+
+
+PREFIXED_EXTERNAL = Origin("https", "apps.example.test", 443, "/wiki/")
+PREFIXED_INTERNAL = Origin("http", "wiki.corp", 8000, "/w/")
+
+
+@pytest.mark.parametrize("target, expected", [
+    (b"/wiki/page?x=1", b"/w/page?x=1"),
+    (b"/wiki/", b"/w/"),
+    (b"/wiki", b"/w/"),
+    (b"/wiki?a", b"/w/?a"),
+    (b"http://apps.example.test/wiki/a", b"/w/a"),
+    (b"/other/", b"/other/"),
+])
+def test_path_prefix_is_translated_in_the_target(target, expected):
+    """The external path prefix becomes the internal one; other paths pass unchanged."""
+    head = rules.backend_request_head(req(b"GET " + target + b" HTTP/1.1\r\nHost: apps.example.test"), 0,
+                                      PREFIXED_EXTERNAL, PREFIXED_INTERNAL, "192.0.2.7")
+    assert head.split(b" ")[1] == expected
+
+
+@pytest.mark.parametrize("location, expected", [
+    (b"http://wiki.corp:8000/w/page", b"https://apps.example.test/wiki/page"),
+    (b"/w/login?next=/w/", b"/wiki/login?next=/w/"),
+    (b"http://wiki.corp:8000/elsewhere", b"https://apps.example.test/elsewhere"),
+    (b"relative/x", b"relative/x"),
+])
+def test_location_moves_between_path_prefixes(location, expected):
+    """A redirect under the internal prefix lands under the external prefix."""
+    assert rules.rewrite_location(location, PREFIXED_EXTERNAL, PREFIXED_INTERNAL) == expected
+
+
+def test_cookie_path_moves_between_path_prefixes():
+    """Set-Cookie Path=/w/... becomes /wiki/...; a Path outside the prefix stays."""
+    cookie = rules.rewrite_cookie_domain(b"s=1; Path=/w/app; HttpOnly", PREFIXED_EXTERNAL, PREFIXED_INTERNAL)
+    assert cookie == b"s=1; Path=/wiki/app; HttpOnly"
+    assert rules.rewrite_cookie_domain(b"s=1; Path=/", PREFIXED_EXTERNAL, PREFIXED_INTERNAL) == b"s=1; Path=/"
+
+
+def test_upgrade_request_keeps_connection_upgrade():
+    """A WebSocket handshake reaches the back end with Connection: Upgrade and its Upgrade header."""
+    r = req(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13")
+    assert rules.upgrade_protocols(r) == b"websocket"
+    h = _headers(rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "192.0.2.7"))
+    assert rules.get(h, b"connection") == [b"Upgrade"] and rules.get(h, b"upgrade") == [b"websocket"]
+    assert rules.get(h, b"sec-websocket-key") == [b"dGhlIHNhbXBsZSBub25jZQ=="]
+    plain = req(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket")   # not listed in Connection
+    assert rules.upgrade_protocols(plain) is None
+    assert rules.get(_headers(rules.backend_request_head(plain, 0, EXTERNAL, INTERNAL, "h")), b"upgrade") == []
+
+
+def test_switching_protocols_head_keeps_upgrade():
+    """A 101 goes to the client with Connection: Upgrade and the back end's Upgrade value."""
+    response = rules.parse_response_head(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: x")
+    head = rules.client_response_head(response, 0, False, True, EXTERNAL, INTERNAL)
+    assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    h = rules.parse_response_head(head.rstrip(b"\r\n")).headers
+    assert rules.get(h, b"connection") == [b"Upgrade"] and rules.get(h, b"upgrade") == [b"websocket"]
+    assert rules.get(h, b"sec-websocket-accept") == [b"x"] and rules.get(h, b"content-length") == []
+
+
+def test_custom_headers_replace_client_ones():
+    """An app's custom request headers are added and win over a client header of the same name."""
+    r = req(b"GET / HTTP/1.1\r\nHost: a\r\nX-Tenant: evil")
+    h = _headers(rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "h", extra_headers=[(b"X-Tenant", b"corp")]))
+    assert rules.get(h, b"x-tenant") == [b"corp"]

@@ -66,6 +66,7 @@ class _ClientReader:
         self.door.transport.abortConnection()
 
 
+@implementer(IHalfCloseableProtocol)
 class ResponseSide(Protocol):
     """The protocol on a request's stream: everything the back end answers."""
 
@@ -83,6 +84,17 @@ class ResponseSide(Protocol):
             log.failure("request {request_id}: the http plugin failed on a response",
                         request_id=self.exchange.request_id)
             self.door._response_broken(self.exchange, "internal error in the http plugin")
+
+    def readConnectionLost(self) -> None:
+        # The connector sent all it will (FIN): the response ended, or an upgraded back end half-closed.
+        try:
+            self.door._response_fin(self.exchange)
+        except Exception:
+            log.failure("request {request_id}: the http plugin failed ending a response",
+                        request_id=self.exchange.request_id)
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def connectionLost(self, reason: Failure = None) -> None:
         try:
@@ -104,6 +116,7 @@ class Exchange:
         self.internal = internal
         self.stream: Any = None
         self.identity: auth.Identity | None = None
+        self.upgrade = False
         # request body: bytes left (int) or a chunk decoder
         self.body_left = body_length if body_length is not None else 0
         self.body_decoder = ChunkDecoder(400) if body_length is None else None
@@ -122,10 +135,31 @@ class Exchange:
 
 @frozen
 class Timeouts:
-    """Slow-client limits while the front door waits for a request head."""
+    """Slow-client limits of the front door (per app back-end timeouts are app options)."""
 
     header: float = 30.0   # from the first byte of a request head to its end, else 408
     idle: float = 60.0     # a connection with no request at all (new, or kept alive), else closed
+    body: float = 60.0     # a request body with no byte from the client for this long (while we
+                           # are not the ones holding it back), else 408
+
+
+# options.backend_timeout: Entra application proxy's two settings, or seconds.
+BACKEND_TIMEOUTS = {"default": 85.0, "long": 180.0}
+
+
+def backend_timeout(app: Any) -> float:
+    """How long the back end may be silent once the request has gone: until the response head
+    arrives, and between pieces of the body; after that the client gets 504 (or, mid-body, a
+    broken connection)."""
+    value = app.options.get("backend_timeout", "default") if app is not None else "default"
+    return BACKEND_TIMEOUTS[value] if isinstance(value, str) else float(value)
+
+
+def request_headers(app: Any) -> list[tuple[bytes, bytes]]:
+    """``options.request_headers``: headers every request to the back end carries (they replace a
+    client header of the same name)."""
+    table = app.options.get("request_headers") or {}
+    return [(str(k).encode("latin-1"), str(v).encode("latin-1")) for k, v in table.items()]
 
 
 DEFAULT_TIMEOUTS = Timeouts()
@@ -154,6 +188,8 @@ class FrontDoor(Protocol):
         self._client = ""
         self._read_closed = False
         self._streaming = False       # a request's stream is registered as the client socket's producer
+        self._body_timer: Any = None
+        self._backend_timer: Any = None
 
     # -- the client socket -------------------------------------------------------------
 
@@ -165,12 +201,20 @@ class FrontDoor(Protocol):
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.state == "upgraded":
+            self.exchange.stream.write(data)
+            return
         self.buf += data
+        if self.state == "body":
+            self._arm_body()
         self._advance()
 
     def readConnectionLost(self) -> None:
         # The client sent all it will; answer what is in flight, then close.
         self._read_closed = True
+        if self.state == "upgraded":
+            self.exchange.stream.loseWriteConnection()
+            return
         if self.exchange is not None:
             self.exchange.keep_alive = False
             if self.state == "body":
@@ -184,6 +228,8 @@ class FrontDoor(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.state = "closed"
         self._disarm()
+        self._cancel_body_timer()
+        self._cancel_backend_timer()
         ex = self.exchange
         if ex is not None and ex.stream is not None and not ex.stream.closed and ex.response_state != "done":
             ex.stream.reset(ResetCode.CANCELLED, "the HTTP client went away")
@@ -202,6 +248,62 @@ class FrontDoor(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _arm_body(self) -> None:
+        """(Re)start the wait for the next piece of a request body from the client."""
+        if self.reactor is None:
+            return
+        if self._body_timer is not None and self._body_timer.active():
+            self._body_timer.reset(self.timeouts.body)
+        else:
+            self._body_timer = self.reactor.callLater(self.timeouts.body, self._body_timed_out)
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None and self._body_timer.active():
+            self._body_timer.cancel()
+        self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.state != "body":
+            return
+        if self._holds:
+            self._arm_body()   # we paused the client ourselves (the tunnel is full): not its fault
+            return
+        self._fail(408, "The request body took too long to arrive.")
+
+    def _arm_backend(self, ex: Exchange) -> None:
+        """(Re)start the wait for the back end: the response head, or the next piece of its body."""
+        if self.reactor is None or ex.response_state == "done" or ex.response_state == "upgraded":
+            return
+        delay = backend_timeout(ex.app)
+        if self._backend_timer is not None and self._backend_timer.active():
+            self._backend_timer.reset(delay)
+        else:
+            self._backend_timer = self.reactor.callLater(delay, self._backend_timed_out, ex)
+
+    def _cancel_backend_timer(self) -> None:
+        if self._backend_timer is not None and self._backend_timer.active():
+            self._backend_timer.cancel()
+        self._backend_timer = None
+
+    def _backend_timed_out(self, ex: Exchange) -> None:
+        self._backend_timer = None
+        if self.state == "closed" or self.exchange is not ex or ex.response_state in ("done", "upgraded"):
+            return
+        if not self._streaming_paused(ex):
+            log.warn("request {request_id} from {client} for app {app}: the back end sent nothing for {seconds:.0f} s "
+                     "(options.backend_timeout): 504", request_id=ex.request_id, client=self._client,
+                     app=ex.app.name, seconds=backend_timeout(ex.app))
+            if ex.stream is not None and not ex.stream.closed:
+                ex.stream.reset(ResetCode.TIMEOUT, "the front door gave up waiting for the back end")
+            self._fail(504, "The application took too long to answer.")
+        else:
+            self._arm_backend(ex)
+
+    def _streaming_paused(self, ex: Exchange) -> bool:
+        """The response is held back by a slow client, not by the back end."""
+        return ex.response_state == "body" and bool(getattr(ex.stream, "_reading_paused", False))
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -287,8 +389,14 @@ class FrontDoor(Protocol):
             self._answer(self.exchange, app, has_body=rules.request_body_length(request) != 0)
             return
         body_length = rules.request_body_length(request)
-        external = Origin.from_url(app.external_url) if app.external_url else Origin(self.scheme, *(
-            rules.route_key(host, self.scheme) or ("", rules.DEFAULT_PORTS[self.scheme])))
+        asked = rules.route_key(host, self.scheme) or ("", rules.DEFAULT_PORTS[self.scheme])
+        if app.external_url:
+            external = Origin.from_url(app.external_url)
+            if external.host.startswith("*."):
+                # a wildcard app: its external origin is the host the client asked for
+                external = Origin(external.scheme, asked[0], external.port, external.path)
+        else:
+            external = Origin(self.scheme, *asked)
         internal = (Origin.from_url(app.internal_url) if app.internal_url
                     else Origin("http", app.host.lower(), app.port))
         ex = Exchange(request_id, request, app, external, internal, body_length, rules.wants_keep_alive(request))
@@ -347,7 +455,9 @@ class FrontDoor(Protocol):
         ex.stream = stream
         try:
             head = rules.backend_request_head(ex.request, body_length, ex.external, ex.internal,
-                                              self._client_host, translate_host=translate_host(ex.app))
+                                              self._client_host, translate_host=translate_host(ex.app),
+                                              extra_headers=request_headers(ex.app))
+            ex.upgrade = rules.upgrade_protocols(ex.request) is not None
             stream.attach(ResponseSide(self, ex))
             self.transport.registerProducer(stream, True)
             self._streaming = True
@@ -359,6 +469,7 @@ class FrontDoor(Protocol):
             return
         self.state = "body"
         self._release("stream")
+        self._arm_body()
         self._advance()
 
     def _open_failed(self, failure: Failure, ex: Exchange) -> None:
@@ -389,6 +500,8 @@ class FrontDoor(Protocol):
 
     def _request_sent(self, ex: Exchange) -> None:
         ex.request_done = True
+        self._cancel_body_timer()
+        self._arm_backend(ex)
         ex.stream.unregisterProducer()
         self.state = "response"
         self._hold("response")
@@ -401,6 +514,11 @@ class FrontDoor(Protocol):
     def _response_data(self, ex: Exchange, data: bytes) -> None:
         if ex.response_state == "done" or self.state == "closed":
             return
+        if ex.response_state == "upgraded":
+            self.transport.write(data)
+            return
+        if ex.request_done:
+            self._arm_backend(ex)
         if ex.response_state == "head":
             ex.response_buf += data
             while ex.response_state == "head":
@@ -412,6 +530,10 @@ class FrontDoor(Protocol):
                 head, ex.response_buf = ex.response_buf[:end], ex.response_buf[end + 4:]
                 self._response_head(ex, rules.parse_response_head(head))
             data, ex.response_buf = ex.response_buf, b""
+            if ex.response_state == "upgraded":
+                if data:
+                    self.transport.write(data)
+                return
             if not data:
                 if ex.response_state == "body" and ex.response_framing == 0:
                     self._response_done(ex)
@@ -420,7 +542,10 @@ class FrontDoor(Protocol):
 
     def _response_head(self, ex: Exchange, response: rules.Response) -> None:
         if response.status == 101:
-            raise HTTPError(502, "the back end switched protocols, which the front door does not support yet")
+            if not ex.upgrade:
+                raise HTTPError(502, "the back end switched protocols though the client did not ask to")
+            self._upgrade(ex, response)
+            return
         if 100 <= response.status < 200:
             if response.status == 100 and ex.request.version == b"HTTP/1.1":
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -442,6 +567,45 @@ class FrontDoor(Protocol):
         ex.response_state = "body"
         self.transport.write(rules.client_response_head(
             response, framing, ex.chunked_to_client, ex.keep_alive, ex.external, ex.internal))
+
+    def _upgrade(self, ex: Exchange, response: rules.Response) -> None:
+        """101: from now on the client connection and the stream are spliced, bytes both ways."""
+        self._cancel_backend_timer()
+        self._cancel_body_timer()
+        ex.response = response
+        ex.response_state = "upgraded"
+        ex.keep_alive = False
+        self.transport.write(rules.client_response_head(response, 0, False, False, ex.external, ex.internal))
+        log.info("request {request_id} {target} for app {app}: 101, switched to {protocol}",
+                 request_id=ex.request_id, target=ex.request.target.decode("latin-1")[:200], app=ex.app.name,
+                 protocol=b", ".join(rules.get(response.headers, b"upgrade")).decode("latin-1")[:60])
+        self.state = "upgraded"
+        ex.stream.registerProducer(self._reader, True)
+        self._holds.discard("response")
+        self._holds.discard("tunnel")
+        self.transport.resumeProducing()
+        rest, self.buf = self.buf, b""
+        if rest:
+            ex.stream.write(rest)
+        if self._read_closed:
+            ex.stream.loseWriteConnection()
+
+    def _response_fin(self, ex: Exchange) -> None:
+        """The connector half-closed the stream."""
+        if ex.response_state == "upgraded":
+            if self.state != "closed":
+                loser = getattr(self.transport, "loseWriteConnection", None)
+                if loser is not None and not getattr(self.transport, "TLS", False):
+                    loser()
+                else:
+                    self.transport.loseConnection()
+            if self._read_closed:
+                ex.stream.loseConnection()
+            return
+        if ex.response_state != "done":
+            self._response_lost(ex, None)
+        if not ex.stream.closed:
+            ex.stream.loseConnection()
 
     def _response_body(self, ex: Exchange, data: bytes) -> None:
         framing = ex.response_framing
@@ -472,6 +636,7 @@ class FrontDoor(Protocol):
 
     def _response_done(self, ex: Exchange) -> None:
         ex.response_state = "done"
+        self._cancel_backend_timer()
         info = getattr(ex.stream, "log_info", None)
         log.info("request {request_id} {method} {target} for app {app} via connector {connector}: "
                  "{status}, {size} bytes",
@@ -506,6 +671,11 @@ class FrontDoor(Protocol):
         self._arm()
 
     def _response_lost(self, ex: Exchange, reason: Failure | None) -> None:
+        if ex.response_state == "upgraded":
+            if self.state != "closed":
+                self.state = "closed"
+                self.transport.loseConnection()
+            return
         if ex.response_state == "done" or self.state == "closed" or self.exchange is not ex:
             return
         clean = reason is None or reason.check(ConnectionDone)
@@ -546,6 +716,8 @@ class FrontDoor(Protocol):
             ex.stream.reset(ResetCode.CANCELLED, f"the front door answered {status} itself")
         self.state = "closed"
         self._disarm()
+        self._cancel_body_timer()
+        self._cancel_backend_timer()
         if ex is not None and ex.response_state != "head":
             self.transport.abortConnection()
             return

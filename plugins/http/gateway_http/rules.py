@@ -44,17 +44,19 @@ class HTTPError(Exception):
 
 @frozen
 class Origin:
-    """scheme, lower-case host (no brackets) and port, the scheme's default made explicit."""
+    """scheme, lower-case host (no brackets), port (the scheme's default made explicit) and the
+    app's path prefix ("/" or such as "/wiki/")."""
 
     scheme: str
     host: str
     port: int
+    path: str = "/"
 
     @classmethod
     def from_url(cls, url: str) -> Origin:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        return cls(scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS[scheme])
+        return cls(scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS[scheme], parts.path or "/")
 
     @property
     def authority(self) -> str:
@@ -90,6 +92,16 @@ def get(headers: Headers, name: bytes) -> list[bytes]:
 
 def _tokens(headers: Headers, name: bytes) -> list[bytes]:
     return [t.strip().lower() for v in get(headers, name) for t in v.split(b",") if t.strip()]
+
+
+def is_token(name: str) -> bool:
+    """A valid header field name."""
+    return bool(name) and set(name.encode("latin-1", "replace")) <= _TOKEN
+
+
+def is_field_value(value: str) -> bool:
+    """A header value we are willing to send: printable ASCII and tabs/spaces, no line breaks."""
+    return all(c == "\t" or " " <= c <= "~" for c in value)
 
 
 def _parse_fields(lines: list[bytes]) -> Headers:
@@ -202,16 +214,44 @@ def _forwarded_for(client_host: str) -> str:
     return f'"[{client_host}]"' if ":" in client_host else client_host
 
 
-def backend_request_head(request: Request, body_length: int | None, external: Origin, internal: Origin,
-                         client_host: str, translate_host: bool = True) -> bytes:
-    """The head sent to the back end: origin-form target, translated Host, forwarding headers,
-    hop-by-hop headers stripped, our framing and ``Connection: close`` (one back-end
-    connection per request)."""
-    target = request.target
+def upgrade_protocols(request: Request) -> bytes | None:
+    """The Upgrade header of a request that asks to switch protocols (WebSocket...), else None."""
+    upgrade = get(request.headers, b"upgrade")
+    if upgrade and b"upgrade" in _connection_listed(request.headers) and request.version == b"HTTP/1.1":
+        return b", ".join(upgrade)
+    return None
+
+
+def origin_form(target: bytes) -> bytes:
+    """path?query of a request target; an absolute-form target loses its scheme and authority."""
     if target.lower().startswith((b"http://", b"https://")):
         parts = urlsplit(target.decode("latin-1"))
-        target = (parts.path or "/").encode("latin-1") + (b"?" + parts.query.encode("latin-1") if parts.query else b"")
-    headers = [(k, v) for k, v in strip_hop_by_hop(request.headers) if k.lower() not in FORWARDING]
+        return (parts.path or "/").encode("latin-1") + (b"?" + parts.query.encode("latin-1") if parts.query else b"")
+    return target
+
+
+def translate_target(target: bytes, external: Origin, internal: Origin) -> bytes:
+    """The external path prefix of an origin-form target becomes the internal one."""
+    ext, inner = external.path.encode("latin-1"), internal.path.encode("latin-1")
+    if ext == inner:
+        return target
+    if target.startswith(ext):
+        return inner + target[len(ext):]
+    if target == ext[:-1] or target.startswith(ext[:-1] + b"?"):   # "/wiki" for the app at "/wiki/"
+        return inner + target[len(ext) - 1:]
+    return target
+
+
+def backend_request_head(request: Request, body_length: int | None, external: Origin, internal: Origin,
+                         client_host: str, translate_host: bool = True, extra_headers: Headers = ()) -> bytes:
+    """The head sent on the stream to the connector: origin-form target with the internal path
+    prefix, translated Host, forwarding headers, the app's custom headers, hop-by-hop headers
+    stripped (but for an upgrade request's ``Connection: Upgrade``), and our framing. The
+    connector keeps its own back-end connections alive, so no Connection header is sent."""
+    target = translate_target(origin_form(request.target), external, internal)
+    custom = {k.lower() for k, _ in extra_headers}
+    headers = [(k, v) for k, v in strip_hop_by_hop(request.headers)
+               if k.lower() not in FORWARDING and k.lower() not in custom]
     original_host = external.authority.encode("latin-1")
     if translate_host:
         headers = [(b"Host", internal.authority.encode("latin-1")) if k.lower() == b"host" else (k, v)
@@ -229,11 +269,14 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
         (b"X-Forwarded-Host", original_host),
         (b"Forwarded", forwarded),
     ]
+    headers += list(extra_headers)
     if body_length is None:
         headers.append((b"Transfer-Encoding", b"chunked"))
     elif body_length or request.method in (b"POST", b"PUT", b"PATCH"):
         headers.append((b"Content-Length", str(body_length).encode()))
-    headers.append((b"Connection", b"close"))
+    upgrade = upgrade_protocols(request)
+    if upgrade is not None:
+        headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
     return _head(b" ".join((request.method, target, b"HTTP/1.1")), headers)
 
 
@@ -246,13 +289,25 @@ def rewrite_location(value: bytes, external: Origin, internal: Origin) -> bytes:
     except ValueError:
         return value
     scheme = parts.scheme.lower()
+    if not parts.netloc and text.startswith("/") and not text.startswith("//"):
+        # absolute path: only the path prefix may differ
+        return translate_path(text, internal, external).encode("latin-1")
     if scheme not in DEFAULT_PORTS or not parts.netloc:
-        return value  # relative: already relative to the external URL (same path)
+        return value  # relative: already relative to the external URL
     if (scheme, (parts.hostname or "").lower(), port or DEFAULT_PORTS[scheme]) != (
             internal.scheme, internal.host, internal.port):
         return value
     rest = text[len(parts.scheme) + 3 + len(parts.netloc):]
+    if rest and rest[0] not in "?#":
+        rest = translate_path(rest, internal, external)
     return (external.url + rest).encode("latin-1")
+
+
+def translate_path(path: str, source: Origin, target: Origin) -> str:
+    """A path under ``source``'s prefix moved under ``target``'s prefix; other paths unchanged."""
+    if source.path != target.path and path.startswith(source.path):
+        return target.path + path[len(source.path):]
+    return path
 
 
 def rewrite_refresh(value: bytes, external: Origin, internal: Origin) -> bytes:
@@ -270,17 +325,31 @@ def rewrite_cookie_domain(value: bytes, external: Origin, internal: Origin) -> b
     """A cookie for the internal host's domain (``Domain=wiki.corp``) is set for the external host."""
     parts = value.split(b";")
     for i, attribute in enumerate(parts[1:], 1):
-        key, eq, domain = attribute.strip().partition(b"=")
-        if eq and key.lower() == b"domain" and domain.strip().lstrip(b".").lower() == internal.host.encode("latin-1"):
+        key, eq, found = attribute.strip().partition(b"=")
+        if eq and key.lower() == b"domain" and found.strip().lstrip(b".").lower() == internal.host.encode("latin-1"):
             parts[i] = b" Domain=" + external.host.encode("latin-1")
+        elif eq and key.lower() == b"path":
+            path = found.strip().decode("latin-1")
+            if path.startswith(internal.path) or path + "/" == internal.path:
+                parts[i] = b" Path=" + translate_path(path if path.endswith("/") or path != internal.path[:-1]
+                                                      else internal.path, internal, external).encode("latin-1")
     return b";".join(parts)
 
 
 def client_response_head(response: Response, body_length: int | None, chunked_to_client: bool,
-                         keep_alive: bool, external: Origin, internal: Origin) -> bytes:
-    """The head sent to the client: hop-by-hop stripped, URLs and cookie domains translated, our framing."""
+                         keep_alive: bool, external: Origin, internal: Origin, drop: frozenset = frozenset()) -> bytes:
+    """The head sent to the client: hop-by-hop stripped, URLs and cookie domains translated, our framing.
+
+    A 101 keeps its ``Connection: Upgrade`` and ``Upgrade``; ``drop`` names more headers to leave out.
+    """
+    if response.status == 101:
+        headers = [(k, v) for k, v in strip_hop_by_hop(response.headers) if k.lower() not in drop]
+        headers += [(b"Connection", b"Upgrade")] + [(b"Upgrade", v) for v in get(response.headers, b"upgrade")]
+        return _head(b"HTTP/1.1 101 %s" % (response.reason or b"Switching Protocols"), headers)
     headers = []
     for k, v in strip_hop_by_hop(response.headers):
+        if k.lower() in drop:
+            continue
         name = k.lower()
         if name in (b"location", b"content-location"):
             v = rewrite_location(v, external, internal)
