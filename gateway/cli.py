@@ -1,4 +1,4 @@
-"""The `gateway` command: tokens, registration, connectors, groups, plugins, config checks."""
+"""The `gateway` command: tokens, registration, connectors, groups, apps, plugins, config checks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import json
 import os
 import sys
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
@@ -71,12 +72,43 @@ def _parser() -> argparse.ArgumentParser:
     gdelete.add_argument("name")
     gdelete.add_argument("--move-connectors-to", metavar="GROUP", help="the group its connectors join")
 
+    apps = sub.add_parser("apps", help="published apps: the config file's and those kept in the store").add_subparsers(
+        dest="action", required=True)
+    alist = apps.add_parser("list", help="list apps from the config file and from the store")
+    alist.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    alist.add_argument("--json", action="store_true", help="print the apps as JSON")
+    aadd = apps.add_parser("add", help="publish a web app (kept in the store; the running service picks it up)")
+    aadd.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    aadd.add_argument("name", help="the app's name, [a-z0-9][a-z0-9._-]{0,62}")
+    aadd.add_argument("--external-url", required=True, help="where users reach it, e.g. https://wiki.apps.example.test/")
+    aadd.add_argument("--internal-url", required=True, help="where the connector finds it, e.g. http://wiki.corp:8080/")
+    _app_flags(aadd)
+    aset = apps.add_parser("set", help="change a web app kept in the store")
+    aset.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    aset.add_argument("name")
+    aset.add_argument("--external-url")
+    aset.add_argument("--internal-url")
+    _app_flags(aset)
+    aset.add_argument("--unset-option", action="append", default=[], metavar="KEY", help="drop an option (repeatable)")
+    aremove = apps.add_parser("remove", help="stop publishing a web app kept in the store")
+    aremove.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    aremove.add_argument("name")
+
     status = sub.add_parser("status", help="per connector group: its apps, connectors and how streams are spread")
     status.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="the service's TOML file")
     sub.add_parser("plugins", help="list loaded plugins, their versions and hooks")
     check = sub.add_parser("check-config", help="validate a TOML file and exit")
     check.add_argument("config")
     return p
+
+
+def _app_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group", help="the connector group that reaches it (default: default)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an app option as in [[apps]] options; VALUE is read as TOML (true, 30, \"text\")"
+                        " or else taken as text (repeatable)")
+    p.add_argument("--affinity", help="none, client or user")
+    p.add_argument("--connect-timeout", type=float, metavar="SECONDS", help="how long the connector tries the back end")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +255,7 @@ def status(args: argparse.Namespace) -> int:
     with _service_store(args.config) as (config, store):
         connectors = store.list_connectors()
         groups = [g.name for g in store.list_groups()]
+        config = _with_store_apps(config, store)
     for name in sorted(set(groups) | {a.group for a in config.apps} | {c.group for c in connectors}):
         apps = sorted(a.name for a in config.apps if a.group == name)
         members = [c for c in connectors if c.group == name]
@@ -316,7 +349,7 @@ def groups_list(args: argparse.Namespace) -> int:
         counts: dict[str, int] = {}
         for c in store.list_connectors():
             counts[c.group] = counts.get(c.group, 0) + 1
-    apps = _app_groups(config)
+        apps = _app_groups(_with_store_apps(config, store))
     rows = [("GROUP", "CONNECTORS", "APPS", "CREATED")]
     for name in sorted(set(stored) | set(apps) | {"default"}):
         created = _when(stored[name].created_at, "-") if name in stored else "at the next service start"
@@ -351,6 +384,237 @@ def groups_delete(args: argparse.Namespace) -> int:
         moved = store.delete_group(args.name, target)
     note = f"; {moved} connectors moved to {target!r}" if moved else ""
     print(f"group {args.name!r} deleted{note}")
+    return 0
+
+
+# -- apps -------------------------------------------------------------------------------------
+
+# The [[apps]] key each flag sets, so an error about a key names the flag to fix.
+APP_FLAGS = {
+    "name": "NAME", "external_url": "--external-url", "internal_url": "--internal-url", "group": "--group",
+    "options": "--option", "affinity": "--affinity", "connect_timeout": "--connect-timeout",
+}
+
+
+def _with_store_apps(config: Any, store: Any) -> Any:
+    """`config` with the stored apps the service would serve after its own."""
+    from gateway.config import WEB_PROTOCOL
+    from gateway.service import store_apps
+
+    apps, _ = store_apps.parse_records(store.list_apps())
+    return store_apps.merge(config, apps, {WEB_PROTOCOL})[0]
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise GatewayError(f"--option: expected KEY=VALUE, such as translate_host=false, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+        json.dumps(parsed)  # TOML dates and times do not go into the store: keep those as text
+    except (tomllib.TOMLDecodeError, TypeError):
+        parsed = value
+    return key, parsed
+
+
+def _definition(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stored [[apps]] keys (but name and group): `base` with what the flags set."""
+    definition = dict(base or {})
+    for key, value in (("external_url", args.external_url), ("internal_url", args.internal_url),
+                       ("affinity", args.affinity), ("connect_timeout", args.connect_timeout)):
+        if value is not None:
+            definition[key] = value
+    options = dict(definition.get("options") or {})
+    for key in getattr(args, "unset_option", []):
+        if key not in options:
+            raise GatewayError(f"--unset-option: the app has no option {key!r}; it has: {', '.join(options) or 'none'}")
+        del options[key]
+    options.update(_option(text) for text in args.option)
+    definition.pop("options", None)
+    if options:
+        definition["options"] = options
+    return definition
+
+
+def _parse_cli_app(name: str, group: str, definition: dict[str, Any]) -> Any:
+    """The app as the service will parse it; an error names the flag and what was expected."""
+    from gateway.config import WEB_PROTOCOL, parse_app
+    from gateway.errors import ConfigError
+
+    try:
+        app = parse_app({**definition, "name": name, "group": group}, source="gateway apps")
+    except ConfigError as e:
+        raise GatewayError(f"{APP_FLAGS.get(e.key, e.key)}: {e.expected}") from None
+    if app.protocol != WEB_PROTOCOL:  # cannot happen with the flags above, but the store takes web apps only
+        raise GatewayError("only web apps can be published with `gateway apps`; put other apps in the config file")
+    return app
+
+
+def _require_group(config: Any, store: Any, group: str) -> None:
+    """The group must exist in the store (`gateway groups create`), or be one the config file names."""
+    stored = {g.name for g in store.list_groups()}
+    named = set(_app_groups(config)) | {"default"}
+    if group in stored:
+        return
+    if group in named:
+        store.ensure_group(group, datetime.now(UTC))  # the service makes these at start; do it now
+        return
+    raise GatewayError(
+        f"--group: no connector group {group!r}; known groups: {', '.join(sorted(stored | named))};"
+        f" create it first with `gateway groups create {group}`"
+    )
+
+
+def _unique_external_url(config: Any, app: Any, records: list[Any]) -> None:
+    """Refuse an external URL (scheme, host, port and path) that another app already has."""
+    from gateway.config import web_origin
+    from gateway.service import store_apps
+
+    others, _ = store_apps.parse_records(r for r in records if r.name != app.name)
+    other = store_apps.clash(app, [*config.apps, *others])
+    if other is None:
+        return
+    if any(other is a for a in config.apps):
+        where, what = f"in {config.path}", "change that app in the file"
+    else:
+        where, what = "in the store", f"change or remove that app with `gateway apps set|remove {other.name}`"
+    raise GatewayError(
+        f"--external-url: expected an external URL unique among apps, got {app.external_url!r}"
+        f" (app {other.name!r} {where} has the same scheme, host, port and path: {web_origin(app.external_url)});"
+        f" choose another URL or {what}"
+    )
+
+
+def _check_with_plugins(config: Any, store: Any, app: Any) -> None:
+    """Refuse an app the plugin serving it would refuse (e.g. the http plugin's options)."""
+    from gateway.service import store_apps
+
+    pm = plugins.make_plugin_manager()
+    handlers = plugins.protocol_handlers(pm)
+    if app.protocol not in handlers:
+        blocked = os.environ.get(plugins.DISABLE_ENV)
+        hint = f" ({plugins.DISABLE_ENV}={blocked})" if blocked else ""
+        raise GatewayError(f"no loaded plugin serves protocol {app.protocol!r}{hint}; see `gateway plugins`")
+    apps, _ = store_apps.parse_records(r for r in store.list_apps() if r.name != app.name)
+    before, _ = store_apps.merge(config, apps, handlers)
+    try:
+        store_apps.check_listeners(pm, before)
+    except Exception:
+        return  # the apps there already are refused: not this app's doing, so no verdict on it
+    after, _ = store_apps.merge(config, [*apps, app], handlers)
+    try:
+        store_apps.check_listeners(pm, after)
+    except Exception as e:
+        raise GatewayError(f"the {app.protocol} plugin refuses app {app.name!r}: {e}") from None
+
+
+def _applied_note(config: Any) -> str:
+    interval = config.service.config_interval
+    return (f"the running service applies it within config_interval ({interval:g} s), or at once on SIGHUP;"
+            " connectors of the group get it with their config")
+
+
+def apps_list(args: argparse.Namespace) -> int:
+    from gateway.service import store_apps
+
+    with _service_store(args.config) as (config, store):
+        records = store.list_apps()
+    parsed, problems = store_apps.parse_records(records)
+    from gateway.config import WEB_PROTOCOL
+
+    _, left_out = store_apps.merge(config, parsed, {WEB_PROTOCOL})
+    by_name = {a.name: a for a in parsed}
+    entries = []
+    for app in config.apps:
+        entries.append({"name": app.name, "source": "config", "group": app.group, "protocol": app.protocol,
+                        "external_url": app.external_url, "internal_url": app.internal_url,
+                        "listen": app.listen, "destination": app.destination, "options": app.options,
+                        "affinity": app.affinity, "connect_timeout": app.connect_timeout, "served": True,
+                        "note": ""})
+    for record in records:
+        app = by_name.get(record.name)
+        note = problems.get(record.name) or left_out.get(record.name) or ""
+        definition = record.definition
+        entries.append({
+            "name": record.name, "source": "store", "group": record.group,
+            "protocol": app.protocol if app else definition.get("protocol", ""),
+            "external_url": definition.get("external_url", ""), "internal_url": definition.get("internal_url", ""),
+            "listen": "", "destination": app.destination if app else "",
+            "options": definition.get("options", {}), "affinity": app.affinity if app else definition.get("affinity"),
+            "connect_timeout": app.connect_timeout if app else definition.get("connect_timeout"),
+            "served": not note, "note": note,
+            "created_at": record.created_at.isoformat(), "updated_at": record.updated_at.isoformat(),
+        })
+    entries.sort(key=lambda e: (e["name"], e["source"]))
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    rows = [("NAME", "SOURCE", "GROUP", "EXTERNAL", "INTERNAL", "NOTE")]
+    for e in entries:
+        rows.append((e["name"], e["source"], e["group"], e["external_url"] or e["listen"],
+                     e["internal_url"] or e["destination"], f"not served: {e['note']}" if e["note"] else "-"))
+    _table(rows)
+    return 0
+
+
+def apps_add(args: argparse.Namespace) -> int:
+    from gateway.store.records import AppRecord
+
+    group = args.group or "default"
+    definition = _definition(args)
+    app = _parse_cli_app(args.name, group, definition)
+    with _service_store(args.config) as (config, store):
+        if any(a.name == app.name for a in config.apps):
+            raise GatewayError(
+                f"NAME: app {app.name!r} is in {config.path}, and the config file's apps win over the store's;"
+                " choose another name (or change the app in the file)"
+            )
+        _require_group(config, store, group)
+        _check_with_plugins(config, store, app)
+        now = datetime.now(UTC)
+        store.add_app(AppRecord(app.name, group, definition, now, now),
+                      check=lambda records: _unique_external_url(config, app, records))
+        note = _applied_note(config)
+    print(f"app {app.name!r} added: {app.external_url} -> {app.internal_url} via group {group!r}; {note}")
+    return 0
+
+
+def _stored_app(config: Any, store: Any, name: str, what: str) -> Any:
+    record = store.get_app(name)
+    if record is not None:
+        return record
+    if any(a.name == name for a in config.apps):
+        raise GatewayError(f"app {name!r} is in {config.path}, not in the store: {what} it in the file and reload"
+                           " the service (SIGHUP)")
+    raise GatewayError(f"no app {name!r} in the store; see `gateway apps list`")
+
+
+def apps_set(args: argparse.Namespace) -> int:
+    with _service_store(args.config) as (config, store):
+        record = _stored_app(config, store, args.name, "change")
+        group = args.group or record.group
+        definition = _definition(args, record.definition)
+        app = _parse_cli_app(args.name, group, definition)
+        if group != record.group:
+            _require_group(config, store, group)
+        _check_with_plugins(config, store, app)
+        if group == record.group and definition == record.definition:
+            print(f"app {app.name!r} is so already")
+            return 0
+        store.update_app(app.name, group, definition, datetime.now(UTC),
+                         check=lambda records: _unique_external_url(config, app, records))
+        note = _applied_note(config)
+    print(f"app {app.name!r} changed: {app.external_url} -> {app.internal_url} via group {group!r}; {note}")
+    return 0
+
+
+def apps_remove(args: argparse.Namespace) -> int:
+    with _service_store(args.config) as (config, store):
+        _stored_app(config, store, args.name, "remove")
+        store.remove_app(args.name)
+    print(f"app {args.name!r} removed from the store; the running service stops serving it within"
+          f" config_interval ({config.service.config_interval:g} s), or at once on SIGHUP")
     return 0
 
 
@@ -396,6 +660,10 @@ COMMANDS = {
     ("groups", "create"): groups_create,
     ("groups", "rename"): groups_rename,
     ("groups", "delete"): groups_delete,
+    ("apps", "list"): apps_list,
+    ("apps", "add"): apps_add,
+    ("apps", "set"): apps_set,
+    ("apps", "remove"): apps_remove,
     ("status", None): status,
     ("plugins", None): list_plugins,
     ("check-config", None): check_config,

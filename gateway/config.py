@@ -697,3 +697,21 @@ class _Parser:
         t = _Table(self, "logging", data, self.LOGGING)
         return LoggingConfig(format=t.choice("format", "text", LOG_FORMATS),
                              level=t.choice("level", "info", LOG_LEVELS))
+
+
+# ---------------------------------------------------------------------------
+# One app on its own (the `gateway apps` command and the apps the service reads from its store)
+
+
+def parse_app(data: Mapping[str, Any], source: str = "(app)") -> AppConfig:
+    """Validate one ``[[apps]]`` table by itself, with exactly the checks a file's app gets.
+
+    A ConfigError names ``source`` and the bare key (``external_url``, not ``apps[0].external_url``),
+    so a command can point at its own flag. Checks across apps (unique names and external URLs,
+    see web_origin; listen conflicts) are the caller's.
+    """
+    try:
+        return _Parser(source).app(0, data)
+    except ConfigError as e:
+        key = e.key.removeprefix("apps[0]").removeprefix(".")
+        raise ConfigError(source, key or "(app)", e.expected) from None

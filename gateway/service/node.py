@@ -10,9 +10,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -30,6 +31,7 @@ from gateway.protocols import StreamInfo
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.registry import NoConnector, Registry
 from gateway.service.renewal import handle_renew_request
+from gateway.service import store_apps
 from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler
 from gateway.store.records import CertificateRecord, ConnectorRecord
 from gateway.store.sqlite import SQLiteStore
@@ -97,6 +99,13 @@ class ServiceNode(MultiService):
         self.store: Any = None
         self.ca: CertificateAuthority | None = None
         self.apps: dict[str, AppConfig] = {a.name: a for a in config.apps}
+        # The config file as last loaded; self.config is it plus the apps from the store.
+        self.file_config = config
+        # Apps published with `gateway apps` (valid ones, by name) and why others are not served.
+        self.store_apps: dict[str, AppConfig] = {}
+        self._store_left_out: dict[str, str] = {}
+        # One reload at a time: SIGHUP and the store refresh both close and rebind listeners.
+        self._reloading = DeferredLock()
         self._app_services: dict[str, StreamServerEndpointService] = {}
         # listeners plugins register through gateway_service_listeners (shared by several apps)
         self._shared_services: list[StreamServerEndpointService] = []
@@ -117,6 +126,10 @@ class ServiceNode(MultiService):
         sync_store = open_store(service.state_dir)
         for group in sorted({a.group for a in self.apps.values()} | {"default"}):
             sync_store.ensure_group(group, now)
+        # Read before anything binds, so stored apps are served from the start.
+        self._take_store_apps(sync_store.list_apps())
+        self.config = self._merged()
+        self.apps = {a.name: a for a in self.config.apps}
         self.store = ThreadedStore(sync_store, self.reactor)
 
         tls_factory = TLSMemoryBIOFactory(
@@ -128,11 +141,15 @@ class ServiceNode(MultiService):
         tunnel_listener.setServiceParent(self)
         for app in self.apps.values():
             self._add_app_listener(app)
-        self._add_shared_listeners()
+        self._bind_shared_listeners()
         revalidate = TimerService(service.config_interval, self.revalidate_tunnels)
         revalidate.clock = self.reactor
         revalidate.setName("revalidate-tunnels")
         revalidate.setServiceParent(self)
+        refresh = TimerService(service.config_interval, self.refresh_store_apps)
+        refresh.clock = self.reactor
+        refresh.setName("store-apps")
+        refresh.setServiceParent(self)
         self.lifecycle = StatusRecorder(self.store, self.registry, self.reactor, service.node_id,
                                         service.heartbeat_interval)
         sweeper = Sweeper(self.store, self.reactor, lambda cid: bool(self.registry.tunnels_of(cid)),
@@ -198,7 +215,66 @@ class ServiceNode(MultiService):
         return {"type": m.CONFIG, "version": hashlib.sha256(body).hexdigest()[:16], "group": group, "apps": apps}
 
     def reload(self, config: GatewayConfig) -> Deferred:
-        """Take a new config (SIGHUP): replace changed app listeners, push config to connectors.
+        """Take a new config file (SIGHUP): with the apps in the store read again, apply it."""
+
+        def read() -> Deferred:
+            self.file_config = config
+            d = self.store.list_apps() if self.store is not None and not self.store.closed else succeed(None)
+            d.addCallbacks(lambda records: None if records is None else self._take_store_apps(records),
+                           self._store_unreadable)
+            return d.addCallback(lambda _: self._apply(self._merged(), "configuration reloaded"))
+
+        return self._reloading.run(read)
+
+    def refresh_store_apps(self) -> Deferred:
+        """Every config_interval: apply apps added, changed or removed with `gateway apps`."""
+        if self.store is None or self.store.closed or not self.running:
+            return succeed(None)
+
+        def read() -> Deferred:
+            d = self.store.list_apps()
+
+            def got(records: list) -> Deferred | None:
+                if not self._take_store_apps(records) or not self.running:
+                    return None
+                return self._apply(self._merged(), "apps from the store applied")
+
+            return d.addCallbacks(got, self._store_unreadable)
+
+        return self._reloading.run(read)
+
+    def _take_store_apps(self, records: list) -> bool:
+        """Remember the stored apps, logging what changed; whether anything did."""
+        apps, problems = store_apps.parse_records(records)
+        new = {a.name: a for a in apps}
+        _, left_out = store_apps.merge(self.file_config, new.values(), self.handlers)
+        left_out = {**problems, **left_out}
+        old = self.store_apps
+        if new == old and left_out == self._store_left_out:
+            return False
+        for name in sorted(set(new) - set(old)):
+            self.log.info("app {app} added (from the store)", app=name)
+        for name in sorted(set(old) - set(new)):
+            self.log.info("app {app} removed (from the store)", app=name)
+        for name in sorted(n for n in set(old) & set(new) if old[n] != new[n]):
+            self.log.info("app {app} changed (from the store)", app=name)
+        for name, why in sorted(left_out.items()):
+            if self._store_left_out.get(name) != why:
+                self.log.warn("app {app} in the store is not served: {why}; fix it with `gateway apps`",
+                              app=name, why=why)
+        self.store_apps = new
+        self._store_left_out = left_out
+        return True
+
+    def _store_unreadable(self, failure: Failure) -> None:
+        self.log.error("cannot read the apps in the store ({error}); keeping the ones read before",
+                       error=failure.getErrorMessage())
+
+    def _merged(self) -> GatewayConfig:
+        return store_apps.merge(self.file_config, self.store_apps.values(), self.handlers)[0]
+
+    def _apply(self, config: GatewayConfig, what: str = "configuration reloaded") -> Deferred:
+        """Replace changed app listeners and rebind the shared ones for `config`; push config to connectors.
 
         Old listeners are closed before new ones bind, so an app may keep its port; a listener
         that fails to bind is logged and the other apps still take effect.
@@ -227,14 +303,46 @@ class ServiceNode(MultiService):
                     continue
                 self.apps[name] = app
             try:
-                self._add_shared_listeners()
+                d = self._bind_shared_listeners()
             except Exception as e:
-                self.log.error("shared listeners: {error}; fix the config and reload", error=str(e))
-            for handler in self._handlers():
-                handler.send_config()
-            self.log.info("configuration reloaded; apps: {apps}", apps=", ".join(sorted(self.apps)) or "none")
+                d = fail(e)
+
+            def refused(failure: Failure) -> None:
+                self.log.error("shared listeners: {error}; fix the config and reload",
+                               error=failure.getErrorMessage())
+
+            def done(_: Any) -> None:
+                for handler in self._handlers():
+                    handler.send_config()
+                self.log.info("{what}; apps: {apps}", what=what, apps=", ".join(sorted(self.apps)) or "none")
+
+            return d.addErrback(refused).addCallback(done)
 
         return gatherResults(closing, consumeErrors=True).addCallback(bind)
+
+    def _bind_shared_listeners(self) -> Deferred:
+        """The shared listeners for self.config; should a plugin refuse the stored apps, without them.
+
+        A bad app from the store must not take the front door (and the file's apps) down.
+        """
+        try:
+            self._add_shared_listeners()
+            return succeed(None)
+        except Exception as e:
+            from_store = sorted(n for n in self.store_apps if n in self.apps)
+            if not from_store:
+                raise
+            error = str(e)
+        # A plugin may have bound some listeners before it refused: close them before binding again.
+        closing = [maybeDeferred(listener.disownServiceParent) for listener in self._shared_services]
+        self._shared_services = []
+        self.log.error("the listeners refuse the apps from the store ({error}); serving without {apps}:"
+                       " fix them with `gateway apps set` or `gateway apps remove`",
+                       error=error, apps=", ".join(from_store))
+        for name in from_store:
+            del self.apps[name]
+        self.config = attrs.evolve(self.config, apps=tuple(self.apps.values()))
+        return gatherResults(closing, consumeErrors=True).addCallback(lambda _: self._add_shared_listeners())
 
     def _handlers(self) -> list[TunnelHandler]:
         return [t.session.owner for ts in self.registry.connectors().values() for t in ts]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from attrs import frozen
+from typing import Any
+
+from attrs import field, frozen
 
 
 @frozen
@@ -75,3 +77,20 @@ class CertificateRecord:
     connector_id: str
     not_after: datetime
     revoked_at: datetime | None = None
+
+
+@frozen
+class AppRecord:
+    """An app published with `gateway apps add` rather than in the TOML file.
+
+    `definition` holds the app's other ``[[apps]]`` keys (external_url, internal_url, options,
+    ...) exactly as a TOML table would give them, so the service parses it with the same code
+    and the same checks as the file. The group is a column of its own so that renaming a
+    group carries its apps along.
+    """
+
+    name: str
+    group: str
+    definition: dict[str, Any] = field(hash=False)
+    created_at: datetime
+    updated_at: datetime

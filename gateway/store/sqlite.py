@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from attrs import define, field
 from gateway.errors import EnrolmentError, GatewayError
 from gateway.pki.tokens import secret_matches
 from gateway.store.records import (
+    AppRecord,
     CertificateRecord,
     ConnectorRecord,
     ConnectorStatus,
@@ -24,6 +26,8 @@ from gateway.store.records import (
 R = TypeVar("R")
 CertificateStatus = str  # "valid" | "unknown" | "revoked" | "connector deleted"
 IssueResult = tuple[ConnectorRecord, CertificateRecord, R]
+# Called inside the write transaction with the other stored apps; raises to refuse the change.
+AppCheck = Callable[[list[AppRecord]], None]
 
 # Index i holds the script that takes the schema from version i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -68,6 +72,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE connectors ADD COLUMN node_id TEXT;
     ALTER TABLE connectors ADD COLUMN cert_serial TEXT;
     ALTER TABLE connectors ADD COLUMN cert_not_after TEXT;
+    """,
+    # 2 -> 3: apps published with `gateway apps add`; definition is the [[apps]] table as JSON.
+    """
+    CREATE TABLE apps (
+        name TEXT PRIMARY KEY,
+        group_name TEXT NOT NULL REFERENCES groups(name),
+        definition TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX apps_by_group ON apps(group_name);
     """,
 )
 DEFAULT_GROUP = "default"
@@ -140,6 +155,12 @@ class SQLiteStore:
             if name == DEFAULT_GROUP:
                 raise GatewayError(f"the group {DEFAULT_GROUP!r} always exists and cannot be deleted")
             self._require_group(db, name)
+            apps = [r[0] for r in db.execute("SELECT name FROM apps WHERE group_name = ? ORDER BY name", (name,))]
+            if apps:
+                raise GatewayError(
+                    f"cannot delete group {name!r}: apps {', '.join(apps)} in the store name it;"
+                    " move them with `gateway apps set NAME --group OTHER` or remove them first"
+                )
             live = db.execute(
                 "SELECT count(*) FROM connectors WHERE group_name = ? AND deleted_at IS NULL", (name,)
             ).fetchone()[0]
@@ -156,6 +177,60 @@ class SQLiteStore:
             moved = self._move_rows(db, name, target)
             db.execute("DELETE FROM groups WHERE name = ?", (name,))
         return live if moved else 0
+
+    # apps (those the `gateway apps` command publishes; the TOML file's are not stored)
+
+    def list_apps(self) -> list[AppRecord]:
+        """All stored apps, by name."""
+        return self._apps(self._db)
+
+    def get_app(self, name: str) -> AppRecord | None:
+        """The stored app called `name`, or None."""
+        row = self._db.execute(f"SELECT {_APP_COLUMNS} FROM apps WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _app(row)
+
+    def add_app(self, record: AppRecord, check: AppCheck | None = None) -> AppRecord:
+        """Store a new app; its group must exist. `check(others)` runs in the same transaction,
+        so two `gateway apps add` racing for one external URL cannot both pass it."""
+        with self._write() as db:
+            self._require_group(db, record.group)
+            if db.execute("SELECT 1 FROM apps WHERE name = ?", (record.name,)).fetchone() is not None:
+                raise GatewayError(
+                    f"app {record.name!r} is in the store already: change it with `gateway apps set"
+                    f" {record.name}` or remove it with `gateway apps remove {record.name}`"
+                )
+            if check is not None:
+                check(self._apps(db))
+            db.execute(
+                f"INSERT INTO apps ({_APP_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (record.name, record.group, _definition_text(record.definition),
+                 _to_text(record.created_at), _to_text(record.updated_at)),
+            )
+        return record
+
+    def update_app(self, name: str, group: str, definition: dict[str, Any], now: datetime,
+                   check: AppCheck | None = None) -> AppRecord:
+        """Replace a stored app's group and definition; `check(others)` as for add_app."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM apps WHERE name = ?", (name,)).fetchone() is None:
+                raise GatewayError(f"no app {name!r} in the store; see `gateway apps list`")
+            self._require_group(db, group)
+            if check is not None:
+                check([a for a in self._apps(db) if a.name != name])
+            db.execute(
+                "UPDATE apps SET group_name = ?, definition = ?, updated_at = ? WHERE name = ?",
+                (group, _definition_text(definition), _to_text(now), name),
+            )
+        return self.get_app(name)
+
+    def remove_app(self, name: str) -> bool:
+        """Delete a stored app; False if there was none by that name."""
+        with self._write() as db:
+            return db.execute("DELETE FROM apps WHERE name = ?", (name,)).rowcount == 1
+
+    @staticmethod
+    def _apps(db: sqlite3.Connection) -> list[AppRecord]:
+        return [_app(r) for r in db.execute(f"SELECT {_APP_COLUMNS} FROM apps ORDER BY name")]
 
     # tokens
 
@@ -350,6 +425,7 @@ class SQLiteStore:
     def _move_rows(db: sqlite3.Connection, old: str, new: str) -> int:
         moved = db.execute("UPDATE connectors SET group_name = ? WHERE group_name = ?", (new, old)).rowcount
         db.execute("UPDATE tokens SET group_name = ? WHERE group_name = ?", (new, old))
+        db.execute("UPDATE apps SET group_name = ? WHERE group_name = ?", (new, old))
         return moved
 
     @staticmethod
@@ -407,6 +483,7 @@ class SQLiteStore:
         )
 
 
+_APP_COLUMNS = "name, group_name, definition, created_at, updated_at"
 _TOKEN_COLUMNS = "token_id, secret_hash, group_name, created_at, expires_at, used_at, used_by"
 _CONNECTOR_COLUMNS = (
     "connector_id, name, group_name, created_at, last_seen, deleted_at, state, state_since,"
@@ -456,3 +533,13 @@ def _connector(row: Any) -> ConnectorRecord:
         tunnels=tunnels, open_streams=open_streams, node_id=node_id, cert_serial=cert_serial,
         cert_not_after=_from_text(cert_not_after),
     )
+
+
+def _definition_text(definition: dict[str, Any]) -> str:
+    # sort_keys: the same app is the same text, whatever order the command built it in.
+    return json.dumps(definition, sort_keys=True, separators=(",", ":"))
+
+
+def _app(row: Any) -> AppRecord:
+    name, group, definition, created, updated = row
+    return AppRecord(name, group, json.loads(definition), _from_text(created), _from_text(updated))

@@ -49,6 +49,12 @@ class ThreadedStore:
     def list_groups(self) -> Deferred:
         return self._call(self.store.list_groups)
 
+    def list_apps(self) -> Deferred:
+        return self._call(self.store.list_apps)
+
+    def get_app(self, name) -> Deferred:
+        return self._call(self.store.get_app, name)
+
     def create_token(self, record) -> Deferred:
         return self._call(self.store.create_token, record)
 

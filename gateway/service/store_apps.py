@@ -1,0 +1,85 @@
+"""Apps published with `gateway apps` (kept in the store), merged with the config file's apps.
+
+The service and the `gateway apps` command both use this, so what the command accepts is what
+the service serves. The file wins: a stored app whose name or external URL the file's apps
+already use is left out (and the command refuses to make one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from typing import Any
+
+import attrs
+
+from gateway.config import WEB_PROTOCOL, AppConfig, GatewayConfig, parse_app, web_origin
+from gateway.errors import ConfigError, GatewayError
+from gateway.store.records import AppRecord
+
+
+def app_table(record: AppRecord) -> dict[str, Any]:
+    """The ``[[apps]]`` table a stored app stands for."""
+    return {**record.definition, "name": record.name, "group": record.group}
+
+
+def parse_records(records: Iterable[AppRecord]) -> tuple[list[AppConfig], dict[str, str]]:
+    """The stored apps that validate, and for the others their name -> what is wrong."""
+    apps: list[AppConfig] = []
+    problems: dict[str, str] = {}
+    for record in records:
+        try:
+            apps.append(parse_app(app_table(record), source=f"store app {record.name}"))
+        except ConfigError as e:
+            problems[record.name] = str(e)
+    return apps, problems
+
+
+def clash(app: AppConfig, others: Iterable[AppConfig]) -> AppConfig | None:
+    """The first of `others` with the same external scheme, host, port and path as `app`."""
+    if not app.external_url:
+        return None
+    origin = web_origin(app.external_url)
+    for other in others:
+        if other.name != app.name and other.external_url and web_origin(other.external_url) == origin:
+            return other
+    return None
+
+
+def merge(config: GatewayConfig, store_apps: Iterable[AppConfig],
+          protocols: Collection[str]) -> tuple[GatewayConfig, dict[str, str]]:
+    """`config` with the usable stored apps after its own; and name -> why for those left out."""
+    names = {a.name for a in config.apps}
+    merged = list(config.apps)
+    left_out: dict[str, str] = {}
+    for app in store_apps:
+        if app.name in names:
+            left_out[app.name] = f"{config.path} has an app of that name, and the config file wins"
+        elif app.listen or app.protocol != WEB_PROTOCOL:
+            left_out[app.name] = "only web apps (external_url and internal_url) can come from the store"
+        elif app.protocol not in protocols:
+            left_out[app.name] = f"no loaded plugin provides protocol {app.protocol!r}"
+        elif (other := clash(app, merged)) is not None:
+            where = "the config file's" if other.name in names else "stored"
+            left_out[app.name] = (f"{where} app {other.name!r} has the same external URL"
+                                  f" ({web_origin(app.external_url)})")
+        else:
+            merged.append(app)
+    return attrs.evolve(config, apps=tuple(merged)), left_out
+
+
+def check_listeners(pm: Any, config: GatewayConfig) -> None:
+    """Let plugins build (never bind) their shared listeners for `config`; raises what they raise.
+
+    The http plugin checks per-app options there, so the command can refuse an app the
+    front door would refuse.
+    """
+    from twisted.internet.testing import MemoryReactor
+
+    def register(name: str, endpoint: str, factory: Any) -> None:
+        pass
+
+    def open_stream(*args: Any, **kwargs: Any) -> Any:
+        raise GatewayError("not serving: this is a check")
+
+    pm.hook.gateway_service_listeners(register=register, config=config, open_stream=open_stream,
+                                      reactor=MemoryReactor())
