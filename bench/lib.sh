@@ -39,11 +39,12 @@ wait_port() {
   FAIL_MSG="port $port did not open within ${secs}s"; return 1
 }
 
-# wait until GET /1k.html through PORT answers 200, at most SECS
+# wait until GET /1k.html through PORT (with Host HOST, optional) answers 200, at most SECS
 wait_http() {
-  local port=$1 secs=$2 end=$((SECONDS + $2)) code=
+  local port=$1 secs=$2 end=$((SECONDS + $2)) code= host=()
+  [ -n "${3:-}" ] && host=(-H "Host: $3")
   while [ $SECONDS -lt $end ]; do
-    code=$(curl -s -o /dev/null --max-time 2 -w '%{http_code}' "http://127.0.0.1:$port/1k.html")
+    code=$(curl -s -o /dev/null --max-time 2 "${host[@]}" -w '%{http_code}' "http://127.0.0.1:$port/1k.html")
     [ "$code" = 200 ] && return 0
     sleep 0.5
   done
@@ -136,12 +137,13 @@ start_iperf() {
 # PATH_LOGS (files to show on failure). On failure returns 1 with FAIL_MSG.
 # stop_path kills the PIDs started since start_path.
 start_path() {
-  PATH_MARK=${#BENCH_PIDS[@]}; CPU_LABELS=""; PATH_LOGS=(); FAIL_MSG=""
+  PATH_MARK=${#BENCH_PIDS[@]}; CPU_LABELS=""; PATH_LOGS=(); FAIL_MSG=""; HTTP_HOST=""
   case $1 in
     direct) HTTP_PORT=$P_NGINX; IPERF_PORT=$P_IPERF ;;
     sshR | sshRnd | sshRaes) start_ssh "$1" ;;
     asshR) start_assh ;;
     gateway) start_gateway ;;
+    http*) start_http_path "$1" ;;   # bench/http.sh
     *) FAIL_MSG="unknown path '$1' (known: $ALL_PATHS)"; return 1 ;;
   esac
 }
@@ -285,11 +287,12 @@ cpu_sample() {  # pid label outfile
   python3 "$HERE/cpumon.py" "$secs" "$2=$1" $CPU_BACKEND $CPU_LABELS >"$3" 2>/dev/null
 }
 
-measure_http() {  # path port conns
-  local p=$1 port=$2 c=$3 f=$RAW/$1.http_c$3 url=http://127.0.0.1:$2/1k.html w
+measure_http() {  # path port conns; HTTP_HOST (set by start_path) is sent as Host when set
+  local p=$1 port=$2 c=$3 f=$RAW/$1.http_c$3 url=http://127.0.0.1:$2/1k.html w host=()
+  [ -n "$HTTP_HOST" ] && host=(-H "Host: $HTTP_HOST")
   quiet
-  timeout 15 wrk -t1 -c"$c" -d"${WARM}s" "$url" >/dev/null 2>&1   # warm-up
-  timeout $((DUR + 20)) wrk -t1 -c"$c" -d"${DUR}s" --timeout 5s --latency "$url" >"$f.wrk" 2>&1 &
+  timeout 15 wrk -t1 -c"$c" -d"${WARM}s" "${host[@]}" "$url" >/dev/null 2>&1   # warm-up
+  timeout $((DUR + 20)) wrk -t1 -c"$c" -d"${DUR}s" --timeout 5s --latency "${host[@]}" "$url" >"$f.wrk" 2>&1 &
   w=$!; CUR_PID=$w
   CPU_BACKEND="nginx=$NGINX_PID" cpu_sample $w wrk "$f.cpu"
   wait $w; echo $? >"$f.rc"

@@ -7,6 +7,10 @@ Reads (all optional, per path P):
   P.iperf_up.json / _down  iperf3 -J output (+ .cpu, .err)
   P.curl.txt / .cpu        "code bytes seconds" per curl of the 256 MiB file
   gateway.idle.json        idle_streams.py result; gateway.rss_fresh ("label kB")
+  httpLocaltunnel.sockets  tunnel sockets the localtunnel client had open
+  httpGateway.profile.*    py-spy output of --profile (its top list is linked, not parsed)
+HTTP app paths (http*, bench/http.sh) have wrk rows only; their ratios are to httpDirect and
+their targets are the HTTP app path's (req/s, × localtunnel, p99 × ssh -R).
 Prints tables (per test), the project's target ratios with PASS/MISS, CPU, and
 failures. Pure stdlib; adapted from the project's shared recipes.
 """
@@ -41,6 +45,8 @@ for line in (read("status.tsv") or "").splitlines():
     p, st, msg = (line.split("\t") + ["", ""])[:3]
     status[p] = (st, msg)
 conns_list = [int(c) for c in meta.get("conns", "50").split()]
+HTTP_PATHS = [p for p in PATHS if p.startswith("http")]
+TCP_PATHS = [p for p in PATHS if not p.startswith("http")]
 
 
 # --- parsers ------------------------------------------------------------------
@@ -159,6 +165,8 @@ say(f"{'QUICK smoke run' if q else 'Full run'}: {meta.get('duration')} s per mea
     f"git {meta.get('git', '?')}; {meta.get('cpus', '?')} CPUs; kernel {meta.get('kernel', '?')}; "
     f"RLIMIT_NOFILE {meta.get('nofile', '?')}.  ")
 say(f"Tools: {meta.get('versions', '?')}.  ")
+if meta.get("node_versions"):
+    say(f"localtunnel: {meta['node_versions']}.  ")
 assh_cipher = (read("asshR.cipher") or "").strip()
 say("sshR = `ssh -N -R` (Nagle on) and sshRnd = `ssh -tt -R … sleep` (OpenSSH sets TCP_NODELAY) use "
     "OpenSSH's default cipher, chacha20-poly1305, as the targets' `ssh -R`; sshRaes is sshRnd with "
@@ -175,6 +183,7 @@ for p in PATHS:
     say(f"| {p} | {'**FAILED**' if st in ('failed', 'died') else st} | {msg} |")
 
 say(f"\n## HTTP keep-alive, GET 1 KiB (wrk -t1 -cN -d{meta.get('duration')}s --latency)\n")
+say("HTTP app paths (http*) send the Host their router needs; their × direct is to httpDirect.\n")
 say("| path | conns | req/s | p50 ms | p99 ms | errors | × direct |")
 say("|---|---|---|---|---|---|---|")
 for c in conns_list:
@@ -184,19 +193,20 @@ for c in conns_list:
             if status.get(p, ("",))[0] != "ok":
                 say(f"| {p} | {c} | failed | | | | |")
             continue
-        base = http.get(("direct", c), {}).get("rps")
+        base = http.get(("httpDirect" if p.startswith("http") else "direct", c), {}).get("rps")
         err = str(w["errors"]) + (f" ({'; '.join(w['err_detail'])})" if w["err_detail"] and w["errors"] else "")
         if w["rps"] is None:
             err = "; ".join(w["err_detail"])
         say(f"| {p} | {c} | {mark(fmt(w['rps'], 0), f'{p}.http_c{c}.cpu')} | {fmt(w['p50'])} | {fmt(w['p99'])} | {err} | "
             f"{fmt(ratio(w['rps'], base))} |")
 
-say(f"\n## Bulk, single TCP stream, Gbit/s ({meta.get('duration')} s each)\n")
-say("iperf3 up = client→backend, down = `-R` backend→client; curl = GET of a 256 MiB file to /dev/null "
-    "(bytes/time over repeated downloads).\n")
-say("| path | iperf3 up | × direct | iperf3 down | × direct | curl 256 MiB | × direct | notes |")
-say("|---|---|---|---|---|---|---|---|")
-for p in PATHS:
+if TCP_PATHS:
+    say(f"\n## Bulk, single TCP stream, Gbit/s ({meta.get('duration')} s each)\n")
+    say("iperf3 up = client→backend, down = `-R` backend→client; curl = GET of a 256 MiB file to /dev/null "
+        "(bytes/time over repeated downloads).\n")
+    say("| path | iperf3 up | × direct | iperf3 down | × direct | curl 256 MiB | × direct | notes |")
+    say("|---|---|---|---|---|---|---|---|")
+for p in TCP_PATHS:
     if not any((p, t) in bulk for t in ("iperf_up", "iperf_down", "curl")):
         if status.get(p, ("",))[0] != "ok":
             say(f"| {p} | failed | | | | | | |")
@@ -263,6 +273,40 @@ for p in PATHS:
     if idle["ok"] < idle["requested"]:
         say(f"\n(not all {idle['requested']} streams were established: RSS target not evaluated)")
 
+# --- HTTP app path ------------------------------------------------------------
+def rps(p, c):
+    return http.get((p, c), {}).get("rps")
+
+
+def p99(p, c):
+    return http.get((p, c), {}).get("p99")
+
+
+if HTTP_PATHS:
+    say("\n## HTTP app path: ours against nginx, `ssh -R` and localtunnel\n")
+    say("ours = httpGateway (front door + connector, passthrough web app); lt = httpLocaltunnel; "
+        "ssh -R = httpSshR (`ssh -N -R`, OpenSSH defaults, Nagle on); sshRnd = httpSshRnd "
+        "(`ssh -tt -R`, TCP_NODELAY), a stricter reference.\n")
+    say("| conns | ours req/s | lt req/s | ours ÷ lt | ssh -R req/s | ours p50 ms | ours p99 ms | ssh -R p99 ms "
+        "| lt p99 ms | ours p99 ÷ ssh -R p99 | ours p99 ÷ sshRnd p99 | ours ÷ nginx req/s |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in conns_list:
+        g = http.get(("httpGateway", c), {})
+        say(f"| {c} | {fmt(g.get('rps'), 0)} | {fmt(rps('httpLocaltunnel', c), 0)} "
+            f"| {fmt(ratio(g.get('rps'), rps('httpLocaltunnel', c)))} | {fmt(rps('httpSshR', c), 0)} "
+            f"| {fmt(g.get('p50'))} | {fmt(g.get('p99'))} | {fmt(p99('httpSshR', c))} | {fmt(p99('httpLocaltunnel', c))} "
+            f"| {fmt(ratio(g.get('p99'), p99('httpSshR', c)))} | {fmt(ratio(g.get('p99'), p99('httpSshRnd', c)))} "
+            f"| {fmt(ratio(g.get('rps'), rps('httpDirect', c)))} |")
+    socks = (read("httpLocaltunnel.sockets") or "").strip()
+    if socks:
+        say(f"\nThe localtunnel client had {socks} tunnel sockets open (its server's default and cap is 10).")
+    tops = [f for f in ("httpGateway.profile.service.top.txt", "httpGateway.profile.connector.top.txt")
+            if os.path.exists(path_of(f))]
+    if tops:
+        prof = parse_wrk(read("httpGateway.profile.wrk")) or {}
+        say(f"\nProfiled run (--profile, py-spy at 200 Hz, not in the table above): "
+            f"{fmt(prof.get('rps'), 0)} req/s; top lists in " + ", ".join(f"`{f}`" for f in tops) + ".")
+
 # --- targets ------------------------------------------------------------------
 say("\n## Targets\n")
 say("| target | measured | goal | result |")
@@ -276,45 +320,55 @@ def target(name, value, goal, ok, nd=2, inputs=()):
     say(f"| {name} | {fmt(value, nd)} | {goal} | {res} |")
 
 
-def rps(p, c):
-    return http.get((p, c), {}).get("rps")
+if TCP_PATHS:
+    for c in conns_list:
+        target(f"gateway req/s ÷ asshR req/s (c{c})", ratio(rps("gateway", c), rps("asshR", c)), "≥ 3",
+               lambda v: v >= 3, inputs=(f"gateway.http_c{c}.cpu", f"asshR.http_c{c}.cpu"))
+    for c in conns_list:
+        target(f"gateway req/s ÷ sshRnd req/s (c{c})", ratio(rps("gateway", c), rps("sshRnd", c)), "≥ 0.35",
+               lambda v: v >= 0.35, inputs=(f"gateway.http_c{c}.cpu", f"sshRnd.http_c{c}.cpu"))
+    names = {"iperf_up": "iperf3 up", "iperf_down": "iperf3 down", "curl": "curl 256 MiB"}
+    for t, n in names.items():
+        target(f"gateway bulk ÷ sshRnd bulk ({n})", ratio(bulk.get(("gateway", t), (None,))[0],
+                                                          bulk.get(("sshRnd", t), (None,))[0]), "≥ 1.0",
+               lambda v: v >= 1.0, inputs=(f"gateway.{t}.cpu", f"sshRnd.{t}.cpu"))
+    for t, n in names.items():
+        target(f"gateway bulk ÷ sshRaes bulk ({n})", ratio(bulk.get(("gateway", t), (None,))[0],
+                                                           bulk.get(("sshRaes", t), (None,))[0]), "≥ 1.0 (reference)",
+               lambda v: v >= 1.0, inputs=(f"gateway.{t}.cpu", f"sshRaes.{t}.cpu"))
+    for t, n in names.items():
+        target(f"gateway bulk Gbit/s ({n})", bulk.get(("gateway", t), (None,))[0], "≥ 2",
+               lambda v: v >= 2, inputs=(f"gateway.{t}.cpu",))
+    for c in conns_list:
+        target(f"gateway req/s ÷ sshRaes req/s (c{c})", ratio(rps("gateway", c), rps("sshRaes", c)), "≥ 0.35 (reference)",
+               lambda v: v >= 0.35, inputs=(f"gateway.http_c{c}.cpu", f"sshRaes.http_c{c}.cpu"))
+    for c in conns_list:
+        target(f"gateway p99 ÷ sshRnd p99 (c{c})", ratio(p99("gateway", c), p99("sshRnd", c)), "≤ 3",
+               lambda v: v <= 3, inputs=(f"gateway.http_c{c}.cpu", f"sshRnd.http_c{c}.cpu"))
+    if meta.get("idle", "0") != "0":
+        n = meta.get("idle")
+        for k in ("service", "connector"):
+            target(f"{k} RSS MiB with {n} idle streams", idle_rss.get(k), "< 500", lambda v: v < 500, 1)
+        both = None if None in (idle_rss.get("service"), idle_rss.get("connector")) \
+            else idle_rss["service"] + idle_rss["connector"]
+        target(f"service + connector RSS MiB ({n} idle streams)", both, "< 500 (stricter)", lambda v: v < 500, 1)
 
-
-def p99(p, c):
-    return http.get((p, c), {}).get("p99")
-
-
-for c in conns_list:
-    target(f"gateway req/s ÷ asshR req/s (c{c})", ratio(rps("gateway", c), rps("asshR", c)), "≥ 3",
-           lambda v: v >= 3, inputs=(f"gateway.http_c{c}.cpu", f"asshR.http_c{c}.cpu"))
-for c in conns_list:
-    target(f"gateway req/s ÷ sshRnd req/s (c{c})", ratio(rps("gateway", c), rps("sshRnd", c)), "≥ 0.35",
-           lambda v: v >= 0.35, inputs=(f"gateway.http_c{c}.cpu", f"sshRnd.http_c{c}.cpu"))
-names = {"iperf_up": "iperf3 up", "iperf_down": "iperf3 down", "curl": "curl 256 MiB"}
-for t, n in names.items():
-    target(f"gateway bulk ÷ sshRnd bulk ({n})", ratio(bulk.get(("gateway", t), (None,))[0],
-                                                      bulk.get(("sshRnd", t), (None,))[0]), "≥ 1.0",
-           lambda v: v >= 1.0, inputs=(f"gateway.{t}.cpu", f"sshRnd.{t}.cpu"))
-for t, n in names.items():
-    target(f"gateway bulk ÷ sshRaes bulk ({n})", ratio(bulk.get(("gateway", t), (None,))[0],
-                                                       bulk.get(("sshRaes", t), (None,))[0]), "≥ 1.0 (reference)",
-           lambda v: v >= 1.0, inputs=(f"gateway.{t}.cpu", f"sshRaes.{t}.cpu"))
-for t, n in names.items():
-    target(f"gateway bulk Gbit/s ({n})", bulk.get(("gateway", t), (None,))[0], "≥ 2",
-           lambda v: v >= 2, inputs=(f"gateway.{t}.cpu",))
-for c in conns_list:
-    target(f"gateway req/s ÷ sshRaes req/s (c{c})", ratio(rps("gateway", c), rps("sshRaes", c)), "≥ 0.35 (reference)",
-           lambda v: v >= 0.35, inputs=(f"gateway.http_c{c}.cpu", f"sshRaes.http_c{c}.cpu"))
-for c in conns_list:
-    target(f"gateway p99 ÷ sshRnd p99 (c{c})", ratio(p99("gateway", c), p99("sshRnd", c)), "≤ 3",
-           lambda v: v <= 3, inputs=(f"gateway.http_c{c}.cpu", f"sshRnd.http_c{c}.cpu"))
-if meta.get("idle", "0") != "0":
-    n = meta.get("idle")
-    for k in ("service", "connector"):
-        target(f"{k} RSS MiB with {n} idle streams", idle_rss.get(k), "< 500", lambda v: v < 500, 1)
-    both = None if None in (idle_rss.get("service"), idle_rss.get("connector")) \
-        else idle_rss["service"] + idle_rss["connector"]
-    target(f"service + connector RSS MiB ({n} idle streams)", both, "< 500 (stricter)", lambda v: v < 500, 1)
+if HTTP_PATHS:
+    # the HTTP app path's targets (issue #3): ours = httpGateway; ssh -R = httpSshR
+    for c in conns_list:
+        target(f"httpGateway req/s (c{c})", rps("httpGateway", c), "≥ 3,000",
+               lambda v: v >= 3000, 0, inputs=(f"httpGateway.http_c{c}.cpu",))
+    for c in conns_list:
+        target(f"httpGateway req/s ÷ httpLocaltunnel req/s (c{c})",
+               ratio(rps("httpGateway", c), rps("httpLocaltunnel", c)), "≥ 1.7", lambda v: v >= 1.7,
+               inputs=(f"httpGateway.http_c{c}.cpu", f"httpLocaltunnel.http_c{c}.cpu"))
+    for c in conns_list:
+        target(f"httpGateway p99 ÷ httpSshR p99 (c{c})", ratio(p99("httpGateway", c), p99("httpSshR", c)),
+               "≤ 2", lambda v: v <= 2, inputs=(f"httpGateway.http_c{c}.cpu", f"httpSshR.http_c{c}.cpu"))
+    for c in conns_list:
+        target(f"httpGateway p99 ÷ httpSshRnd p99 (c{c})", ratio(p99("httpGateway", c), p99("httpSshRnd", c)),
+               "≤ 2 (reference: ssh -R with TCP_NODELAY)", lambda v: v <= 2,
+               inputs=(f"httpGateway.http_c{c}.cpu", f"httpSshRnd.http_c{c}.cpu"))
 
 # --- CPU ----------------------------------------------------------------------
 rows = []
