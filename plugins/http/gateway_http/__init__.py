@@ -6,8 +6,9 @@ Loaded through the ``gateway`` entry point exactly as a third-party plugin would
   ``external_url`` and ``internal_url``), routing each request by its Host header
   (``gateway_service_listeners``). Each request travels in its own tunnel stream; see
   ``frontdoor.py`` for the proxying, ``rules.py`` for the header rules.
-- **Connector**: dials the host and port of the app's ``internal_url`` and splices the stream
-  to it, like the tcp plugin; the HTTP work all happens on the service.
+- **Connector**: serves each stream as one HTTP/1.1 exchange with the app's back end over a
+  keep-alive pool of connections (TLS for ``https`` internal URLs), adding credentials from an
+  SSO provider when the app names one; see ``backend.py`` and ``pool.py``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,29 @@ class HTTPHandler:
         return QuietFactory.forProtocol(lambda: FrontDoor(
             lambda host, target: app, lambda _app, extra: open_stream(extra), reactor=reactor))
 
+    def __init__(self) -> None:
+        self.sso_providers: dict[str, Any] = {}
+        self._backends: backend.Backends | None = None
+
+    def use_sso_providers(self, providers: dict[str, Any]) -> None:
+        """The connector's SSO providers by name (apps pick one with ``options.sso``)."""
+        self.sso_providers = providers
+        if self._backends is not None:
+            self._backends.sso_providers = providers
+
+    def check_connector_app(self, app: Any) -> str | None:
+        """Why ``app`` cannot work on this connector (read when its config arrives), or None."""
+        try:
+            pool.check_options(app)
+        except GatewayError as e:
+            return str(e)
+        return backend.check_sso(app, self.sso_providers)
+
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
-        backend.serve_stream(stream, app, reactor)
+        # One pool of back-end connections for every web app of this connector.
+        if self._backends is None:
+            self._backends = backend.Backends(reactor, self.sso_providers)
+        self._backends.serve(stream, app)
 
 
 def web_apps(config: Any) -> list[Any]:
@@ -140,6 +162,6 @@ def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reac
                                   redirect_to_https=section.get("redirect_to_https", False))
 
     register("http", listen, factory_for("http"))
-    https.register_listeners(register, section, factory_for, reactor)
+    https.register_listeners(register, section, factory_for, reactor, apps)
     log.info("http front door on {listen} for {apps}", listen=listen,
              apps=", ".join(f"{a.name} ({a.external_url})" for a in apps))
