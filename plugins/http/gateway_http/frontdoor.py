@@ -295,9 +295,8 @@ class FrontDoor(Protocol):
             log.warn("request {request_id} from {client} for app {app}: the back end sent nothing for {seconds:.0f} s "
                      "(options.backend_timeout): 504", request_id=ex.request_id, client=self._client,
                      app=ex.app.name, seconds=backend_timeout(ex.app))
-            if ex.stream is not None and not ex.stream.closed:
-                ex.stream.reset(ResetCode.TIMEOUT, "the front door gave up waiting for the back end")
-            self._fail(504, "The application took too long to answer.")
+            self._fail(504, "The application took too long to answer.", ResetCode.TIMEOUT,
+                       "the front door gave up waiting for the back end")
         else:
             self._arm_backend(ex)
 
@@ -703,7 +702,7 @@ class FrontDoor(Protocol):
 
     # -- errors ------------------------------------------------------------------------
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, code: int = ResetCode.CANCELLED, why: str = "") -> None:
         """Answer with an error page carrying the correlation id, then close."""
         if self.state == "closed":
             return
@@ -712,9 +711,9 @@ class FrontDoor(Protocol):
         if status not in (404, 502):
             log.info("request {request_id} from {client}: {status} {message}",
                      request_id=request_id, client=self._client, status=status, message=message)
+        self.state = "closed"   # first: resetting the stream must not answer a second time
         if ex is not None and ex.stream is not None and not ex.stream.closed:
-            ex.stream.reset(ResetCode.CANCELLED, f"the front door answered {status} itself")
-        self.state = "closed"
+            ex.stream.reset(code, why or f"the front door answered {status} itself")
         self._disarm()
         self._cancel_body_timer()
         self._cancel_backend_timer()

@@ -1,0 +1,213 @@
+"""The http plugin's proxying rules through real processes: WebSocket, back-end timeouts,
+Expect: 100-continue, path prefixes and custom request headers."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import os
+import socket
+import struct
+
+from gateway_harness import HOST, free_port, toml_table, wait_until
+from test_http import WIKI, get, nginx, start_wiki  # noqa: F401  (nginx is a fixture)
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Everything up to the blank line, and what came after it."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError(f"connection closed after {buf!r}")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def recv_exactly(sock: socket.socket, n: int, buf: bytes = b"") -> tuple[bytes, bytes]:
+    while len(buf) < n:
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError(f"connection closed with {len(buf)} of {n} bytes")
+        buf += data
+    return buf[:n], buf[n:]
+
+
+def ws_frame(payload: bytes, opcode: int = 1, mask: bytes | None = None) -> bytes:
+    """One final WebSocket frame (RFC 6455), masked when `mask` is given (clients must mask)."""
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        head += mask
+    return head + payload
+
+
+def ws_read(sock: socket.socket, buf: bytes = b"") -> tuple[int, bytes, bytes]:
+    """(opcode, payload, rest) of the next frame."""
+    two, buf = recv_exactly(sock, 2, buf)
+    opcode, n, masked = two[0] & 0x0F, two[1] & 0x7F, two[1] & 0x80
+    if n == 126:
+        ext, buf = recv_exactly(sock, 2, buf)
+        n = struct.unpack("!H", ext)[0]
+    elif n == 127:
+        ext, buf = recv_exactly(sock, 8, buf)
+        n = struct.unpack("!Q", ext)[0]
+    mask = b""
+    if masked:
+        mask, buf = recv_exactly(sock, 4, buf)
+    payload, buf = recv_exactly(sock, n, buf)
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return opcode, payload, buf
+
+
+def websocket_echo(conn: socket.socket, backend) -> None:
+    """A WebSocket server that echoes text and binary frames and answers a close with a close."""
+    head, rest = read_head(conn)
+    lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    backend.record(headers)
+    accept = base64.b64encode(hashlib.sha1(headers[b"sec-websocket-key"] + WS_GUID).digest())
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    buf = rest
+    while True:
+        opcode, payload, buf = ws_read(conn, buf)
+        if opcode == 8:
+            conn.sendall(ws_frame(payload, 8))
+            return
+        conn.sendall(ws_frame(payload, opcode))
+
+
+def start_app(gw, destination: str, **app) -> tuple[int, str]:
+    """A service with one web app at http://WIKI:port/ (plus `app` keys) and a connector."""
+    port = free_port()
+    entry = {"name": "wiki", "protocol": "http", "external_url": f"http://{WIKI}:{port}/",
+             "internal_url": f"http://{destination}/", **app}
+    svc = gw.service(start=False)
+    text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
+    text += "\n" + toml_table("apps", entry, array=True)
+    svc.config_path.write_text(text)
+    svc.start()
+    gw.connector(svc)
+    return port, svc
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection((HOST, port), timeout=30)
+
+
+def test_websocket_echo_through_the_tunnel(gw, backends):
+    """A WebSocket handshake is passed through (101), then frames flow both ways until a clean close."""
+    backend = backends(websocket_echo)
+    port, svc = start_app(gw, backend.destination)
+    key = base64.b64encode(os.urandom(16))
+
+    def handshake() -> tuple[socket.socket, bytes, bytes]:
+        s = connect(port)
+        s.sendall(b"GET /chat HTTP/1.1\r\nHost: " + f"{WIKI}:{port}".encode() + b"\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n")
+        head, rest = read_head(s)
+        return s, head, rest
+
+    s, head, rest = wait_until(lambda: (lambda r: r if r[1].startswith(b"HTTP/1.1 101") else None)(handshake()),
+                               30, "a 101 through the front door")
+    assert b"Sec-WebSocket-Accept: " + base64.b64encode(hashlib.sha1(key + WS_GUID).digest()) in head
+    big = os.urandom(300_000)
+    for payload, opcode in ((b"hello", 1), (big, 2), (b"again", 1)):
+        s.sendall(ws_frame(payload, opcode, mask=os.urandom(4)))
+        got_opcode, got, rest = ws_read(s, rest)
+        assert (got_opcode, got) == (opcode, payload)
+    s.sendall(ws_frame(struct.pack("!H", 1000), 8, mask=os.urandom(4)))
+    opcode, payload, rest = ws_read(s, rest)
+    assert opcode == 8 and payload == struct.pack("!H", 1000)
+    seen = backend.results[-1]
+    assert seen[b"upgrade"] == b"websocket" and seen[b"connection"].lower() == b"upgrade"
+    s.close()
+
+
+def test_silent_back_end_gets_504_with_the_id_in_both_logs(gw, backends):
+    """A back end that accepts and never answers: 504 after options.backend_timeout; the page's
+    correlation id is in the service log, and the back-end connection is closed."""
+    closed = []
+
+    def silent(conn: socket.socket, backend) -> None:
+        read_head(conn)
+        backend.record("request")
+        conn.settimeout(60)
+        try:
+            closed.append(conn.recv(1) == b"")   # the gateway hangs up once it gave up
+        except ConnectionResetError:
+            closed.append(True)
+
+    backend = backends(silent)
+    port, svc = start_app(gw, backend.destination, options={"backend_timeout": 1.5})
+
+    def attempt():
+        r, body = get(port, f"{WIKI}:{port}", "/slow")
+        return (r, body) if r.status == 504 else None
+
+    r, body = wait_until(attempt, 30, "a 504 from the front door")
+    request_id = r.getheader("X-Request-Id")
+    assert request_id and request_id.encode() in body and b"took too long" in body
+    wait_until(lambda: request_id in svc.log(), 10, "the request id in the service log")
+    wait_until(lambda: closed, 10, "the back-end connection to be closed")
+    assert closed[0] is True
+
+
+def test_expect_100_continue_is_answered_by_the_back_end(gw, nginx):
+    """The client waits for 100 Continue before its body; nginx sends it through the tunnel; a body
+    over nginx's limit is refused before it is sent."""
+    svc, conn, front = start_wiki(gw, nginx)
+    body = os.urandom(100_000)
+    s = connect(front)
+    s.sendall(f"PUT /up/expect.bin HTTP/1.1\r\nHost: {WIKI}:{front}\r\nContent-Length: {len(body)}\r\n"
+              f"Expect: 100-continue\r\n\r\n".encode())
+    head, rest = read_head(s)
+    assert head.startswith(b"HTTP/1.1 100 Continue"), head
+    s.sendall(body)
+    head, rest = read_head(s)
+    assert head.split(b" ")[1] in (b"201", b"204"), head
+    assert (nginx.www / "up" / "expect.bin").read_bytes() == body
+    s.close()
+
+
+def test_path_prefix_app_and_custom_headers(gw, nginx):
+    """An app at /wiki/ on the external host reaches nginx under /, with its custom header set;
+    /wiki redirects to /wiki/; a redirect from nginx comes back under the prefix."""
+    (nginx.www / "page.txt").write_text("page\n")
+    (nginx.www / "dir").mkdir()
+    port = free_port()
+    svc = gw.service(start=False)
+    text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
+    text += "\n" + toml_table("apps", {
+        "name": "wiki", "protocol": "http", "external_url": f"http://{WIKI}:{port}/wiki/",
+        "internal_url": f"http://{HOST}:{nginx.port}/", "options": {"request_headers": {"X-Secret": "from-gateway"}},
+    }, array=True)
+    svc.config_path.write_text(text)
+    svc.start()
+    gw.connector(svc)
+    host = f"{WIKI}:{port}"
+    r, body = wait_until(lambda: (lambda rb: rb if rb[0].status == 200 else None)(get(port, host, "/wiki/page.txt")),
+                         30, "the prefixed app to answer")
+    assert body == b"page\n"
+    r, body = get(port, host, "/wiki/headers", headers={"X-Secret": "from-client"})
+    assert b"secret=from-gateway\n" in body
+    r, _ = get(port, host, "/wiki")
+    assert r.status in (301, 308) and r.getheader("Location").endswith("/wiki/")
+    r, _ = get(port, host, "/wiki/dir")   # nginx adds the slash with an absolute redirect
+    assert r.status == 301 and r.getheader("Location") == f"http://{host}/wiki/dir/"
+    r, _ = get(port, host, "/page.txt")
+    assert r.status == 404
