@@ -34,12 +34,17 @@ def gateway_register_protocols(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
-def gateway_register_sso_providers(register: Callable[[Any], None]) -> None:
-    """Register single sign-on providers with ``register(provider)``.
+def gateway_register_sso_providers(register: Callable[[str, Any], None]) -> None:
+    """Register single sign-on providers with ``register(name, provider)``; on the connector.
 
-    ``provider`` provides :class:`gateway.protocols.ISSOProvider`: a ``name`` that apps select
-    and ``credentials(identity, app) -> Deferred[dict]``, which the connector calls before it
-    dials a back end on a user's behalf (for example a Kerberos constrained-delegation token).
+    ``provider`` provides :class:`gateway.protocols.ISSOProvider`. An app selects one with
+    ``options.sso = "<name>"``; for each request to that app the connector calls
+    ``provider.credentials(app, identity, request)`` (``identity`` is the signed-in user's
+    ``{sub, name, email, groups}``, ``request`` the parsed head as the back end will get it) and
+    sets the ``(name, value)`` byte pairs it returns (or a Deferred fires with) as headers on the
+    back-end request, for example ``Authorization: Negotiate ...`` for Kerberos constrained
+    delegation. A failure costs that request (the user gets a 502 page with the correlation id;
+    the connector logs the cause). Two plugins registering one name is an error at start.
     """
 
 

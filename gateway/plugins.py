@@ -93,6 +93,28 @@ def protocol_handlers(pm: pluggy.PluginManager) -> dict[str, Any]:
     return collect(pm.hook.gateway_register_protocols, "protocol", lambda h: h.name)
 
 
+def sso_providers(pm: pluggy.PluginManager) -> dict[str, Any]:
+    """{name: provider} from gateway_register_sso_providers, refusing a name registered twice."""
+    found: dict[str, Any] = {}
+
+    def register(name: str, provider: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"an SSO provider must be registered with a non-empty name, got {name!r}")
+        if name in found:
+            raise PluginError(f"two plugins register the SSO provider {name!r}; block one with {DISABLE_ENV}")
+        if not callable(getattr(provider, "credentials", None)):
+            raise PluginError(f"the SSO provider {name!r} has no credentials(app, identity, request) method")
+        found[name] = provider
+
+    try:
+        pm.hook.gateway_register_sso_providers(register=register)
+    except PluginError:
+        raise
+    except Exception as e:
+        raise PluginError(f"a plugin failed while registering SSO providers: {e!r}") from e
+    return found
+
+
 def config_sections(pm: pluggy.PluginManager) -> dict[str, Callable]:
     found: dict[str, Callable] = {}
 

@@ -29,14 +29,20 @@ class IProtocolHandler(Interface):
         destination), then ``stream.accept()`` and splice, or ``stream.reset(code, reason)``.
         """
 
+    # Optional, on the connector: a handler may also have
+    #   use_sso_providers(providers: dict[str, ISSOProvider]) -> None, called once at start with
+    #     the providers plugins registered, and
+    #   check_connector_app(app) -> str | None, called when an app's config arrives: a sentence
+    #     saying why the app cannot work on this connector (logged as an error), or None.
+
 
 class ISSOProvider(Interface):
-    """Obtains back-end credentials for a pre-authenticated user."""
+    """Obtains back-end credentials for a pre-authenticated user (see gateway_register_sso_providers)."""
 
-    name = Attribute("The name apps use to select this provider.")
-
-    def credentials(identity, app):
-        """Return a Deferred firing with a dict of credentials for the back end."""
+    def credentials(app, identity, request):
+        """Headers to set on the back-end request: a list of ``(name, value)`` byte pairs, or a
+        Deferred firing with one. ``app`` is the AppConfig, ``identity`` the user's dict
+        (``sub``, ``name``, ``email``, ``groups``), ``request`` a ``gateway_http.rules.Request``."""
 
 
 @frozen

@@ -59,6 +59,11 @@ class ConnectorNode(MultiService):
         self.pm = pm
         self.handlers = handlers
         self.identity = identity
+        # SSO providers plugins register, handed to the protocol handlers that use them.
+        self.sso_providers = plugins.sso_providers(pm)
+        for handler in handlers.values():
+            if hasattr(handler, "use_sso_providers"):
+                handler.use_sso_providers(self.sso_providers)
         self.settings = TunnelSettings.from_config(config.tunnel)
         self.apps: dict[str, AppConfig] = {}
         self.config_version: str | None = None
@@ -161,6 +166,7 @@ class ConnectorNode(MultiService):
                     name=a["name"], listen="", destination=a["destination"], host=a["host"], port=int(a["port"]),
                     group=message.get("group", self.identity.group), protocol=a["protocol"],
                     connect_timeout=float(a.get("connect_timeout", 10)), options=dict(a.get("options") or {}),
+                    internal_url=a.get("internal_url", ""),
                 )
                 for a in message["apps"]
             }
@@ -169,9 +175,14 @@ class ConnectorNode(MultiService):
                            version=version, error=repr(e), current=self.config_version, **self.ctx)
             return
         for app in apps.values():
-            if app.protocol not in self.handlers:
+            handler = self.handlers.get(app.protocol)
+            if handler is None:
                 self.log.warn("app {app} uses protocol {protocol}, which no plugin here provides",
                               app=app.name, protocol=app.protocol, **self.ctx)
+            elif hasattr(handler, "check_connector_app"):
+                problem = handler.check_connector_app(app)
+                if problem:
+                    self.log.error("config error: {problem}", problem=problem, **self.ctx)
         self.apps = apps
         self.config_version = version
         self.log.info("config {version}: apps {apps}", version=version,

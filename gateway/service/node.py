@@ -207,6 +207,7 @@ class ServiceNode(MultiService):
             {
                 "name": a.name, "protocol": a.protocol, "destination": a.destination,
                 "host": a.host, "port": a.port, "connect_timeout": a.connect_timeout, "options": a.options,
+                "internal_url": a.internal_url,
             }
             for a in sorted(self.apps.values(), key=lambda a: a.name)
             if a.group == group

@@ -41,7 +41,9 @@ def make_connector(handler):
 
 class _NoPlugins:
     class hook:
-        pass
+        @staticmethod
+        def gateway_register_sso_providers(register):
+            pass
 
 
 def tunnel_to(node):

@@ -1,0 +1,411 @@
+"""The connector's keep-alive connections to web-app back ends, and how it dials new ones.
+
+A back-end connection serves one request at a time. ``backend.py`` takes one from the pool
+for a stream, gives it back when the response ended cleanly and the connection can carry
+another, and closes it otherwise. Idle connections are bounded per back end
+(``options.backend_max_idle``) and in time (``options.backend_idle_timeout``); one that the
+back end closes while idle leaves the pool at once.
+
+Back-end TLS (``https`` internal URLs) verifies the certificate against the system roots or
+``options.backend_ca_file`` and the internal host name, TLS 1.2 or newer. A connection counts
+as usable only once the handshake is done, so a certificate problem is a dial failure that
+names the problem, and the service can try another connector.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any
+
+from attrs import define, field, frozen
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone, TimeoutError
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+)
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.errors import GatewayError
+from gateway.tunnel.splice import QuietFactory, tune_socket
+
+from .rules import DEFAULT_PORTS, Origin
+
+DEFAULT_MAX_IDLE = 32
+DEFAULT_IDLE_TIMEOUT = 30.0
+
+# The usual reasons OpenSSL gives for refusing a chain (X509_V_ERR_*), said the way it says them.
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    26: "unsupported certificate purpose",
+}
+
+
+class BackendConfigError(GatewayError):
+    """An app's back-end options are wrong on this connector (unreadable CA file, bad value)."""
+
+
+@frozen
+class Target:
+    """Where and how to reach one app's back end; ``key`` says which connections are alike."""
+
+    scheme: str
+    host: str
+    port: int
+    connect_timeout: float
+    ca_file: str = ""
+    verify: bool = True
+    max_idle: int = DEFAULT_MAX_IDLE
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+    @property
+    def key(self) -> tuple:
+        return (self.scheme, self.host, self.port, self.ca_file, self.verify)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def address(self) -> str:
+        return Origin(self.scheme, self.host, self.port).url
+
+    @classmethod
+    def from_app(cls, app: Any) -> Target:
+        """The back end of ``app``: scheme from internal_url (http when there is none), host and
+        port as the core checked them, TLS and pool settings from the app's options."""
+        options = app.options or {}
+        scheme = "http"
+        if getattr(app, "internal_url", ""):
+            scheme = app.internal_url.split(":", 1)[0].lower()
+            if scheme not in DEFAULT_PORTS:
+                raise BackendConfigError(f"app {app.name}: internal_url must be http:// or https://, "
+                                         f"got {app.internal_url!r}")
+        ca_file = options.get("backend_ca_file", "")
+        if not isinstance(ca_file, str):
+            raise BackendConfigError(f"app {app.name}: options.backend_ca_file: expected a path to a PEM file, "
+                                     f"got {ca_file!r}")
+        verify = options.get("backend_tls_verify", True)
+        if not isinstance(verify, bool):
+            raise BackendConfigError(f"app {app.name}: options.backend_tls_verify: expected true or false, "
+                                     f"got {verify!r}")
+        max_idle = options.get("backend_max_idle", DEFAULT_MAX_IDLE)
+        if isinstance(max_idle, bool) or not isinstance(max_idle, int) or max_idle < 0:
+            raise BackendConfigError(f"app {app.name}: options.backend_max_idle: expected a whole number >= 0, "
+                                     f"got {max_idle!r}")
+        idle_timeout = options.get("backend_idle_timeout", DEFAULT_IDLE_TIMEOUT)
+        if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) or not idle_timeout > 0:
+            raise BackendConfigError(f"app {app.name}: options.backend_idle_timeout: expected seconds > 0, "
+                                     f"got {idle_timeout!r}")
+        return cls(scheme, app.host, int(app.port), float(app.connect_timeout), ca_file, verify,
+                   max_idle, float(idle_timeout))
+
+
+def check_options(app: Any) -> None:
+    """Raise BackendConfigError for back-end options that cannot work (the CA file is read here)."""
+    target = Target.from_app(app)
+    if target.tls and target.ca_file:
+        _load_trust(target.ca_file)
+
+
+def _load_trust(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BackendConfigError(f"options.backend_ca_file {path!r} cannot be read: {e.strerror}") from None
+    marker = b"-----END CERTIFICATE-----"
+    blocks = [b + marker for b in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in b]
+    try:
+        certificates = [ssl.Certificate.loadPEM(b) for b in blocks]
+    except Exception as e:
+        raise BackendConfigError(f"options.backend_ca_file {path!r} holds a certificate that does not load: {e}") \
+            from None
+    if not certificates:
+        raise BackendConfigError(f"options.backend_ca_file {path!r} holds no PEM certificate")
+    return ssl.trustRootFromCertificates(certificates)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedTLS:
+    """TLS 1.2+ with SNI but without certificate checks (``options.backend_tls_verify = false``)."""
+
+    def __init__(self, hostname: str) -> None:
+        self._ctx = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext()
+        self._sni = None if isIPAddress(hostname) or isIPv6Address(hostname) else hostname.encode("idna")
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._ctx, None)
+        connection.set_app_data(tlsProtocol)
+        if self._sni:
+            connection.set_tlsext_host_name(self._sni)
+        return connection
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _RecordingTLS:
+    """optionsForClientTLS, remembering why OpenSSL refused a chain so the error can say so."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._hooked: set[int] = set()
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        context = connection.get_context()
+        if id(context) not in self._hooked:
+            self._hooked.add(id(context))
+            context.set_verify(context.get_verify_mode(), _record_verify)
+        return connection
+
+
+def _record_verify(connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    if not ok:
+        wrapped = getattr(connection.get_app_data(), "wrappedProtocol", None)
+        if isinstance(wrapped, BackendConnection) and wrapped.verify_error is None:
+            subject = cert.get_subject().CN if cert is not None else None
+            wrapped.verify_error = _VERIFY_ERRORS.get(errno, f"X509 verify error {errno}") + (
+                f" (certificate {subject!r})" if subject else "")
+    return bool(ok)
+
+
+def describe_failure(failure: Failure, target: Target, conn: BackendConnection | None = None) -> str:
+    """Why a dial failed, for people: the certificate problem when there was one."""
+    try:
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover - a dependency of Twisted's TLS
+        VerificationError = ()  # type: ignore[assignment]
+    if VerificationError and failure.check(VerificationError):
+        return (f"the TLS certificate of {target.address} does not match the host name {target.host!r}"
+                f" ({failure.value})")
+    if failure.check(SSL.Error):
+        detail = conn.verify_error if conn is not None else None
+        if detail:
+            trust = f"the CA in {target.ca_file}" if target.ca_file else "the system's trusted CAs"
+            return f"the TLS certificate of {target.address} is not trusted: {detail} (checked against {trust})"
+        return f"the TLS handshake with {target.address} failed: {_ssl_error_text(failure.value)}"
+    if failure.check(CancelledError, TimeoutError):
+        return f"{target.address} did not connect within {target.connect_timeout:g}s"
+    return f"{target.address}: {failure.getErrorMessage()}"
+
+
+def _ssl_error_text(error: SSL.Error) -> str:
+    try:
+        return "; ".join(part[2] for part in error.args[0]) or repr(error)
+    except (IndexError, TypeError):
+        return repr(error)
+
+
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
+class BackendConnection(Protocol):
+    """One socket to a back end. ``user`` gets its events while a request uses it; idle, the pool does."""
+
+    def __init__(self, pool: BackendPool, target: Target) -> None:
+        self.pool = pool
+        self.target = target
+        self.ready: Deferred = Deferred()
+        self.user: Any = None
+        self.reused = False
+        self.connected_ok = False
+        self.lost = False
+        self.verify_error: str | None = None
+        self.idle_timer: Any = None
+
+    @property
+    def usable(self) -> bool:
+        return self.connected_ok and not self.lost and not getattr(self.transport, "disconnecting", False)
+
+    def connectionMade(self) -> None:
+        tune_socket(self.transport)
+        if not self.target.tls:
+            self._ready()
+
+    def handshakeCompleted(self) -> None:
+        self._ready()
+
+    def _ready(self) -> None:
+        self.connected_ok = True
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.user is not None:
+            self.user.backend_data(data)
+        else:
+            # Bytes nobody asked for on an idle connection: its framing can no longer be trusted.
+            self.pool.discard(self)
+
+    def readConnectionLost(self) -> None:
+        if self.user is not None:
+            self.user.backend_read_closed()
+        else:
+            self.pool.discard(self)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.lost = True
+        reason = reason or Failure(ConnectionDone())
+        if not self.ready.called:
+            self.ready.errback(reason)
+            return
+        if self.user is not None:
+            self.user.backend_lost(reason)
+        else:
+            self.pool.forget(self)
+
+
+@define
+class BackendPool:
+    """Idle keep-alive connections per back end (scheme, host, port, TLS settings)."""
+
+    reactor: Any
+    idle: dict[tuple, deque] = field(factory=dict)
+    dials: int = 0
+    _creators: dict[tuple, tuple[Any, Any]] = field(factory=dict)
+
+    def acquire(self, target: Target) -> Deferred:
+        """A connection to ``target``: the most recently used idle one, else a new one.
+
+        The newest idle connection is the least likely to have been timed out by the back end.
+        """
+        idle = self.idle.get(target.key)
+        while idle:
+            conn = idle.pop()
+            self._unpark(conn)
+            if conn.usable:
+                conn.reused = True
+                return _succeed(conn)
+            conn.transport.abortConnection()
+        return self.dial(target)
+
+    def dial(self, target: Target) -> Deferred:
+        """A new connection, firing once usable (TLS handshake done) or failing with why not."""
+        self.dials += 1
+        endpoint = self.endpoint(target)
+        conn = BackendConnection(self, target)
+        result: Deferred = Deferred()
+        connecting = endpoint.connect(QuietFactory.forProtocol(lambda: conn))
+
+        # One deadline for TCP and TLS together: the service waits connect_timeout (plus a grace).
+        def too_slow() -> None:
+            if not result.called:
+                what = "finish the TLS handshake" if conn.transport is not None else "connect"
+                result.errback(Failure(GatewayError(
+                    f"{target.address} did not {what} within {target.connect_timeout:g}s")))
+            if conn.transport is not None and not conn.lost:
+                conn.transport.abortConnection()
+            connecting.cancel()
+
+        deadline = self.reactor.callLater(target.connect_timeout, too_slow)
+
+        def done(value: Any) -> None:
+            if deadline.active():
+                deadline.cancel()
+            if result.called:
+                if isinstance(value, BackendConnection) and not value.lost:
+                    value.transport.abortConnection()
+                return
+            if isinstance(value, Failure):
+                result.errback(Failure(GatewayError(describe_failure(value, target, conn))))
+            else:
+                result.callback(value)
+
+        connecting.addCallbacks(lambda _: conn.ready, lambda f: f)
+        connecting.addBoth(done)
+        return result
+
+    def endpoint(self, target: Target) -> Any:
+        """The client endpoint for a new connection to ``target`` (TLS-wrapped for https)."""
+        endpoint: Any = HostnameEndpoint(self.reactor, target.host, target.port, timeout=target.connect_timeout)
+        if target.tls:
+            endpoint = wrapClientTLS(self._creator(target), endpoint)
+        return endpoint
+
+    def _creator(self, target: Target) -> Any:
+        """The TLS connection creator for a target, rebuilt when its CA file changes."""
+        stamp = None
+        if target.ca_file:
+            try:
+                stamp = os.stat(target.ca_file).st_mtime_ns
+            except OSError as e:
+                raise BackendConfigError(
+                    f"options.backend_ca_file {target.ca_file!r} cannot be read: {e.strerror}") from None
+        cached = self._creators.get(target.key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        if not target.verify:
+            creator: Any = _UnverifiedTLS(target.host)
+        else:
+            trust = _load_trust(target.ca_file) if target.ca_file else None
+            creator = _RecordingTLS(ssl.optionsForClientTLS(
+                target.host, trustRoot=trust,
+                extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}))
+        self._creators[target.key] = (stamp, creator)
+        return creator
+
+    def release(self, conn: BackendConnection) -> None:
+        """Take back a connection that finished a response cleanly; close it if it cannot wait."""
+        conn.user = None
+        target = conn.target
+        if not conn.usable or target.max_idle == 0:
+            self._close(conn)
+            return
+        idle = self.idle.setdefault(target.key, deque())
+        if len(idle) >= target.max_idle:
+            self._close(idle.popleft())
+        idle.append(conn)
+        conn.transport.resumeProducing()  # an idle connection reads, so a close by the back end is seen
+        conn.idle_timer = self.reactor.callLater(target.idle_timeout, self.discard, conn)
+
+    def discard(self, conn: BackendConnection) -> None:
+        """Drop an idle connection (timed out, or the back end spoke or closed) and close it."""
+        self.forget(conn)
+        self._close(conn)
+
+    def forget(self, conn: BackendConnection) -> None:
+        self._unpark(conn)
+        idle = self.idle.get(conn.target.key)
+        if idle is not None:
+            try:
+                idle.remove(conn)
+            except ValueError:
+                pass
+            if not idle:
+                del self.idle[conn.target.key]
+
+    def _unpark(self, conn: BackendConnection) -> None:
+        if conn.idle_timer is not None and conn.idle_timer.active():
+            conn.idle_timer.cancel()
+        conn.idle_timer = None
+
+    @staticmethod
+    def _close(conn: BackendConnection) -> None:
+        if not conn.lost and conn.transport is not None:
+            conn.transport.loseConnection()
+
+    def idle_count(self, target: Target | None = None) -> int:
+        if target is not None:
+            return len(self.idle.get(target.key, ()))
+        return sum(len(q) for q in self.idle.values())
+
+
+def _succeed(value: Any) -> Deferred:
+    d: Deferred = Deferred()
+    d.callback(value)
+    return d
