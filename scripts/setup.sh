@@ -12,6 +12,13 @@ done
 need=()
 command -v curl >/dev/null || need+=(curl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if [ $want_tests = 1 ]; then
+  # node runs the OpenID provider of the tests (tests/node); Debian's chromium is the browser
+  # Playwright drives (executablePath, never a downloaded build).
+  command -v node >/dev/null || need+=(nodejs)
+  command -v npm >/dev/null || need+=(npm)
+  command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || need+=(chromium)
+fi
 if [ $want_bench = 1 ]; then
   command -v nginx >/dev/null || need+=(nginx-light)
   command -v wrk >/dev/null || need+=(wrk)
@@ -48,4 +55,13 @@ fi
 # through this .pth (a regular `pip install .` copies it into Twisted's plugin folder).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD" > "$site/gateway-dev-twisted-plugins.pth"
+if [ $want_tests = 1 ]; then
+  # oidc-provider and playwright-core, as pinned by tests/node/package-lock.json; Playwright
+  # must not fetch browsers of its own.
+  export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
+  if [ -f tests/node/package-lock.json ]; then npm_cmd=(ci); else npm_cmd=(install); fi
+  if ! (cd tests/node && npm "${npm_cmd[@]}" --no-audit --no-fund > ../../.venv/npm.log 2>&1); then
+    tail -n 30 .venv/npm.log >&2; echo "setup: npm ${npm_cmd[*]} in tests/node failed" >&2; exit 1
+  fi
+fi
 grep -q ' gateway ' <<< "$(.venv/bin/twistd --help)" || { echo "setup: twistd does not see the gateway plugin" >&2; exit 1; }

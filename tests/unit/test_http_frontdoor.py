@@ -428,7 +428,7 @@ class Gate:
         self.decision = decision
         self.seen = []
 
-    def check(self, request, app, external, client_host):
+    def check(self, request, app, external, client_host, request_id=""):
         self.seen.append((request.target, external.host, client_host))
         from twisted.internet.defer import succeed
         return succeed(self.decision)
