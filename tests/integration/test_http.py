@@ -278,9 +278,10 @@ def test_http_app_with_its_own_listen(gw, nginx):
     assert r.status == 302 and r.getheader("Location") == f"http://site.example.test:{port}/x"
 
 
-def test_large_bodies_stream_in_bounded_memory(gw, nginx):
-    """256 MiB down and up go through with the same sha256 while service and connector RSS stay bounded."""
-    size = 256 * 1024 * 1024
+def test_two_gib_each_way_in_bounded_memory(gw, nginx):
+    """2 GiB down and up go through with the same sha256 while service and connector RSS stay bounded
+    (the figures are printed, and recorded in docs/PERFORMANCE.md)."""
+    size = 2 * 1024 * 1024 * 1024
     block = os.urandom(1 << 20)
     h = hashlib.sha256()
     with open(nginx.www / "huge.bin", "wb") as f:
@@ -293,7 +294,7 @@ def test_large_bodies_stream_in_bounded_memory(gw, nginx):
     before = max(svc.proc.rss_bytes(), conn.proc.rss_bytes())
     peak = [0]
 
-    c = http.client.HTTPConnection(HOST, front, timeout=60)
+    c = http.client.HTTPConnection(HOST, front, timeout=120)
     c.request("GET", "/huge.bin", headers={"Host": f"{WIKI}:{front}"})
     r = c.getresponse()
     got = hashlib.sha256()
@@ -319,12 +320,15 @@ def test_large_bodies_stream_in_bounded_memory(gw, nginx):
     r.read()
     c.close()
     assert r.status in (201, 204), r.status
+    (nginx.www / "huge.bin").unlink()
     up = hashlib.sha256()
     with open(nginx.www / "up" / "huge.bin", "rb") as f:
         while chunk := f.read(1 << 20):
             up.update(chunk)
+    (nginx.www / "up" / "huge.bin").unlink()
     assert up.hexdigest() == digest
-    print(f"RSS before {before >> 20} MiB, peak {peak[0] >> 20} MiB")
+    print(f"2 GiB each way: service RSS {svc.proc.rss_bytes() >> 20} MiB, connector RSS "
+          f"{conn.proc.rss_bytes() >> 20} MiB; before {before >> 20} MiB, peak {peak[0] >> 20} MiB")
     assert peak[0] - before < 64 * 1024 * 1024, f"RSS grew from {before >> 20} MiB to {peak[0] >> 20} MiB"
 
 
