@@ -499,14 +499,17 @@ def _check_with_plugins(config: Any, store: Any, app: Any) -> None:
     apps, _ = store_apps.parse_records(r for r in store.list_apps() if r.name != app.name)
     before, _ = store_apps.merge(config, apps, handlers)
     try:
-        store_apps.check_listeners(pm, before)
+        known = store_apps.check_listeners(pm, before)
     except Exception:
         return  # the apps there already are refused: not this app's doing, so no verdict on it
     after, _ = store_apps.merge(config, [*apps, app], handlers)
     try:
-        store_apps.check_listeners(pm, after)
+        warnings = store_apps.check_listeners(pm, after)
     except Exception as e:
         raise GatewayError(f"the {app.protocol} plugin refuses app {app.name!r}: {e}") from None
+    for warning in warnings:
+        if warning not in known:  # only what this app brings (e.g. no certificate for its host)
+            print(f"gateway: warning: {warning}", file=sys.stderr)
 
 
 def _applied_note(config: Any) -> str:

@@ -173,3 +173,24 @@ def test_status_and_groups_list_show_stored_apps(service, capsys):
     assert rows["office"][2] == "blog"
     code, _, err = run(capsys, "groups", "delete", "office", "--config", str(service))
     assert code == 1 and "apps blog in the store name it" in err
+
+
+def test_the_front_door_dry_run_refuses_and_warns(service, capsys, tmp_path):
+    """What the http plugin would refuse at bind time is refused now; what it would warn about is shown."""
+    code, _, err = apps(service, capsys, "add", "secure", "--external-url", "https://secure.example.test/",
+                        "--internal-url", "http://10.0.0.6/")
+    assert code == 1 and "the http plugin refuses app 'secure'" in err and "tls_listen is not set" in err
+
+    from test_http_https import CA
+
+    cert, key = CA(tmp_path).issue("wiki", ["wiki.example.test"])
+    text = service.read_text().replace(
+        "[[apps]]",
+        f'[http]\ntls_listen = "tcp:0"\n\n[[http.certificates]]\ncert = "{cert}"\nkey = "{key}"\n\n[[apps]]', 1)
+    service.write_text(text)
+    code, out, err = apps(service, capsys, "add", "secure", "--external-url", "https://secure.example.test/",
+                          "--internal-url", "http://10.0.0.6/")
+    assert code == 0, err
+    assert "gateway: warning: https front door: app secure: no certificate covers its host secure.example.test" in err
+    code, _, err = apps(service, capsys, "add", "blog", *BLOG)
+    assert code == 0 and "warning" not in err  # the warning about secure is not this app's
