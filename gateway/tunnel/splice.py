@@ -12,6 +12,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -27,6 +28,11 @@ SOCKET_BUFFER = 256 * 1024
 
 def tune_socket(transport: Any) -> None:
     """TCP_NODELAY (no Nagle stalls on request/response traffic), larger reads, direct writes."""
+    # A wrapper (TLS) claims its socket's interfaces and forwards unknown attributes to it:
+    # tune the socket underneath, never the wrapper, or _write_directly would put plaintext
+    # straight on the wire.
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
         transport.bufferSize = SOCKET_BUFFER
