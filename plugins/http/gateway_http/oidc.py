@@ -102,8 +102,8 @@ def parse_settings(table: Any, error: Callable[[str, str], Exception]) -> Settin
         raise error("oidc.scopes", f'expected a list of scopes including "openid", got {table.get("scopes")!r}')
     groups_claim = string("groups_claim", False, "groups")
     lifetime = table.get("session_lifetime", DEFAULT_LIFETIME)
-    if isinstance(lifetime, bool) or not isinstance(lifetime, int) or not 60 <= lifetime <= 400 * 86400:
-        raise error("oidc.session_lifetime", f"expected a whole number of seconds from 60 to 34560000, got {lifetime!r}")
+    if isinstance(lifetime, bool) or not isinstance(lifetime, int) or not 1 <= lifetime <= 400 * 86400:
+        raise error("oidc.session_lifetime", f"expected a whole number of seconds from 1 to 34560000 (400 days), got {lifetime!r}")
     persistent = table.get("persistent_session", False)
     if not isinstance(persistent, bool):
         raise error("oidc.persistent_session", f"expected true or false, got {persistent!r}")
