@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -130,7 +131,7 @@ def test_of_two_certificates_for_a_name_the_valid_one_expiring_last_wins(ca):
 def test_certificate_file_errors_name_the_file_and_the_fix(ca, tmp_path):
     """Missing, non-PEM, mismatched, encrypted and SAN-less files are refused with what to do."""
     cert, key = ca.issue("a", ["a.example.test"])
-    other_cert, other_key = ca.issue("b", ["b.example.test"])
+    _, other_key = ca.issue("b", ["b.example.test"])
     (tmp_path / "junk").write_bytes(b"not pem")
     enc = tmp_path / "enc.key"
     enc.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
@@ -144,14 +145,14 @@ def test_certificate_file_errors_name_the_file_and_the_fix(ca, tmp_path):
         ((cert, str(tmp_path / "junk")), "key file .*junk holds no PEM private key"),
         ((cert, other_key), "does not belong to the certificate"),
         ((cert, str(enc)), "is encrypted"),
+        ((cert, str(tmp_path)), "key file .* cannot be read: Is a directory"),
         (nosan, "names no DNS name in its subjectAltName"),
     ]
     for (c, k), message in cases:
         with pytest.raises(Refused, match=r"http.certificates\[0\]: expected a readable certificate") as info:
             parse({"tls_listen": "tcp:8443", "certificates": [{"cert": c, "key": k}]})
-        assert __import__("re").search(message, str(info.value)), (message, str(info.value))
+        assert re.search(message, str(info.value)), (message, str(info.value))
     assert "BEGIN" not in str(info.value)
-    del other_cert
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
@@ -273,7 +274,6 @@ def handshake(options: https.SNIServerOptions, client_ctx: SSL.Context, sni: byt
 def client_context(ca: CA, max_version: int | None = None) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_alpn_protos([b"h2", b"http/1.1"])
-    from OpenSSL import crypto
     ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ca.cert))
     ctx.set_verify(SSL.VERIFY_PEER, lambda *a: a[-1])
     if max_version is not None:
