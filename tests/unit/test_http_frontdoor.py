@@ -457,3 +457,81 @@ def test_gate_identity_travels_in_the_stream_metadata():
     stream = h.accept()
     assert stream.metadata["user"] == "alice" and stream.metadata["identity"]["groups"] == ["staff"]
     assert b"X-Gateway-Jwt-Assertion: jwt\r\n" in stream.data
+
+
+def _translating_harness():
+    from gateway_http.links import LinkMap
+    apps = [App(options={"translate_links": True}), App(name="crm", external_url="http://crm.example.test/",
+                                                        internal_url="http://crm.corp:9000/")]
+    h = Harness(apps=apps)
+    h.door.link_map = LinkMap.from_apps(apps)
+    return h
+
+
+def _dechunk(body: bytes) -> bytes:
+    pieces, rest = ChunkDecoder().feed(body)
+    return b"".join(pieces)
+
+
+def test_links_in_html_are_translated_streaming_and_rechunked():
+    """options.translate_links: internal URLs of every app become external ones in an HTML body,
+    sent chunked (the length changed), Accept-Encoding narrowed to what we can undo, ETag weakened."""
+    h = _translating_harness()
+    h.send(b"GET / HTTP/1.1\r\nHost: wiki.example.test\r\nAccept-Encoding: br, gzip\r\n\r\n")
+    stream = h.accept()
+    assert b"Accept-Encoding: gzip\r\n" in stream.data
+    page = b'<a href="http://wiki.corp:8000/x">x</a> <a href="http://crm.corp:9000/y">y</a>'
+    stream.answer(b'HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nETag: "abc"\r\nContent-Length: %d\r\n\r\n'
+                  % len(page))
+    for i in range(0, len(page), 7):   # links split across pieces
+        stream.answer(page[i:i + 7])
+    out = h.output()
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head and b'ETag: W/"abc"' in head
+    assert _dechunk(body) == b'<a href="http://wiki.example.test/x">x</a> <a href="http://crm.example.test/y">y</a>'
+    assert body.endswith(b"0\r\n\r\n") and not h.transport.disconnecting
+
+
+def test_gzip_bodies_are_translated_and_images_left_alone():
+    """A gzip HTML body is inflated, translated and deflated again; an image passes byte for byte."""
+    import gzip
+    import zlib
+    h = _translating_harness()
+    h.send(GET)
+    stream = h.accept()
+    body = gzip.compress(b"see http://wiki.corp:8000/page")
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Encoding: gzip\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    out = h.output().partition(b"\r\n\r\n")[2]
+    assert zlib.decompress(_dechunk(out), 16 + zlib.MAX_WBITS) == b"see http://wiki.example.test/page"
+    h.send(GET)
+    stream = h.accept()
+    png = b"\x89PNG http://wiki.corp:8000/"
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n%s" % (len(png), png))
+    out = h.output()
+    assert out.endswith(png) and b"Content-Length: %d" % len(png) in out
+
+
+def test_translation_off_by_default():
+    """Without options.translate_links bodies are untouched and keep their length."""
+    from gateway_http.links import LinkMap
+    h = Harness()
+    h.door.link_map = LinkMap.from_apps([App()])
+    h.send(GET)
+    stream = h.accept()
+    page = b"http://wiki.corp:8000/"
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s" % (len(page), page))
+    assert h.output().endswith(b"\r\n\r\n" + page)
+
+
+def test_a_decompression_bomb_breaks_the_response_not_the_service():
+    """A gzip body that inflates far beyond its size ends the client connection; the stream is reset."""
+    import gzip
+    h = _translating_harness()
+    h.send(GET)
+    stream = h.accept()
+    bomb = gzip.compress(b"\0" * (64 << 20))
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Encoding: gzip\r\nContent-Length: %d"
+                  b"\r\n\r\n" % len(bomb))
+    stream.answer(bomb)
+    assert h.transport.disconnecting and stream.reset_with is not None

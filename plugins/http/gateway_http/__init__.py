@@ -24,7 +24,7 @@ from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
 from gateway.tunnel.splice import QuietFactory
 
-from . import auth, backend, https, routing, rules
+from . import auth, backend, https, links, routing, rules
 from .frontdoor import BACKEND_TIMEOUTS, DEFAULT_TIMEOUTS, FrontDoor, Timeouts
 
 log = Logger(namespace="gateway_http")
@@ -76,9 +76,10 @@ def web_apps(config: Any) -> list[Any]:
 
 def check_options(apps: list[Any]) -> None:
     for app in apps:
-        value = app.options.get("translate_host", True)
-        if not isinstance(value, bool):
-            raise GatewayError(f"app {app.name}: options.translate_host: expected true or false, got {value!r}")
+        for key, default in (("translate_host", True), ("translate_links", False)):
+            value = app.options.get(key, default)
+            if not isinstance(value, bool):
+                raise GatewayError(f"app {app.name}: options.{key}: expected true or false, got {value!r}")
         timeout = app.options.get("backend_timeout", "default")
         if isinstance(timeout, bool) or not (timeout in BACKEND_TIMEOUTS or (
                 isinstance(timeout, (int, float)) and 0 < timeout <= 3600)):
@@ -103,9 +104,10 @@ def front_door_factory(apps: list[Any], open_stream: Any, reactor: Any = None,
     """The front door of one listener: ``scheme`` is the listener's (routing.py says what it serves)."""
     table = routing.routing_table(apps)
     redirect = redirect_to_https and scheme == "http"
+    link_map = links.LinkMap.from_apps(apps)   # bodies may link to any published app
     return QuietFactory.forProtocol(lambda: FrontDoor(
         lambda host, target: routing.route(table, host, target, scheme, redirect), open_stream, scheme=scheme,
-        reactor=reactor, timeouts=timeouts, gate=gate))
+        reactor=reactor, timeouts=timeouts, gate=gate, link_map=link_map))
 
 
 @hookimpl

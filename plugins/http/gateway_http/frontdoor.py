@@ -30,7 +30,7 @@ from zope.interface import implementer
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import tune_socket
 
-from . import auth, rules
+from . import auth, links, rules
 from .rules import LAST_CHUNK, ChunkDecoder, HTTPError, Origin, chunk
 
 log = Logger(namespace="gateway_http")
@@ -80,6 +80,8 @@ class ResponseSide(Protocol):
             self.door._response_data(self.exchange, data)
         except HTTPError as e:
             self.door._response_broken(self.exchange, e.message)
+        except links.TranslationError as e:
+            self.door._response_broken(self.exchange, f"link translation failed: {e}")
         except Exception:
             log.failure("request {request_id}: the http plugin failed on a response",
                         request_id=self.exchange.request_id)
@@ -130,6 +132,7 @@ class Exchange:
         self.response_framing = 0       # n >= 0 (length), None (chunked), -1 (until close)
         self.response_decoder: ChunkDecoder | None = None
         self.chunked_to_client = False
+        self.translator: links.LinkTranslator | None = None
         self.bytes_out = 0
 
 
@@ -155,6 +158,15 @@ def backend_timeout(app: Any) -> float:
     return BACKEND_TIMEOUTS[value] if isinstance(value, str) else float(value)
 
 
+def translate_links(app: Any) -> bool:
+    """``options.translate_links``: internal URLs in HTML, CSS and JavaScript bodies become external."""
+    return app.options.get("translate_links", False) is True
+
+
+# A translated body changes length: these would describe the back end's bytes, not ours.
+TRANSLATED_DROP = frozenset({b"content-length", b"content-md5", b"digest", b"repr-digest", b"content-digest"})
+
+
 def request_headers(app: Any) -> list[tuple[bytes, bytes]]:
     """``options.request_headers``: headers every request to the back end carries (they replace a
     client header of the same name)."""
@@ -171,8 +183,9 @@ class FrontDoor(Protocol):
 
     def __init__(self, router: Callable[[str, bytes], Any], open_stream: Callable[[Any, dict], Any],
                  scheme: str = "http", reactor: Any = None, timeouts: Timeouts | None = None,
-                 gate: Any = None) -> None:
+                 gate: Any = None, link_map: links.LinkMap | None = None) -> None:
         self.reactor = reactor
+        self.link_map = link_map
         self.gate = gate or auth.PassthroughGate()
         self.timeouts = timeouts or Timeouts()
         self._timer: Any = None
@@ -404,7 +417,7 @@ class FrontDoor(Protocol):
         self.exchange = ex
         self.state = "opening"
         self._hold("stream")
-        d = self.gate.check(request, app, external, self._client_host)
+        d = self.gate.check(request, app, external, self._client_host, request_id=request_id)
         d.addCallbacks(self._checked, self._check_failed, callbackArgs=(ex, body_length), errbackArgs=(ex,))
 
     def _checked(self, decision: Any, ex: Exchange, body_length: int | None) -> None:
@@ -453,6 +466,12 @@ class FrontDoor(Protocol):
             return
         ex.stream = stream
         try:
+            if translate_links(ex.app) and self.link_map is not None and not self.link_map.empty:
+                # ask for a coding we can undo, so the body can be translated
+                accepted = b", ".join(rules.get(ex.request.headers, b"accept-encoding")) or None
+                headers = [(k, v) for k, v in ex.request.headers if k.lower() != b"accept-encoding"]
+                headers.append((b"Accept-Encoding", links.accept_encoding_for_translation(accepted)))
+                ex.request = rules.Request(ex.request.method, ex.request.target, ex.request.version, headers)
             head = rules.backend_request_head(ex.request, body_length, ex.external, ex.internal,
                                               self._client_host, translate_host=translate_host(ex.app),
                                               extra_headers=request_headers(ex.app))
@@ -550,7 +569,19 @@ class FrontDoor(Protocol):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return  # other interim responses are dropped
         framing = rules.response_body_length(response, ex.request.method)
-        if framing == -1:
+        drop: frozenset = frozenset()
+        if framing != 0 and self._translates(ex, response):
+            encoding = b", ".join(rules.get(response.headers, b"content-encoding")) or None
+            ex.translator = links.LinkTranslator(self.link_map, encoding)
+            drop = TRANSLATED_DROP
+        if ex.translator is not None:
+            # the length changes: chunked to an HTTP/1.1 client, until close to an HTTP/1.0 one
+            ex.chunked_to_client = ex.request.version == b"HTTP/1.1"
+            if not ex.chunked_to_client:
+                ex.keep_alive = False
+            if framing is None:
+                ex.response_decoder = ChunkDecoder(502)
+        elif framing == -1:
             if ex.request.version == b"HTTP/1.1":
                 ex.chunked_to_client = True
             else:
@@ -564,8 +595,20 @@ class FrontDoor(Protocol):
         ex.response_framing = framing
         ex.response_left = framing if framing and framing > 0 else 0
         ex.response_state = "body"
-        self.transport.write(rules.client_response_head(
-            response, framing, ex.chunked_to_client, ex.keep_alive, ex.external, ex.internal))
+        head = rules.client_response_head(response, -1 if ex.translator else framing, ex.chunked_to_client,
+                                          ex.keep_alive, ex.external, ex.internal, drop=drop)
+        if ex.translator is not None:
+            head = head.replace(b"\r\nETag: \"", b"\r\nETag: W/\"")   # same meaning, other bytes
+        self.transport.write(head)
+
+    def _translates(self, ex: Exchange, response: rules.Response) -> bool:
+        if not translate_links(ex.app) or self.link_map is None or self.link_map.empty:
+            return False
+        if response.status in (206, 204, 304) or rules.get(response.headers, b"content-range"):
+            return False
+        content_type = b", ".join(rules.get(response.headers, b"content-type")) or None
+        encoding = b", ".join(rules.get(response.headers, b"content-encoding")) or None
+        return links.should_translate(content_type, encoding)
 
     def _upgrade(self, ex: Exchange, response: rules.Response) -> None:
         """101: from now on the client connection and the stream are spliced, bytes both ways."""
@@ -612,8 +655,6 @@ class FrontDoor(Protocol):
             pieces, _ = ex.response_decoder.feed(data)
             self._to_client(ex, pieces)
             if ex.response_decoder.done:
-                if ex.chunked_to_client:
-                    self.transport.write(LAST_CHUNK)
                 self._response_done(ex)
         elif framing == -1:
             self._to_client(ex, [data])
@@ -626,6 +667,8 @@ class FrontDoor(Protocol):
                 self._response_done(ex)
 
     def _to_client(self, ex: Exchange, pieces: list[bytes]) -> None:
+        if ex.translator is not None:
+            pieces = [ex.translator.feed(b"".join(pieces))]
         for p in pieces:
             ex.bytes_out += len(p)
         if ex.chunked_to_client:
@@ -633,7 +676,19 @@ class FrontDoor(Protocol):
         else:
             self.transport.writeSequence(pieces)
 
+    def _end_body(self, ex: Exchange) -> None:
+        """The back end's body is complete: the translator's last bytes, then the last chunk."""
+        if ex.translator is not None:
+            tail = ex.translator.finish()
+            ex.bytes_out += len(tail)
+            if tail:
+                self.transport.write(chunk(tail) if ex.chunked_to_client else tail)
+        if ex.chunked_to_client:
+            self.transport.write(LAST_CHUNK)
+
     def _response_done(self, ex: Exchange) -> None:
+        if ex.response_state == "body":
+            self._end_body(ex)
         ex.response_state = "done"
         self._cancel_backend_timer()
         info = getattr(ex.stream, "log_info", None)
@@ -679,8 +734,6 @@ class FrontDoor(Protocol):
             return
         clean = reason is None or reason.check(ConnectionDone)
         if clean and ex.response_state == "body" and ex.response_framing == -1:
-            if ex.chunked_to_client:
-                self.transport.write(LAST_CHUNK)
             self._response_done(ex)
             return
         why = "the stream closed" if clean else reason.getErrorMessage()
