@@ -30,7 +30,7 @@ from zope.interface import implementer
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import tune_socket
 
-from . import auth, links, rules
+from . import auth, links, routing, rules
 from .rules import LAST_CHUNK, ChunkDecoder, HTTPError, Origin, chunk
 
 log = Logger(namespace="gateway_http")
@@ -401,7 +401,7 @@ class FrontDoor(Protocol):
             self._answer(self.exchange, app, has_body=rules.request_body_length(request) != 0)
             return
         body_length = rules.request_body_length(request)
-        asked = rules.route_key(host, self.scheme) or ("", rules.DEFAULT_PORTS[self.scheme])
+        asked = routing.route_key(host, self.scheme) or ("", rules.DEFAULT_PORTS[self.scheme])
         if app.external_url:
             external = Origin.from_url(app.external_url)
             if external.host.startswith("*."):

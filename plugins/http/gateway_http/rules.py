@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 
-from .routing import route_key  # noqa: F401  (routing moved to routing.py; frontdoor still names it here)
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEAD = 64 * 1024
