@@ -32,6 +32,9 @@ from twisted.internet.interfaces import (
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from zope.interface import implementer
 
 from gateway.errors import GatewayError
@@ -157,39 +160,48 @@ class _UnverifiedTLS:
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _RecordingTLS:
-    """optionsForClientTLS, remembering why OpenSSL refused a chain so the error can say so."""
+class _VerifyingTLS:
+    """optionsForClientTLS (SNI, TLS 1.2+, trust), with a verify callback that also writes down
+    why OpenSSL refused a chain, so the error can name the certificate problem.
 
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self._hooked: set[int] = set()
+    Twisted checks the host name in its own per-connection verify callback; replacing that
+    callback means doing the same check here, with service_identity as Twisted does.
+    """
+
+    def __init__(self, hostname: str, trust: Any) -> None:
+        self._inner = ssl.optionsForClientTLS(
+            hostname, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+        is_ip = isIPAddress(hostname) or isIPv6Address(hostname)
+        self._identity = IPAddress_ID(hostname) if is_ip else DNS_ID(hostname)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = self._inner.clientConnectionForTLS(tlsProtocol)
-        context = connection.get_context()
-        if id(context) not in self._hooked:
-            self._hooked.add(id(context))
-            context.set_verify(context.get_verify_mode(), _record_verify)
+        identity = self._identity
+
+        def verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+            wrapped = getattr(tlsProtocol, "wrappedProtocol", None)
+            if not ok and isinstance(wrapped, BackendConnection) and wrapped.verify_error is None:
+                subject = cert.get_subject().CN if cert is not None else None
+                wrapped.verify_error = _VERIFY_ERRORS.get(errno, f"X509 verify error {errno}") + (
+                    f" (certificate {subject!r})" if subject else "")
+            if depth != 0:
+                return bool(ok)
+            try:
+                verify_service_identity(extract_patterns(cert), [identity], [])
+            except Exception:
+                # A VerificationError, or anything else: an exception must not escape an
+                # OpenSSL callback (it would vanish), so the handshake fails with it instead.
+                tlsProtocol.failVerification(Failure())
+                return False
+            return bool(ok)
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
         return connection
-
-
-def _record_verify(connection: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
-    if not ok:
-        wrapped = getattr(connection.get_app_data(), "wrappedProtocol", None)
-        if isinstance(wrapped, BackendConnection) and wrapped.verify_error is None:
-            subject = cert.get_subject().CN if cert is not None else None
-            wrapped.verify_error = _VERIFY_ERRORS.get(errno, f"X509 verify error {errno}") + (
-                f" (certificate {subject!r})" if subject else "")
-    return bool(ok)
 
 
 def describe_failure(failure: Failure, target: Target, conn: BackendConnection | None = None) -> str:
     """Why a dial failed, for people: the certificate problem when there was one."""
-    try:
-        from service_identity import VerificationError
-    except ImportError:  # pragma: no cover - a dependency of Twisted's TLS
-        VerificationError = ()  # type: ignore[assignment]
-    if VerificationError and failure.check(VerificationError):
+    if failure.check(VerificationError):
         return (f"the TLS certificate of {target.address} does not match the host name {target.host!r}"
                 f" ({failure.value})")
     if failure.check(SSL.Error):
@@ -352,10 +364,7 @@ class BackendPool:
         if not target.verify:
             creator: Any = _UnverifiedTLS(target.host)
         else:
-            trust = _load_trust(target.ca_file) if target.ca_file else None
-            creator = _RecordingTLS(ssl.optionsForClientTLS(
-                target.host, trustRoot=trust,
-                extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}))
+            creator = _VerifyingTLS(target.host, _load_trust(target.ca_file) if target.ca_file else None)
         self._creators[target.key] = (stamp, creator)
         return creator
 

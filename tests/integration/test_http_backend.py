@@ -1,0 +1,287 @@
+"""The connector's back-end pool and back-end TLS through real processes.
+
+A small threaded Python HTTP/1.1 back end counts its connections and the requests on each, so
+keep-alive reuse is visible from outside; for https it serves a certificate from a CA the test
+makes, given to the connector as options.backend_ca_file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import ipaddress
+import socket
+import ssl
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway_harness import HOST, free_port, toml_table, wait_until
+
+APP = "wiki.apps.example.test"
+
+
+# -- a back end that counts connections ------------------------------------------------------
+
+
+class CountingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
+            self.number = self.server.connections
+        self.requests = 0
+
+    def do_GET(self) -> None:
+        self.requests += 1
+        body = f"conn={self.number} requests={self.requests} auth={self.headers.get('Authorization')}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class CountingServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        super().__init__((HOST, 0), CountingHandler)
+        self.lock = threading.Lock()
+        self.connections = 0
+        if context is not None:
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+        self.port = self.server_address[1]
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def servers():
+    started = []
+
+    def start(context=None):
+        server = CountingServer(context)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# -- a test CA -------------------------------------------------------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+class MiniCA:
+    def __init__(self, directory: Path, name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (
+            x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.directory = directory
+        self.pem = directory / f"{name}.pem"
+        self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def server_context(self, hostname: str) -> ssl.SSLContext:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder().subject_name(_name(hostname)).issuer_name(self.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        cert_path = self.directory / f"{hostname}.crt"
+        key_path = self.directory / f"{hostname}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert_path, key_path)
+        return context
+
+
+# -- the gateway -----------------------------------------------------------------------------
+
+
+def publish(gw, apps: list[dict]):
+    """A service with a front door for `apps` and one connector; returns (service, connector, port)."""
+    port = free_port()
+    svc = gw.service(start=False)
+    text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
+    for app in apps:
+        text += "\n" + toml_table("apps", {"protocol": "http", **app}, array=True)
+    svc.config_path.write_text(text)
+    svc.start()
+    conn = gw.connector(svc)
+    wait_until(lambda: f"config" in conn.proc.log() and apps[0]["name"] in conn.proc.log(), 30,
+               "the connector to get its apps")
+    return svc, conn, port
+
+
+def get(front: int, path: str = "/", host: str = APP, conn: http.client.HTTPConnection | None = None):
+    c = conn or http.client.HTTPConnection(HOST, front, timeout=30)
+    c.request("GET", path, headers={"Host": host})
+    r = c.getresponse()
+    body = r.read()
+    if conn is None:
+        c.close()
+    return r, body
+
+
+def app(name: str, internal_url: str, **options) -> dict:
+    entry = {"name": name, "external_url": f"http://{APP}/" if name == "wiki" else f"http://{name}.example.test/",
+             "internal_url": internal_url}
+    if options:
+        entry["options"] = options
+    return entry
+
+
+# -- keep-alive ------------------------------------------------------------------------------
+
+
+def test_many_requests_use_few_backend_connections(gw, servers):
+    """40 requests on new client connections, then 8 clients at once: the back end sees few connections."""
+    backend = servers()
+    svc, conn, front = publish(gw, [app("wiki", f"http://{HOST}:{backend.port}/")])
+    wait_until(lambda: get(front)[0].status == 200, 30, "the app to answer")
+    before = backend.connections
+    bodies = [get(front)[1].decode() for _ in range(40)]
+    assert all(b.startswith("conn=") for b in bodies), bodies[:3]
+    assert backend.connections - before <= 1, bodies
+    assert "requests=41" in bodies[-1] or "requests=40" in bodies[-1], bodies[-1]
+
+    def client(_: int) -> int:
+        c = http.client.HTTPConnection(HOST, front, timeout=30)
+        statuses = [get(front, conn=c)[0].status for _ in range(10)]
+        c.close()
+        return statuses.count(200)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(client, range(8))) == 80
+    # At most one back-end connection per request in flight at once (8), plus the first one.
+    assert backend.connections <= 9, backend.connections
+
+
+def test_backend_reset_gives_502_and_the_pool_recovers(gw, servers, backends):
+    """A back end that resets instead of answering: 502 with an id the connector log also has."""
+
+    def rude(sock: socket.socket, backend) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            if not more:
+                return
+            data += more
+        backend.record(data)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    reset = backends(rude)
+    svc, conn, front = publish(gw, [app("rude", f"http://{HOST}:{reset.port}/")])
+    r, body = get(front, "/x", host="rude.example.test")
+    assert r.status == 502, body
+    request_id = r.getheader("X-Request-Id")
+    assert reset.wait_results(1, 10)[0].startswith(b"GET /x HTTP/1.1\r\n")
+    assert b"Connection: close" not in reset.results[0]
+    wait_until(lambda: request_id in conn.proc.log(), 10, "the 502's id in the connector log")
+    line = next(line for line in conn.proc.log().splitlines() if request_id in line)
+    assert f"{HOST}:{reset.port}" in line, line
+
+
+# -- back-end TLS ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ca(tmp_path):
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    return MiniCA(directory, "test-ca"), MiniCA(directory, "other-ca")
+
+
+def test_https_backend_verified_with_backend_ca_file(gw, servers, ca):
+    good, _ = ca
+    backend = servers(good.server_context("localhost"))
+    svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
+                                        backend_ca_file=str(good.pem))])
+    wait_until(lambda: get(front)[0].status == 200, 30, "the https app to answer")
+    bodies = [get(front)[1].decode() for _ in range(10)]
+    assert all(b.startswith("conn=") for b in bodies)
+    assert backend.connections <= 2, bodies  # kept alive over TLS too
+
+
+def test_https_backend_from_an_unknown_ca_gives_502_naming_the_problem(gw, servers, ca):
+    good, other = ca
+    backend = servers(good.server_context("localhost"))
+    svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
+                                        backend_ca_file=str(other.pem))])
+    r, body = get(front)
+    assert r.status == 502
+    request_id = r.getheader("X-Request-Id")
+    assert "localhost" not in body.decode() and "certificate" not in body.decode()
+    wait_until(lambda: request_id in conn.proc.log(), 10, "the id in the connector log")
+    log = conn.proc.log()
+    assert f"the TLS certificate of https://localhost:{backend.port} is not trusted" in log, log[-3000:]
+    assert "unable to get local issuer certificate" in log and str(other.pem) in log
+
+
+def test_https_backend_with_the_wrong_host_name_gives_502(gw, servers, ca):
+    good, _ = ca
+    backend = servers(good.server_context("elsewhere.example.test"))
+    svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
+                                        backend_ca_file=str(good.pem))])
+    r, _ = get(front)
+    assert r.status == 502
+    wait_until(lambda: r.getheader("X-Request-Id") in conn.proc.log(), 10, "the id in the connector log")
+    assert "does not match the host name 'localhost'" in conn.proc.log(), conn.proc.log()[-3000:]
+
+
+def test_backend_tls_verify_off_connects_and_warns_once(gw, servers, ca):
+    _, other = ca
+    backend = servers(other.server_context("elsewhere.example.test"))
+    svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
+                                        backend_tls_verify=False)])
+    wait_until(lambda: get(front)[0].status == 200, 30, "the https app to answer")
+    assert get(front)[0].status == 200
+    assert conn.proc.log().count("options.backend_tls_verify is false") == 1
+
+
+def test_unknown_sso_provider_is_a_config_error_and_a_502(gw, servers):
+    backend = servers()
+    svc, conn, front = publish(gw, [app("wiki", f"http://{HOST}:{backend.port}/", sso="nope")])
+    wait_until(lambda: "options.sso names the SSO provider 'nope'" in conn.proc.log(), 30,
+               "the config error in the connector log")
+    r, _ = get(front)
+    assert r.status == 502
+    assert backend.connections == 0
