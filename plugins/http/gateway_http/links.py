@@ -44,7 +44,7 @@ import zlib
 from typing import Any, Iterable, Iterator
 from urllib.parse import quote, urlsplit
 
-from attrs import frozen
+from attrs import field, frozen
 
 from gateway.errors import GatewayError
 
@@ -169,8 +169,8 @@ class _Alternative:
     replacement: bytes
     longest: int          # bytes the longest text this alternative matches takes
     specificity: int      # length of the internal path prefix: longer prefixes are tried first
+    lead: bytes           # what every match starts with, lower case: "http://", "//", "http%3a%2f%2f"...
     anchor: bytes         # the host as this alternative spells it, lower case: every match holds it
-    offset: int           # bytes from the start of a match to its anchor
 
 
 def _alternatives(internal: _Url, external: _Url) -> Iterator[_Alternative]:
@@ -194,19 +194,41 @@ def _alternatives(internal: _Url, external: _Url) -> Iterator[_Alternative]:
                 origin = lead + external.authority(form)
             anchor = host.lower().encode("utf-8")
             longest = len(lead) + longest_authority
+            lead_bytes = lead.lower().encode("utf-8")
             prefix = internal.path_in(form, internal.path)
             yield _Alternative(start + _literal(prefix),
                                (origin + external.path_in(form, external.path)).encode("utf-8"),
-                               longest + len(prefix), len(internal.path), anchor, len(lead))
+                               longest + len(prefix), len(internal.path), lead_bytes, anchor)
             short = internal.path_in(form, internal.path[:-1])
             yield _Alternative(start + _literal(short) + form.end,
                                (origin + external.path_in(form, short_external)).encode("utf-8"),
-                               longest + len(short), len(internal.path), anchor, len(lead))
+                               longest + len(short), len(internal.path), lead_bytes, anchor)
+
+
+@frozen
+class _Lead:
+    """The alternatives that start with one lead (``text``), in the map's order."""
+
+    text: bytes
+    pattern: re.Pattern[bytes]
+    replacements: tuple[bytes, ...]
+
+
+def _join(alternatives: list[_Alternative]) -> re.Pattern[bytes]:
+    return re.compile(b"|".join(b"(" + a.regex + b")" for a in alternatives))
 
 
 @frozen
 class LinkMap:
-    """Every internal URL a body may name, compiled into one regex, and what replaces each.
+    """Every internal URL a body may name, and what replaces each.
+
+    ``pattern`` is all of them in one regex, the most specific first; ``translate`` and
+    ``LinkTranslator`` replace exactly what ``pattern.finditer`` finds, but faster: Python's re
+    has no multi-string search, and trying a big alternation at every byte runs at about 1 MB/s.
+    So we find the hosts (``anchors``: bytes.find on the lower-cased text), look for a lead
+    ("http://", "//", ...) where each occurrence says a match would start, and only there try
+    the smaller pattern of the alternatives with that lead. No lead is a prefix of another, so at
+    most one fits a position.
 
     ``carry_limit`` is the most bytes a ``LinkTranslator`` on this map holds back between
     pieces: the longest match plus its look-ahead, less one.
@@ -215,10 +237,8 @@ class LinkMap:
     pattern: re.Pattern[bytes] | None
     replacements: tuple[bytes, ...]
     longest: int
-    # Python's re has no fast multi-string search, and trying a big alternation at every byte
-    # runs at about 1 MB/s; so we find the hosts (bytes.find on the lower-cased text, fast) and
-    # try the pattern only where a match would have to start: (host, (offsets before it)).
-    anchors: tuple[tuple[bytes, tuple[int, ...]], ...]
+    anchors: tuple[tuple[bytes, tuple[int, ...]], ...]            # (host, lead lengths before it)
+    leads: dict[int, tuple[_Lead, ...]] = field(eq=False)        # by length
 
     @classmethod
     def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> LinkMap:
@@ -232,17 +252,23 @@ class LinkMap:
             seen.add(internal)
             alternatives.extend(_alternatives(internal, external))
         if not alternatives:
-            return cls(None, (), 0, ())
+            return cls(None, (), 0, (), {})
         # Stable sort: the longest internal prefix first, so http://corp/wiki/x goes to the app
         # at /wiki/ rather than the one at /; at one prefix, "with slash" before "URL ends here".
         alternatives.sort(key=lambda a: -a.specificity)
-        regex = b"|".join(b"(" + a.regex + b")" for a in alternatives)
         anchors: dict[bytes, set[int]] = {}
+        by_lead: dict[bytes, list[_Alternative]] = {}
         for a in alternatives:
-            anchors.setdefault(a.anchor, set()).add(a.offset)
-        return cls(re.compile(regex), tuple(a.replacement for a in alternatives),
+            anchors.setdefault(a.anchor, set()).add(len(a.lead))
+            by_lead.setdefault(a.lead, []).append(a)
+        leads: dict[int, list[_Lead]] = {}
+        for text, group in by_lead.items():
+            assert not any(other != text and other.startswith(text) for other in by_lead), text
+            leads.setdefault(len(text), []).append(_Lead(text, _join(group), tuple(a.replacement for a in group)))
+        return cls(_join(alternatives), tuple(a.replacement for a in alternatives),
                    max(a.longest for a in alternatives),
-                   tuple((host, tuple(sorted(offsets))) for host, offsets in anchors.items()))
+                   tuple((host, tuple(sorted(offsets))) for host, offsets in anchors.items()),
+                   {n: tuple(group) for n, group in leads.items()})
 
     @classmethod
     def from_apps(cls, apps: Iterable[Any]) -> LinkMap:
@@ -265,29 +291,35 @@ class LinkMap:
         return translator.feed(text, final=True)
 
     def scan(self, buf: bytes, begin: int, limit: int) -> tuple[list[bytes], int]:
-        """Translate the matches in ``buf`` that start in [begin, limit), as ``finditer`` would
-        find them from ``begin``: (pieces of output for buf[begin:end], end). ``end`` is
+        """Translate the matches in ``buf`` that start in [begin, limit), as ``pattern.finditer``
+        would find them from ``begin``: (pieces of output for buf[begin:end], end). ``end`` is
         ``begin`` or the end of the last match; bytes before ``begin`` are look-behind only."""
-        pattern = self.pattern
-        if pattern is None or limit <= begin:
+        if self.pattern is None or limit <= begin:
             return [], begin
         lower = buf.lower()   # ASCII only: same length, same offsets
-        starts = set()
+        candidates: dict[int, _Lead] = {}
         for host, offsets in self.anchors:
             at = lower.find(host, begin)
-            while at >= 0 and at - offsets[0] < limit:
-                starts.update(at - offset for offset in offsets)
+            while at >= 0 and at - offsets[-1] < limit:   # the earliest start it implies
+                for offset in offsets:
+                    start = at - offset
+                    if begin <= start < limit and start not in candidates:
+                        for lead in self.leads[offset]:
+                            if lower.startswith(lead.text, start):
+                                candidates[start] = lead
+                                break
                 at = lower.find(host, at + 1)
         out: list[bytes] = []
         pos = begin
         # every match starts at one of these, so the first that matches is the leftmost match
-        for start in sorted(s for s in starts if begin <= s < limit):
+        for start in sorted(candidates):
             if start < pos:
                 continue   # inside the match just replaced
-            match = pattern.match(buf, start)
+            lead = candidates[start]
+            match = lead.pattern.match(buf, start)
             if match is not None:
                 out.append(buf[pos:start])
-                out.append(self.replacements[match.lastindex - 1])  # type: ignore[operator]
+                out.append(lead.replacements[match.lastindex - 1])  # type: ignore[operator]
                 pos = match.end()
         return out, pos
 
