@@ -75,7 +75,7 @@ tail_logs() {  # print the last lines of each given log file (to stderr)
 # ------------------------------------------------------------------------
 install_missing() {  # Debian packages + asyncssh, only when running as root
   local need=() c
-  for c in nginx:nginx-light wrk:wrk iperf3:iperf3 ssh:openssh-client curl:curl; do
+  for c in nginx:nginx-light wrk:wrk iperf3:iperf3 ssh:openssh-client curl:curl node:nodejs npm:npm; do
     command -v "${c%%:*}" >/dev/null || need+=("${c##*:}")
   done
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)

@@ -64,4 +64,5 @@ if [ $want_tests = 1 ]; then
     tail -n 30 .venv/npm.log >&2; echo "setup: npm ${npm_cmd[*]} in tests/node failed" >&2; exit 1
   fi
 fi
+[ $want_bench = 1 ] && command -v npm >/dev/null && { bench/node/install.sh || echo "setup: localtunnel for bench/run did not install (its httpLocaltunnel path will say why)" >&2; }
 grep -q ' gateway ' <<< "$(.venv/bin/twistd --help)" || { echo "setup: twistd does not see the gateway plugin" >&2; exit 1; }
