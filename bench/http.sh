@@ -73,7 +73,7 @@ start_http_gateway() {  # our service with the [http] front door + one connector
   G=$T/gwhttp; mkdir -p "$G"
   PATH_LOGS=("$G/cli.log" "$G/svc.log" "$G/conn.log")
   : >"$G/cli.log"
-  # A web app: passthrough pre-authentication (the default: no sign-in in front of it).
+  # A web app with passthrough pre-authentication (no sign-in in front of it).
   cat > "$G/svc.toml" <<EOF
 [service]
 state_dir = "$G/svc"
@@ -86,6 +86,7 @@ listen = "tcp:$P_FRONT:interface=127.0.0.1"
 name = "bench-web"
 external_url = "http://$WEB_HOST:$P_FRONT/"
 internal_url = "http://127.0.0.1:$P_NGINX/"
+options = { preauth = "passthrough" }
 
 [logging]
 level = "warn"

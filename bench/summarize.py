@@ -165,6 +165,8 @@ say(f"{'QUICK smoke run' if q else 'Full run'}: {meta.get('duration')} s per mea
     f"git {meta.get('git', '?')}; {meta.get('cpus', '?')} CPUs; kernel {meta.get('kernel', '?')}; "
     f"RLIMIT_NOFILE {meta.get('nofile', '?')}.  ")
 say(f"Tools: {meta.get('versions', '?')}.  ")
+if meta.get("src"):
+    say(f"**Service and connector run from another source tree**: {meta['src']}.  ")
 if meta.get("node_versions"):
     say(f"localtunnel: {meta['node_versions']}.  ")
 assh_cipher = (read("asshR.cipher") or "").strip()
