@@ -29,6 +29,7 @@ from gateway.pki.ca import CertificateAuthority
 from gateway.pki.tls import server_options
 from gateway.protocols import StreamInfo
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
+from gateway.service.listeners import SwappableFactory
 from gateway.service.registry import NoConnector, Registry
 from gateway.service.renewal import handle_renew_request
 from gateway.service import store_apps
@@ -108,7 +109,9 @@ class ServiceNode(MultiService):
         self._reloading = DeferredLock()
         self._app_services: dict[str, StreamServerEndpointService] = {}
         # listeners plugins register through gateway_service_listeners (shared by several apps)
-        self._shared_services: list[StreamServerEndpointService] = []
+        # name -> (endpoint, factory holder, listener): kept bound across reloads while the name
+        # and endpoint stay, so a reload (or a `gateway apps` change) never refuses connections.
+        self._shared: dict[str, tuple[str, SwappableFactory, StreamServerEndpointService]] = {}
         # type -> handler(tunnel_handler, message) for control messages beyond hello/config/heartbeat
         self.control_handlers: dict[str, Any] = {}
         self.control_handlers[m.RENEW_REQUEST] = handle_renew_request
@@ -173,24 +176,54 @@ class ServiceNode(MultiService):
         listener.setServiceParent(self)
         self._app_services[app.name] = listener
 
-    def _add_shared_listeners(self) -> None:
-        """Bind the listeners plugins register for several apps at once (e.g. the HTTP front door)."""
-        names: set[str] = set()
+    @property
+    def _shared_services(self) -> list[StreamServerEndpointService]:
+        return [listener for _, _, listener in self._shared.values()]
+
+    def _wanted_shared_listeners(self) -> dict[str, tuple[str, Any]]:
+        """What plugins register for self.config: {name: (endpoint, factory)}; raises if one refuses."""
+        wanted: dict[str, tuple[str, Any]] = {}
 
         def register(name: str, endpoint: str, factory: Any) -> None:
-            if name in names:
+            if name in wanted:
                 raise plugins.PluginError(f"two plugins register the service listener {name!r}")
-            names.add(name)
-            listener = StreamServerEndpointService(listen_endpoint(self.reactor, endpoint), factory)
-            listener._raiseSynchronously = True
-            listener.setName(f"listener:{name}")
-            listener.setServiceParent(self)
-            self._shared_services.append(listener)
-            self.log.info("listener {name} on {endpoint}", name=name, endpoint=endpoint)
+            wanted[name] = (endpoint, factory)
 
         self.pm.hook.gateway_service_listeners(
             register=register, config=self.config, open_stream=self.open_app_stream, reactor=self.reactor,
         )
+        return wanted
+
+    def _add_shared_listeners(self) -> Deferred:
+        """Bring the listeners plugins register for several apps at once (e.g. the HTTP front
+        door) in line with self.config: one whose name and endpoint stay keeps its socket and
+        gets the new factory (connections open now finish with the old one); the others are
+        closed before new ones bind. A plugin refusing the config changes nothing."""
+        wanted = self._wanted_shared_listeners()
+        closing = []
+        for name, (endpoint, holder, listener) in list(self._shared.items()):
+            if wanted.get(name, (None,))[0] == endpoint:
+                holder.factory = wanted[name][1]
+            else:
+                del self._shared[name]
+                closing.append(maybeDeferred(listener.disownServiceParent))
+
+        def bind(_: Any) -> None:
+            for name, (endpoint, factory) in wanted.items():
+                if name in self._shared:
+                    continue
+                holder = SwappableFactory(factory)
+                listener = StreamServerEndpointService(listen_endpoint(self.reactor, endpoint), holder)
+                listener._raiseSynchronously = True
+                listener.setName(f"listener:{name}")
+                listener.setServiceParent(self)
+                self._shared[name] = (endpoint, holder, listener)
+                self.log.info("listener {name} on {endpoint}", name=name, endpoint=endpoint)
+
+        if not closing:
+            bind(None)   # synchronously: at start, a port in use must stop the service at once
+            return succeed(None)
+        return gatherResults(closing, consumeErrors=True).addCallback(bind)
 
     def stopService(self) -> Deferred:
         for session in self.registry.sessions():
@@ -287,8 +320,6 @@ class ServiceNode(MultiService):
                 if name in self._app_services:
                     closing.append(maybeDeferred(self._app_services.pop(name).disownServiceParent))
                 del self.apps[name]
-        closing += [maybeDeferred(s.disownServiceParent) for s in self._shared_services]
-        self._shared_services = []
         self.config = config
 
         def bind(_: Any) -> None:
@@ -327,23 +358,19 @@ class ServiceNode(MultiService):
         A bad app from the store must not take the front door (and the file's apps) down.
         """
         try:
-            self._add_shared_listeners()
-            return succeed(None)
+            return self._add_shared_listeners()
         except Exception as e:
             from_store = sorted(n for n in self.store_apps if n in self.apps)
             if not from_store:
                 raise
             error = str(e)
-        # A plugin may have bound some listeners before it refused: close them before binding again.
-        closing = [maybeDeferred(listener.disownServiceParent) for listener in self._shared_services]
-        self._shared_services = []
         self.log.error("the listeners refuse the apps from the store ({error}); serving without {apps}:"
                        " fix them with `gateway apps set` or `gateway apps remove`",
                        error=error, apps=", ".join(from_store))
         for name in from_store:
             del self.apps[name]
         self.config = attrs.evolve(self.config, apps=tuple(self.apps.values()))
-        return gatherResults(closing, consumeErrors=True).addCallback(lambda _: self._add_shared_listeners())
+        return self._add_shared_listeners()
 
     def _handlers(self) -> list[TunnelHandler]:
         return [t.session.owner for ts in self.registry.connectors().values() for t in ts]

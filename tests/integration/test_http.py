@@ -254,15 +254,30 @@ def test_refused_back_end_gives_502_logged_on_both_sides(gw, nginx):
 
 
 def test_reload_adds_a_web_app_to_the_front_door(gw, nginx):
-    """After SIGHUP a web app added to the file is served by the rebound front door; the old one still is."""
+    """After SIGHUP a web app added to the file is served by the front door; the old one still is.
+    The front door's socket stays bound across the reload: no connection is refused meanwhile,
+    and a kept-alive connection from before goes on working."""
     svc, conn, front = start_wiki(gw, nginx)
+    before = http.client.HTTPConnection(HOST, front, timeout=30)
+    assert get(front, f"{WIKI}:{front}", "/headers", conn=before)[0].status == 200
     with open(svc.config_path, "a") as f:
         f.write("\n" + toml_table("apps", {"name": "blog", "external_url": f"http://blog.apps.example.test:{front}/",
                                            "internal_url": f"http://{HOST}:{nginx.port}/"}, array=True))
+    refused = []
+
+    def blog_answers() -> bool:
+        try:
+            return get(front, f"blog.apps.example.test:{front}", "/headers")[0].status == 200
+        except ConnectionRefusedError as e:
+            refused.append(e)
+            return False
+
     svc.proc.signal(signal.SIGHUP)
-    wait_until(lambda: get(front, f"blog.apps.example.test:{front}", "/headers")[0].status == 200, 30,
-               "the blog app to answer after the reload")
+    wait_until(blog_answers, 30, "the blog app to answer after the reload", interval=0.01)
+    assert not refused, "the front door refused connections during the reload"
     assert get(front, f"{WIKI}:{front}", "/headers")[0].status == 200
+    assert get(front, f"{WIKI}:{front}", "/headers", conn=before)[0].status == 200
+    before.close()
 
 
 def test_http_app_with_its_own_listen(gw, nginx):

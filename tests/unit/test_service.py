@@ -15,3 +15,33 @@ def test_other_endpoint_kinds_are_left_alone():
     """Non-TCP endpoints (a UNIX socket here) are built exactly as written."""
     endpoint = listen_endpoint(MemoryReactor(), "unix:/tmp/gw-test.sock")
     assert endpoint._address == "/tmp/gw-test.sock"
+
+
+def test_swappable_factory_keeps_the_port_and_swaps_what_it_builds():
+    """A reload swaps the factory behind a bound listener: new connections get the new one; the
+    new factory is started and the old one stopped."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    from gateway.service.listeners import SwappableFactory
+
+    class Counting(Factory):
+        protocol = Protocol
+
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def startFactory(self) -> None:
+            self.events.append("start")
+
+        def stopFactory(self) -> None:
+            self.events.append("stop")
+
+    old, new = Counting(), Counting()
+    holder = SwappableFactory(old)
+    holder.doStart()
+    assert holder.buildProtocol(None).factory is old
+    holder.factory = new
+    assert holder.buildProtocol(None).factory is new
+    assert old.events == ["start", "stop"] and new.events == ["start"]
+    holder.doStop()
+    assert new.events == ["start", "stop"]
