@@ -33,7 +33,7 @@ if [ "${1:-}" = stop ]; then stop; echo "demo stopped"; exit 0; fi
 scripts/setup.sh
 stop
 rm -rf "$demo"; mkdir -p "$demo/www"
-for port in 8000 8080 8443; do
+for port in 8000 8080 8081 8443; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "demo: port $port on 127.0.0.1 is in use; stop what uses it (or scripts/demo.sh stop) and try again" >&2; exit 1
   fi
@@ -42,7 +42,8 @@ done
 cat > "$demo/www/index.html" <<'HTML'
 <!doctype html><title>gateway demo</title>
 <h1>Hello from the private network</h1>
-<p>This page is served on 127.0.0.1:8000 and reached through a connector's outbound mTLS tunnel.</p>
+<p>This page is served on <a href="http://127.0.0.1:8000/">http://127.0.0.1:8000/</a> and reached through a
+connector's outbound mTLS tunnel. With link translation on, the link you see names the external URL.</p>
 HTML
 head -c 50000000 /dev/urandom > "$demo/www/50MB.bin"
 
@@ -63,9 +64,10 @@ rm -f "$demo/token"
 "$bin/twistd" --pidfile= -n gateway --config examples/demo-connector.toml > "$demo/connector.log" 2>&1 &
 echo $! > "$demo/connector.pid"
 
+web=(curl -fsS -H "Host: demo.localhost:8080")   # as a browser asking for http://demo.localhost:8080/
 ok=0
 for _ in $(seq 100); do
-  if curl -fsS -m 2 http://127.0.0.1:8080/ 2>/dev/null | grep -q "Hello from the private network"; then ok=1; break; fi
+  if "${web[@]}" -m 2 http://127.0.0.1:8080/ 2>/dev/null | grep -q "http://demo.localhost:8080/"; then ok=1; break; fi
   sleep 0.1
 done
 if [ $ok != 1 ]; then
@@ -74,21 +76,27 @@ if [ $ok != 1 ]; then
   stop; exit 1
 fi
 want=$(sha256sum < "$demo/www/50MB.bin")
-got=$(curl -fsS -m 30 http://127.0.0.1:8080/50MB.bin | sha256sum)
+got=$("${web[@]}" -m 30 http://127.0.0.1:8080/50MB.bin | sha256sum)
 [ "$want" = "$got" ] || { echo "demo: 50 MB download through the tunnel came back different" >&2; stop; exit 1; }
+got=$(curl -fsS -m 30 http://127.0.0.1:8081/50MB.bin | sha256sum)
+[ "$want" = "$got" ] || { echo "demo: 50 MB download through the tcp app came back different" >&2; stop; exit 1; }
 
 cat <<MSG
 
-gateway demo is running on 127.0.0.1 (the sample app was reached through the tunnel, and a
-50 MB download came back with the same sha256):
+gateway demo is running on 127.0.0.1 (the sample app was reached through the tunnel, as a web
+app and as a tcp app, and a 50 MB download came back with the same sha256 both ways):
 
-  service     tunnel listener 127.0.0.1:8443, app "demo-web" on 127.0.0.1:8080   log: .demo/service.log
-  connector   2 outbound mTLS tunnels to the service                              log: .demo/connector.log
+  service     tunnel listener 127.0.0.1:8443                                        log: .demo/service.log
+              web app "demo-web"  http://demo.localhost:8080/  (HTTP front door, routed by Host)
+              tcp app "demo-tcp"  127.0.0.1:8081               (bytes spliced as they are)
+  connector   2 outbound mTLS tunnels to the service                                log: .demo/connector.log
   sample app  127.0.0.1:8000 (only the connector needs to reach it)
 
 Try:
-  curl http://127.0.0.1:8080/                      # the app, through the tunnel
-  curl -o /dev/null http://127.0.0.1:8080/50MB.bin # a bulk transfer
+  open http://demo.localhost:8080/ in a browser    # the web app (its link to 127.0.0.1:8000 is translated)
+  curl http://demo.localhost:8080/                 # the same (curl resolves *.localhost to 127.0.0.1)
+  curl -o /dev/null http://demo.localhost:8080/50MB.bin   # a bulk transfer through the front door
+  curl http://127.0.0.1:8081/                      # the tcp app
   .venv/bin/gateway connectors list --config examples/demo.toml
   .venv/bin/gateway plugins
   kill -9 \$(cat .demo/service.pid); .venv/bin/twistd --pidfile= -n gateway --config examples/demo.toml >> .demo/service.log 2>&1 &

@@ -71,14 +71,19 @@ def test_example_connector_loads():
 
 
 def test_example_demo_loads_on_loopback():
-    """examples/demo.toml is a service on 127.0.0.1:8443 with one app 127.0.0.1:8080 -> 127.0.0.1:8000."""
-    cfg = load_config(EXAMPLES / "demo.toml")
+    """examples/demo.toml is a service on 127.0.0.1:8443 with a web app http://demo.localhost:8080/ and a
+    tcp app 127.0.0.1:8081, both to 127.0.0.1:8000."""
+    from gateway import plugins
+
+    cfg = load_config(EXAMPLES / "demo.toml", plugins.config_sections(plugins.make_plugin_manager({})))
     assert cfg.connector is None
     assert cfg.service.listen == "tcp:8443:interface=127.0.0.1"
     assert cfg.service.state_dir == (EXAMPLES.parent / ".demo" / "service")
-    (demo,) = cfg.apps
-    assert demo.listen == "tcp:8080:interface=127.0.0.1"
-    assert (demo.destination, demo.host, demo.port) == ("127.0.0.1:8000", "127.0.0.1", 8000)
+    web, tcp = cfg.apps
+    assert (web.protocol, web.external_url, web.listen) == ("http", "http://demo.localhost:8080/", "")
+    assert tcp.listen == "tcp:8081:interface=127.0.0.1"
+    for demo in (web, tcp):
+        assert (demo.destination, demo.host, demo.port) == ("127.0.0.1:8000", "127.0.0.1", 8000)
 
 
 # --- defaults and models --------------------------------------------------------------------
