@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import http.client
-import ipaddress
+import os
 import socket
 import ssl
 import struct
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway_harness import HOST, free_port, toml_table, wait_until
+from gateway_harness import HOST, TWISTD, free_port, subprocess_env, toml_table, wait_until
 
 APP = "wiki.apps.example.test"
 
@@ -146,7 +146,7 @@ def publish(gw, apps: list[dict]):
     svc.config_path.write_text(text)
     svc.start()
     conn = gw.connector(svc)
-    wait_until(lambda: f"config" in conn.proc.log() and apps[0]["name"] in conn.proc.log(), 30,
+    wait_until(lambda: "config" in conn.proc.log() and apps[0]["name"] in conn.proc.log(), 30,
                "the connector to get its apps")
     return svc, conn, port
 
@@ -284,4 +284,60 @@ def test_unknown_sso_provider_is_a_config_error_and_a_502(gw, servers):
                "the config error in the connector log")
     r, _ = get(front)
     assert r.status == 502
+    assert backend.connections == 0
+
+
+# -- an SSO provider from a real entry point ---------------------------------------------------
+
+STUB_PLUGIN = '''
+from gateway import hookimpl
+
+
+class Stub:
+    def credentials(self, app, identity, request):
+        return [(b"Authorization", b"Stub " + identity["sub"].encode())]
+
+
+@hookimpl
+def gateway_register_sso_providers(register):
+    register("stub", Stub())
+'''
+
+
+def sso_plugin_path(tmp_path: Path) -> Path:
+    """A distribution with a `gateway` entry point, importable only by processes given this path."""
+    root = tmp_path / "sso-plugin"
+    info = root / "stub_sso-0.1.dist-info"
+    info.mkdir(parents=True)
+    (root / "stub_sso.py").write_text(STUB_PLUGIN)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: stub-sso\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[gateway]\nstub_sso = stub_sso\n")
+    return root
+
+
+def test_sso_provider_from_an_entry_point_is_loaded_on_the_connector(gw, servers, tmp_path):
+    """A provider registered through the `gateway` entry-point group is known to the connector
+    (no config error for options.sso); a request without a signed-in user is refused (502) and
+    the connector log says why, with the request id."""
+    backend = servers()
+    port = free_port()
+    svc = gw.service(start=False)
+    text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
+    text += "\n" + toml_table("apps", {"protocol": "http", **app("wiki", f"http://{HOST}:{backend.port}/",
+                                                                  sso="stub")}, array=True)
+    svc.config_path.write_text(text)
+    svc.start()
+    conn = gw.connector(svc, start=False)
+    path = os.pathsep.join(p for p in (str(sso_plugin_path(tmp_path)), os.environ.get("PYTHONPATH")) if p)
+    conn.starts += 1
+    conn.proc = gw.spawn(f"{conn.name}-1", [TWISTD, "-n", "--pidfile=", "gateway", "--config", str(conn.config_path)],
+                         env=subprocess_env(PYTHONPATH=path))
+    conn.wait_up()
+    wait_until(lambda: "apps wiki" in conn.proc.log(), 30, "the connector to get its apps")
+    r, _ = get(port)
+    assert r.status == 502
+    request_id = r.getheader("X-Request-Id")
+    wait_until(lambda: request_id in conn.proc.log(), 10, "the id in the connector log")
+    log = conn.proc.log()
+    assert "no signed-in user" in log and "options.sso names" not in log, log[-3000:]
     assert backend.connections == 0

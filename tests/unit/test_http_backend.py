@@ -166,7 +166,6 @@ class World:
         """One request through a new stream, answered by the back end; returns what the service got."""
         stream, side = self.open()
         self.send(stream, request)
-        conn = self.backend.conns[-1] if self.pool.idle_count() == 0 else None
         conn = self.current()
         conn.dataReceived(response)
         self.flush()
