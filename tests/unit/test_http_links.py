@@ -18,6 +18,7 @@ from gateway_http.links import (
     TranslationError,
     accept_encoding_for_translation,
     should_translate,
+    translator_for_response,
 )
 
 PAIRS = [
@@ -369,3 +370,50 @@ def test_feed_after_finish_refused():
     t.finish()
     with pytest.raises(RuntimeError):
         t.feed(b"x")
+
+
+# -- per response --------------------------------------------------------------------------------
+
+HEADERS = [(b"Content-Type", b"text/html; charset=utf-8"), (b"Content-Encoding", b"gzip"),
+           (b"Content-Length", b"1234"), (b"ETag", b'"abc"'), (b"Accept-Ranges", b"bytes"),
+           (b"Content-MD5", b"Q2hlY2sgSW50ZWdyaXR5IQ=="), (b"Cache-Control", b"no-cache")]
+
+
+def test_translator_for_a_page():
+    """A gzip HTML 200 gets a gzip translator; length, ranges and digests go, the ETag turns weak."""
+    translator, headers = translator_for_response(MAP, b"GET", 200, HEADERS)
+    assert translator is not None and translator.coding == b"gzip"
+    assert headers == [(b"Content-Type", b"text/html; charset=utf-8"), (b"Content-Encoding", b"gzip"),
+                       (b"ETag", b'W/"abc"'), (b"Cache-Control", b"no-cache")]
+
+
+@pytest.mark.parametrize("method, status, extra", [
+    (b"HEAD", 200, []), (b"GET", 304, []), (b"GET", 204, []), (b"GET", 101, []),
+    (b"GET", 206, []), (b"GET", 200, [(b"Content-Range", b"bytes 0-9/100")]),
+])
+def test_no_translator_without_a_whole_body(method, status, extra):
+    """HEAD, 1xx, 204, 304 and partial responses pass through untouched, headers unchanged."""
+    assert translator_for_response(MAP, method, status, HEADERS + extra) == (None, HEADERS + extra)
+
+
+def test_no_translator_for_other_types_or_without_apps():
+    """An image, a brotli page or a map without web apps gets no translator."""
+    image = [(b"Content-Type", b"image/png"), (b"Content-Length", b"10")]
+    brotli = [(b"Content-Type", b"text/html"), (b"Content-Encoding", b"br")]
+    assert translator_for_response(MAP, b"GET", 200, image) == (None, image)
+    assert translator_for_response(MAP, b"GET", 200, brotli) == (None, brotli)
+    assert translator_for_response(LinkMap.from_apps([]), b"GET", 200, HEADERS)[0] is None
+    json = [(b"Content-Type", b"application/json")]
+    assert translator_for_response(MAP, b"GET", 200, json)[0] is None
+    assert translator_for_response(MAP, b"GET", 200, json, json=True)[0] is not None
+
+
+@pytest.mark.parametrize("pair", [p for p in PAIRS if "*" not in p[1]])
+def test_every_two_piece_split_with_a_tight_carry(pair):
+    """With one app (so carry_limit is that app's longest form), every cut of every example body
+    into two pieces gives the whole-body output: the carry is long enough, not just generous."""
+    link_map = LinkMap.from_pairs([pair])
+    for body in [b for b, _ in TRANSLATED] + UNTOUCHED:
+        want = oracle(link_map, body)
+        for k in range(len(body) + 1):
+            assert run(LinkTranslator(link_map), [body[:k], body[k:]]) == want, (body, k)

@@ -9,6 +9,8 @@ naming ``https://wiki.apps.example.test/...`` instead. Pure code, no I/O, bounde
 - ``should_translate(content_type, content_encoding)`` says whether a response body is one we
   translate; ``accept_encoding_for_translation(value)`` is the Accept-Encoding to send to the
   back end so the body comes back in a coding we can undo (gzip, deflate or none).
+- ``translator_for_response(link_map, method, status, headers)`` is the one call the front door
+  makes per response: a translator (or None) and the headers to send instead.
 - ``LinkTranslator(link_map, content_encoding)`` is fed the body piece by piece
   (``feed(data) -> bytes``, then ``finish() -> bytes``). It holds back at most
   ``link_map.carry_limit`` bytes (a link may straddle two pieces), so the output is the same
@@ -18,11 +20,12 @@ naming ``https://wiki.apps.example.test/...`` instead. Pure code, no I/O, bounde
 Forms translated, for ``internal_url = "http://wiki.corp:8080/"``::
 
     http://wiki.corp:8080/x            plain (scheme and host in any case)
-    http://wiki.corp/x                 only when the internal port is the scheme's default
-    http://wiki.corp:80/x              (ditto, default port written out)
     //wiki.corp:8080/x                 scheme-relative (not when preceded by ":", i.e. another scheme)
     http:\\/\\/wiki.corp:8080\\/x         JavaScript / JSON string escapes, and \\/\\/wiki.corp:8080\\/x
     http%3A%2F%2Fwiki.corp%3A8080%2Fx  percent-encoded (?returnUrl=...), and %2F%2Fwiki.corp...
+
+and for an internal URL on its scheme's default port (``http://corp/``) both ``http://corp/x``
+and ``http://corp:80/x``.
 
 The internal path prefix maps to the external one (``http://corp/wiki/x`` ->
 ``https://wiki.example.test/x`` for an app published from ``/wiki/``); ``http://corp/wiki``
@@ -30,7 +33,9 @@ without the slash counts too when the URL ends there. The most specific prefix w
 translated: a longer host that merely starts with the internal one (``wiki.corp.evil``,
 ``wiki.corpx``), another port or scheme, user info (``http://wiki.corp@evil/``), bare host
 names without a scheme or ``//``, relative links (they already resolve against the external
-URL; Entra does not translate them either), HTML entities (``&#x2F;``).
+URL; Entra does not translate them either), HTML entities (``&#x2F;``), ``\\u002F`` escapes,
+double %-encoding, and the internal URL's origin under another scheme (``https://wiki.corp:8080``
+is another site than ``http://wiki.corp:8080``).
 
 Body length changes, so a translated response must not carry the back end's Content-Length
 (nor Content-MD5/Digest, and a strong ETag no longer describes the bytes): send it chunked to an
@@ -70,10 +75,9 @@ PIECE = 64 * 1024
 # (nginx's gzip_comp_level defaults to 1).
 COMPRESS_LEVEL = 4
 
-# Bytes of look-behind (the "%3A" before a scheme-relative "%2F%2F") and look-ahead (a "%2F"
-# after an authority) a match may need besides its own bytes.
+# Bytes of look-behind a match may need before its start (the "%3A" before a scheme-relative
+# "%2F%2F"); look-ahead is counted per alternative (_Form.ahead).
 BEHIND = 3
-AHEAD = 3
 
 # Characters that would continue a host, port, user info or path segment: a URL that goes on
 # with one of these is not the internal URL (wiki.corpx, wiki.corp.evil, wiki.corp:9999,
@@ -107,6 +111,7 @@ class _Form:
     colon: str               # ":" between host and port
     behind: bytes            # what must not precede a scheme-relative "//"
     end: bytes               # look-ahead after a URL that stops at the authority or prefix
+    ahead: int               # bytes ``end`` may read
     percent: bool = False
 
     def text(self, s: str) -> str:
@@ -114,9 +119,9 @@ class _Form:
         return quote(s, safe="") if self.percent else s
 
 
-_PLAIN = _Form("://", "/", ":", rb"(?<!:)", _END)
-_JS = _Form(r":\/\/", r"\/", ":", rb"(?<!:)", _END)
-_PERCENT = _Form("%3A%2F%2F", "%2F", "%3A", rb"(?<!%3[aA])", _END_PERCENT, percent=True)
+_PLAIN = _Form("://", "/", ":", rb"(?<!:)", _END, 1)
+_JS = _Form(r":\/\/", r"\/", ":", rb"(?<!:)", _END, 1)
+_PERCENT = _Form("%3A%2F%2F", "%2F", "%3A", rb"(?<!%3[aA])", _END_PERCENT, 3, percent=True)
 _FORMS = (_PLAIN, _JS, _PERCENT)
 
 
@@ -167,7 +172,7 @@ class _Url:
 class _Alternative:
     regex: bytes
     replacement: bytes
-    longest: int          # bytes the longest text this alternative matches takes
+    reach: int            # bytes from its start this alternative may read: its longest text and look-ahead
     specificity: int      # length of the internal path prefix: longer prefixes are tried first
     lead: bytes           # what every match starts with, lower case: "http://", "//", "http%3a%2f%2f"...
     anchor: bytes         # the host as this alternative spells it, lower case: every match holds it
@@ -202,7 +207,7 @@ def _alternatives(internal: _Url, external: _Url) -> Iterator[_Alternative]:
             short = internal.path_in(form, internal.path[:-1])
             yield _Alternative(start + _literal(short) + form.end,
                                (origin + external.path_in(form, short_external)).encode("utf-8"),
-                               longest + len(short), len(internal.path), lead_bytes, anchor)
+                               longest + len(short) + form.ahead, len(internal.path), lead_bytes, anchor)
 
 
 @frozen
@@ -231,12 +236,12 @@ class LinkMap:
     most one fits a position.
 
     ``carry_limit`` is the most bytes a ``LinkTranslator`` on this map holds back between
-    pieces: the longest match plus its look-ahead, less one.
+    pieces: the most bytes a match may read from its start (its text and look-ahead), less one.
     """
 
     pattern: re.Pattern[bytes] | None
     replacements: tuple[bytes, ...]
-    longest: int
+    reach: int
     anchors: tuple[tuple[bytes, tuple[int, ...]], ...]            # (host, lead lengths before it)
     leads: dict[int, tuple[_Lead, ...]] = field(eq=False)        # by length
 
@@ -266,7 +271,7 @@ class LinkMap:
             assert not any(other != text and other.startswith(text) for other in by_lead), text
             leads.setdefault(len(text), []).append(_Lead(text, _join(group), tuple(a.replacement for a in group)))
         return cls(_join(alternatives), tuple(a.replacement for a in alternatives),
-                   max(a.longest for a in alternatives),
+                   max(a.reach for a in alternatives),
                    tuple((host, tuple(sorted(offsets))) for host, offsets in anchors.items()),
                    {n: tuple(group) for n, group in leads.items()})
 
@@ -283,7 +288,7 @@ class LinkMap:
 
     @property
     def carry_limit(self) -> int:
-        return self.longest + AHEAD - 1 if self.pattern is not None else 0
+        return self.reach - 1 if self.pattern is not None else 0
 
     def translate(self, text: bytes) -> bytes:
         """A whole uncompressed text translated at once (what a LinkTranslator's pieces add up to)."""
@@ -346,6 +351,41 @@ def should_translate(content_type: bytes | None, content_encoding: bytes | None,
         return False
     codings = _codings(content_encoding)
     return len(codings) <= 1 and all(c in DECODABLE for c in codings)
+
+
+# Response headers that describe the back end's exact bytes, which translation changes.
+_LENGTH_BOUND = frozenset({b"content-length", b"content-md5", b"digest", b"repr-digest", b"content-digest",
+                           b"accept-ranges"})
+
+
+def translator_for_response(link_map: LinkMap, method: bytes, status: int,
+                            headers: list[tuple[bytes, bytes]], *, json: bool = False,
+                            ) -> tuple[LinkTranslator | None, list[tuple[bytes, bytes]]]:
+    """For one back-end response: ``(translator, headers to send)``, or ``(None, headers)``
+    unchanged when its body is left alone (no web apps, HEAD, 1xx/204/304, a partial 206 or
+    Content-Range, a type or coding ``should_translate`` refuses).
+
+    With a translator, the headers lose Content-Length, Accept-Ranges and digests of the old
+    bytes, and a strong ETag becomes weak (the body is equivalent, not byte-identical); the
+    caller frames the body itself (chunked, or close-delimited for HTTP/1.0).
+    """
+    def one(name: bytes) -> bytes | None:
+        values = [v for k, v in headers if k.lower() == name]
+        return b", ".join(values) if values else None
+
+    if (link_map.empty or method == b"HEAD" or status < 200 or status in (204, 206, 304)
+            or one(b"content-range") is not None
+            or not should_translate(one(b"content-type"), one(b"content-encoding"), json=json)):
+        return None, headers
+    kept = []
+    for k, v in headers:
+        name = k.lower()
+        if name in _LENGTH_BOUND:
+            continue
+        if name == b"etag" and not v.lstrip().startswith(b"W/"):
+            v = b"W/" + v.lstrip()
+        kept.append((k, v))
+    return LinkTranslator(link_map, one(b"content-encoding")), kept
 
 
 def accept_encoding_for_translation(value: bytes | None) -> bytes:
