@@ -174,3 +174,14 @@ def test_good_web_app_options_pass():
     for options in ({"backend_timeout": "long"}, {"backend_timeout": 30},
                     {"request_headers": {"X-Tenant": "corp", "X-Env": "prod 1"}}):
         gateway_http.check_options(gateway_http.web_apps(config(web(options=options))))
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"sso": "kerberos"}, 'set options.preauth = "oidc" too'),
+    ({"sso": 3, "preauth": "oidc"}, "options.sso"),
+    ({"backend_max_idle": "many"}, "backend_max_idle"),
+])
+def test_sso_and_back_end_options_are_checked_on_the_service(options, words):
+    """SSO without pre-authentication and badly typed back-end options stop the service, not only the connector."""
+    with pytest.raises(GatewayError, match=words):
+        gateway_http.check_options(gateway_http.web_apps(config(web(options=options))))

@@ -535,3 +535,19 @@ def test_a_decompression_bomb_breaks_the_response_not_the_service():
                   b"\r\n\r\n" % len(bomb))
     stream.answer(bomb)
     assert h.transport.disconnecting and stream.reset_with is not None
+
+
+def test_interim_responses_reach_http11_clients_only():
+    """103 Early Hints (any 1xx but 101) is passed on to an HTTP/1.1 client before the final answer."""
+    h = Harness()
+    h.send(GET)
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+                  b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    out = h.output()
+    assert out.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n")
+    h = Harness()
+    h.send(GET.replace(b"HTTP/1.1", b"HTTP/1.0"))
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.output().startswith(b"HTTP/1.1 200 OK\r\n")

@@ -24,7 +24,7 @@ from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
 from gateway.tunnel.splice import QuietFactory
 
-from . import auth, backend, https, links, routing, rules
+from . import auth, backend, https, links, pool, routing, rules
 from .frontdoor import BACKEND_TIMEOUTS, DEFAULT_TIMEOUTS, FrontDoor, Timeouts
 
 log = Logger(namespace="gateway_http")
@@ -95,6 +95,16 @@ def check_options(apps: list[Any]) -> None:
         if hop:
             raise GatewayError(f"app {app.name}: options.request_headers: {hop[0]} is set by the front door itself;"
                                f" remove it")
+        try:
+            pool.Target.from_app(app)   # the back-end options' types; the connector reads the CA file
+        except GatewayError as e:
+            raise GatewayError(str(e)) from None
+        sso = app.options.get("sso")
+        if sso is not None and (not isinstance(sso, str) or not sso):
+            raise GatewayError(f"app {app.name}: options.sso: expected the name of an SSO provider, got {sso!r}")
+        if sso and app.options.get("preauth", "passthrough") != "oidc":
+            raise GatewayError(f"app {app.name}: options.sso = {sso!r} needs a signed-in user: "
+                               f"set options.preauth = \"oidc\" too")
         auth.check_app_options(app)
 
 

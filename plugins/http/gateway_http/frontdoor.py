@@ -565,9 +565,11 @@ class FrontDoor(Protocol):
             self._upgrade(ex, response)
             return
         if 100 <= response.status < 200:
-            if response.status == 100 and ex.request.version == b"HTTP/1.1":
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            return  # other interim responses are dropped
+            # 100 Continue, 103 Early Hints...: passed on to HTTP/1.1 clients (RFC 9110 15.2),
+            # with the same header rules as a final head
+            if ex.request.version == b"HTTP/1.1":
+                self.transport.write(rules.client_response_head(response, 0, False, True, ex.external, ex.internal))
+            return
         framing = rules.response_body_length(response, ex.request.method)
         drop: frozenset = frozenset()
         if framing != 0 and self._translates(ex, response):
