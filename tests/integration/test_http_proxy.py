@@ -211,3 +211,19 @@ def test_path_prefix_app_and_custom_headers(gw, nginx):
     assert r.status == 301 and r.getheader("Location") == f"http://{host}/wiki/dir/"
     r, _ = get(port, host, "/page.txt")
     assert r.status == 404
+
+
+def test_links_in_pages_are_translated(gw, nginx):
+    """options.translate_links: a page from nginx naming its internal URL reaches the client naming
+    the external one (sent chunked: the length changed); a text file is left alone."""
+    internal = f"http://{HOST}:{nginx.port}"
+    page = "".join(f'<a href="{internal}/p{i}">{i}</a>\n' for i in range(5000)).encode()
+    (nginx.www / "page.html").write_bytes(page)
+    (nginx.www / "note.txt").write_text(f"{internal}/\n")
+    svc, conn, front = start_wiki(gw, nginx, options={"translate_links": True})
+    external = f"http://{WIKI}:{front}"
+    r, body = get(front, f"{WIKI}:{front}", "/page.html")
+    assert r.status == 200 and r.getheader("Transfer-Encoding") == "chunked"
+    assert body == page.replace(internal.encode(), external.encode())
+    r, body = get(front, f"{WIKI}:{front}", "/note.txt")
+    assert body == f"{internal}/\n".encode()

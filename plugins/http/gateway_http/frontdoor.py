@@ -163,10 +163,6 @@ def translate_links(app: Any) -> bool:
     return app.options.get("translate_links", False) is True
 
 
-# A translated body changes length: these would describe the back end's bytes, not ours.
-TRANSLATED_DROP = frozenset({b"content-length", b"content-md5", b"digest", b"repr-digest", b"content-digest"})
-
-
 def request_headers(app: Any) -> list[tuple[bytes, bytes]]:
     """``options.request_headers``: headers every request to the back end carries (they replace a
     client header of the same name)."""
@@ -571,11 +567,10 @@ class FrontDoor(Protocol):
                 self.transport.write(rules.client_response_head(response, 0, False, True, ex.external, ex.internal))
             return
         framing = rules.response_body_length(response, ex.request.method)
-        drop: frozenset = frozenset()
-        if framing != 0 and self._translates(ex, response):
-            encoding = b", ".join(rules.get(response.headers, b"content-encoding")) or None
-            ex.translator = links.LinkTranslator(self.link_map, encoding)
-            drop = TRANSLATED_DROP
+        if framing != 0 and translate_links(ex.app) and self.link_map is not None:
+            ex.translator, headers = links.translator_for_response(
+                self.link_map, ex.request.method, response.status, response.headers)
+            response = rules.Response(response.version, response.status, response.reason, headers)
         if ex.translator is not None:
             # the length changes: chunked to an HTTP/1.1 client, until close to an HTTP/1.0 one
             ex.chunked_to_client = ex.request.version == b"HTTP/1.1"
@@ -597,20 +592,9 @@ class FrontDoor(Protocol):
         ex.response_framing = framing
         ex.response_left = framing if framing and framing > 0 else 0
         ex.response_state = "body"
-        head = rules.client_response_head(response, -1 if ex.translator else framing, ex.chunked_to_client,
-                                          ex.keep_alive, ex.external, ex.internal, drop=drop)
-        if ex.translator is not None:
-            head = head.replace(b"\r\nETag: \"", b"\r\nETag: W/\"")   # same meaning, other bytes
-        self.transport.write(head)
-
-    def _translates(self, ex: Exchange, response: rules.Response) -> bool:
-        if not translate_links(ex.app) or self.link_map is None or self.link_map.empty:
-            return False
-        if response.status in (206, 204, 304) or rules.get(response.headers, b"content-range"):
-            return False
-        content_type = b", ".join(rules.get(response.headers, b"content-type")) or None
-        encoding = b", ".join(rules.get(response.headers, b"content-encoding")) or None
-        return links.should_translate(content_type, encoding)
+        self.transport.write(rules.client_response_head(response, -1 if ex.translator else framing,
+                                                        ex.chunked_to_client, ex.keep_alive, ex.external,
+                                                        ex.internal))
 
     def _upgrade(self, ex: Exchange, response: rules.Response) -> None:
         """101: from now on the client connection and the stream are spliced, bytes both ways."""

@@ -336,19 +336,17 @@ def rewrite_cookie_domain(value: bytes, external: Origin, internal: Origin) -> b
 
 
 def client_response_head(response: Response, body_length: int | None, chunked_to_client: bool,
-                         keep_alive: bool, external: Origin, internal: Origin, drop: frozenset = frozenset()) -> bytes:
+                         keep_alive: bool, external: Origin, internal: Origin) -> bytes:
     """The head sent to the client: hop-by-hop stripped, URLs and cookie domains translated, our framing.
 
-    A 101 keeps its ``Connection: Upgrade`` and ``Upgrade``; ``drop`` names more headers to leave out.
+    A 101 keeps its ``Connection: Upgrade`` and ``Upgrade``.
     """
     if response.status == 101:
-        headers = [(k, v) for k, v in strip_hop_by_hop(response.headers) if k.lower() not in drop]
+        headers = list(strip_hop_by_hop(response.headers))
         headers += [(b"Connection", b"Upgrade")] + [(b"Upgrade", v) for v in get(response.headers, b"upgrade")]
         return _head(b"HTTP/1.1 101 %s" % (response.reason or b"Switching Protocols"), headers)
     headers = []
     for k, v in strip_hop_by_hop(response.headers):
-        if k.lower() in drop:
-            continue
         name = k.lower()
         if name in (b"location", b"content-location"):
             v = rewrite_location(v, external, internal)
