@@ -73,7 +73,8 @@ start_http_gateway() {  # our service with the [http] front door + one connector
   G=$T/gwhttp; mkdir -p "$G"
   PATH_LOGS=("$G/cli.log" "$G/svc.log" "$G/conn.log")
   : >"$G/cli.log"
-  # A web app with passthrough pre-authentication (no sign-in in front of it).
+  # A web app with passthrough pre-authentication (no sign-in in front of it);
+  # BENCH_WEB_OPTIONS adds app options for experiments, e.g. 'backend_max_idle = 256'.
   cat > "$G/svc.toml" <<EOF
 [service]
 state_dir = "$G/svc"
@@ -86,7 +87,7 @@ listen = "tcp:$P_FRONT:interface=127.0.0.1"
 name = "bench-web"
 external_url = "http://$WEB_HOST:$P_FRONT/"
 internal_url = "http://127.0.0.1:$P_NGINX/"
-options = { preauth = "passthrough" }
+options = { preauth = "passthrough"${BENCH_WEB_OPTIONS:+, $BENCH_WEB_OPTIONS} }
 
 [logging]
 level = "warn"

@@ -5,8 +5,12 @@ py-spy's raw output is one line per distinct stack, root first, frames joined by
 sample count last: ``process 1;run (twisted/...:1);dataReceived (gateway_http/frontdoor.py:160) 42``.
 Only busy samples are in it (py-spy leaves idle threads out), so shares are of CPU time.
 
-Prints: self time by source area (ours vs Twisted vs TLS...), the top functions by self time
-and by inclusive time (a function counted once per stack), and the same for our code only.
+Prints: samples per thread kind (the reactor thread, whose stacks start at twistd's
+``<module>``, against worker threads such as the resolver's thread pool, starting at
+``Thread._bootstrap``); then, for the reactor thread only, self time by source area (ours vs
+Twisted vs TLS...), the top functions by self time, by innermost frame of our code, and by
+inclusive time (a function counted once per stack). With ``--nonblocking`` some stacks come
+out torn (no root); they are counted as "partial" and left out of the reactor tables.
 """
 import re
 import sys
@@ -14,6 +18,18 @@ from collections import Counter
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 OURS = ("gateway_http/", "gateway_tcp/", "/gateway/")
+
+
+REACTOR = "reactor thread (twistd main)"
+
+
+def thread_kind(frames):
+    root = frames[0] if frames else ""
+    if root.startswith("<module> ("):
+        return REACTOR
+    if root.startswith("Thread._bootstrap "):
+        return "worker threads (thread pool: resolver, ...)"
+    return "partial (torn stack, --nonblocking)"
 
 
 def parse(path):
@@ -76,10 +92,20 @@ def table(title, counter, total, n):
 
 def main():
     stacks = parse(sys.argv[1])
-    total = sum(n for _, n in stacks)
-    if not total:
+    if not stacks:
         print("no samples")
         return
+    kinds = Counter()
+    for frames, n in stacks:
+        kinds[thread_kind(frames)] += n
+    everything = sum(kinds.values())
+    print(f"{everything} busy samples in {sys.argv[1]}")
+    table("Samples by thread", kinds, everything, 5)
+    stacks = [(f, n) for f, n in stacks if thread_kind(f) == REACTOR]
+    total = sum(n for _, n in stacks)
+    if not total:
+        return
+    print(f"\nReactor thread only from here on: {total} samples.")
     self_t, incl, areas, ours_self = Counter(), Counter(), Counter(), Counter()
     for frames, n in stacks:
         frames = [f for f in frames if FRAME.match(f)]   # drop "process N" / thread roots
@@ -95,7 +121,6 @@ def main():
                 break
         for k in {name(f) for f in frames}:
             incl[k] += n
-    print(f"{total} busy samples in {sys.argv[1]}")
     table("Self time by area (leaf frame)", areas, total, 20)
     table("Top functions, self time", self_t, total, 25)
     table("Our code: innermost frame of ours on the stack (its callees into Twisted/stdlib included)", ours_self, total, 25)
