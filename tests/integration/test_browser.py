@@ -15,6 +15,7 @@ import html
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -144,11 +145,18 @@ def web_app(conn: socket.socket, backend) -> None:
 
 
 def run_browser(scenario: dict, timeout: float = 120) -> dict:
-    """tests/node/browser.mjs with `scenario` on stdin (it holds a password); its JSON report."""
-    result = subprocess.run([NODE, str(NODE_DIR / "browser.mjs")], cwd=NODE_DIR, input=json.dumps(scenario),
-                            capture_output=True, text=True, timeout=timeout)
-    lines = result.stdout.strip().splitlines()
-    assert result.returncode == 0 and lines, f"browser.mjs exited {result.returncode}: {result.stderr[-3000:]}"
+    """tests/node/browser.mjs with `scenario` on stdin (it holds a password); its JSON report. In a
+    session of its own, so that a run past `timeout` is killed with the Chromium it started."""
+    proc = subprocess.Popen([NODE, str(NODE_DIR / "browser.mjs")], cwd=NODE_DIR, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(json.dumps(scenario), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"browser.mjs still running after {timeout}s: {out[-2000:]} {err[-2000:]}") from None
+    lines = out.strip().splitlines()
+    assert proc.returncode == 0 and lines, f"browser.mjs exited {proc.returncode}: {err[-3000:]}"
     return json.loads(lines[-1])
 
 
