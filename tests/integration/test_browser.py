@@ -25,15 +25,12 @@ import pytest
 from gateway_harness import HOST, free_port, toml_table, wait_until
 from test_http_tls_front_door import CA
 from test_http_oidc import NODE_DIR, SECRET, OpenIDProvider
-from test_http_proxy import ws_frame, ws_read
+from test_http_proxy import WS_GUID, ws_frame, ws_read
 
 CHROMIUM = os.environ.get("GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium")
 NODE = shutil.which("node")
 WIKI = "wiki.apps.example.test"
 HOST_RULES = f"MAP *.apps.example.test {HOST}, MAP * ~NOTFOUND, EXCLUDE {HOST}"
-# RFC 6455, section 1.3 (a browser checks Sec-WebSocket-Accept against it; test_http_proxy's own
-# client and server share theirs, so only a browser shows whether it is the right one)
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MESSAGES = 6
 INTERVAL_MS = 500
 
