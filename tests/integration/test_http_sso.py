@@ -124,9 +124,10 @@ def test_sso_credentials_for_the_signed_in_user_reach_the_back_end(gw, stack):
 
 @needs_provider
 def test_user_affinity_keeps_each_user_on_one_connector(gw, stack):
-    """Two connectors, affinity = "user": every request of a signed-in user lands on the same
-    connector; users are keyed apart although all come from 127.0.0.1 (the client key would put
-    them all on one connector), so signing in users until both connectors served one ends."""
+    """Two connectors, affinity = "user": every request of a signed-in user, each on a new client
+    connection, lands on the same connector. Users sign in one after another until both connectors
+    have served one: all come from 127.0.0.1, so keying by client address would keep them on one
+    connector (with 16 users keyed apart, rendezvous hashing puts all on one with odds 2**-15)."""
     provider, backend, svc, conns, base = stack(connectors=2, affinity="user")
     ids = {c.connector_id for c in conns}
     where: dict[str, str] = {}
