@@ -499,12 +499,12 @@ def _check_with_plugins(config: Any, store: Any, app: Any) -> None:
     apps, _ = store_apps.parse_records(r for r in store.list_apps() if r.name != app.name)
     before, _ = store_apps.merge(config, apps, handlers)
     try:
-        known = store_apps.check_listeners(pm, before)
+        known = plugins.check_service_listeners(pm, before)
     except Exception:
         return  # the apps there already are refused: not this app's doing, so no verdict on it
     after, _ = store_apps.merge(config, [*apps, app], handlers)
     try:
-        warnings = store_apps.check_listeners(pm, after)
+        warnings = plugins.check_service_listeners(pm, after)
     except Exception as e:
         raise GatewayError(f"the {app.protocol} plugin refuses app {app.name!r}: {e}") from None
     for warning in warnings:

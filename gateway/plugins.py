@@ -142,3 +142,34 @@ def installed_version(dist_name: str) -> str:
         return metadata.version(dist_name)
     except metadata.PackageNotFoundError:
         return "?"
+
+
+def check_service_listeners(pm: pluggy.PluginManager, config: Any) -> list[str]:
+    """Let plugins build (never bind) their shared listeners for `config`; raises what they raise.
+
+    The http plugin checks per-app options and certificates there, so `twistd gateway` can refuse
+    a config before anything starts, and `gateway apps` an app the front door would refuse.
+    Returns the warnings the plugins logged meanwhile.
+    """
+    from twisted.internet.testing import MemoryReactor
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    warnings: list[str] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical):
+            warnings.append(formatEvent(event))
+
+    def register(name: str, endpoint: str, factory: Any) -> None:
+        pass
+
+    def open_stream(*args: Any, **kwargs: Any) -> Any:
+        raise GatewayError("not serving: this is a check")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        pm.hook.gateway_service_listeners(register=register, config=config, open_stream=open_stream,
+                                          reactor=MemoryReactor())
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    return warnings

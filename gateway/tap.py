@@ -29,6 +29,9 @@ class Options(usage.Options):
             self.handlers = plugins.protocol_handlers(self.pm)
             self.config = load_config(self["config"], plugins.config_sections(self.pm))
             check_protocols(self.config, self.handlers)
+            if self.config.service is not None:
+                # what plugins refuse (per-app options, certificates) stops us before anything starts
+                plugins.check_service_listeners(self.pm, self.config)
             self.identity = (
                 ConnectorIdentity.load(self.config.connector.state_dir) if self.config.connector else None
             )

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from gateway.config import WEB_PROTOCOL, AppConfig, GatewayConfig, parse_app, web_origin
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError
 from gateway.store.records import AppRecord
 
 
@@ -65,33 +65,3 @@ def merge(config: GatewayConfig, store_apps: Iterable[AppConfig],
         else:
             merged.append(app)
     return attrs.evolve(config, apps=tuple(merged)), left_out
-
-
-def check_listeners(pm: Any, config: GatewayConfig) -> list[str]:
-    """Let plugins build (never bind) their shared listeners for `config`; raises what they raise.
-
-    The http plugin checks per-app options and certificates there, so the command can refuse an
-    app the front door would refuse. Returns the warnings the plugins logged meanwhile.
-    """
-    from twisted.internet.testing import MemoryReactor
-    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-
-    warnings: list[str] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical):
-            warnings.append(formatEvent(event))
-
-    def register(name: str, endpoint: str, factory: Any) -> None:
-        pass
-
-    def open_stream(*args: Any, **kwargs: Any) -> Any:
-        raise GatewayError("not serving: this is a check")
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        pm.hook.gateway_service_listeners(register=register, config=config, open_stream=open_stream,
-                                          reactor=MemoryReactor())
-    finally:
-        globalLogPublisher.removeObserver(observe)
-    return warnings

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-from pathlib import Path
 
 import pytest
 

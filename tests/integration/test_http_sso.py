@@ -156,7 +156,7 @@ def test_user_affinity_keeps_each_user_on_one_connector(gw, stack):
 
 
 def test_sso_without_a_signed_in_user_is_refused_at_start(gw):
-    """options.sso on a passthrough app: the service exits before serving, naming app and option."""
+    """options.sso on a passthrough app: the service exits before anything starts, naming app and option."""
     front = free_port()
     svc = gw.service(start=False)
     text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{front}:interface={HOST}"})
@@ -170,3 +170,5 @@ def test_sso_without_a_signed_in_user_is_refused_at_start(gw):
     assert ("app wiki: options.sso = 'test-sso' needs a signed-in user: set options.preauth = \"oidc\" too"
             in out), out
     assert port_is_free(front) and port_is_free(svc.port)
+    # refused while reading the config, like any other config error: no traceback, nothing written
+    assert "Traceback" not in out and not svc.state_dir.exists(), out
