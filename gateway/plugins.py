@@ -151,7 +151,7 @@ def check_service_listeners(pm: pluggy.PluginManager, config: Any) -> list[str]:
     a config before anything starts, and `gateway apps` an app the front door would refuse.
     Returns the warnings the plugins logged meanwhile.
     """
-    from twisted.internet.testing import MemoryReactor
+    from twisted.internet.testing import MemoryReactorClock
     from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
     warnings: list[str] = []
@@ -169,7 +169,7 @@ def check_service_listeners(pm: pluggy.PluginManager, config: Any) -> list[str]:
     globalLogPublisher.addObserver(observe)
     try:
         pm.hook.gateway_service_listeners(register=register, config=config, open_stream=open_stream,
-                                          reactor=MemoryReactor())
+                                          reactor=MemoryReactorClock())
     finally:
         globalLogPublisher.removeObserver(observe)
     return warnings
