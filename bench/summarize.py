@@ -284,7 +284,7 @@ def p99(p, c):
     return http.get((p, c), {}).get("p99")
 
 
-if HTTP_PATHS:
+if "httpGateway" in PATHS:
     say("\n## HTTP app path: ours against nginx, `ssh -R` and localtunnel\n")
     say("ours = httpGateway (front door + connector, passthrough web app); lt = httpLocaltunnel; "
         "ssh -R = httpSshR (`ssh -N -R`, OpenSSH defaults, Nagle on); sshRnd = httpSshRnd "
