@@ -22,9 +22,9 @@ import subprocess
 import pytest
 
 from gateway_harness import HOST, free_port, toml_table, wait_until
-from test_http_tls_front_door import CA
 from test_http_oidc import NODE_DIR, SECRET, OpenIDProvider
 from test_http_proxy import WS_GUID, ws_frame, ws_read
+from testca import CA
 
 CHROMIUM = os.environ.get("GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium")
 NODE = shutil.which("node")
@@ -174,7 +174,8 @@ def test_chromium_signs_in_follows_a_redirect_and_keeps_a_websocket(gw, backends
         text = svc.config_path.read_text()
         text += "\n" + toml_table("http", {"listen": f"tcp:{http_port}:interface={HOST}",
                                            "tls_listen": f"tcp:{tls_port}:interface={HOST}"})
-        text += "\n" + toml_table("http.certificates", ca.issue("star", ["*.apps.example.test"]), array=True)
+        text += "\n" + toml_table("http.certificates", ca.issue("star", ["*.apps.example.test"]).as_table(),
+                                  array=True)
         text += "\n" + toml_table("http.oidc", {"issuer": provider.issuer, "client_id": "gateway",
                                                 "client_secret_file": str(tmp_path / "client-secret.txt")})
         text += "\n" + toml_table("apps", {"name": "wiki", "protocol": "http", "external_url": app,

@@ -7,7 +7,6 @@ makes, given to the connector as options.backend_ca_file.
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import os
 import socket
@@ -19,12 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway_harness import HOST, TWISTD, free_port, subprocess_env, toml_table, wait_until
+from testca import CA
 
 APP = "wiki.apps.example.test"
 
@@ -85,52 +81,6 @@ def servers():
     yield start
     for server in started:
         server.stop()
-
-
-# -- a test CA -------------------------------------------------------------------------------
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-class MiniCA:
-    def __init__(self, directory: Path, name: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (
-            x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.directory = directory
-        self.pem = directory / f"{name}.pem"
-        self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def server_context(self, hostname: str) -> ssl.SSLContext:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder().subject_name(_name(hostname)).issuer_name(self.cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        cert_path = self.directory / f"{hostname}.crt"
-        key_path = self.directory / f"{hostname}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert_path, key_path)
-        return context
 
 
 # -- the gateway -----------------------------------------------------------------------------
@@ -236,16 +186,14 @@ def test_backend_reset_gives_502_and_the_pool_recovers(gw, servers, backends):
 
 @pytest.fixture
 def ca(tmp_path):
-    directory = tmp_path / "pki"
-    directory.mkdir()
-    return MiniCA(directory, "test-ca"), MiniCA(directory, "other-ca")
+    return CA(tmp_path / "pki", "test-ca"), CA(tmp_path / "pki", "other-ca")
 
 
 def test_https_backend_verified_with_backend_ca_file(gw, servers, ca):
     good, _ = ca
     backend = servers(good.server_context("localhost"))
     svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
-                                        backend_ca_file=str(good.pem))])
+                                        backend_ca_file=str(good.pem_path))])
     wait_until(lambda: get(front)[0].status == 200, 30, "the https app to answer")
     bodies = [get(front)[1].decode() for _ in range(10)]
     assert all(b.startswith("conn=") for b in bodies)
@@ -256,7 +204,7 @@ def test_https_backend_from_an_unknown_ca_gives_502_naming_the_problem(gw, serve
     good, other = ca
     backend = servers(good.server_context("localhost"))
     svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
-                                        backend_ca_file=str(other.pem))])
+                                        backend_ca_file=str(other.pem_path))])
     r, body = get(front)
     assert r.status == 502
     request_id = r.getheader("X-Request-Id")
@@ -264,14 +212,14 @@ def test_https_backend_from_an_unknown_ca_gives_502_naming_the_problem(gw, serve
     wait_until(lambda: request_id in conn.proc.log(), 10, "the id in the connector log")
     log = conn.proc.log()
     assert f"the TLS certificate of https://localhost:{backend.port} is not trusted" in log, log[-3000:]
-    assert "unable to get local issuer certificate" in log and str(other.pem) in log
+    assert "unable to get local issuer certificate" in log and str(other.pem_path) in log
 
 
 def test_https_backend_with_the_wrong_host_name_gives_502(gw, servers, ca):
     good, _ = ca
     backend = servers(good.server_context("elsewhere.example.test"))
     svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
-                                        backend_ca_file=str(good.pem))])
+                                        backend_ca_file=str(good.pem_path))])
     r, _ = get(front)
     assert r.status == 502
     wait_until(lambda: r.getheader("X-Request-Id") in conn.proc.log(), 10, "the id in the connector log")

@@ -7,49 +7,12 @@ import http.client
 import signal
 import socket
 import ssl
-from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway_harness import HOST, free_port, toml_table, wait_until
-
-NOW = datetime.now(UTC)
-
-
-class CA:
-    """A throwaway CA; `issue` writes a server certificate (with the CA as chain) and its key."""
-
-    def __init__(self, directory) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test CA")])
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-        self.pem_path = self.dir / "ca.pem"
-        self.pem_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, label: str, names: list[str], file: str | None = None) -> dict[str, str]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)]))
-                .issuer_name(self.cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=10))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-                .sign(self.key, hashes.SHA256()))
-        cert_path, key_path = self.dir / f"{file or label}.crt", self.dir / f"{file or label}.key"
-        # key first: a reload never sees a new certificate beside an old key for long
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + self.pem_path.read_bytes())
-        return {"cert": str(cert_path), "key": str(key_path)}
+from testca import CA
 
 
 def named_handler(name: str):
@@ -128,9 +91,9 @@ def start(gw, backends, tmp_path) -> tuple[Front, object, dict[str, object]]:
         ("crm", f"https://paths.example.test:{tls_port}/crm/"),
         ("plain", f"http://plain.example.test:{http_port}/"),
     ]
-    certificates = [ca.issue("cert-a", ["a.example.test", "paths.example.test"]),
-                    ca.issue("cert-b", ["b.example.test"]),
-                    ca.issue("cert-star", ["*.apps.example.test"])]
+    certificates = [ca.issue("cert-a", ["a.example.test", "paths.example.test"]).as_table(),
+                    ca.issue("cert-b", ["b.example.test"]).as_table(),
+                    ca.issue("cert-star", ["*.apps.example.test"]).as_table()]
     svc = gw.service(start=False)
     text = svc.config_path.read_text()
     text += "\n" + toml_table("http", {"listen": f"tcp:{http_port}:interface={HOST}",

@@ -181,7 +181,7 @@ def test_the_front_door_dry_run_refuses_and_warns(service, capsys, tmp_path):
                         "--internal-url", "http://10.0.0.6/")
     assert code == 1 and "the http plugin refuses app 'secure'" in err and "tls_listen is not set" in err
 
-    from test_http_https import CA
+    from testca import CA
 
     cert, key = CA(tmp_path).issue("wiki", ["wiki.example.test"])
     text = service.read_text().replace(

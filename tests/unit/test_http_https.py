@@ -8,8 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from attrs import frozen
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
@@ -18,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway.errors import GatewayError
 from gateway_http import https
+from testca import CA
 
 NOW = datetime.now(UTC)
 
@@ -26,39 +26,6 @@ NOW = datetime.now(UTC)
 class App:
     name: str
     external_url: str
-
-
-class CA:
-    """A throwaway CA that issues server certificates into files."""
-
-    def __init__(self, directory) -> None:
-        self.dir = directory
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(NOW - timedelta(days=1)).not_valid_after(NOW + timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, label: str, names: list[str], days: int = 10, start_days: int = -1, chain: bool = True,
-              key: ec.EllipticCurvePrivateKey | None = None) -> tuple[str, str]:
-        key = key or ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)]))
-                   .issuer_name(self.cert.subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(NOW + timedelta(days=start_days)).not_valid_after(NOW + timedelta(days=days)))
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                                            critical=False)
-        cert = builder.sign(self.key, hashes.SHA256())
-        cert_path, key_path = self.dir / f"{label}.crt", self.dir / f"{label}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + (self.pem if chain else b""))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        return str(cert_path), str(key_path)
 
 
 @pytest.fixture
@@ -81,7 +48,7 @@ def parse(table):
 def served(ca, *specs) -> dict:
     """[http] with tls_listen and one certificate per (label, names)."""
     return parse({"tls_listen": "tcp:8443", "certificates": [
-        dict(zip(("cert", "key"), ca.issue(label, names))) for label, names in specs]})
+        ca.issue(label, names).as_table() for label, names in specs]})
 
 
 def common_name(cert) -> str:
