@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -159,6 +160,17 @@ class StreamSide(Protocol):
 _log = Logger(namespace="gateway.connector.dial")
 
 
+def dial_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """A client endpoint to host:port. An IP address is dialled as it is: HostnameEndpoint would
+    send even a literal through getaddrinfo in the thread pool, which costs more than the
+    connection itself on a busy connector."""
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
 def dial_and_splice(stream: Stream, app: Any, reactor: Any) -> None:
     """The connector's half of a byte-stream protocol: dial the app's destination, accept the
     stream once connected and splice the two; reset it with the reason if the dial fails.
@@ -166,7 +178,7 @@ def dial_and_splice(stream: Stream, app: Any, reactor: Any) -> None:
     Logs carry the stream's request id, so a failure can be matched with the service's log.
     """
     request_id = stream.metadata.get("request_id")
-    endpoint = HostnameEndpoint(reactor, app.host, app.port, timeout=app.connect_timeout)
+    endpoint = dial_endpoint(reactor, app.host, app.port, app.connect_timeout)
 
     def lost(reason: Any) -> None:
         if reason is not None and not reason.check(ConnectionDone):

@@ -121,16 +121,30 @@ def test_request_goes_to_a_stream_and_response_comes_back():
     """One GET: translated head into the stream, the response back, the connection kept, the stream closed."""
     h = Harness()
     h.send(GET)
-    assert h.transport.producerState == "paused"  # nothing is read while the stream opens
     stream = h.accept()
     assert stream.data.startswith(b"GET /a HTTP/1.1\r\n") and b"Host: wiki.corp:8000\r\n" in stream.data
-    assert h.transport.producerState == "paused"  # request complete: wait for the response
+    writes = []
+    write = h.transport.write
+    h.transport.write = lambda data: (writes.append(data), write(data))
     stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
     out = h.output()
     assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nhello")
     assert b"Connection: keep-alive" in out
     assert stream.fin and not h.transport.disconnecting
     assert h.transport.producerState == "producing"
+    assert len(writes) == 1   # head and body in one write (one send)
+
+
+def test_bytes_arriving_while_a_request_is_in_flight_pause_the_client():
+    """The socket is not paused per request, but the moment a pipelining client sends more while
+    a request is in flight it is, and it resumes once the response is over."""
+    h = Harness()
+    h.send(GET)
+    assert h.transport.producerState == "producing"
+    h.send(GET.replace(b"/a", b"/b"))
+    assert h.transport.producerState == "paused"
+    h.accept(0).answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert len(h.opens) == 2 and h.transport.producerState == "producing"
 
 
 def test_pipelined_requests_are_answered_in_order():

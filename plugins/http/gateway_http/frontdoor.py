@@ -16,7 +16,8 @@ socket is not read at all, so a pipelining client cannot make us buffer.
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
 from typing import Any, Callable
 
 from attrs import frozen
@@ -45,8 +46,14 @@ def translate_host(app: Any) -> bool:
     return app.options.get("translate_host", True) is not False
 
 
+_ID_PREFIX = os.urandom(4).hex()
+_ids = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
+    """16 hex digits unique in this process and very likely across processes (random prefix):
+    a counter rather than uuid4, which costs a getrandom() call per request."""
+    return f"{_ID_PREFIX}{next(_ids) & 0xFFFFFFFF:08x}"
 
 
 @implementer(IPushProducer)
@@ -133,6 +140,7 @@ class Exchange:
         self.response_decoder: ChunkDecoder | None = None
         self.chunked_to_client = False
         self.translator: links.LinkTranslator | None = None
+        self.head_out = b""             # the client's response head, until body bytes go with it
         self.bytes_out = 0
 
 
@@ -193,6 +201,7 @@ class FrontDoor(Protocol):
         self.state = "head"             # head, opening, body, response, closed
         self.exchange: Exchange | None = None
         self._holds: set[str] = set()
+        self._paused = False
         self._reader = _ClientReader(self)
         self._client = ""
         self._read_closed = False
@@ -214,6 +223,8 @@ class FrontDoor(Protocol):
             self.exchange.stream.write(data)
             return
         self.buf += data
+        if self._holds:
+            self._pause()
         if self.state == "body":
             self._arm_body()
         self._advance()
@@ -329,16 +340,32 @@ class FrontDoor(Protocol):
             self._streaming = False
             self.transport.unregisterProducer()
 
+    # Why the client socket must not be read now. "tunnel" (the stream is full) pauses it at
+    # once; "stream" (opening) and "response" (waiting for the answer) only keep further requests
+    # from being parsed, so the socket is paused only should bytes arrive meanwhile (a client
+    # that pipelines): pausing and resuming on every request cost two epoll_ctl calls each.
+    EAGER_HOLDS = frozenset({"tunnel"})
+
     def _hold(self, why: str) -> None:
-        if not self._holds and self.state != "closed":
-            self.transport.pauseProducing()
         self._holds.add(why)
+        if why in self.EAGER_HOLDS:
+            self._pause()
 
     def _release(self, why: str) -> None:
         if why not in self._holds:
             return
         self._holds.discard(why)
-        if not self._holds and self.state != "closed":
+        if not self._holds:
+            self._resume()
+
+    def _pause(self) -> None:
+        if not self._paused and self.state != "closed":
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        if self._paused and self.state != "closed":
+            self._paused = False
             self.transport.resumeProducing()
 
     # -- requests ----------------------------------------------------------------------
@@ -592,9 +619,9 @@ class FrontDoor(Protocol):
         ex.response_framing = framing
         ex.response_left = framing if framing and framing > 0 else 0
         ex.response_state = "body"
-        self.transport.write(rules.client_response_head(response, -1 if ex.translator else framing,
-                                                        ex.chunked_to_client, ex.keep_alive, ex.external,
-                                                        ex.internal))
+        # sent with the first body bytes: one write, one send(), for most responses
+        ex.head_out = rules.client_response_head(response, -1 if ex.translator else framing,
+                                                 ex.chunked_to_client, ex.keep_alive, ex.external, ex.internal)
 
     def _upgrade(self, ex: Exchange, response: rules.Response) -> None:
         """101: from now on the client connection and the stream are spliced, bytes both ways."""
@@ -609,9 +636,8 @@ class FrontDoor(Protocol):
                  protocol=b", ".join(rules.get(response.headers, b"upgrade")).decode("latin-1")[:60])
         self.state = "upgraded"
         ex.stream.registerProducer(self._reader, True)
-        self._holds.discard("response")
-        self._holds.discard("tunnel")
-        self.transport.resumeProducing()
+        self._holds.clear()
+        self._resume()
         rest, self.buf = self.buf, b""
         if rest:
             ex.stream.write(rest)
@@ -658,23 +684,30 @@ class FrontDoor(Protocol):
         for p in pieces:
             ex.bytes_out += len(p)
         if ex.chunked_to_client:
-            self.transport.writeSequence([chunk(p) for p in pieces if p])
-        else:
-            self.transport.writeSequence(pieces)
+            pieces = [chunk(p) for p in pieces if p]
+        self._write_response(ex, b"".join(pieces))
+
+    def _write_response(self, ex: Exchange, data: bytes) -> None:
+        """Response bytes to the client, after the head if that has not gone yet."""
+        if ex.head_out:
+            data, ex.head_out = ex.head_out + data, b""
+        if data:
+            self.transport.write(data)
 
     def _end_body(self, ex: Exchange) -> None:
         """The back end's body is complete: the translator's last bytes, then the last chunk."""
+        tail = b""
         if ex.translator is not None:
             tail = ex.translator.finish()
             ex.bytes_out += len(tail)
-            if tail:
-                self.transport.write(chunk(tail) if ex.chunked_to_client else tail)
-        if ex.chunked_to_client:
-            self.transport.write(LAST_CHUNK)
+            if tail and ex.chunked_to_client:
+                tail = chunk(tail)
+        self._write_response(ex, tail + (LAST_CHUNK if ex.chunked_to_client else b""))
 
     def _response_done(self, ex: Exchange) -> None:
         if ex.response_state == "body":
             self._end_body(ex)
+        self._write_response(ex, b"")   # a body-less answer's head
         ex.response_state = "done"
         self._cancel_backend_timer()
         info = getattr(ex.stream, "log_info", None)

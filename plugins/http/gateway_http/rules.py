@@ -6,7 +6,9 @@ Headers are lists of ``(name, value)`` byte pairs in arrival order; names keep t
 
 from __future__ import annotations
 
+import functools
 import html
+import re
 from urllib.parse import urlsplit
 
 from attrs import frozen
@@ -53,9 +55,7 @@ class Origin:
 
     @classmethod
     def from_url(cls, url: str) -> Origin:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        return cls(scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS[scheme], parts.path or "/")
+        return _origin_of(url)
 
     @property
     def authority(self) -> str:
@@ -66,6 +66,14 @@ class Origin:
     @property
     def url(self) -> str:
         return f"{self.scheme}://{self.authority}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _origin_of(url: str) -> Origin:
+    # an app's two URLs, asked for on every request: parse each once
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return Origin(scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS[scheme], parts.path or "/")
 
 
 @frozen
@@ -103,18 +111,24 @@ def is_field_value(value: str) -> bool:
     return all(c == "\t" or " " <= c <= "~" for c in value)
 
 
+# name ":" OWS value OWS, the value without CR, LF or NUL; a line starting with white space
+# (obsolete line folding) has no name and fails too
+_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\0]*?)[ \t]*\Z")
+
+
 def _parse_fields(lines: list[bytes]) -> Headers:
     if len(lines) > MAX_HEADERS:
         raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
     headers: Headers = []
+    match = _FIELD.match
     for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or not set(name) <= _TOKEN:
-            # also refuses obsolete line folding (a line starting with white space)
+        m = match(line)
+        if m is None:
+            name, colon, value = line.partition(b":")
+            if colon and name and set(name) <= _TOKEN:
+                raise HTTPError(400, "malformed header value")
             raise HTTPError(400, "malformed header field")
-        if b"\r" in value or b"\n" in value or b"\0" in value:
-            raise HTTPError(400, "malformed header value")
-        headers.append((name, value.strip(b" \t")))
+        headers.append(m.groups())
     return headers
 
 
