@@ -11,6 +11,7 @@ they never share an event loop with the code under test.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -78,6 +79,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def stop_process(popen: subprocess.Popen, deadline: float = STOP_DEADLINE) -> None:
+    """SIGTERM a helper process the test started itself (nginx, an OpenID provider), then SIGKILL
+    if it has not exited by the deadline."""
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(deadline)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(deadline)
 
 
 def toml_value(value: Any) -> str:
@@ -639,6 +652,13 @@ def slow_source_handler(count: int, chunk: int = 32 * 1024, interval: float = 0.
     return handler
 
 
+def reset_after_request(conn: socket.socket, backend: Backend) -> None:
+    """Read the request head, record what came, then reset the connection without answering."""
+    head, rest = read_head(conn)
+    backend.record(head + b"\r\n\r\n" + rest)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 @pytest.fixture
 def backends():
     made: list[Backend] = []
@@ -710,6 +730,37 @@ def wait_echo(port: int, timeout: float = 30.0, payload: bytes = b"ping") -> Non
     """Poll until the echo app on `port` answers `payload` correctly."""
     wait_until(lambda: echo_once(port, payload, timeout=5.0) == payload, timeout,
                f"the echo app on port {port} to work")
+
+
+# -- HTTP/1.1 by hand and through http.client ------------------------------------------------
+
+
+def read_head(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes]:
+    """Read on from `buf` up to the blank line that ends an HTTP head: (the head, what came after).
+    A peer that closes first raises ConnectionError: a test fails with what came, a Backend
+    handler (which ends quietly on OSError) just ends."""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"connection closed after {buf!r}")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def http_request(port: int, host: str, path: str = "/", method: str = "GET", body: Any = None,
+                 headers: dict[str, str] | None = None, conn: http.client.HTTPConnection | None = None,
+                 timeout: float = 30.0) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request to 127.0.0.1:`port` with Host `host`: (response, body bytes). On `conn` when
+    given (it stays open, for keep-alive tests), else on a connection of its own, closed after."""
+    c = conn or http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        c.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+        r = c.getresponse()
+        return r, r.read()
+    finally:
+        if conn is None:
+            c.close()
 
 
 # -- hand-written tunnel clients (Python's ssl module, our own frame parsing) -----------------

@@ -7,13 +7,12 @@ change within config_interval (or at once on SIGHUP), without a restart.
 
 from __future__ import annotations
 
-import http.client
 import signal
 import socket
 
 import pytest
 
-from gateway_harness import HOST, free_port, toml_table, wait_until
+from gateway_harness import HOST, free_port, http_request, read_head, toml_table, wait_until
 
 pytest.importorskip("gateway_http")
 
@@ -27,12 +26,7 @@ def http_handler(name: str):
     def handler(conn: socket.socket, backend) -> None:
         buffer = b""
         while True:
-            while b"\r\n\r\n" not in buffer:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buffer += data
-            head, buffer = buffer.split(b"\r\n\r\n", 1)
+            head, buffer = read_head(conn, buffer)   # ends the handler when the client closes
             path = head.split(b"\r\n", 1)[0].split(b" ")[1].decode()
             body = f"{name} {path}\n".encode()
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
@@ -42,13 +36,8 @@ def http_handler(name: str):
 
 
 def get(front: int, host: str, path: str = "/") -> tuple[int, str]:
-    c = http.client.HTTPConnection(HOST, front, timeout=10)
-    try:
-        c.request("GET", path, headers={"Host": f"{host}:{front}"})
-        r = c.getresponse()
-        return r.status, r.read().decode(errors="replace")
-    finally:
-        c.close()
+    r, body = http_request(front, f"{host}:{front}", path, timeout=10)
+    return r.status, body.decode(errors="replace")
 
 
 def answers(front: int, host: str, text: str):

@@ -21,7 +21,7 @@ import subprocess
 
 import pytest
 
-from gateway_harness import HOST, free_port, toml_table, wait_until
+from gateway_harness import HOST, free_port, read_head, toml_table, wait_until
 from test_http_oidc import NODE_DIR, SECRET, OpenIDProvider
 from test_http_proxy import WS_GUID, ws_frame, ws_read
 from testca import CA
@@ -68,12 +68,10 @@ window.wsSend = (text) => ws.send(text);
 
 def read_request(conn: socket.socket, buf: bytes) -> tuple[str, str, dict[str, str], bytes] | None:
     """(method, target, lower-cased headers, what came after the head), or None at EOF."""
-    while b"\r\n\r\n" not in buf:
-        data = conn.recv(65536)
-        if not data:
-            return None
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
+    try:
+        head, rest = read_head(conn, buf)
+    except ConnectionError:
+        return None
     lines = head.decode("latin-1").split("\r\n")
     method, target, _ = lines[0].split(" ", 2)
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}

@@ -7,111 +7,17 @@ import http.client
 import os
 import re
 import signal
-import socket
-import struct
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from gateway_harness import HOST, free_port, toml_table, wait_until
+from gateway_harness import HOST, free_port, reset_after_request, toml_table, wait_until
+from gateway_harness import http_request as get
+from nginx_harness import NGINX
 
-NGINX = "/usr/sbin/nginx"
 WIKI = "wiki.apps.example.test"
 TEN_MIB = 10 * 1024 * 1024
 
 pytestmark = pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="nginx is not installed")
-
-
-class Nginx:
-    """A real nginx on a free port: 1 worker, in the foreground, everything under `root`."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.www = root / "www"
-        (self.www / "up").mkdir(parents=True)
-        (root / "tmp").mkdir()
-        os.chmod(root, 0o755)
-        conf = root / "nginx.conf"
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf.write_text(f"""
-{user}
-worker_processes 1;
-daemon off;
-master_process on;
-pid {root}/nginx.pid;
-error_log {root}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-  access_log {root}/access.log;
-  client_body_temp_path {root}/tmp;
-  proxy_temp_path {root}/tmp;
-  fastcgi_temp_path {root}/tmp;
-  uwsgi_temp_path {root}/tmp;
-  scgi_temp_path {root}/tmp;
-  server {{
-    listen {HOST}:{self.port};
-    root {self.www};
-    client_max_body_size 0;
-    location = /headers {{
-      default_type text/plain;
-      return 200 "host=$http_host|xff=$http_x_forwarded_for|proto=$http_x_forwarded_proto|xhost=$http_x_forwarded_host|fwd=$http_forwarded|conn=$http_connection|te=$http_transfer_encoding|secret=$http_x_secret\\n";
-    }}
-    location = /redir {{ return 302 http://{HOST}:{self.port}/x; }}
-    location = /cookie {{
-      add_header Set-Cookie "s=1; Domain={HOST}; Path=/";
-      add_header Refresh "0; url=http://{HOST}:{self.port}/y";
-      add_header Content-Location "http://{HOST}:{self.port}/cookie";
-      return 200 "ok\n";
-    }}
-    location /up/ {{ dav_methods PUT; create_full_put_path on; }}
-  }}
-}}
-""")
-        self.log = open(root / "nginx.out", "ab")
-        self.proc = subprocess.Popen([NGINX, "-c", str(conf), "-e", str(root / "error.log")],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: self._listening(), 10, "nginx to listen")
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"nginx exited: {(self.root / 'error.log').read_text()[-2000:]}")
-        c = http.client.HTTPConnection(HOST, self.port, timeout=2)
-        try:
-            c.request("GET", "/headers")
-            return c.getresponse().status == 200
-        finally:
-            c.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-
-
-@pytest.fixture
-def nginx(tmp_path):
-    server = Nginx(tmp_path / "nginx")
-    yield server
-    server.stop()
-
-
-def get(front: int, host: str, path: str, method: str = "GET", body=None, headers=None,
-        conn: http.client.HTTPConnection | None = None):
-    """One request to the front door with Host `host`; returns (response, body bytes)."""
-    c = conn or http.client.HTTPConnection(HOST, front, timeout=30)
-    c.request(method, path, body=body, headers={"Host": host, **(headers or {})})
-    r = c.getresponse()
-    data = r.read()
-    if conn is None:
-        c.close()
-    return r, data
 
 
 def start_wiki(gw, nginx, extra_apps=(), **extra):
@@ -347,21 +253,9 @@ def test_two_gib_each_way_in_bounded_memory(gw, nginx):
     assert peak[0] - before < 64 * 1024 * 1024, f"RSS grew from {before >> 20} MiB to {peak[0] >> 20} MiB"
 
 
-def _reset_after_request(conn, backend) -> None:
-    """Read the request head, then reset the connection without answering."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        more = conn.recv(65536)
-        if not more:
-            break
-        data += more
-    backend.record(data)
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
 def test_back_end_reset_gives_502_with_correlation_id(gw, nginx, backends):
     """A back end that resets the connection instead of answering gives a 502 whose id both logs have."""
-    rude = backends(_reset_after_request)
+    rude = backends(reset_after_request)
     svc, conn, front = start_wiki(gw, nginx, extra_apps=[{
         "name": "rude", "external_url": "http://rude.apps.example.test/",
         "internal_url": f"http://{HOST}:{rude.port}/"}])

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import ssl
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway_harness import HOST, TWISTD, free_port, subprocess_env, toml_table, wait_until
+from gateway_harness import (HOST, TWISTD, free_port, http_request, reset_after_request, subprocess_env, toml_table,
+                             wait_until)
 from testca import CA
 
 APP = "wiki.apps.example.test"
@@ -113,13 +112,7 @@ def publish(gw, apps: list[dict], oidc: bool = False):
 
 
 def get(front: int, path: str = "/", host: str = APP, conn: http.client.HTTPConnection | None = None):
-    c = conn or http.client.HTTPConnection(HOST, front, timeout=30)
-    c.request("GET", path, headers={"Host": host})
-    r = c.getresponse()
-    body = r.read()
-    if conn is None:
-        c.close()
-    return r, body
+    return http_request(front, host, path, conn=conn)
 
 
 def app(name: str, internal_url: str, **options) -> dict:
@@ -159,17 +152,7 @@ def test_many_requests_use_few_backend_connections(gw, servers):
 def test_backend_reset_gives_502_and_the_pool_recovers(gw, servers, backends):
     """A back end that resets instead of answering: 502 with an id the connector log also has."""
 
-    def rude(sock: socket.socket, backend) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            more = sock.recv(65536)
-            if not more:
-                return
-            data += more
-        backend.record(data)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-    reset = backends(rude)
+    reset = backends(reset_after_request)
     svc, conn, front = publish(gw, [app("rude", f"http://{HOST}:{reset.port}/")])
     r, body = get(front, "/x", host="rude.example.test")
     assert r.status == 502, body

@@ -7,7 +7,6 @@ redirect to the provider, its login and consent forms, the callback, the session
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import shutil
@@ -21,7 +20,7 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 import jwt
 import pytest
 
-from gateway_harness import HOST, free_port, toml_table, wait_until
+from gateway_harness import HOST, free_port, http_request, stop_process, toml_table, wait_until
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 NODE = shutil.which("node")
@@ -75,13 +74,7 @@ class OpenIDProvider:
         return json.loads(self.keys.read_text())["keys"][0]["kid"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self.log.close()
 
     def restart(self, rotate: bool) -> None:
@@ -181,19 +174,13 @@ class Browser:
                 headers: dict[str, str] | None = None) -> Page:
         parts = urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        all_headers = {"Host": parts.netloc, **(headers or {})}
+        all_headers = dict(headers or {})
         cookie = self.cookie_header(parts.hostname, parts.path or "/")
         if cookie:
             all_headers["Cookie"] = cookie
         if body is not None:
             all_headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
-        c = http.client.HTTPConnection(HOST, parts.port, timeout=30)
-        try:
-            c.request(method, path, body=body, headers=all_headers)
-            r = c.getresponse()
-            data = r.read()
-        finally:
-            c.close()
+        r, data = http_request(parts.port, parts.netloc, path, method, body, all_headers)
         for value in r.msg.get_all("Set-Cookie") or []:
             self._store(parts.hostname, parts.path or "/", value)
         return Page(url, r.status, list(r.getheaders()), data)

@@ -9,24 +9,13 @@ import os
 import socket
 import struct
 
-from gateway_harness import HOST, free_port, toml_table, wait_until
-from test_http import WIKI, get, nginx, start_wiki  # noqa: F401  (nginx is a fixture)
+from gateway_harness import HOST, connect, free_port, read_head, toml_table, wait_until
+from gateway_harness import http_request as get
+from test_http import WIKI, start_wiki
 
 # RFC 6455 1.3 (our test client and server share it, so only a browser shows it is the right one:
 # test_browser.py's Chromium does)
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
-    """Everything up to the blank line, and what came after it."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(65536)
-        if not data:
-            raise AssertionError(f"connection closed after {buf!r}")
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    return head, rest
 
 
 def recv_exactly(sock: socket.socket, n: int, buf: bytes = b"") -> tuple[bytes, bytes]:
@@ -104,10 +93,6 @@ def start_app(gw, destination: str, **app) -> tuple[int, str]:
     svc.start()
     gw.connector(svc)
     return port, svc
-
-
-def connect(port: int) -> socket.socket:
-    return socket.create_connection((HOST, port), timeout=30)
 
 
 def test_websocket_echo_through_the_tunnel(gw, backends):

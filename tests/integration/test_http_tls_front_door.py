@@ -11,7 +11,7 @@ import ssl
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway_harness import HOST, free_port, toml_table, wait_until
+from gateway_harness import HOST, free_port, http_request, read_head, toml_table, wait_until
 from testca import CA
 
 
@@ -19,13 +19,8 @@ def named_handler(name: str):
     """A back end answering every request with its name, the method and target it got."""
 
     def handler(conn: socket.socket, backend) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            more = conn.recv(65536)
-            if not more:
-                return
-            data += more
-        method, target = data.split(b"\r\n", 1)[0].split(b" ")[:2]
+        head, _ = read_head(conn)
+        method, target = head.split(b"\r\n", 1)[0].split(b" ")[:2]
         body = b"%s %s %s" % (name.encode(), method, target)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
 
@@ -62,20 +57,14 @@ class Front:
         c = http.client.HTTPConnection(HOST, self.tls, timeout=30)
         c.sock = tls
         try:
-            c.request("GET", path, headers={"Host": host})
-            r = c.getresponse()
-            return r.status, dict(r.getheaders()), r.read(), cn
+            r, body = http_request(self.tls, host, path, conn=c)
+            return r.status, dict(r.getheaders()), body, cn
         finally:
             c.close()
 
     def plain(self, host: str, path: str, method: str = "GET") -> tuple[int, dict, bytes]:
-        c = http.client.HTTPConnection(HOST, self.http, timeout=30)
-        try:
-            c.request(method, path, headers={"Host": host})
-            r = c.getresponse()
-            return r.status, dict(r.getheaders()), r.read()
-        finally:
-            c.close()
+        r, body = http_request(self.http, host, path, method)
+        return r.status, dict(r.getheaders()), body
 
 
 def start(gw, backends, tmp_path) -> tuple[Front, object, dict[str, object]]:
