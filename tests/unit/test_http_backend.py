@@ -162,11 +162,15 @@ class World:
         stream.write(data)
         self.flush()
 
-    def exchange(self, request=GET, response=OK):
-        """One request through a new stream, answered by the back end; returns what the service got."""
+    def request(self, request=GET):
+        """`request` sent on a new stream: (the stream, what the service got, the back-end connection)."""
         stream, side = self.open()
         self.send(stream, request)
-        conn = self.current()
+        return stream, side, self.current()
+
+    def exchange(self, request=GET, response=OK):
+        """One request through a new stream, answered by the back end; returns what the service got."""
+        stream, side, conn = self.request(request)
         conn.dataReceived(response)
         self.flush()
         stream.loseConnection()
@@ -257,9 +261,7 @@ def test_http10_response_is_not_reused():
 def test_body_until_close():
     """A response without framing is relayed until the back end closes, then the stream ends."""
     w = World()
-    stream, side = w.open()
-    w.send(stream, GET)
-    conn = w.current()
+    stream, side, conn = w.request()
     conn.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nsome")
     conn.dataReceived(b" more")
     w.flush()
@@ -273,9 +275,7 @@ def test_body_until_close():
 def test_interim_100_continue_is_relayed():
     """Expect: 100-continue reaches the back end and its 100 Continue reaches the service."""
     w = World()
-    stream, side = w.open()
-    w.send(stream, b"PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
-    conn = w.current()
+    stream, side, conn = w.request(b"PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
     assert b"Expect: 100-continue" in conn.transport.value()
     conn.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
     w.flush()
@@ -290,9 +290,7 @@ def test_interim_100_continue_is_relayed():
 def test_early_response_before_body_is_not_reused():
     """A back end answering (413) before the whole body came cannot keep the connection."""
     w = World()
-    stream, side = w.open()
-    w.send(stream, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
-    conn = w.current()
+    stream, side, conn = w.request(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
     conn.dataReceived(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
     w.flush()
     assert side.fin and w.pool.idle_count() == 0
@@ -322,9 +320,8 @@ def test_bytes_after_request_reset_the_stream():
 
 def test_malformed_response_resets_with_reason():
     w = World()
-    stream, side = w.open()
-    w.send(stream, GET)
-    w.current().dataReceived(b"HTCPCP/1.0 418 teapot\r\n\r\n")
+    stream, side, conn = w.request()
+    conn.dataReceived(b"HTCPCP/1.0 418 teapot\r\n\r\n")
     w.flush()
     assert side.reason.check(StreamReset) and "malformed status line" in side.reason.value.reason
 
@@ -356,9 +353,7 @@ def test_connect_deadline():
 def test_incomplete_response_resets_stream():
     """The back end closing mid-body resets the stream with a message; nothing is pooled."""
     w = World()
-    stream, side = w.open()
-    w.send(stream, GET)
-    conn = w.current()
+    stream, side, conn = w.request()
     conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     w.backend.close(conn, clean=False)
     w.flush()
@@ -370,9 +365,7 @@ def test_incomplete_response_resets_stream():
 def test_service_reset_aborts_backend():
     """The service resetting the stream (client gone, 504) aborts the back-end connection."""
     w = World()
-    stream, side = w.open()
-    w.send(stream, GET)
-    conn = w.current()
+    stream, side, conn = w.request()
     conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     w.flush()
     stream.reset(ResetCode.TIMEOUT, "the back end did not answer within 85s")
@@ -503,9 +496,7 @@ def test_unreadable_ca_file_is_a_config_error(tmp_path):
 def test_slow_backend_pauses_the_stream():
     """A back-end socket that cannot take more pauses the stream (no window credit to the service)."""
     w = World()
-    stream, side = w.open()
-    w.send(stream, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
-    conn = w.current()
+    stream, side, conn = w.request(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
     connector_stream = conn.user.stream
     conn.transport.producer.pauseProducing()  # what a TCP transport does when its buffer is full
     assert connector_stream._reading_paused
@@ -516,9 +507,7 @@ def test_slow_backend_pauses_the_stream():
 def test_slow_stream_pauses_the_backend_socket():
     """Response bytes the tunnel cannot send yet pause reading from the back end, and resume."""
     w = World()
-    stream, side = w.open()
-    w.send(stream, GET)
-    conn = w.current()
+    stream, side, conn = w.request()
     stream.pauseProducing()  # the service's client reads nothing
     conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4000000\r\n\r\n")
     for _ in range(40):
@@ -539,10 +528,8 @@ def test_slow_stream_pauses_the_backend_socket():
 
 def test_upgrade_splices_both_ways_and_is_never_pooled():
     w = World()
-    stream, side = w.open()
-    w.send(stream, b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                   b"Sec-WebSocket-Key: k\r\n\r\n")
-    conn = w.current()
+    stream, side, conn = w.request(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                                    b"Sec-WebSocket-Key: k\r\n\r\n")
     assert b"Connection: Upgrade\r\n" in conn.transport.value() and b"Upgrade: websocket" in conn.transport.value()
     conn.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x01a")
     w.flush()
@@ -569,9 +556,8 @@ def test_refused_upgrade_is_a_normal_response():
 
 def test_101_without_upgrade_request_is_an_error():
     w = World()
-    stream, side = w.open()
-    w.send(stream, GET)
-    w.current().dataReceived(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    stream, side, conn = w.request()
+    conn.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
     w.flush()
     assert side.reason.check(StreamReset) and "without an upgrade request" in side.reason.value.reason
 
