@@ -236,6 +236,17 @@ class Service:
         self.write_config()
         return port
 
+    def add_front_door(self, port: int, apps: list[dict[str, Any]], http: dict[str, Any] | None = None,
+                       more: str = "") -> None:
+        """Append to the config file an [http] front door listening on 127.0.0.1:`port` (with more
+        `http` keys), the TOML in `more` (say [http.oidc]) and `apps` as web apps (protocol http).
+        write_config rewrites the file without them."""
+        text = self.config_path.read_text()
+        text += "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}", **(http or {})}) + more
+        for app in apps:
+            text += "\n" + toml_table("apps", {"protocol": "http", **app}, array=True)
+        self.config_path.write_text(text)
+
     def start(self, wait: bool = True, env: dict[str, str] | None = None) -> Proc:
         self.starts += 1
         self.proc = self.gw.spawn(

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from gateway_harness import HOST, free_port, http_request, read_head, toml_table, wait_until
+from gateway_harness import free_port, http_request, read_head, wait_until
 
 pytest.importorskip("gateway_http")
 
@@ -52,11 +52,8 @@ def start(gw, backend, config_interval: float):
     """A service with the file's wiki app on a front door, and a connector; returns (svc, conn, front)."""
     front = free_port()
     svc = gw.service(start=False, service={"config_interval": config_interval})
-    text = svc.config_path.read_text()
-    text += "\n" + toml_table("http", {"listen": f"tcp:{front}:interface={HOST}"})
-    text += "\n" + toml_table("apps", {"name": "wiki", "external_url": f"http://{WIKI}:{front}/",
-                                       "internal_url": f"http://{backend.destination}/"}, array=True)
-    svc.config_path.write_text(text)
+    svc.add_front_door(front, [{"name": "wiki", "external_url": f"http://{WIKI}:{front}/",
+                                "internal_url": f"http://{backend.destination}/"}])
     svc.start()
     conn = gw.connector(svc)
     wait_until(answers(front, WIKI, "wiki-backend /hello"), 30, "the wiki app (from the file) to answer")

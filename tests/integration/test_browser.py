@@ -169,17 +169,13 @@ def test_chromium_signs_in_follows_a_redirect_and_keeps_a_websocket(gw, backends
         (tmp_path / "client-secret.txt").write_text(SECRET + "\n")
         gw.secrets.append(SECRET)   # the harness fails the test if it shows up in any log
         svc = gw.service(start=False)
-        text = svc.config_path.read_text()
-        text += "\n" + toml_table("http", {"listen": f"tcp:{http_port}:interface={HOST}",
-                                           "tls_listen": f"tcp:{tls_port}:interface={HOST}"})
-        text += "\n" + toml_table("http.certificates", ca.issue("star", ["*.apps.example.test"]).as_table(),
-                                  array=True)
-        text += "\n" + toml_table("http.oidc", {"issuer": provider.issuer, "client_id": "gateway",
+        more = "\n" + toml_table("http.certificates", ca.issue("star", ["*.apps.example.test"]).as_table(), array=True)
+        more += "\n" + toml_table("http.oidc", {"issuer": provider.issuer, "client_id": "gateway",
                                                 "client_secret_file": str(tmp_path / "client-secret.txt")})
-        text += "\n" + toml_table("apps", {"name": "wiki", "protocol": "http", "external_url": app,
-                                           "internal_url": f"http://{backend.destination}/",
-                                           "options": {"preauth": "oidc", "jwt_assertion": True}}, array=True)
-        svc.config_path.write_text(text)
+        svc.add_front_door(http_port, [{"name": "wiki", "external_url": app,
+                                        "internal_url": f"http://{backend.destination}/",
+                                        "options": {"preauth": "oidc", "jwt_assertion": True}}],
+                           http={"tls_listen": f"tcp:{tls_port}:interface={HOST}"}, more=more)
         svc.start()
         gw.connector(svc)
         wait_until(lambda: "oidc: provider" in svc.log(), 30, "the service to discover the provider")

@@ -26,11 +26,7 @@ def start_wiki(gw, nginx, extra_apps=(), **extra):
     app = {"name": "wiki", "external_url": f"http://{WIKI}:{port}/",
            "internal_url": f"http://{HOST}:{nginx.port}/", **extra}
     svc = gw.service(start=False)
-    text = svc.config_path.read_text()
-    text += "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
-    for a in [app, *extra_apps]:
-        text += "\n" + toml_table("apps", {"protocol": "http", **a}, array=True)
-    svc.config_path.write_text(text)
+    svc.add_front_door(port, [app, *extra_apps])
     svc.start()
     conn = gw.connector(svc)
     wait_until(lambda: get(port, f"{WIKI}:{port}", "/headers")[0].status == 200, 30,

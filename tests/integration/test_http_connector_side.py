@@ -98,12 +98,7 @@ def publish(gw, apps: list[dict], oidc: bool = False):
     """A service with a front door for `apps` and one connector; returns (service, connector, port)."""
     port = free_port()
     svc = gw.service(start=False)
-    text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
-    if oidc:
-        text += oidc_section(svc)
-    for app in apps:
-        text += "\n" + toml_table("apps", {"protocol": "http", **app}, array=True)
-    svc.config_path.write_text(text)
+    svc.add_front_door(port, apps, more=oidc_section(svc) if oidc else "")
     svc.start()
     conn = gw.connector(svc)
     wait_until(lambda: "config" in conn.proc.log() and apps[0]["name"] in conn.proc.log(), 30,
@@ -267,11 +262,8 @@ def test_sso_provider_from_an_entry_point_is_loaded_on_the_connector(gw, servers
     backend = servers()
     port = free_port()
     svc = gw.service(start=False)
-    text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
-    text += oidc_section(svc)
-    text += "\n" + toml_table("apps", {"protocol": "http", **app("wiki", f"http://{HOST}:{backend.port}/",
-                                                                  sso="stub", preauth="oidc")}, array=True)
-    svc.config_path.write_text(text)
+    svc.add_front_door(port, [app("wiki", f"http://{HOST}:{backend.port}/", sso="stub", preauth="oidc")],
+                       more=oidc_section(svc))
     svc.start()
     conn = gw.connector(svc, start=False)
     path = os.pathsep.join(p for p in (str(sso_plugin_path(tmp_path)), os.environ.get("PYTHONPATH")) if p)

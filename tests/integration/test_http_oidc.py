@@ -241,15 +241,12 @@ def start_gateway(gw, tmp_path, options: dict, **oidc_settings):
     (tmp_path / "client-secret.txt").write_text(SECRET + "\n")
     gw.secrets.append(SECRET)   # the harness fails the test if it shows up in any log
     svc = gw.service(start=False)
-    text = svc.config_path.read_text()
-    text += "\n" + toml_table("http", {"listen": f"tcp:{front}:interface={HOST}"})
-    text += "\n" + toml_table("http.oidc", {"issuer": provider.issuer, "client_id": "gateway",
-                                            "client_secret_file": str(tmp_path / "client-secret.txt"),
-                                            **oidc_settings})
-    text += "\n" + toml_table("apps", {"name": "wiki", "protocol": "http", "external_url": base + "/",
-                                       "internal_url": f"http://{HOST}:{backend.port}/",
-                                       "options": {"preauth": "oidc", **options}}, array=True)
-    svc.config_path.write_text(text)
+    svc.add_front_door(front, [{"name": "wiki", "external_url": base + "/",
+                                "internal_url": f"http://{HOST}:{backend.port}/",
+                                "options": {"preauth": "oidc", **options}}],
+                       more="\n" + toml_table("http.oidc", {"issuer": provider.issuer, "client_id": "gateway",
+                                                            "client_secret_file": str(tmp_path / "client-secret.txt"),
+                                                            **oidc_settings}))
     svc.start()
     conn = gw.connector(svc)
     wait_until(lambda: "oidc: provider" in svc.log(), 30, "the service to discover the provider")

@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 
-from gateway_harness import HOST, connect, free_port, read_head, toml_table, wait_until
+from gateway_harness import HOST, connect, free_port, read_head, wait_until
 from gateway_harness import http_request as get
 from test_http import WIKI, start_wiki
 
@@ -84,12 +84,9 @@ def websocket_echo(conn: socket.socket, backend) -> None:
 def start_app(gw, destination: str, **app) -> tuple[int, str]:
     """A service with one web app at http://WIKI:port/ (plus `app` keys) and a connector."""
     port = free_port()
-    entry = {"name": "wiki", "protocol": "http", "external_url": f"http://{WIKI}:{port}/",
-             "internal_url": f"http://{destination}/", **app}
     svc = gw.service(start=False)
-    text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
-    text += "\n" + toml_table("apps", entry, array=True)
-    svc.config_path.write_text(text)
+    svc.add_front_door(port, [{"name": "wiki", "external_url": f"http://{WIKI}:{port}/",
+                               "internal_url": f"http://{destination}/", **app}])
     svc.start()
     gw.connector(svc)
     return port, svc
@@ -177,12 +174,10 @@ def test_path_prefix_app_and_custom_headers(gw, nginx):
     (nginx.www / "dir").mkdir()
     port = free_port()
     svc = gw.service(start=False)
-    text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{port}:interface={HOST}"})
-    text += "\n" + toml_table("apps", {
-        "name": "wiki", "protocol": "http", "external_url": f"http://{WIKI}:{port}/wiki/",
-        "internal_url": f"http://{HOST}:{nginx.port}/", "options": {"request_headers": {"X-Secret": "from-gateway"}},
-    }, array=True)
-    svc.config_path.write_text(text)
+    svc.add_front_door(port, [{
+        "name": "wiki", "external_url": f"http://{WIKI}:{port}/wiki/", "internal_url": f"http://{HOST}:{nginx.port}/",
+        "options": {"request_headers": {"X-Secret": "from-gateway"}},
+    }])
     svc.start()
     gw.connector(svc)
     host = f"{WIKI}:{port}"

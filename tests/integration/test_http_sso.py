@@ -52,14 +52,11 @@ def start_stack(gw, tmp_path, started: list, connectors: int, **app_keys):
     (tmp_path / "client-secret.txt").write_text(SECRET + "\n")
     gw.secrets.append(SECRET)
     svc = gw.service(start=False)
-    text = svc.config_path.read_text()
-    text += "\n" + toml_table("http", {"listen": f"tcp:{front}:interface={HOST}"})
-    text += "\n" + toml_table("http.oidc", {"issuer": provider.issuer, "client_id": "gateway",
-                                            "client_secret_file": str(tmp_path / "client-secret.txt")})
-    text += "\n" + toml_table("apps", {"name": "wiki", "protocol": "http", "external_url": base + "/",
-                                       "internal_url": f"http://{HOST}:{backend.port}/",
-                                       "options": {"preauth": "oidc", "sso": "test-sso"}, **app_keys}, array=True)
-    svc.config_path.write_text(text)
+    svc.add_front_door(front, [{"name": "wiki", "external_url": base + "/",
+                                "internal_url": f"http://{HOST}:{backend.port}/",
+                                "options": {"preauth": "oidc", "sso": "test-sso"}, **app_keys}],
+                       more="\n" + toml_table("http.oidc", {"issuer": provider.issuer, "client_id": "gateway",
+                                                            "client_secret_file": str(tmp_path / "client-secret.txt")}))
     svc.start()
     conns = [start_connector(gw, svc) for _ in range(connectors)]
     wait_until(lambda: "oidc: provider" in svc.log(), 30, "the service to discover the provider")
@@ -159,11 +156,8 @@ def test_sso_without_a_signed_in_user_is_refused_at_start(gw):
     """options.sso on a passthrough app: the service exits before anything starts, naming app and option."""
     front = free_port()
     svc = gw.service(start=False)
-    text = svc.config_path.read_text() + "\n" + toml_table("http", {"listen": f"tcp:{front}:interface={HOST}"})
-    text += "\n" + toml_table("apps", {"name": "wiki", "protocol": "http", "external_url": f"http://{WIKI}/",
-                                       "internal_url": f"http://{HOST}:9/",
-                                       "options": {"preauth": "passthrough", "sso": "test-sso"}}, array=True)
-    svc.config_path.write_text(text)
+    svc.add_front_door(front, [{"name": "wiki", "external_url": f"http://{WIKI}/", "internal_url": f"http://{HOST}:9/",
+                                "options": {"preauth": "passthrough", "sso": "test-sso"}}])
     result = gw.twistd(svc.config_path, timeout=30)
     out = result.stdout + result.stderr
     assert result.returncode != 0, out

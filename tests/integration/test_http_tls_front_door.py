@@ -83,17 +83,13 @@ def start(gw, backends, tmp_path) -> tuple[Front, object, dict[str, object]]:
     certificates = [ca.issue("cert-a", ["a.example.test", "paths.example.test"]).as_table(),
                     ca.issue("cert-b", ["b.example.test"]).as_table(),
                     ca.issue("cert-star", ["*.apps.example.test"]).as_table()]
-    svc = gw.service(start=False)
-    text = svc.config_path.read_text()
-    text += "\n" + toml_table("http", {"listen": f"tcp:{http_port}:interface={HOST}",
-                                       "tls_listen": f"tcp:{tls_port}:interface={HOST}"})
-    for entry in certificates:
-        text += "\n" + toml_table("http.certificates", entry, array=True)
+    web_apps = []
     for name, url in apps:
         path = url.split(":", 2)[2].partition("/")[2]  # the prefix, kept the same inside
-        text += "\n" + toml_table("apps", {"name": name, "protocol": "http", "external_url": url,
-                                           "internal_url": f"http://{ends[name].destination}/{path}"}, array=True)
-    svc.config_path.write_text(text)
+        web_apps.append({"name": name, "external_url": url, "internal_url": f"http://{ends[name].destination}/{path}"})
+    svc = gw.service(start=False)
+    more = "".join("\n" + toml_table("http.certificates", entry, array=True) for entry in certificates)
+    svc.add_front_door(http_port, web_apps, http={"tls_listen": f"tcp:{tls_port}:interface={HOST}"}, more=more)
     svc.start()
     gw.connector(svc)
     front = Front(ca, http_port, tls_port)
