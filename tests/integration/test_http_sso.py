@@ -78,9 +78,10 @@ def header(seen: dict, name: str) -> list[str]:
 
 
 def served_by(svc, path: str) -> tuple[str, str]:
-    """(request id, connector id) of the 200 the service logged for ``path``."""
-    m = re.search(rf"request (\w+) GET {re.escape(path)} for app wiki via connector (\w+): 200", svc.log())
-    assert m, f"no 200 for {path} in the service log"
+    """(request id, connector id) of the 200 the service logged for ``path``: the line is written
+    once the response is, so it may come just after the client has the whole response."""
+    m = wait_until(lambda: re.search(rf"request (\w+) GET {re.escape(path)} for app wiki via connector (\w+): 200",
+                                     svc.log()), 10, f"a 200 for {path} in the service log")
     return m.group(1), m.group(2)
 
 
