@@ -10,7 +10,6 @@ every other name unresolvable), the provider listens on 127.0.0.1: nothing leave
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import json
 import os
@@ -23,8 +22,8 @@ import pytest
 
 from gateway_harness import HOST, free_port, read_head, toml_table, wait_until
 from test_http_oidc import NODE_DIR, SECRET, OpenIDProvider
-from test_http_proxy import WS_GUID, ws_frame, ws_read
 from testca import CA
+from websocket_harness import ws_frame, ws_read, ws_switch
 
 CHROMIUM = os.environ.get("GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium")
 NODE = shutil.which("node")
@@ -106,9 +105,7 @@ def web_app(conn: socket.socket, backend) -> None:
         backend.record((method, target, headers))
         path = target.split("?", 1)[0]
         if path == "/ws" and headers.get("upgrade", "").lower() == "websocket":
-            accept = base64.b64encode(hashlib.sha1(headers["sec-websocket-key"].encode() + WS_GUID).digest())
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            ws_switch(conn, headers["sec-websocket-key"].encode())
             try:
                 while True:
                     opcode, payload, buf = ws_read(conn, buf)

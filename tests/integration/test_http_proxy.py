@@ -4,7 +4,6 @@ Expect: 100-continue, path prefixes and custom request headers."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import socket
 import struct
@@ -12,55 +11,7 @@ import struct
 from gateway_harness import HOST, connect, free_port, read_head, wait_until
 from gateway_harness import http_request as get
 from test_http import WIKI, start_wiki
-
-# RFC 6455 1.3 (our test client and server share it, so only a browser shows it is the right one:
-# test_browser.py's Chromium does)
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def recv_exactly(sock: socket.socket, n: int, buf: bytes = b"") -> tuple[bytes, bytes]:
-    while len(buf) < n:
-        data = sock.recv(65536)
-        if not data:
-            raise AssertionError(f"connection closed with {len(buf)} of {n} bytes")
-        buf += data
-    return buf[:n], buf[n:]
-
-
-def ws_frame(payload: bytes, opcode: int = 1, mask: bytes | None = None) -> bytes:
-    """One final WebSocket frame (RFC 6455), masked when `mask` is given (clients must mask)."""
-    n = len(payload)
-    head = bytes([0x80 | opcode])
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([bit | 127]) + struct.pack("!Q", n)
-    if mask:
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        head += mask
-    return head + payload
-
-
-def ws_read(sock: socket.socket, buf: bytes = b"") -> tuple[int, bytes, bytes]:
-    """(opcode, payload, rest) of the next frame."""
-    two, buf = recv_exactly(sock, 2, buf)
-    opcode, n, masked = two[0] & 0x0F, two[1] & 0x7F, two[1] & 0x80
-    if n == 126:
-        ext, buf = recv_exactly(sock, 2, buf)
-        n = struct.unpack("!H", ext)[0]
-    elif n == 127:
-        ext, buf = recv_exactly(sock, 8, buf)
-        n = struct.unpack("!Q", ext)[0]
-    mask = b""
-    if masked:
-        mask, buf = recv_exactly(sock, 4, buf)
-    payload, buf = recv_exactly(sock, n, buf)
-    if mask:
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return opcode, payload, buf
+from websocket_harness import ws_accept, ws_frame, ws_read, ws_switch
 
 
 def websocket_echo(conn: socket.socket, backend) -> None:
@@ -69,9 +20,7 @@ def websocket_echo(conn: socket.socket, backend) -> None:
     lines = head.split(b"\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
     backend.record(headers)
-    accept = base64.b64encode(hashlib.sha1(headers[b"sec-websocket-key"] + WS_GUID).digest())
-    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    ws_switch(conn, headers[b"sec-websocket-key"])
     buf = rest
     while True:
         opcode, payload, buf = ws_read(conn, buf)
@@ -107,7 +56,7 @@ def test_websocket_echo_through_the_tunnel(gw, backends):
 
     s, head, rest = wait_until(lambda: (lambda r: r if r[1].startswith(b"HTTP/1.1 101") else None)(handshake()),
                                30, "a 101 through the front door")
-    assert b"Sec-WebSocket-Accept: " + base64.b64encode(hashlib.sha1(key + WS_GUID).digest()) in head
+    assert b"Sec-WebSocket-Accept: " + ws_accept(key) in head
     big = os.urandom(300_000)
     for payload, opcode in ((b"hello", 1), (big, 2), (b"again", 1)):
         s.sendall(ws_frame(payload, opcode, mask=os.urandom(4)))
