@@ -167,11 +167,17 @@ def ca(tmp_path):
     return CA(tmp_path / "pki", "test-ca"), CA(tmp_path / "pki", "other-ca")
 
 
+def publish_https(gw, servers, issuer: CA, hostname: str, **options):
+    """A back end serving a certificate for `hostname` from `issuer`, published as the wiki app at
+    https://localhost:<port>/ with `options`; returns (back end, connector, front-door port)."""
+    backend = servers(issuer.server_context(hostname))
+    svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/", **options)])
+    return backend, conn, front
+
+
 def test_https_backend_verified_with_backend_ca_file(gw, servers, ca):
     good, _ = ca
-    backend = servers(good.server_context("localhost"))
-    svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
-                                        backend_ca_file=str(good.pem_path))])
+    backend, conn, front = publish_https(gw, servers, good, "localhost", backend_ca_file=str(good.pem_path))
     wait_until(lambda: get(front)[0].status == 200, 30, "the https app to answer")
     bodies = [get(front)[1].decode() for _ in range(10)]
     assert all(b.startswith("conn=") for b in bodies)
@@ -180,9 +186,7 @@ def test_https_backend_verified_with_backend_ca_file(gw, servers, ca):
 
 def test_https_backend_from_an_unknown_ca_gives_502_naming_the_problem(gw, servers, ca):
     good, other = ca
-    backend = servers(good.server_context("localhost"))
-    svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
-                                        backend_ca_file=str(other.pem_path))])
+    backend, conn, front = publish_https(gw, servers, good, "localhost", backend_ca_file=str(other.pem_path))
     r, body = get(front)
     assert r.status == 502
     request_id = r.getheader("X-Request-Id")
@@ -195,9 +199,8 @@ def test_https_backend_from_an_unknown_ca_gives_502_naming_the_problem(gw, serve
 
 def test_https_backend_with_the_wrong_host_name_gives_502(gw, servers, ca):
     good, _ = ca
-    backend = servers(good.server_context("elsewhere.example.test"))
-    svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
-                                        backend_ca_file=str(good.pem_path))])
+    backend, conn, front = publish_https(gw, servers, good, "elsewhere.example.test",
+                                         backend_ca_file=str(good.pem_path))
     r, _ = get(front)
     assert r.status == 502
     wait_until(lambda: r.getheader("X-Request-Id") in conn.proc.log(), 10, "the id in the connector log")
@@ -206,9 +209,7 @@ def test_https_backend_with_the_wrong_host_name_gives_502(gw, servers, ca):
 
 def test_backend_tls_verify_off_connects_and_warns_once(gw, servers, ca):
     _, other = ca
-    backend = servers(other.server_context("elsewhere.example.test"))
-    svc, conn, front = publish(gw, [app("wiki", f"https://localhost:{backend.port}/",
-                                        backend_tls_verify=False)])
+    backend, conn, front = publish_https(gw, servers, other, "elsewhere.example.test", backend_tls_verify=False)
     wait_until(lambda: get(front)[0].status == 200, 30, "the https app to answer")
     assert get(front)[0].status == 200
     assert conn.proc.log().count("options.backend_tls_verify is false") == 1
