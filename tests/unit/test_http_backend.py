@@ -229,8 +229,10 @@ def test_chunked_both_ways():
     assert not side.fin
     conn.dataReceived(response[50:])
     w.flush()
-    assert side.data == response and side.fin
-    assert w.pool.idle_count() == 1
+    assert side.data == response and not side.fin   # the stream waits for the next request
+    stream.loseConnection()
+    w.flush()
+    assert side.fin and w.pool.idle_count() == 1
 
 
 def test_head_and_204_have_no_body():
@@ -284,7 +286,7 @@ def test_interim_100_continue_is_relayed():
     assert conn.transport.value().endswith(b"\r\n\r\nabc")
     conn.dataReceived(OK)
     w.flush()
-    assert side.data == b"HTTP/1.1 100 Continue\r\n\r\n" + OK and side.fin
+    assert side.data == b"HTTP/1.1 100 Continue\r\n\r\n" + OK
 
 
 def test_early_response_before_body_is_not_reused():
@@ -386,7 +388,7 @@ def test_stale_pooled_connection_is_retried_once():
     assert second is not first and second.transport.value() == GET
     second.dataReceived(OK)
     w.flush()
-    assert side.data == OK and side.fin
+    assert side.data == OK
 
 
 def test_no_retry_for_request_with_body_or_fresh_connection():
@@ -447,6 +449,9 @@ def test_max_idle_bounds_the_pool():
     assert len(w.backend.conns) == 3
     for conn in w.backend.conns:
         conn.dataReceived(OK)
+    w.flush()
+    for stream, _ in streams:
+        stream.loseConnection()
     w.flush()
     assert w.pool.idle_count() == 1
     assert sorted(str(c.transport.closed_how) for c in w.backend.conns) == ["None", "close", "close"]
@@ -655,3 +660,36 @@ def test_two_plugins_one_provider_name_is_an_error():
     pm.register(SSOPlugin(TokenProvider()), name="b")
     with pytest.raises(plugins.PluginError, match="two plugins register the SSO provider 'token'"):
         plugins.sso_providers(pm)
+
+
+def test_a_stream_carries_the_connections_next_requests_on_the_same_back_end_connection():
+    """After a complete exchange the stream stays for the next request, which goes out on the
+    back-end connection paired with the stream; its X-Gateway-Request-Id names it in the logs."""
+    w = World()
+    stream, side, conn = w.request(GET)
+    conn.dataReceived(OK)
+    w.flush()
+    assert side.data == OK and not side.fin and w.pool.idle_count() == 0
+    second = GET.replace(b"\r\n\r\n", b"\r\nX-Gateway-Request-Id: r2\r\n\r\n")
+    w.send(stream, second)
+    assert w.current() is conn and conn.transport.value() == GET + second
+    conn.dataReceived(OK)
+    w.flush()
+    assert side.data == OK + OK
+    assert conn.user is None or conn.user.request_id == "r2"
+    assert w.connector.streams[stream.id].protocol.request_id == "r2"
+    stream.loseConnection()
+    w.flush()
+    assert side.fin and w.pool.idle_count() == 1 and w.pool.dials == 1
+
+
+def test_a_closed_back_end_connection_is_replaced_for_the_next_request():
+    """A back end saying Connection: close ends that connection, not the stream: the next request dials."""
+    w = World()
+    stream, side, conn = w.request(GET)
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    w.flush()
+    assert not side.fin and str(conn.transport.closed_how) == "close"
+    w.send(stream, GET)
+    again = w.current()
+    assert again is not conn and again.transport.value() == GET

@@ -130,9 +130,11 @@ def test_request_goes_to_a_stream_and_response_comes_back():
     out = h.output()
     assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nhello")
     assert b"Connection: keep-alive" in out
-    assert stream.fin and not h.transport.disconnecting
+    assert not stream.fin and not h.transport.disconnecting   # kept for the connection's next request
     assert h.transport.producerState == "producing"
     assert len(writes) == 1   # head and body in one write (one send)
+    h.door.connectionLost(Failure(ConnectionDone()))
+    assert stream.fin   # the client went: the kept stream ends
 
 
 def test_bytes_arriving_while_a_request_is_in_flight_pause_the_client():
@@ -143,23 +145,52 @@ def test_bytes_arriving_while_a_request_is_in_flight_pause_the_client():
     assert h.transport.producerState == "producing"
     h.send(GET.replace(b"/a", b"/b"))
     assert h.transport.producerState == "paused"
-    h.accept(0).answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    assert len(h.opens) == 2 and h.transport.producerState == "producing"
+    stream = h.accept(0)
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert stream.data.count(b"GET /") == 2 and h.transport.producerState == "producing"
 
 
 def test_pipelined_requests_are_answered_in_order():
-    """Two requests in one read: the second opens its stream only after the first response ended."""
+    """Two requests in one read: the second goes on the same stream only after the first response ended."""
     h = Harness()
     h.send(GET + GET.replace(b"/a", b"/b"))
-    first = h.accept()
-    assert len(h.opens) == 1
-    first.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
-    assert len(h.opens) == 2
-    second = h.accept()
-    assert second.data.startswith(b"GET /b ")
-    second.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+    stream = h.accept()
+    assert stream.data.count(b"GET /") == 1
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    assert len(h.opens) == 1 and stream.data.count(b"GET /") == 2
+    assert stream.data[stream.data.index(b"GET /b "):].startswith(b"GET /b ")
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
     out = h.output()
     assert out.index(b"\r\n\r\n1") < out.index(b"\r\n\r\n2")
+
+
+def test_a_new_stream_for_another_user_or_a_closed_one():
+    """The kept stream serves the next request only for the same app and user and while it is open."""
+    from gateway_http.auth import Allow, Identity
+    h = Harness()
+    h.send(GET)
+    first = h.accept()
+    first.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    h.door.gate = Gate(Allow(Identity("bob"), None))
+    h.send(GET)
+    assert len(h.opens) == 2 and first.fin   # another user: the kept stream ends, a new one opens
+    second = h.accept()
+    assert second.metadata["user"] == "bob"
+    second.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    second.closed = True   # e.g. the connector went away
+    h.send(GET)
+    assert len(h.opens) == 3
+
+
+def test_each_request_on_a_kept_stream_carries_its_own_id():
+    """X-Gateway-Request-Id tells the connector (and the back end) which request it is; a client's is dropped."""
+    h = Harness()
+    h.send(GET.replace(b"\r\n\r\n", b"\r\nX-Gateway-Request-Id: forged\r\n\r\n"))
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    h.send(GET)
+    ids = [line for line in stream.data.split(b"\r\n") if line.startswith(b"X-Gateway-Request-Id: ")]
+    assert len(ids) == 2 and ids[0] != ids[1] and b"forged" not in stream.data
 
 
 def test_chunked_request_body_is_re_encoded():
@@ -224,7 +255,7 @@ def test_head_request_keeps_content_length_and_sends_no_body():
     stream = h.accept()
     stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
     out = h.output()
-    assert b"Content-Length: 99" in out and out.endswith(b"\r\n\r\n") and stream.fin
+    assert b"Content-Length: 99" in out and out.endswith(b"\r\n\r\n") and not h.transport.disconnecting
 
 
 def test_100_continue_is_passed_on():
@@ -306,9 +337,10 @@ def test_client_gone_resets_the_stream():
 
 
 def test_a_finished_response_lets_its_stream_drain():
-    """A stream paused by a slow client is resumed once its response is complete, so it can close."""
+    """A stream paused by a slow client is resumed once its response is complete, so it can close
+    (or carry the next request)."""
     h = Harness()
-    h.send(GET)
+    h.send(GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
     stream = h.accept()
     stream.pauseProducing()
     stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -519,7 +551,6 @@ def test_gzip_bodies_are_translated_and_images_left_alone():
     out = h.output().partition(b"\r\n\r\n")[2]
     assert zlib.decompress(_dechunk(out), 16 + zlib.MAX_WBITS) == b"see http://wiki.example.test/page"
     h.send(GET)
-    stream = h.accept()
     png = b"\x89PNG http://wiki.corp:8000/"
     stream.answer(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n%s" % (len(png), png))
     out = h.output()

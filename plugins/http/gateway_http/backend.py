@@ -108,7 +108,8 @@ def serve_stream(stream: Any, app: Any, reactor: Any, backends: Backends | None 
 
 @implementer(IHalfCloseableProtocol)
 class Exchange(Protocol):
-    """The protocol on one web-app stream: its request to the back end and the answer back."""
+    """The protocol on one web-app stream: its requests to the back end, one after the other,
+    and the answers back (one client connection's keep-alive requests share a stream)."""
 
     def __init__(self, backends: Backends, stream: Any, app: Any, target: Target, provider: Any) -> None:
         self.backends = backends
@@ -118,6 +119,12 @@ class Exchange(Protocol):
         self.provider = provider
         self.request_id = stream.metadata.get("request_id")
         self.conn: BackendConnection | None = None
+        self._next_exchange()
+        self._sso_call: Any = None
+        self._holds: set[str] = set()
+
+    def _next_exchange(self) -> None:
+        """Ready for a (next) request on this stream."""
         # request (service -> back end): head, wait (SSO credentials, a connection), body, sent
         self.phase = "head"
         self.req_buf = b""
@@ -139,8 +146,6 @@ class Exchange(Protocol):
         self.relayed = False
         self.retried = False
         self.over = False
-        self._sso_call: Any = None
-        self._holds: set[str] = set()
 
     # -- getting a connection ------------------------------------------------------------
 
@@ -219,6 +224,9 @@ class Exchange(Protocol):
         except HTTPError as e:
             self._fail(ResetCode.INTERNAL_ERROR, f"the service sent a bad request head: {e.message} ({e.status})")
             return
+        ids = rules.get(request.headers, rules.REQUEST_ID_HEADER)
+        if ids:
+            self.request_id = ids[-1].decode("latin-1")   # this request's, when the stream carries several
         connection = {t.strip().lower() for v in rules.get(request.headers, b"connection") for t in v.split(b",")}
         self.upgrade = b"upgrade" in connection and bool(rules.get(request.headers, b"upgrade"))
         # Older services send Connection: close; back-end connections are ours to keep alive.
@@ -453,6 +461,16 @@ class Exchange(Protocol):
         self.over = True
         reusable = (self.phase == "sent" and self.resp_keep_alive and not extra and not self.extra_sent
                     and self.request.version == b"HTTP/1.1")
+        if self.phase == "sent" and not self.stream.closed and not self.stream.disconnecting:
+            # The stream may carry the client connection's next request: keep a reusable back-end
+            # connection paired with it (no pool round trip), else dial when that request comes.
+            if not reusable:
+                conn = self._let_go()
+                if conn is not None and not conn.lost:
+                    conn.transport.loseConnection()
+            self._next_exchange()
+            self._release("request")
+            return
         conn = self._let_go()
         self._holds.clear()
         self.stream.resumeProducing()  # whatever still comes is dropped; let it flow so the stream ends

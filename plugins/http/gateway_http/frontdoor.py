@@ -125,6 +125,7 @@ class Exchange:
         self.internal = internal
         self.stream: Any = None
         self.identity: auth.Identity | None = None
+        self.stream_identity: dict | None = None
         self.upgrade = False
         # request body: bytes left (int) or a chunk decoder
         self.body_left = body_length if body_length is not None else 0
@@ -208,6 +209,7 @@ class FrontDoor(Protocol):
         self._streaming = False       # a request's stream is registered as the client socket's producer
         self._body_timer: Any = None
         self._backend_timer: Any = None
+        self._idle: tuple[Any, Any, dict | None] | None = None   # (stream, app, identity) kept for the next request
 
     # -- the client socket -------------------------------------------------------------
 
@@ -250,6 +252,9 @@ class FrontDoor(Protocol):
         self._disarm()
         self._cancel_body_timer()
         self._cancel_backend_timer()
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle[0].closed:
+            idle[0].loseConnection()
         ex = self.exchange
         if ex is not None and ex.stream is not None and not ex.stream.closed and ex.response_state != "done":
             ex.stream.reset(ResetCode.CANCELLED, "the HTTP client went away")
@@ -333,6 +338,28 @@ class FrontDoor(Protocol):
         else:
             self.state = "closed"
             self.transport.loseConnection()
+
+    def _take_idle(self, app: Any, identity: dict | None) -> Any:
+        """The stream the previous request of this connection used, if the next may use it too:
+        the same app, the same signed-in user, and its tunnel still taking new work. Any other
+        kept stream is closed. One stream per client connection, not per request, saves opening
+        and closing one (two round trips' worth of frames) for every request."""
+        idle, self._idle = self._idle, None
+        if idle is None:
+            return None
+        stream, idle_app, idle_identity = idle
+        session = getattr(stream, "session", None)
+        usable = (not stream.closed and not getattr(stream, "disconnecting", False)
+                  and (session is None or session.available))   # a draining connector takes no more
+        if usable and idle_app is app and idle_identity == identity:
+            return stream
+        if not stream.closed:
+            stream.loseConnection()
+        return None
+
+    def _drop_idle(self, stream: Any) -> None:
+        if self._idle is not None and self._idle[0] is stream:
+            self._idle = None
 
     def _unregister(self) -> None:
         """The response is over: the stream stops being the client socket's producer."""
@@ -457,6 +484,10 @@ class FrontDoor(Protocol):
             ex.identity = decision.identity
             extra["user"] = decision.identity.subject
             extra["identity"] = decision.identity.to_metadata()
+        kept = self._take_idle(ex.app, extra.get("identity"))
+        if kept is not None:
+            self._opened(kept, ex, body_length)
+            return
         d = self.open_stream(ex.app, extra)
         d.addCallbacks(self._opened, self._open_failed, callbackArgs=(ex, body_length),
                        errbackArgs=(ex,))
@@ -488,6 +519,7 @@ class FrontDoor(Protocol):
             stream.loseConnection()
             return
         ex.stream = stream
+        ex.stream_identity = ex.identity.to_metadata() if ex.identity is not None else None
         try:
             if translate_links(ex.app) and self.link_map is not None and not self.link_map.empty:
                 # ask for a coding we can undo, so the body can be translated
@@ -497,9 +529,13 @@ class FrontDoor(Protocol):
                 ex.request = rules.Request(ex.request.method, ex.request.target, ex.request.version, headers)
             head = rules.backend_request_head(ex.request, body_length, ex.external, ex.internal,
                                               self._client_host, translate_host=translate_host(ex.app),
-                                              extra_headers=request_headers(ex.app))
+                                              extra_headers=[*request_headers(ex.app), (
+                                                  b"X-Gateway-Request-Id", ex.request_id.encode())])
             ex.upgrade = rules.upgrade_protocols(ex.request) is not None
-            stream.attach(ResponseSide(self, ex))
+            if isinstance(stream.protocol, ResponseSide):
+                stream.protocol.exchange = ex   # a kept stream: its next exchange
+            else:
+                stream.attach(ResponseSide(self, ex))
             self.transport.registerProducer(stream, True)
             self._streaming = True
             stream.registerProducer(self._reader, True)
@@ -646,6 +682,7 @@ class FrontDoor(Protocol):
 
     def _response_fin(self, ex: Exchange) -> None:
         """The connector half-closed the stream."""
+        self._drop_idle(ex.stream)
         if ex.response_state == "upgraded":
             if self.state != "closed":
                 loser = getattr(self.transport, "loseWriteConnection", None)
@@ -723,9 +760,14 @@ class FrontDoor(Protocol):
             ex.keep_alive = False
             ex.stream.unregisterProducer()
             self._release("tunnel")
-        # Whatever still comes on this stream is dropped: let it flow so the stream can close.
+        # Whatever still comes on this stream is dropped: let it flow so the stream can close
+        # (or, kept, so the connector's next answer is not held back).
         ex.stream.resumeProducing()
-        ex.stream.loseConnection()
+        if (ex.request_done and ex.keep_alive and not self._read_closed and ex.response_framing != -1
+                and not ex.stream.closed and not getattr(ex.stream, "disconnecting", False)):
+            self._idle = (ex.stream, ex.app, ex.stream_identity)
+        else:
+            ex.stream.loseConnection()
         if ex.request_done or not ex.keep_alive:
             self._exchange_over(ex)
 
@@ -744,6 +786,7 @@ class FrontDoor(Protocol):
         self._arm()
 
     def _response_lost(self, ex: Exchange, reason: Failure | None) -> None:
+        self._drop_idle(ex.stream)
         if ex.response_state == "upgraded":
             if self.state != "closed":
                 self.state = "closed"

@@ -27,7 +27,10 @@ HOP_BY_HOP = frozenset({
     b"upgrade", b"proxy-authenticate", b"proxy-authorization",
 })
 FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-FORWARDING = frozenset({b"x-forwarded-proto", b"x-forwarded-host"})
+# The front door's correlation id for each request, sent to the connector (which logs it) and
+# on to the back end; a client's header of that name is dropped.
+REQUEST_ID_HEADER = b"x-gateway-request-id"
+FORWARDING = frozenset({b"x-forwarded-proto", b"x-forwarded-host", REQUEST_ID_HEADER})
 
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
