@@ -40,3 +40,9 @@ def configure(format: str, level: str) -> str:
 
 def configured_observer() -> Any:
     return make_observer(_chosen["format"], _chosen["level"])
+
+
+def enabled(level: LogLevel) -> bool:
+    """Whether events at ``level`` are kept by the configured observer: a hot path may skip
+    building an event (one per HTTP request, say) that would be dropped anyway."""
+    return level >= LEVELS[_chosen["level"]]

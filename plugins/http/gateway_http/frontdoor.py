@@ -24,10 +24,11 @@ from attrs import frozen
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway import logs
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import tune_socket
 
@@ -546,7 +547,8 @@ class FrontDoor(Protocol):
             return
         self.state = "body"
         self._release("stream")
-        self._arm_body()
+        if ex.body_decoder is not None or ex.body_left:
+            self._arm_body()
         self._advance()
 
     def _open_failed(self, failure: Failure, ex: Exchange) -> None:
@@ -747,12 +749,13 @@ class FrontDoor(Protocol):
         self._write_response(ex, b"")   # a body-less answer's head
         ex.response_state = "done"
         self._cancel_backend_timer()
-        info = getattr(ex.stream, "log_info", None)
-        log.info("request {request_id} {method} {target} for app {app} via connector {connector}: "
-                 "{status}, {size} bytes",
-                 request_id=ex.request_id, method=ex.request.method.decode("latin-1"),
-                 target=ex.request.target.decode("latin-1")[:200], app=ex.app.name,
-                 connector=info.connector_id if info else "?", status=ex.response.status, size=ex.bytes_out)
+        if logs.enabled(LogLevel.info):   # the access log line; not even built when it would be dropped
+            info = getattr(ex.stream, "log_info", None)
+            log.info("request {request_id} {method} {target} for app {app} via connector {connector}: "
+                     "{status}, {size} bytes",
+                     request_id=ex.request_id, method=ex.request.method.decode("latin-1"),
+                     target=ex.request.target.decode("latin-1")[:200], app=ex.app.name,
+                     connector=info.connector_id if info else "?", status=ex.response.status, size=ex.bytes_out)
         self._unregister()
         if not ex.request_done:
             # The back end answered before the whole request body came: this connection's

@@ -11,7 +11,7 @@ import html
 import re
 from urllib.parse import urlsplit
 
-from attrs import frozen
+from attrs import field, frozen
 
 
 MAX_REQUEST_LINE = 8 * 1024
@@ -79,12 +79,24 @@ def _origin_of(url: str) -> Origin:
     return Origin(scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS[scheme], parts.path or "/")
 
 
+def _index(headers: Headers) -> dict[bytes, list[bytes]]:
+    index: dict[bytes, list[bytes]] = {}
+    for k, v in headers:
+        index.setdefault(k.lower(), []).append(v)
+    return index
+
+
 @frozen
 class Request:
     method: bytes
     target: bytes
     version: bytes          # b"HTTP/1.1" or b"HTTP/1.0"
     headers: Headers
+    # {lower-case name: values}: the rules ask for several headers of every request
+    index: dict[bytes, list[bytes]] = field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "index", _index(self.headers))
 
 
 @frozen
@@ -93,6 +105,19 @@ class Response:
     status: int
     reason: bytes
     headers: Headers
+    index: dict[bytes, list[bytes]] = field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "index", _index(self.headers))
+
+
+def values(message: Request | Response, name: bytes) -> list[bytes]:
+    """Every value of header ``name`` (lower-case) of a parsed message, in order."""
+    return message.index.get(name, [])
+
+
+def _message_tokens(message: Request | Response, name: bytes) -> list[bytes]:
+    return [t.strip().lower() for v in message.index.get(name, ()) for t in v.split(b",") if t.strip()]
 
 
 def get(headers: Headers, name: bytes) -> list[bytes]:
@@ -114,25 +139,31 @@ def is_field_value(value: str) -> bool:
     return all(c == "\t" or " " <= c <= "~" for c in value)
 
 
-# name ":" OWS value OWS, the value without CR, LF or NUL; a line starting with white space
-# (obsolete line folding) has no name and fails too
-_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\0]*?)[ \t]*\Z")
+# name ":" OWS value OWS CRLF, anchored at a line start, the value without CR, LF or NUL; a line
+# starting with white space (obsolete line folding) has no name and does not match
+_FIELD_LINE = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\0]*?)[ \t]*\r\n", re.MULTILINE)
 
 
-def _parse_fields(lines: list[bytes]) -> Headers:
+def _parse_fields(block: bytes) -> Headers:
+    """The header fields of a head's ``block`` (the lines after the first, CRLF-separated)."""
+    if not block:
+        return []
+    block += b"\r\n"
+    fields = _FIELD_LINE.findall(block)   # one C-level pass; every line must be one match
+    if len(fields) == block.count(b"\n"):
+        if len(fields) > MAX_HEADERS:
+            raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
+        return fields
+    lines = block[:-2].split(b"\r\n")
     if len(lines) > MAX_HEADERS:
         raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
-    headers: Headers = []
-    match = _FIELD.match
     for line in lines:
-        m = match(line)
-        if m is None:
-            name, colon, value = line.partition(b":")
+        if _FIELD_LINE.match(line + b"\r\n") is None:
+            name, colon, _ = line.partition(b":")
             if colon and name and set(name) <= _TOKEN:
                 raise HTTPError(400, "malformed header value")
             raise HTTPError(400, "malformed header field")
-        headers.append(m.groups())
-    return headers
+    raise HTTPError(400, "malformed header field")
 
 
 def parse_request_head(head: bytes) -> Request:
@@ -148,7 +179,7 @@ def parse_request_head(head: bytes) -> Request:
         raise HTTPError(505 if version.startswith(b"HTTP/") else 400, "only HTTP/1.0 and HTTP/1.1")
     if not target or any(c <= 0x20 or c == 0x7F for c in target):
         raise HTTPError(400, "malformed request target")
-    headers = _parse_fields(rest.split(b"\r\n") if rest else [])
+    headers = _parse_fields(rest)
     return Request(method, target, version, headers)
 
 
@@ -158,7 +189,7 @@ def parse_response_head(head: bytes) -> Response:
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
         raise HTTPError(502, "the back end sent a malformed status line")
     try:
-        headers = _parse_fields(rest.split(b"\r\n") if rest else [])
+        headers = _parse_fields(rest)
     except HTTPError as e:
         raise HTTPError(502, f"the back end sent a {e.message}") from None
     return Response(parts[0], int(parts[1]), parts[2] if len(parts) > 2 else b"", headers)
@@ -166,8 +197,8 @@ def parse_response_head(head: bytes) -> Response:
 
 def request_body_length(request: Request) -> int | None:
     """Bytes of body that follow, or None for chunked; refuses ambiguous framing (smuggling)."""
-    codings = _tokens(request.headers, b"transfer-encoding")
-    lengths = get(request.headers, b"content-length")
+    codings = _message_tokens(request, b"transfer-encoding")
+    lengths = values(request, b"content-length")
     if codings:
         if lengths:
             raise HTTPError(400, "both Transfer-Encoding and Content-Length")
@@ -193,14 +224,14 @@ def response_body_length(response: Response, method: bytes) -> int | None:
     """Bytes of body that follow: n, 0, None for chunked, or -1 for "until the back end closes"."""
     if method == b"HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
         return 0
-    codings = _tokens(response.headers, b"transfer-encoding")
+    codings = _message_tokens(response, b"transfer-encoding")
     if codings:
         return None if codings[-1] == b"chunked" else -1
-    return _content_length(get(response.headers, b"content-length"), 502)
+    return _content_length(values(response, b"content-length"), 502)
 
 
 def wants_keep_alive(request: Request) -> bool:
-    connection = _tokens(request.headers, b"connection")
+    connection = _message_tokens(request, b"connection")
     if request.version == b"HTTP/1.1":
         return b"close" not in connection
     return False  # HTTP/1.0 clients get one response per connection
@@ -210,7 +241,7 @@ def request_host(request: Request) -> str:
     """The host:port the client asked for (Host header; absolute-form target wins), lower case."""
     if request.target.lower().startswith((b"http://", b"https://")):
         return urlsplit(request.target.decode("latin-1")).netloc.rpartition("@")[2].lower()
-    hosts = get(request.headers, b"host")
+    hosts = values(request, b"host")
     if len(hosts) != 1 and request.version == b"HTTP/1.1":
         raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header")
     return hosts[0].decode("latin-1").strip().lower() if hosts else ""
@@ -232,8 +263,8 @@ def _forwarded_for(client_host: str) -> str:
 
 def upgrade_protocols(request: Request) -> bytes | None:
     """The Upgrade header of a request that asks to switch protocols (WebSocket...), else None."""
-    upgrade = get(request.headers, b"upgrade")
-    if upgrade and b"upgrade" in _connection_listed(request.headers) and request.version == b"HTTP/1.1":
+    upgrade = values(request, b"upgrade")
+    if upgrade and request.version == b"HTTP/1.1" and b"upgrade" in _message_tokens(request, b"connection"):
         return b", ".join(upgrade)
     return None
 
@@ -263,34 +294,62 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
     """The head sent on the stream to the connector: origin-form target with the internal path
     prefix, translated Host, forwarding headers, the app's custom headers, hop-by-hop headers
     stripped (but for an upgrade request's ``Connection: Upgrade``), and our framing. The
-    connector keeps its own back-end connections alive, so no Connection header is sent."""
+    connector keeps its own back-end connections alive, so no Connection header is sent.
+
+    One pass over the client's headers: this runs for every request."""
     target = translate_target(origin_form(request.target), external, internal)
-    custom = {k.lower() for k, _ in extra_headers}
-    headers = [(k, v) for k, v in strip_hop_by_hop(request.headers)
-               if k.lower() not in FORWARDING and k.lower() not in custom]
-    original_host = external.authority.encode("latin-1")
-    if translate_host:
-        headers = [(b"Host", internal.authority.encode("latin-1")) if k.lower() == b"host" else (k, v)
-                   for k, v in headers]
-        if not get(headers, b"host"):
-            headers.insert(0, (b"Host", internal.authority.encode("latin-1")))
-    xff = b", ".join(get(headers, b"x-forwarded-for") + [client_host.encode("latin-1")])
-    forwarded = b", ".join(get(headers, b"forwarded") + [
-        f'for={_forwarded_for(client_host)};host="{external.authority}";proto={external.scheme}'.encode("latin-1")
-    ])
-    headers = [(k, v) for k, v in headers if k.lower() not in (b"x-forwarded-for", b"forwarded")]
+    drop = HOP_BY_HOP | FRAMING | FORWARDING
+    connection = upgrade = None
+    for k, v in request.headers:
+        name = k.lower()
+        if name == b"connection":
+            connection = v if connection is None else connection + b"," + v
+        elif name == b"upgrade":
+            upgrade = v if upgrade is None else upgrade + b", " + v
+    if connection is not None:
+        listed = {t.strip().lower() for t in connection.split(b",")}
+        drop = drop | listed
+        if b"upgrade" not in listed or request.version != b"HTTP/1.1":
+            upgrade = None
+    else:
+        upgrade = None
+    if extra_headers:
+        drop = drop | {k.lower() for k, _ in extra_headers}
+    headers: Headers = []
+    append = headers.append
+    xff: list[bytes] = []
+    forwarded: list[bytes] = []
+    host_seen = False
+    internal_host = internal.authority.encode("latin-1")
+    for k, v in request.headers:
+        name = k.lower()
+        if name in drop:
+            continue
+        if name == b"host":
+            host_seen = True
+            append((b"Host", internal_host) if translate_host else (k, v))
+        elif name == b"x-forwarded-for":
+            xff.append(v)
+        elif name == b"forwarded":
+            forwarded.append(v)
+        else:
+            append((k, v))
+    if translate_host and not host_seen:
+        headers.insert(0, (b"Host", internal_host))
+    xff.append(client_host.encode("latin-1"))
+    forwarded.append(f'for={_forwarded_for(client_host)};host="{external.authority}";proto={external.scheme}'
+                     .encode("latin-1"))
     headers += [
-        (b"X-Forwarded-For", xff),
+        (b"X-Forwarded-For", b", ".join(xff)),
         (b"X-Forwarded-Proto", external.scheme.encode()),
-        (b"X-Forwarded-Host", original_host),
-        (b"Forwarded", forwarded),
+        (b"X-Forwarded-Host", external.authority.encode("latin-1")),
+        (b"Forwarded", b", ".join(forwarded)),
     ]
-    headers += list(extra_headers)
+    headers += extra_headers
     if body_length is None:
-        headers.append((b"Transfer-Encoding", b"chunked"))
+        append((b"Transfer-Encoding", b"chunked"))
     elif body_length or request.method in (b"POST", b"PUT", b"PATCH"):
-        headers.append((b"Content-Length", str(body_length).encode()))
-    upgrade = upgrade_protocols(request)
+        append((b"Content-Length", str(body_length).encode()))
     if upgrade is not None:
         headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
     return _head(b" ".join((request.method, target, b"HTTP/1.1")), headers)
@@ -376,7 +435,7 @@ def client_response_head(response: Response, body_length: int | None, chunked_to
         headers.append((b"Transfer-Encoding", b"chunked"))
     elif body_length is not None and body_length >= 0:
         # HEAD, 204 and 304 keep the back end's Content-Length (it describes the would-be body)
-        lengths = get(response.headers, b"content-length")
+        lengths = values(response, b"content-length")
         if lengths and body_length == 0:
             headers.append((b"Content-Length", lengths[0].split(b",")[0].strip()))
         elif response.status not in (204, 304) and not 100 <= response.status < 200:
