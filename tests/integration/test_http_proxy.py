@@ -37,7 +37,7 @@ def start_app(gw, destination: str, **app) -> tuple[int, str]:
     svc.add_front_door(port, [{"name": "wiki", "external_url": f"http://{WIKI}:{port}/",
                                "internal_url": f"http://{destination}/", **app}])
     svc.start()
-    gw.connector(svc)
+    svc.connector = gw.connector(svc)
     return port, svc
 
 
@@ -72,7 +72,7 @@ def test_websocket_echo_through_the_tunnel(gw, backends):
 
 def test_silent_back_end_gets_504_with_the_id_in_both_logs(gw, backends):
     """A back end that accepts and never answers: 504 after options.backend_timeout; the page's
-    correlation id is in the service log, and the back-end connection is closed."""
+    correlation id is in the service and the connector log, and the back-end connection is closed."""
     closed = []
 
     def silent(conn: socket.socket, backend) -> None:
@@ -95,6 +95,7 @@ def test_silent_back_end_gets_504_with_the_id_in_both_logs(gw, backends):
     request_id = r.getheader("X-Request-Id")
     assert request_id and request_id.encode() in body and b"took too long" in body
     wait_until(lambda: request_id in svc.log(), 10, "the request id in the service log")
+    wait_until(lambda: request_id in svc.connector.proc.log(), 10, "the request id in the connector log")
     wait_until(lambda: closed, 10, "the back-end connection to be closed")
     assert closed[0] is True
 
