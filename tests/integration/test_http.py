@@ -7,6 +7,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 
 import pytest
 
@@ -20,13 +21,13 @@ TEN_MIB = 10 * 1024 * 1024
 pytestmark = pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="nginx is not installed")
 
 
-def start_wiki(gw, nginx, extra_apps=(), **extra):
-    """Publish nginx as the wiki app; return (service, connector, front door port)."""
+def start_wiki(gw, nginx, extra_apps=(), http=None, **extra):
+    """Publish nginx as the wiki app (more [http] keys in `http`); return (service, connector, front door port)."""
     port = free_port()
     app = {"name": "wiki", "external_url": f"http://{WIKI}:{port}/",
            "internal_url": f"http://{HOST}:{nginx.port}/", **extra}
     svc = gw.service(start=False)
-    svc.add_front_door(port, [app, *extra_apps])
+    svc.add_front_door(port, [app, *extra_apps], http=http)
     svc.start()
     conn = gw.connector(svc)
     wait_until(lambda: get(port, f"{WIKI}:{port}", "/headers")[0].status == 200, 30,
@@ -262,3 +263,43 @@ def test_back_end_reset_gives_502_with_correlation_id(gw, nginx, backends):
     assert rude.wait_results(1, 10)[0].startswith(b"GET /x HTTP/1.1\r\n")
     wait_until(lambda: request_id in svc.log(), 10, "the 502's id in the service log")
     wait_until(lambda: request_id in conn.proc.log(), 10, "the 502's id in the connector log")
+
+
+def _exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes to the front door and read until it closes the connection."""
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(data)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    return received
+
+
+def test_oversized_heads_and_slow_clients_are_refused_before_the_back_end(gw, nginx):
+    """414 for a long request line, 431 for too many or too large header fields, 408 for a head
+    or a body that trickles in too slowly: each answered by the front door, which closes the
+    connection, and none of them reaches nginx."""
+    svc, conn, front = start_wiki(gw, nginx, http={"header_timeout": 1, "body_timeout": 1})
+    access_log = nginx.root / "access.log"
+    served = access_log.read_text().count("\n")
+    host = f"Host: {WIKI}:{front}\r\n".encode()
+
+    reply = _exchange(front, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + host + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 414 "), reply[:200]
+    many = b"".join(b"X-F%d: v\r\n" % i for i in range(150))
+    reply = _exchange(front, b"GET / HTTP/1.1\r\n" + host + many + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    reply = _exchange(front, b"GET / HTTP/1.1\r\n" + host + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+    # slowloris: a head that never ends, then a body that stops after 10 of 100 bytes
+    reply = _exchange(front, b"GET / HTTP/1.1\r\n" + host + b"X-Slow: ")
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+    reply = _exchange(front, b"PUT /up/slow HTTP/1.1\r\n" + host + b"Content-Length: 100\r\n\r\n" + b"x" * 10)
+    assert b"408 Request Timeout" in reply, reply[:300]
+
+    # the front door still serves, and nginx saw only this request (and the stopped PUT, which it did get)
+    assert get(front, f"{WIKI}:{front}", "/headers")[0].status == 200
+    logged = access_log.read_text().splitlines()[served:]
+    assert not any("GET / " in line or "X-Slow" in line or "aaaa" in line for line in logged), logged
+    assert svc.proc.running and conn.proc.running
