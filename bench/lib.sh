@@ -224,28 +224,14 @@ gw_cli() {
   fi
 }
 
-start_gateway() {  # our service + connector, as two twistd processes
-  G=$T/gw; mkdir -p "$G"
+# Our service (the TOML of $2 after its [service] table: apps, [http]) and one registered
+# connector, as two twistd processes under $1; both log at warn. Sets G, SVC_PID, CONN_PID.
+launch_gateway() {  # dir config-text
+  G=$1; mkdir -p "$G"
   PATH_LOGS=("$G/cli.log" "$G/svc.log" "$G/conn.log")
   : >"$G/cli.log"
-  cat > "$G/svc.toml" <<EOF
-[service]
-state_dir = "$G/svc"
-listen = "tcp:$P_TUN:interface=127.0.0.1"
-
-[[apps]]
-name = "bench"
-listen = "tcp:$P_APP:interface=127.0.0.1"
-destination = "127.0.0.1:$P_NGINX"
-
-[[apps]]
-name = "bench-iperf"
-listen = "tcp:$P_APP_I:interface=127.0.0.1"
-destination = "127.0.0.1:$P_IPERF"
-
-[logging]
-level = "warn"
-EOF
+  printf '[service]\nstate_dir = "%s"\nlisten = "tcp:%s:interface=127.0.0.1"\n\n%s\n[logging]\nlevel = "warn"\n' \
+    "$G/svc" "$P_TUN" "$2" > "$G/svc.toml"
   printf '[connector]\nstate_dir = "%s"\n\n[logging]\nlevel = "warn"\n' "$G/conn" > "$G/conn.toml"
   [ -x "$VENV/bin/twistd" ] || { FAIL_MSG="$VENV/bin/twistd not found"; return 1; }
   [ -x "$VENV/bin/gateway" ] || { FAIL_MSG="$VENV/bin/gateway not found"; return 1; }
@@ -269,6 +255,19 @@ EOF
   CONN_PID=$LAST_PID; CPU_LABELS+=" connector=$CONN_PID"
   sleep 0.2
   kill -0 "$CONN_PID" 2>/dev/null || { FAIL_MSG="connector exited at start"; return 1; }
+}
+
+start_gateway() {  # our service + connector publishing nginx and iperf3 as TCP apps
+  launch_gateway "$T/gw" "[[apps]]
+name = \"bench\"
+listen = \"tcp:$P_APP:interface=127.0.0.1\"
+destination = \"127.0.0.1:$P_NGINX\"
+
+[[apps]]
+name = \"bench-iperf\"
+listen = \"tcp:$P_APP_I:interface=127.0.0.1\"
+destination = \"127.0.0.1:$P_IPERF\"
+" || return 1
   wait_port "$P_APP" 20 "$SVC_PID" || { FAIL_MSG="app listen port: $FAIL_MSG"; return 1; }
   wait_http "$P_APP" 20 || { FAIL_MSG="through the tunnel: $FAIL_MSG"; return 1; }
   kill -0 "$CONN_PID" 2>/dev/null || { FAIL_MSG="connector exited"; return 1; }
