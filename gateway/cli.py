@@ -641,8 +641,15 @@ def check_config(args: argparse.Namespace) -> int:
     pm = plugins.make_plugin_manager()
     config = load_config(args.config, plugins.config_sections(pm))
     check_protocols(config, plugins.protocol_handlers(pm))
+    warnings: list[str] = []
+    if config.service is not None:
+        # what `twistd gateway` would refuse at start: per-app options, certificates
+        warnings = plugins.check_service_listeners(pm, config)
+    for warning in warnings:
+        print(f"gateway: warning: {warning}", file=sys.stderr)
     roles = [r for r in ("service", "connector") if getattr(config, r) is not None]
-    print(f"{args.config}: OK ({' and '.join(roles)}, {len(config.apps)} apps)")
+    count = len(config.apps)
+    print(f"{args.config}: OK ({' and '.join(roles)}, {count} app{'' if count == 1 else 's'})")
     return 0
 
 

@@ -170,6 +170,10 @@ def check_service_listeners(pm: pluggy.PluginManager, config: Any) -> list[str]:
     try:
         pm.hook.gateway_service_listeners(register=register, config=config, open_stream=open_stream,
                                           reactor=MemoryReactorClock())
+    except GatewayError:
+        raise
+    except Exception as e:
+        raise PluginError(f"a plugin failed while checking the config for its listeners: {e!r}") from e
     finally:
         globalLogPublisher.removeObserver(observe)
     return warnings
