@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import time
 
 import pytest
 
@@ -303,3 +304,40 @@ def test_oversized_heads_and_slow_clients_are_refused_before_the_back_end(gw, ng
     logged = access_log.read_text().splitlines()[served:]
     assert not any("GET / " in line or "X-Slow" in line or "aaaa" in line for line in logged), logged
     assert svc.proc.running and conn.proc.running
+
+
+def test_client_that_stops_reading_is_cut_off_and_the_back_end_freed(gw, nginx):
+    """Slow read: a client that reads slowly keeps its download; once it takes nothing for
+    [http] send_timeout, the front door closes the connection, says so in its log, and the
+    connector closes the back-end connection (nginx logs the request as ended, short)."""
+    size = 48 * 1024 * 1024
+    with open(nginx.www / "big.bin", "wb") as f:
+        f.truncate(size)
+    svc, conn, front = start_wiki(gw, nginx, http={"send_timeout": 1})
+    access_log = nginx.root / "access.log"
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.settimeout(10)
+    s.connect((HOST, front))
+    s.sendall(f"GET /big.bin HTTP/1.1\r\nHost: {WIKI}:{front}\r\n\r\n".encode())
+    received = 0
+    for _ in range(15):             # 3 s of slow but steady reading: longer than send_timeout
+        received += len(s.recv(64 * 1024))
+        time.sleep(0.2)
+    assert "took no response bytes" not in svc.proc.log()
+    time.sleep(4)                   # now nothing at all
+    wait_until(lambda: "took no response bytes for 1 s" in svc.proc.log(), 10,
+               "the service to log that it cut the stalled client off")
+    try:
+        while chunk := s.recv(1 << 20):
+            received += len(chunk)
+    except ConnectionResetError:
+        pass
+    finally:
+        s.close()
+    assert received < size
+    wait_until(lambda: "GET /big.bin" in access_log.read_text(), 10,
+               "nginx to log the request as ended (the connector closed the back-end connection)")
+    line = next(x for x in access_log.read_text().splitlines() if "GET /big.bin" in x)
+    assert int(line.split('" ')[1].split()[1]) < size, line
+    assert get(front, f"{WIKI}:{front}", "/headers")[0].status == 200

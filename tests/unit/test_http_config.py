@@ -112,9 +112,10 @@ def sections():
 
 def test_http_table_is_parsed_by_the_plugin():
     """[http] listen and the timeouts are read by the plugin; listen defaults to tcp:80."""
-    parsed = config(web(), http={"listen": "tcp:8080", "idle_timeout": 5}, sections=sections()).sections["http"]
-    assert {k: parsed[k] for k in ("listen", "header_timeout", "idle_timeout", "body_timeout")} == {
-        "listen": "tcp:8080", "header_timeout": 30.0, "idle_timeout": 5.0, "body_timeout": 60.0}
+    parsed = config(web(), http={"listen": "tcp:8080", "idle_timeout": 5, "send_timeout": 300},
+                    sections=sections()).sections["http"]
+    assert {k: parsed[k] for k in ("listen", "header_timeout", "idle_timeout", "body_timeout", "send_timeout")} == {
+        "listen": "tcp:8080", "header_timeout": 30.0, "idle_timeout": 5.0, "body_timeout": 60.0, "send_timeout": 300.0}
     assert config(web(), sections=sections()).sections["http"]["listen"] == "tcp:80"
 
 
@@ -125,6 +126,7 @@ def test_http_table_is_parsed_by_the_plugin():
     ({"header_timeout": 0}, "http.header_timeout: expected a number of seconds > 0"),
     ({"idle_timeout": "60"}, "http.idle_timeout: expected a number of seconds > 0"),
     ({"idle_timeout": True}, "http.idle_timeout"),
+    ({"send_timeout": -1}, "http.send_timeout: expected a number of seconds > 0"),
 ])
 def test_bad_http_table_is_refused(table, words):
     """A bad [http] table is refused with the dotted key."""

@@ -61,6 +61,10 @@ class FakeStream:
     def resumeProducing(self) -> None:
         self.paused = False
 
+    @property
+    def _reading_paused(self) -> bool:   # the real Stream's name, which the front door reads
+        return self.paused
+
     def stopProducing(self) -> None:
         pass
 
@@ -429,6 +433,72 @@ def test_slow_request_body_gets_408():
     assert not h.transport.disconnecting
     clock.advance(1)
     assert h.output().startswith(b"HTTP/1.1 408 ") and stream.reset_with is not None
+
+
+class BufferingTransport(StringTransport):
+    """A StringTransport that reports, as Twisted's TCP transport does, bytes its socket has not taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataBuffer: list[bytes] = []
+
+
+def _held_response(h: Harness, send: float = 60) -> FakeStream:
+    """A GET whose response has started and whose client socket then pauses the stream (buffer full)."""
+    h.door.timeouts = Timeouts(header=5, idle=20, send=send)
+    h.send(GET)
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+    h.transport.producer.pauseProducing()
+    assert stream.paused
+    return stream
+
+
+def test_client_that_takes_no_response_bytes_is_cut_off_after_send_timeout():
+    """Slow read: the stream stays paused for [http] send_timeout, so the connection is aborted and
+    the stream reset, which frees the back-end connection on the connector."""
+    clock = Clock()
+    h = Harness(clock=clock)
+    stream = _held_response(h)
+    clock.advance(59.5)
+    assert not h.transport.disconnecting and stream.reset_with is None
+    clock.advance(0.5)
+    assert h.transport.disconnecting
+    assert stream.reset_with is not None and "took no response bytes for 60 s" in stream.reset_with[1]
+
+
+def test_send_timeout_restarts_whenever_the_client_drains_its_buffer():
+    clock = Clock()
+    h = Harness(clock=clock)
+    stream = _held_response(h)
+    for _ in range(3):
+        clock.advance(50)
+        h.transport.producer.resumeProducing()
+        assert not stream.paused
+        h.transport.producer.pauseProducing()
+    clock.advance(59)
+    assert not h.transport.disconnecting
+    clock.advance(1)
+    assert h.transport.disconnecting
+
+
+def test_a_slow_client_that_still_takes_bytes_is_not_cut_off():
+    """As nginx's send_timeout: what counts is a stall, not a buffer that drains slowly."""
+    clock = Clock()
+    h = Harness(clock=clock)
+    h.transport = BufferingTransport()
+    h.door.makeConnection(h.transport)
+    h.transport.dataBuffer = b"y" * 5000
+    h.transport.offset = 1000     # 4,000 bytes not taken yet when the socket pauses the stream
+    stream = _held_response(h, send=10)
+    for taken in (1000, 1000, 500):
+        h.transport.offset += taken
+        clock.advance(10)
+        assert not h.transport.disconnecting
+    clock.advance(10)            # nothing taken in this period
+    assert h.transport.disconnecting and stream.reset_with is not None
 
 
 def test_websocket_upgrade_splices_both_ways():

@@ -31,7 +31,7 @@ log = Logger(namespace="gateway_http")
 
 NAME = "http"
 DEFAULT_LISTEN = "tcp:80"
-BASE_KEYS = ("listen", "header_timeout", "idle_timeout", "body_timeout")
+BASE_KEYS = ("listen", "header_timeout", "idle_timeout", "body_timeout", "send_timeout")
 SECTION_KEYS = BASE_KEYS + https.SECTION_KEYS + auth.SECTION_KEYS
 
 
@@ -146,7 +146,7 @@ def gateway_config_sections(register: Any) -> None:
             raise error("listen", f"expected a Twisted server endpoint string such as \"tcp:8080\", got {listen!r} ({e})")
         timeouts = {}
         for key, default in (("header_timeout", DEFAULT_TIMEOUTS.header), ("idle_timeout", DEFAULT_TIMEOUTS.idle),
-                             ("body_timeout", DEFAULT_TIMEOUTS.body)):
+                             ("body_timeout", DEFAULT_TIMEOUTS.body), ("send_timeout", DEFAULT_TIMEOUTS.send)):
             value = table.get(key, default)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise error(key, f"expected a number of seconds > 0, got {value!r}")
@@ -166,7 +166,8 @@ def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reac
     listen = section.get("listen", DEFAULT_LISTEN)
     timeouts = Timeouts(header=section.get("header_timeout", DEFAULT_TIMEOUTS.header),
                         idle=section.get("idle_timeout", DEFAULT_TIMEOUTS.idle),
-                        body=section.get("body_timeout", DEFAULT_TIMEOUTS.body))
+                        body=section.get("body_timeout", DEFAULT_TIMEOUTS.body),
+                        send=section.get("send_timeout", DEFAULT_TIMEOUTS.send))
     gate = auth.build_gate(section, apps, config, reactor)
 
     def factory_for(scheme: str) -> Factory:

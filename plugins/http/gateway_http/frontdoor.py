@@ -16,8 +16,11 @@ socket is not read at all, so a pipelining client cannot make us buffer.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
+import sys
+import termios
 from typing import Any, Callable
 
 from attrs import frozen
@@ -25,6 +28,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -72,6 +76,50 @@ class _ClientReader:
 
     def stopProducing(self) -> None:
         self.door.transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class _ResponseProducer:
+    """The response's stream as the client socket's producer, timing how long the client holds it.
+
+    The socket pauses us when its buffer is full; a client that then takes nothing for
+    ``Timeouts.send`` (a slow-read attack, or a peer gone without a word) would hold a stream, a
+    window and a back-end connection for good, so the front door cuts it off.
+    """
+
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+        self.stream: Any = None
+
+    def pauseProducing(self) -> None:
+        self.stream.pauseProducing()
+        self.door._arm_send()
+
+    def resumeProducing(self) -> None:
+        self.door._cancel_send_timer()
+        self.stream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.stream.stopProducing()
+
+
+def unsent_bytes(transport: Any) -> int | None:
+    """Bytes written to a connection that its peer has not yet acknowledged: what Twisted still
+    buffers (dataBuffer, _tempDataBuffer; under TLS, in the TCP transport beneath the wrapper)
+    plus the kernel's send queue (SIOCOUTQ), which on loopback alone can hold megabytes. None if
+    the transport does not say."""
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    try:
+        count = len(transport.dataBuffer) - transport.offset + sum(len(b) for b in transport._tempDataBuffer)
+    except (AttributeError, TypeError):
+        return None
+    try:
+        queued = fcntl.ioctl(transport.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        count += int.from_bytes(queued, sys.byteorder, signed=True)
+    except (AttributeError, OSError, ValueError, TypeError):
+        pass   # no socket (a test transport) or no SIOCOUTQ: Twisted's own buffer alone
+    return count
 
 
 @implementer(IHalfCloseableProtocol)
@@ -154,6 +202,8 @@ class Timeouts:
     idle: float = 60.0     # a connection with no request at all (new, or kept alive), else closed
     body: float = 60.0     # a request body with no byte from the client for this long (while we
                            # are not the ones holding it back), else 408
+    send: float = 60.0     # a response the client takes no byte of for this long while its socket
+                           # buffer is full (slow read), else the connection is closed
 
 
 # options.backend_timeout: Entra application proxy's two settings, or seconds.
@@ -210,6 +260,10 @@ class FrontDoor(Protocol):
         self._streaming = False       # a request's stream is registered as the client socket's producer
         self._body_timer: Any = None
         self._backend_timer: Any = None
+        self._writer = _ResponseProducer(self)
+        self._send_timer: Any = None
+        self._sent = 0                        # bytes written to the client, ever
+        self._send_mark: tuple[int, int] | None = None   # (unsent, sent) when the send timer was armed
         self._idle: tuple[Any, Any, dict | None] | None = None   # (stream, app, identity) kept for the next request
 
     # -- the client socket -------------------------------------------------------------
@@ -253,6 +307,7 @@ class FrontDoor(Protocol):
         self._disarm()
         self._cancel_body_timer()
         self._cancel_backend_timer()
+        self._cancel_send_timer()
         idle, self._idle = self._idle, None
         if idle is not None and not idle[0].closed:
             idle[0].loseConnection()
@@ -326,6 +381,50 @@ class FrontDoor(Protocol):
         else:
             self._arm_backend(ex)
 
+    def _send(self, data: bytes) -> None:
+        """Bytes to the client; counted, so the send timeout can tell a slow reader from a stalled one."""
+        self._sent += len(data)
+        self.transport.write(data)
+
+    def _taken_since_mark(self) -> int | None:
+        """Bytes the client took since the send timer was armed: what was unsent then, plus what
+        we wrote since (stream data in flight keeps arriving after a pause), minus what is unsent now."""
+        unsent = unsent_bytes(self.transport)
+        if unsent is None or self._send_mark is None:
+            return None
+        unsent_then, sent_then = self._send_mark
+        return unsent_then + (self._sent - sent_then) - unsent
+
+    def _arm_send(self) -> None:
+        if self.reactor is None or self.state == "closed" or self._send_timer is not None:
+            return
+        unsent = unsent_bytes(self.transport)
+        self._send_mark = None if unsent is None else (unsent, self._sent)
+        self._send_timer = self.reactor.callLater(self.timeouts.send, self._send_timed_out)
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None and self._send_timer.active():
+            self._send_timer.cancel()
+        self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        if self.state == "closed" or not self._streaming:
+            return
+        taken = self._taken_since_mark()
+        if taken is not None and taken > 0:
+            self._arm_send()   # slow, but it takes bytes: as nginx's send_timeout, only a stall counts
+            return
+        ex = self.exchange
+        request_id = ex.request_id if ex is not None else "-"
+        log.info("request {request_id} from {client}: the client took no response bytes for {seconds:.0f} s "
+                 "([http] send_timeout); connection closed", request_id=request_id, client=self._client,
+                 seconds=self.timeouts.send)
+        self.state = "closed"
+        if ex is not None and ex.stream is not None and not ex.stream.closed and ex.response_state != "done":
+            ex.stream.reset(ResetCode.CANCELLED, f"the HTTP client took no response bytes for {self.timeouts.send:g} s")
+        self.transport.abortConnection()
+
     def _streaming_paused(self, ex: Exchange) -> bool:
         """The response is held back by a slow client, not by the back end."""
         return ex.response_state == "body" and bool(getattr(ex.stream, "_reading_paused", False))
@@ -366,6 +465,7 @@ class FrontDoor(Protocol):
         """The response is over: the stream stops being the client socket's producer."""
         if self._streaming:
             self._streaming = False
+            self._cancel_send_timer()
             self.transport.unregisterProducer()
 
     # Why the client socket must not be read now. "tunnel" (the stream is full) pauses it at
@@ -505,7 +605,7 @@ class FrontDoor(Protocol):
         log.info("request {request_id} from {client} for app {app}: {status} from the front door",
                  request_id=ex.request_id, client=self._client, app=ex.app.name if ex.app else "-",
                  status=answer.status)
-        self.transport.write(rules.own_response(answer.status, answer.headers, answer.body, keep_alive,
+        self._send(rules.own_response(answer.status, answer.headers, answer.body, keep_alive,
                                                 ex.request.method == b"HEAD"))
         ex.keep_alive = keep_alive
         ex.request_done = True
@@ -537,7 +637,8 @@ class FrontDoor(Protocol):
                 stream.protocol.exchange = ex   # a kept stream: its next exchange
             else:
                 stream.attach(ResponseSide(self, ex))
-            self.transport.registerProducer(stream, True)
+            self._writer.stream = stream
+            self.transport.registerProducer(self._writer, True)
             self._streaming = True
             stream.registerProducer(self._reader, True)
             stream.write(head)
@@ -594,7 +695,7 @@ class FrontDoor(Protocol):
         if ex.response_state == "done" or self.state == "closed":
             return
         if ex.response_state == "upgraded":
-            self.transport.write(data)
+            self._send(data)
             return
         if ex.request_done:
             self._arm_backend(ex)
@@ -611,7 +712,7 @@ class FrontDoor(Protocol):
             data, ex.response_buf = ex.response_buf, b""
             if ex.response_state == "upgraded":
                 if data:
-                    self.transport.write(data)
+                    self._send(data)
                 return
             if not data:
                 if ex.response_state == "body" and ex.response_framing == 0:
@@ -629,7 +730,7 @@ class FrontDoor(Protocol):
             # 100 Continue, 103 Early Hints...: passed on to HTTP/1.1 clients (RFC 9110 15.2),
             # with the same header rules as a final head
             if ex.request.version == b"HTTP/1.1":
-                self.transport.write(rules.client_response_head(response, 0, False, True, ex.external, ex.internal))
+                self._send(rules.client_response_head(response, 0, False, True, ex.external, ex.internal))
             return
         framing = rules.response_body_length(response, ex.request.method)
         if framing != 0 and translate_links(ex.app) and self.link_map is not None:
@@ -668,7 +769,7 @@ class FrontDoor(Protocol):
         ex.response = response
         ex.response_state = "upgraded"
         ex.keep_alive = False
-        self.transport.write(rules.client_response_head(response, 0, False, False, ex.external, ex.internal))
+        self._send(rules.client_response_head(response, 0, False, False, ex.external, ex.internal))
         log.info("request {request_id} {target} for app {app}: 101, switched to {protocol}",
                  request_id=ex.request_id, target=ex.request.target.decode("latin-1")[:200], app=ex.app.name,
                  protocol=b", ".join(rules.get(response.headers, b"upgrade")).decode("latin-1")[:60])
@@ -731,7 +832,7 @@ class FrontDoor(Protocol):
         if ex.head_out:
             data, ex.head_out = ex.head_out + data, b""
         if data:
-            self.transport.write(data)
+            self._send(data)
 
     def _end_body(self, ex: Exchange) -> None:
         """The back end's body is complete: the translator's last bytes, then the last chunk."""
@@ -839,5 +940,5 @@ class FrontDoor(Protocol):
             self.transport.abortConnection()
             return
         self._unregister()
-        self.transport.write(rules.error_page(status, message, request_id))
+        self._send(rules.error_page(status, message, request_id))
         self.transport.loseConnection()
