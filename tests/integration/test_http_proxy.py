@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import struct
+import threading
+import time
 
 from gateway_harness import HOST, connect, free_port, read_head, wait_until
 from gateway_harness import http_request as get
@@ -98,6 +101,55 @@ def test_silent_back_end_gets_504_with_the_id_in_both_logs(gw, backends):
     wait_until(lambda: request_id in svc.connector.proc.log(), 10, "the request id in the connector log")
     wait_until(lambda: closed, 10, "the back-end connection to be closed")
     assert closed[0] is True
+
+
+def test_back_end_that_stops_reading_an_upload_gets_504(gw, backends):
+    """A back end that takes the request head and then none of the body: once the tunnel is full
+    the client is held back, and after options.backend_timeout it gets 504 (not a hang), and the
+    back-end connection is closed."""
+    closed = []
+
+    def not_reading(conn: socket.socket, backend) -> None:
+        read_head(conn)
+        backend.record("head")
+        time.sleep(8)               # reads nothing more, answers nothing (the 504 comes after 2 s)
+        conn.settimeout(1)
+        try:
+            while conn.recv(1 << 20):
+                pass
+            closed.append(True)
+        except ConnectionResetError:
+            closed.append(True)
+        except socket.timeout:
+            closed.append(False)
+
+    backend = backends(not_reading)
+    port, svc = start_app(gw, backend.destination, options={"backend_timeout": 2})
+    wait_until(lambda: re.search(r"config \S+: apps wiki", svc.connector.proc.log()), 30,
+               "the connector to get the app")
+    size = 256 * 1024 * 1024
+    s = connect(port)
+    s.sendall(f"PUT /up HTTP/1.1\r\nHost: {WIKI}:{port}\r\nContent-Length: {size}\r\n\r\n".encode())
+    sender = threading.Thread(target=_send_until_refused, args=(s, size), daemon=True)
+    sender.start()
+    s.settimeout(30)
+    head, _ = read_head(s)
+    assert head.startswith(b"HTTP/1.1 504 "), head[:200]
+    assert b"X-Request-Id: " in head
+    s.close()
+    sender.join(10)
+    wait_until(lambda: "took none of the request body for 2 s" in svc.log(), 10, "the service to say why")
+    wait_until(lambda: closed, 30, "the back end to see its connection end")
+    assert closed[0] is True
+
+
+def _send_until_refused(s: socket.socket, size: int) -> None:
+    piece = b"u" * (1 << 20)
+    try:
+        for _ in range(size // len(piece)):
+            s.sendall(piece)
+    except OSError:
+        pass   # the front door answered 504 and closed: the rest is not wanted
 
 
 def test_expect_100_continue_is_answered_by_the_back_end(gw, nginx):

@@ -420,6 +420,24 @@ def test_back_end_timeout_counts_silence_not_the_whole_body():
     assert h.output().endswith(b"abc") and not h.transport.disconnecting
 
 
+def test_back_end_that_stops_taking_the_request_body_gets_504():
+    """The stream pausing the client's body (the back end reads no more) runs options.backend_timeout,
+    not the client's body_timeout; the wait starts again when the body flows."""
+    clock = Clock()
+    h = Harness(apps=[App(options={"backend_timeout": 10})], clock=clock)
+    h.send(b"PUT /a HTTP/1.1\r\nHost: wiki.example.test\r\nContent-Length: 10\r\n\r\n12345")
+    stream = h.accept()
+    stream.producer.pauseProducing()
+    clock.advance(9)
+    stream.producer.resumeProducing()
+    h.send(b"67")
+    stream.producer.pauseProducing()
+    clock.advance(9.9)
+    assert h.output() == b"" and stream.reset_with is None
+    clock.advance(0.1)
+    assert h.output().startswith(b"HTTP/1.1 504 ") and stream.reset_with[0] == 6
+
+
 def test_slow_request_body_gets_408():
     """A client that stops sending its body for body_timeout gets 408 and the stream is reset."""
     clock = Clock()

@@ -70,9 +70,11 @@ class _ClientReader:
 
     def pauseProducing(self) -> None:
         self.door._hold("tunnel")
+        self.door._request_body_held()
 
     def resumeProducing(self) -> None:
         self.door._release("tunnel")
+        self.door._request_body_flows()
 
     def stopProducing(self) -> None:
         self.door.transport.abortConnection()
@@ -363,6 +365,18 @@ class FrontDoor(Protocol):
         else:
             self._backend_timer = self.reactor.callLater(delay, self._backend_timed_out, ex)
 
+    def _request_body_held(self) -> None:
+        """The stream takes no more of the request body: a back end that stops reading an upload
+        is as stuck as one that stops answering, so options.backend_timeout runs meanwhile."""
+        ex = self.exchange
+        if ex is not None and not ex.request_done and ex.response_state == "head":
+            self._arm_backend(ex)
+
+    def _request_body_flows(self) -> None:
+        ex = self.exchange
+        if ex is not None and not ex.request_done and ex.response_state == "head":
+            self._cancel_backend_timer()
+
     def _cancel_backend_timer(self) -> None:
         if self._backend_timer is not None and self._backend_timer.active():
             self._backend_timer.cancel()
@@ -373,9 +387,10 @@ class FrontDoor(Protocol):
         if self.state == "closed" or self.exchange is not ex or ex.response_state in ("done", "upgraded"):
             return
         if not self._streaming_paused(ex):
-            log.warn("request {request_id} from {client} for app {app}: the back end sent nothing for {seconds:.0f} s "
+            what = "sent nothing" if ex.request_done else "took none of the request body"
+            log.warn("request {request_id} from {client} for app {app}: the back end {what} for {seconds:.0f} s "
                      "(options.backend_timeout): 504", request_id=ex.request_id, client=self._client,
-                     app=ex.app.name, seconds=backend_timeout(ex.app))
+                     app=ex.app.name, what=what, seconds=backend_timeout(ex.app))
             self._fail(504, "The application took too long to answer.", ResetCode.TIMEOUT,
                        "the front door gave up waiting for the back end")
         else:
