@@ -324,10 +324,10 @@ def test_client_that_stops_reading_is_cut_off_and_the_back_end_freed(gw, nginx):
     for _ in range(15):             # 3 s of slow but steady reading: longer than send_timeout
         received += len(s.recv(64 * 1024))
         time.sleep(0.2)
-    assert "took no response bytes" not in svc.proc.log()
+    cut = f"from {HOST}:{s.getsockname()[1]}: the client took no response bytes for 1 s"
+    assert cut not in svc.proc.log()
     time.sleep(4)                   # now nothing at all
-    wait_until(lambda: "took no response bytes for 1 s" in svc.proc.log(), 10,
-               "the service to log that it cut the stalled client off")
+    wait_until(lambda: cut in svc.proc.log(), 10, "the service to log that it cut the stalled client off")
     try:
         while chunk := s.recv(1 << 20):
             received += len(chunk)

@@ -7,6 +7,7 @@ import http.client
 import signal
 import socket
 import ssl
+import time
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -184,3 +185,56 @@ def test_certificates_are_reread_on_sighup(gw, backends, tmp_path):
     assert "cert-b.key holds no PEM private key" in svc.log()
     status, _, body, cn = front.get("b.example.test", f"b.example.test:{t}", "/still")
     assert (status, body, cn) == (200, b"b GET /still", "cert-b-renewed")
+
+
+def test_https_client_that_stops_reading_is_cut_off(gw, backends, tmp_path):
+    """[http] send_timeout over TLS: a client that reads slowly keeps its download; once it takes
+    nothing, the front door closes the connection and the back end sees its connection end."""
+    ca = CA(tmp_path / "certs")
+    size = 48 * 1024 * 1024
+    ended = []
+
+    def big(conn: socket.socket, backend) -> None:
+        read_head(conn)
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+            for _ in range(size // (1 << 20)):
+                conn.sendall(b"b" * (1 << 20))
+            ended.append("sent all")
+        except OSError:
+            ended.append("cut")
+
+    end = backends(big)
+    tls_port = free_port()
+    svc = gw.service(start=False)
+    svc.add_front_door(free_port(), [{"name": "big", "external_url": f"https://big.example.test:{tls_port}/",
+                                      "internal_url": f"http://{end.destination}/"}],
+                       http={"tls_listen": f"tcp:{tls_port}:interface={HOST}", "send_timeout": 1},
+                       more="\n" + toml_table("http.certificates", ca.issue("big", ["big.example.test"]).as_table(),
+                                              array=True))
+    svc.start()
+    gw.connector(svc)
+    front = Front(ca, 0, tls_port)
+    wait_until(lambda: "https front door on" in svc.log(), 30, "the https front door")
+    tls = wait_until(lambda: _downloading(front, tls_port), 30, "a download through the https front door")
+    cut = f"from {HOST}:{tls.getsockname()[1]}: the client took no response bytes for 1 s"
+    for _ in range(15):             # 3 s of slow but steady reading: longer than send_timeout
+        tls.recv(64 * 1024)
+        time.sleep(0.2)
+    assert cut not in svc.log()
+    wait_until(lambda: cut in svc.log(), 15, "the service to cut off the client that stopped reading")
+    wait_until(lambda: ended, 15, "the back end to see its connection end")
+    assert ended == ["cut"]
+    tls.close()
+
+
+def _downloading(front: Front, port: int):
+    """A TLS socket with a GET /big sent and the response head read, or None."""
+    tls = front.tls_socket("big.example.test")
+    tls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    tls.sendall(f"GET /big HTTP/1.1\r\nHost: big.example.test:{port}\r\n\r\n".encode())
+    head = tls.recv(4096)
+    if head.startswith(b"HTTP/1.1 200 "):
+        return tls
+    tls.close()
+    return None
