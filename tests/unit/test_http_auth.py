@@ -455,7 +455,7 @@ def test_passthrough_app_is_untouched_and_path_prefix_is_honoured(tmp_path):
     """A passthrough app's requests go through unchanged; an app under /wiki/ has its callback there."""
     clock = Clock()
     g = gate(tmp_path, clock)
-    assert g.check(request(), app(), EXTERNAL, "h").result == auth.Allow()
+    assert g.check(request(), app(), EXTERNAL, "h") == auth.Allow()   # decided at once: no Deferred
     prefixed = attrs.evolve(app(preauth="oidc"), external_url="http://apps.example.test:8080/wiki/")
     answer = g.check(request("/wiki/x"), prefixed, Origin("http", "apps.example.test", 8080), "h").result
     query = parse_qs(urlsplit(header(answer, "Location")[0]).query)

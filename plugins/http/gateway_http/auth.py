@@ -81,6 +81,9 @@ class Allow:
     headers: Headers | None = None
 
 
+ALLOW = Allow()   # passthrough's answer: frozen, so one will do
+
+
 @frozen
 class Respond:
     """Answer the request at the front door (a redirect to sign in, a 403, the JWKS document...)."""
@@ -180,8 +183,8 @@ def redirect(location: str, extra_headers: Headers | None = None) -> Respond:
 class PassthroughGate:
     """Every request goes through as it came."""
 
-    def check(self, request: Any, app: Any, external: Any, client_host: str, request_id: str = "") -> Deferred:
-        return succeed(Allow())
+    def check(self, request: Any, app: Any, external: Any, client_host: str, request_id: str = "") -> Allow:
+        return ALLOW
 
 
 def identity_from_claims(claims: dict[str, Any], groups_claim: str) -> Identity:
@@ -226,14 +229,15 @@ class OIDCGate:
         self.signer = signer
         self.reactor = reactor
 
-    def check(self, request: Any, app: Any, external: Any, client_host: str, request_id: str = "") -> Deferred:
+    def check(self, request: Any, app: Any, external: Any, client_host: str,
+              request_id: str = "") -> Allow | Deferred:
         path, query = split_target(request.target)
         prefix = app_prefix(app)
         if self.signer is not None and path == prefix + JWKS_PATH:
             return succeed(Respond(200, [(b"Content-Type", b"application/json"),
                                          (b"Cache-Control", b"public, max-age=300")], self.signer.jwks()))
         if preauth(app) != "oidc":
-            return succeed(Allow())
+            return ALLOW
         if path == prefix + CALLBACK:
             return self._callback(request, app, external, query, request_id)
         if path == prefix + SIGNOUT:

@@ -24,6 +24,7 @@ import termios
 from typing import Any, Callable
 
 from attrs import frozen
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -196,6 +197,48 @@ class Exchange:
         self.bytes_out = 0
 
 
+class Deadline:
+    """A connection's one timer for what it waits for now (a request head, or the back end).
+
+    Every request moves the wait twice; moving a pending DelayedCall later only sets a number,
+    where cancelling it and calling callLater anew cost an object and heap work each time. A
+    cleared deadline stays pending and finds nothing to do when it comes, unless set again first.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.kind = ""                      # what the deadline is for now; "" when cleared
+        self._call: Any = None
+        self._action: tuple[Callable[..., None], tuple] | None = None
+
+    def set(self, kind: str, delay: float, function: Callable[..., None], *args: Any) -> None:
+        self.kind = kind
+        self._action = (function, args)
+        if self._call is not None and self._call.active():
+            self._call.reset(delay)
+        else:
+            self._call = self.reactor.callLater(delay, self._due)
+
+    def clear(self, kind: str | None = None) -> None:
+        """Nothing to do at the deadline (if it is for ``kind``, when given)."""
+        if kind is None or self.kind == kind:
+            self.kind = ""
+            self._action = None
+
+    def stop(self) -> None:
+        """The connection is gone: cancel for real."""
+        self.clear()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _due(self) -> None:
+        self._call = None
+        action, self._action, self.kind = self._action, None, ""
+        if action is not None:
+            action[0](*action[1])
+
+
 @frozen
 class Timeouts:
     """Slow-client limits of the front door (per app back-end timeouts are app options)."""
@@ -246,8 +289,7 @@ class FrontDoor(Protocol):
         self.link_map = link_map
         self.gate = gate or auth.PassthroughGate()
         self.timeouts = timeouts or Timeouts()
-        self._timer: Any = None
-        self._timer_kind = ""
+        self._deadline = Deadline(reactor)   # the request head's (idle, header) or the back end's
         self.router = router
         self.open_stream = open_stream
         self.scheme = scheme
@@ -261,7 +303,6 @@ class FrontDoor(Protocol):
         self._read_closed = False
         self._streaming = False       # a request's stream is registered as the client socket's producer
         self._body_timer: Any = None
-        self._backend_timer: Any = None
         self._writer = _ResponseProducer(self)
         self._send_timer: Any = None
         self._sent = 0                        # bytes written to the client, ever
@@ -306,9 +347,8 @@ class FrontDoor(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.state = "closed"
-        self._disarm()
+        self._deadline.stop()
         self._cancel_body_timer()
-        self._cancel_backend_timer()
         self._cancel_send_timer()
         idle, self._idle = self._idle, None
         if idle is not None and not idle[0].closed:
@@ -320,17 +360,14 @@ class FrontDoor(Protocol):
     def _arm(self) -> None:
         """Time the wait for a request head: ``idle`` while nothing came, ``header`` once bytes did."""
         kind = "header" if self.buf else "idle"
-        if self.reactor is None or self.state != "head" or (self._timer is not None and self._timer_kind == kind):
+        if self.reactor is None or self.state != "head" or self._deadline.kind == kind:
             return
-        self._disarm()
-        self._timer_kind = kind
         delay = self.timeouts.header if kind == "header" else self.timeouts.idle
-        self._timer = self.reactor.callLater(delay, self._timed_out)
+        self._deadline.set(kind, delay, self._timed_out)
 
     def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._deadline.clear("header")
+        self._deadline.clear("idle")
 
     def _arm_body(self) -> None:
         """(Re)start the wait for the next piece of a request body from the client."""
@@ -359,11 +396,7 @@ class FrontDoor(Protocol):
         """(Re)start the wait for the back end: the response head, or the next piece of its body."""
         if self.reactor is None or ex.response_state == "done" or ex.response_state == "upgraded":
             return
-        delay = backend_timeout(ex.app)
-        if self._backend_timer is not None and self._backend_timer.active():
-            self._backend_timer.reset(delay)
-        else:
-            self._backend_timer = self.reactor.callLater(delay, self._backend_timed_out, ex)
+        self._deadline.set("backend", backend_timeout(ex.app), self._backend_timed_out, ex)
 
     def _request_body_held(self) -> None:
         """The stream takes no more of the request body: a back end that stops reading an upload
@@ -378,12 +411,9 @@ class FrontDoor(Protocol):
             self._cancel_backend_timer()
 
     def _cancel_backend_timer(self) -> None:
-        if self._backend_timer is not None and self._backend_timer.active():
-            self._backend_timer.cancel()
-        self._backend_timer = None
+        self._deadline.clear("backend")
 
     def _backend_timed_out(self, ex: Exchange) -> None:
-        self._backend_timer = None
         if self.state == "closed" or self.exchange is not ex or ex.response_state in ("done", "upgraded"):
             return
         if not self._streaming_paused(ex):
@@ -445,7 +475,6 @@ class FrontDoor(Protocol):
         return ex.response_state == "body" and bool(getattr(ex.stream, "_reading_paused", False))
 
     def _timed_out(self) -> None:
-        self._timer = None
         if self.state != "head":
             return
         if self.buf:
@@ -583,8 +612,12 @@ class FrontDoor(Protocol):
         self.exchange = ex
         self.state = "opening"
         self._hold("stream")
-        d = self.gate.check(request, app, external, self._client_host, request_id=request_id)
-        d.addCallbacks(self._checked, self._check_failed, callbackArgs=(ex, body_length), errbackArgs=(ex,))
+        decision = self.gate.check(request, app, external, self._client_host, request_id=request_id)
+        if isinstance(decision, Deferred):   # the gate had to ask the provider, say
+            decision.addCallbacks(self._checked, self._check_failed, callbackArgs=(ex, body_length),
+                                  errbackArgs=(ex,))
+        else:                                # most requests: decided at once, no Deferred round trip
+            self._checked(decision, ex, body_length)
 
     def _checked(self, decision: Any, ex: Exchange, body_length: int | None) -> None:
         """Pre-authentication said: forward (as whom) or answer here (sign in, forbidden...)."""
@@ -948,9 +981,8 @@ class FrontDoor(Protocol):
         self.state = "closed"   # first: resetting the stream must not answer a second time
         if ex is not None and ex.stream is not None and not ex.stream.closed:
             ex.stream.reset(code, why or f"the front door answered {status} itself")
-        self._disarm()
+        self._deadline.stop()
         self._cancel_body_timer()
-        self._cancel_backend_timer()
         if ex is not None and ex.response_state != "head":
             self.transport.abortConnection()
             return

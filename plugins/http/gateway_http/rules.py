@@ -79,11 +79,17 @@ def _origin_of(url: str) -> Origin:
     return Origin(scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS[scheme], parts.path or "/")
 
 
-def _index(headers: Headers) -> dict[bytes, list[bytes]]:
+def _index(headers: Headers) -> tuple[dict[bytes, list[bytes]], list[bytes]]:
+    """{lower-case name: values} and the lower-case names in order, in one pass."""
     index: dict[bytes, list[bytes]] = {}
-    for k, v in headers:
-        index.setdefault(k.lower(), []).append(v)
-    return index
+    names = [k.lower() for k, _ in headers]
+    for name, (_, v) in zip(names, headers):
+        found = index.get(name)
+        if found is None:
+            index[name] = [v]
+        else:
+            found.append(v)
+    return index, names
 
 
 @frozen
@@ -92,11 +98,15 @@ class Request:
     target: bytes
     version: bytes          # b"HTTP/1.1" or b"HTTP/1.0"
     headers: Headers
-    # {lower-case name: values}: the rules ask for several headers of every request
+    # {lower-case name: values}: the rules ask for several headers of every request; and the
+    # lower-case names in the order of `headers`, for the passes that rebuild a head
     index: dict[bytes, list[bytes]] = field(init=False, eq=False, repr=False)
+    names: list[bytes] = field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "index", _index(self.headers))
+        index, names = _index(self.headers)
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "names", names)
 
 
 @frozen
@@ -106,9 +116,12 @@ class Response:
     reason: bytes
     headers: Headers
     index: dict[bytes, list[bytes]] = field(init=False, eq=False, repr=False)
+    names: list[bytes] = field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "index", _index(self.headers))
+        index, names = _index(self.headers)
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "names", names)
 
 
 def values(message: Request | Response, name: bytes) -> list[bytes]:
@@ -299,20 +312,12 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
     One pass over the client's headers: this runs for every request."""
     target = translate_target(origin_form(request.target), external, internal)
     drop = HOP_BY_HOP | FRAMING | FORWARDING
-    connection = upgrade = None
-    for k, v in request.headers:
-        name = k.lower()
-        if name == b"connection":
-            connection = v if connection is None else connection + b"," + v
-        elif name == b"upgrade":
-            upgrade = v if upgrade is None else upgrade + b", " + v
-    if connection is not None:
-        listed = {t.strip().lower() for t in connection.split(b",")}
+    upgrade = None
+    if b"connection" in request.index:
+        listed = set(_message_tokens(request, b"connection"))
         drop = drop | listed
-        if b"upgrade" not in listed or request.version != b"HTTP/1.1":
-            upgrade = None
-    else:
-        upgrade = None
+        if b"upgrade" in listed and request.version == b"HTTP/1.1" and b"upgrade" in request.index:
+            upgrade = b", ".join(request.index[b"upgrade"])
     if extra_headers:
         drop = drop | {k.lower() for k, _ in extra_headers}
     headers: Headers = []
@@ -321,8 +326,7 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
     forwarded: list[bytes] = []
     host_seen = False
     internal_host = internal.authority.encode("latin-1")
-    for k, v in request.headers:
-        name = k.lower()
+    for name, (k, v) in zip(request.names, request.headers):
         if name in drop:
             continue
         if name == b"host":
@@ -422,8 +426,12 @@ def client_response_head(response: Response, body_length: int | None, chunked_to
         headers += [(b"Connection", b"Upgrade")] + [(b"Upgrade", v) for v in get(response.headers, b"upgrade")]
         return _head(b"HTTP/1.1 101 %s" % (response.reason or b"Switching Protocols"), headers)
     headers = []
-    for k, v in strip_hop_by_hop(response.headers):
-        name = k.lower()
+    drop = HOP_BY_HOP | FRAMING
+    if b"connection" in response.index:
+        drop = drop | set(_message_tokens(response, b"connection"))
+    for name, (k, v) in zip(response.names, response.headers):
+        if name in drop:
+            continue
         if name in (b"location", b"content-location"):
             v = rewrite_location(v, external, internal)
         elif name == b"refresh":
@@ -446,8 +454,13 @@ def client_response_head(response: Response, body_length: int | None, chunked_to
     return _head(b"HTTP/1.1 %d %s" % (response.status, reason), headers)
 
 
+_FIELD = b": ".join   # (name, value) -> name: value, mapped over a head's fields in C
+
+
 def _head(first_line: bytes, headers: Headers) -> bytes:
-    return b"\r\n".join([first_line, *(k + b": " + v for k, v in headers)]) + b"\r\n\r\n"
+    if not headers:
+        return first_line + b"\r\n\r\n"
+    return first_line + b"\r\n" + b"\r\n".join(map(_FIELD, headers)) + b"\r\n\r\n"
 
 
 REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
