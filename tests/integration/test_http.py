@@ -97,6 +97,13 @@ def test_keep_alive_serves_several_requests_on_one_connection(gw, nginx):
         sockets.add(c.sock.getsockname())
     c.close()
     assert len(sockets) == 1
+    # the service and the connector each write an access line per request, with the same id
+    lines = wait_until(lambda: (lambda found: found if len(found) >= 5 else None)(re.findall(
+        rf"request (\w+) GET (/small.txt|/headers) for app wiki to http://{HOST}:{nginx.port}: 200", conn.proc.log())),
+        10, "five access lines in the connector's log")
+    assert len({request_id for request_id, _ in lines}) == len(lines)
+    service_log = svc.proc.log()
+    assert all(f"request {request_id} GET " in service_log for request_id, _ in lines)
 
 
 def test_location_is_rewritten_to_the_external_url(gw, nginx):

@@ -23,10 +23,11 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway import logs
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.stream import is_reset
 
@@ -139,6 +140,7 @@ class Exchange(Protocol):
         # response (back end -> service): head, body, tunnel, done
         self.resp = "head"
         self.resp_buf = b""
+        self.resp_status = 0
         self.resp_framing: int | None = 0
         self.resp_left = 0
         self.resp_decoder: ChunkDecoder | None = None
@@ -422,6 +424,7 @@ class Exchange(Protocol):
         if 100 <= response.status < 200:
             self._relay(head)  # 100 Continue and friends reach the client; another head follows
             return rest
+        self.resp_status = response.status
         self.resp_framing = rules.response_body_length(response, self.request.method)
         connection = {t.strip().lower() for v in rules.get(response.headers, b"connection") for t in v.split(b",")}
         self.resp_keep_alive = response.version == b"HTTP/1.1" and b"close" not in connection
@@ -459,6 +462,11 @@ class Exchange(Protocol):
     def _response_done(self, extra: bytes) -> None:
         self.resp = "done"
         self.over = True
+        if logs.enabled(LogLevel.info):   # the connector's access line; not even built when dropped
+            log.info("request {request_id} {method} {target} for app {app} to {address}: {status}",
+                     request_id=self.request_id, method=self.request.method.decode("latin-1"),
+                     target=self.request.target.decode("latin-1")[:200], app=self.app.name,
+                     address=self.target.address, status=self.resp_status)
         reusable = (self.phase == "sent" and self.resp_keep_alive and not extra and not self.extra_sent
                     and self.request.version == b"HTTP/1.1")
         if self.phase == "sent" and not self.stream.closed and not self.stream.disconnecting:
