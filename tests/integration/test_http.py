@@ -102,8 +102,8 @@ def test_keep_alive_serves_several_requests_on_one_connection(gw, nginx):
         rf"request (\w+) GET (/small.txt|/headers) for app wiki to http://{HOST}:{nginx.port}: 200", conn.proc.log())),
         10, "five access lines in the connector's log")
     assert len({request_id for request_id, _ in lines}) == len(lines)
-    service_log = svc.proc.log()
-    assert all(f"request {request_id} GET " in service_log for request_id, _ in lines)
+    wait_until(lambda: all(f"request {request_id} GET " in svc.proc.log() for request_id, _ in lines), 10,
+               "the service's access lines with the same ids")
 
 
 def test_location_is_rewritten_to_the_external_url(gw, nginx):
