@@ -93,13 +93,11 @@ def _index(headers: Headers) -> tuple[dict[bytes, list[bytes]], list[bytes]]:
 
 
 @frozen
-class Request:
-    method: bytes
-    target: bytes
-    version: bytes          # b"HTTP/1.1" or b"HTTP/1.0"
-    headers: Headers
-    # {lower-case name: values}: the rules ask for several headers of every request; and the
-    # lower-case names in the order of `headers`, for the passes that rebuild a head
+class _ParsedHead:
+    """What a parsed request or response keeps beside its fields, made once when parsed:
+    {lower-case name: values}, which the rules ask several times per message, and the
+    lower-case names in the order of ``headers``, for the passes that rebuild a head."""
+
     index: dict[bytes, list[bytes]] = field(init=False, eq=False, repr=False)
     names: list[bytes] = field(init=False, eq=False, repr=False)
 
@@ -110,18 +108,19 @@ class Request:
 
 
 @frozen
-class Response:
+class Request(_ParsedHead):
+    method: bytes
+    target: bytes
+    version: bytes          # b"HTTP/1.1" or b"HTTP/1.0"
+    headers: Headers
+
+
+@frozen
+class Response(_ParsedHead):
     version: bytes
     status: int
     reason: bytes
     headers: Headers
-    index: dict[bytes, list[bytes]] = field(init=False, eq=False, repr=False)
-    names: list[bytes] = field(init=False, eq=False, repr=False)
-
-    def __attrs_post_init__(self) -> None:
-        index, names = _index(self.headers)
-        object.__setattr__(self, "index", index)
-        object.__setattr__(self, "names", names)
 
 
 def values(message: Request | Response, name: bytes) -> list[bytes]:
