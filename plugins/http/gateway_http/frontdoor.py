@@ -198,11 +198,13 @@ class Exchange:
 
 
 class Deadline:
-    """A connection's one timer for what it waits for now (a request head, or the back end).
+    """A timer a connection moves as its wait changes (the next request head, the back end, a
+    request body, the client taking bytes).
 
-    Every request moves the wait twice; moving a pending DelayedCall later only sets a number,
-    where cancelling it and calling callLater anew cost an object and heap work each time. A
-    cleared deadline stays pending and finds nothing to do when it comes, unless set again first.
+    Every request moves the head/back-end wait twice; moving a pending DelayedCall later only
+    sets a number, where cancelling it and calling callLater anew cost an object and heap work
+    each time. A cleared deadline stays pending and finds nothing to do when it comes, unless
+    set again first; stop() cancels it for good when the connection is gone.
     """
 
     def __init__(self, reactor: Any) -> None:
@@ -302,9 +304,9 @@ class FrontDoor(Protocol):
         self._client = ""
         self._read_closed = False
         self._streaming = False       # a request's stream is registered as the client socket's producer
-        self._body_timer: Any = None
+        self._body_deadline = Deadline(reactor)   # the next piece of a request body from the client
         self._writer = _ResponseProducer(self)
-        self._send_timer: Any = None
+        self._send_deadline = Deadline(reactor)   # the client taking response bytes again
         self._sent = 0                        # bytes written to the client, ever
         self._send_mark: tuple[int, int] | None = None   # (unsent, sent) when the send timer was armed
         self._idle: tuple[Any, Any, dict | None] | None = None   # (stream, app, identity) kept for the next request
@@ -348,8 +350,8 @@ class FrontDoor(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.state = "closed"
         self._deadline.stop()
-        self._cancel_body_timer()
-        self._cancel_send_timer()
+        self._body_deadline.stop()
+        self._send_deadline.stop()
         idle, self._idle = self._idle, None
         if idle is not None and not idle[0].closed:
             idle[0].loseConnection()
@@ -371,20 +373,13 @@ class FrontDoor(Protocol):
 
     def _arm_body(self) -> None:
         """(Re)start the wait for the next piece of a request body from the client."""
-        if self.reactor is None:
-            return
-        if self._body_timer is not None and self._body_timer.active():
-            self._body_timer.reset(self.timeouts.body)
-        else:
-            self._body_timer = self.reactor.callLater(self.timeouts.body, self._body_timed_out)
+        if self.reactor is not None:
+            self._body_deadline.set("body", self.timeouts.body, self._body_timed_out)
 
     def _cancel_body_timer(self) -> None:
-        if self._body_timer is not None and self._body_timer.active():
-            self._body_timer.cancel()
-        self._body_timer = None
+        self._body_deadline.clear()
 
     def _body_timed_out(self) -> None:
-        self._body_timer = None
         if self.state != "body":
             return
         if self._holds:
@@ -441,19 +436,16 @@ class FrontDoor(Protocol):
         return unsent_then + (self._sent - sent_then) - unsent
 
     def _arm_send(self) -> None:
-        if self.reactor is None or self.state == "closed" or self._send_timer is not None:
+        if self.reactor is None or self.state == "closed" or self._send_deadline.kind:
             return
         unsent = unsent_bytes(self.transport)
         self._send_mark = None if unsent is None else (unsent, self._sent)
-        self._send_timer = self.reactor.callLater(self.timeouts.send, self._send_timed_out)
+        self._send_deadline.set("send", self.timeouts.send, self._send_timed_out)
 
     def _cancel_send_timer(self) -> None:
-        if self._send_timer is not None and self._send_timer.active():
-            self._send_timer.cancel()
-        self._send_timer = None
+        self._send_deadline.clear()
 
     def _send_timed_out(self) -> None:
-        self._send_timer = None
         if self.state == "closed" or not self._streaming:
             return
         taken = self._taken_since_mark()
