@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from attrs import define, field
@@ -453,14 +454,23 @@ def test_slow_request_body_gets_408():
     assert h.output().startswith(b"HTTP/1.1 408 ") and stream.reset_with is not None
 
 
-class BufferingTransport(StringTransport):
-    """A StringTransport that reports, as Twisted's TCP transport does, bytes its socket has not taken."""
+class AckingTransport(StringTransport):
+    """A StringTransport whose socket reports, as Linux TCP_INFO does, bytes the peer acknowledged."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.dataBuffer = b""
-        self.offset = 0
-        self._tempDataBuffer: list[bytes] = []
+        self.acked = 0
+
+    def getHandle(self):
+        transport = self
+
+        class Socket:
+            def getsockopt(self, level, option, size):
+                info = bytearray(size)
+                info[120:128] = transport.acked.to_bytes(8, sys.byteorder)
+                return bytes(info)
+
+        return Socket()
 
 
 def _held_response(h: Harness, send: float = 60) -> FakeStream:
@@ -506,13 +516,12 @@ def test_a_slow_client_that_still_takes_bytes_is_not_cut_off():
     """As nginx's send_timeout: what counts is a stall, not a buffer that drains slowly."""
     clock = Clock()
     h = Harness(clock=clock)
-    h.transport = BufferingTransport()
+    h.transport = AckingTransport()
     h.door.makeConnection(h.transport)
-    h.transport.dataBuffer = b"y" * 5000
-    h.transport.offset = 1000     # 4,000 bytes not taken yet when the socket pauses the stream
+    h.transport.acked = 50_000
     stream = _held_response(h, send=10)
     for taken in (1000, 1000, 500):
-        h.transport.offset += taken
+        h.transport.acked += taken
         clock.advance(10)
         assert not h.transport.disconnecting
     clock.advance(10)            # nothing taken in this period

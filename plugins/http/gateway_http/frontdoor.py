@@ -16,11 +16,10 @@ socket is not read at all, so a pipelining client cannot make us buffer.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import os
+import socket
 import sys
-import termios
 from typing import Any, Callable
 
 from attrs import frozen
@@ -106,23 +105,28 @@ class _ResponseProducer:
         self.stream.stopProducing()
 
 
-def unsent_bytes(transport: Any) -> int | None:
-    """Bytes written to a connection that its peer has not yet acknowledged: what Twisted still
-    buffers (dataBuffer, _tempDataBuffer; under TLS, in the TCP transport beneath the wrapper)
-    plus the kernel's send queue (SIOCOUTQ), which on loopback alone can hold megabytes. None if
-    the transport does not say."""
+def acked_bytes(transport: Any) -> int | None:
+    """How many bytes of this connection the peer's TCP has acknowledged (Linux TCP_INFO
+    tcpi_bytes_acked), under a TLS wrapper too; None where the transport has no such socket.
+
+    Once the client's receive buffer is full, its TCP acknowledges only what the client reads,
+    so this counter moving is the client taking bytes, whatever Twisted, TLS or the kernel
+    hold in between.
+    """
     while isinstance(transport, ProtocolWrapper):
         transport = transport.transport
     try:
-        count = len(transport.dataBuffer) - transport.offset + sum(len(b) for b in transport._tempDataBuffer)
-    except (AttributeError, TypeError):
+        info = transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    except (AttributeError, OSError, TypeError):
         return None
-    try:
-        queued = fcntl.ioctl(transport.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-        count += int.from_bytes(queued, sys.byteorder, signed=True)
-    except (AttributeError, OSError, ValueError, TypeError):
-        pass   # no socket (a test transport) or no SIOCOUTQ: Twisted's own buffer alone
-    return count
+    if not isinstance(info, bytes) or len(info) < _BYTES_ACKED + 8:
+        return None
+    return int.from_bytes(info[_BYTES_ACKED:_BYTES_ACKED + 8], sys.byteorder)
+
+
+# struct tcp_info (linux/tcp.h): __u64 tcpi_bytes_acked sits at byte 120 since Linux 4.1
+_BYTES_ACKED = 120
+_TCP_INFO_SIZE = 256
 
 
 @implementer(IHalfCloseableProtocol)
@@ -307,8 +311,7 @@ class FrontDoor(Protocol):
         self._body_deadline = Deadline(reactor)   # the next piece of a request body from the client
         self._writer = _ResponseProducer(self)
         self._send_deadline = Deadline(reactor)   # the client taking response bytes again
-        self._sent = 0                        # bytes written to the client, ever
-        self._send_mark: tuple[int, int] | None = None   # (unsent, sent) when the send timer was armed
+        self._send_mark: int | None = None   # the client's acknowledged bytes when the send timer was armed
         self._idle: tuple[Any, Any, dict | None] | None = None   # (stream, app, identity) kept for the next request
 
     # -- the client socket -------------------------------------------------------------
@@ -421,25 +424,17 @@ class FrontDoor(Protocol):
         else:
             self._arm_backend(ex)
 
-    def _send(self, data: bytes) -> None:
-        """Bytes to the client; counted, so the send timeout can tell a slow reader from a stalled one."""
-        self._sent += len(data)
-        self.transport.write(data)
-
     def _taken_since_mark(self) -> int | None:
-        """Bytes the client took since the send timer was armed: what was unsent then, plus what
-        we wrote since (stream data in flight keeps arriving after a pause), minus what is unsent now."""
-        unsent = unsent_bytes(self.transport)
-        if unsent is None or self._send_mark is None:
+        """Bytes the client took since the send timer was armed, or None if we cannot tell."""
+        acked = acked_bytes(self.transport)
+        if acked is None or self._send_mark is None:
             return None
-        unsent_then, sent_then = self._send_mark
-        return unsent_then + (self._sent - sent_then) - unsent
+        return acked - self._send_mark
 
     def _arm_send(self) -> None:
         if self.reactor is None or self.state == "closed" or self._send_deadline.kind:
             return
-        unsent = unsent_bytes(self.transport)
-        self._send_mark = None if unsent is None else (unsent, self._sent)
+        self._send_mark = acked_bytes(self.transport)
         self._send_deadline.set("send", self.timeouts.send, self._send_timed_out)
 
     def _cancel_send_timer(self) -> None:
@@ -645,7 +640,7 @@ class FrontDoor(Protocol):
         log.info("request {request_id} from {client} for app {app}: {status} from the front door",
                  request_id=ex.request_id, client=self._client, app=ex.app.name if ex.app else "-",
                  status=answer.status)
-        self._send(rules.own_response(answer.status, answer.headers, answer.body, keep_alive,
+        self.transport.write(rules.own_response(answer.status, answer.headers, answer.body, keep_alive,
                                                 ex.request.method == b"HEAD"))
         ex.keep_alive = keep_alive
         ex.request_done = True
@@ -735,7 +730,7 @@ class FrontDoor(Protocol):
         if ex.response_state == "done" or self.state == "closed":
             return
         if ex.response_state == "upgraded":
-            self._send(data)
+            self.transport.write(data)
             return
         if ex.request_done:
             self._arm_backend(ex)
@@ -752,7 +747,7 @@ class FrontDoor(Protocol):
             data, ex.response_buf = ex.response_buf, b""
             if ex.response_state == "upgraded":
                 if data:
-                    self._send(data)
+                    self.transport.write(data)
                 return
             if not data:
                 if ex.response_state == "body" and ex.response_framing == 0:
@@ -770,7 +765,7 @@ class FrontDoor(Protocol):
             # 100 Continue, 103 Early Hints...: passed on to HTTP/1.1 clients (RFC 9110 15.2),
             # with the same header rules as a final head
             if ex.request.version == b"HTTP/1.1":
-                self._send(rules.client_response_head(response, 0, False, True, ex.external, ex.internal))
+                self.transport.write(rules.client_response_head(response, 0, False, True, ex.external, ex.internal))
             return
         framing = rules.response_body_length(response, ex.request.method)
         if framing != 0 and translate_links(ex.app) and self.link_map is not None:
@@ -809,7 +804,7 @@ class FrontDoor(Protocol):
         ex.response = response
         ex.response_state = "upgraded"
         ex.keep_alive = False
-        self._send(rules.client_response_head(response, 0, False, False, ex.external, ex.internal))
+        self.transport.write(rules.client_response_head(response, 0, False, False, ex.external, ex.internal))
         log.info("request {request_id} {target} for app {app}: 101, switched to {protocol}",
                  request_id=ex.request_id, target=ex.request.target.decode("latin-1")[:200], app=ex.app.name,
                  protocol=b", ".join(rules.get(response.headers, b"upgrade")).decode("latin-1")[:60])
@@ -872,7 +867,7 @@ class FrontDoor(Protocol):
         if ex.head_out:
             data, ex.head_out = ex.head_out + data, b""
         if data:
-            self._send(data)
+            self.transport.write(data)
 
     def _end_body(self, ex: Exchange) -> None:
         """The back end's body is complete: the translator's last bytes, then the last chunk."""
@@ -979,5 +974,5 @@ class FrontDoor(Protocol):
             self.transport.abortConnection()
             return
         self._unregister()
-        self._send(rules.error_page(status, message, request_id))
+        self.transport.write(rules.error_page(status, message, request_id))
         self.transport.loseConnection()
