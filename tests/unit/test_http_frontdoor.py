@@ -693,3 +693,31 @@ def test_interim_responses_reach_http11_clients_only():
     stream = h.accept()
     stream.answer(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert h.output().startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_acked_bytes_reads_what_the_peer_acknowledged_on_a_real_socket():
+    """The TCP_INFO offset holds on this kernel: after the peer's kernel took 100,000 bytes the
+    counter says so; a transport without a socket says nothing."""
+    import socket
+    import time
+
+    from gateway_http.frontdoor import acked_bytes
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    handle = type("Transport", (), {"getHandle": lambda self: server})()
+    try:
+        assert acked_bytes(handle) == 0
+        server.sendall(b"x" * 100_000)
+        received = 0
+        while received < 100_000:
+            received += len(client.recv(65536))
+        deadline = time.monotonic() + 5
+        while acked_bytes(handle) != 100_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert acked_bytes(handle) == 100_000
+        assert acked_bytes(StringTransport()) is None
+    finally:
+        for s in (client, server, listener):
+            s.close()

@@ -311,7 +311,6 @@ class FrontDoor(Protocol):
         self._body_deadline = Deadline(reactor)   # the next piece of a request body from the client
         self._writer = _ResponseProducer(self)
         self._send_deadline = Deadline(reactor)   # the client taking response bytes again
-        self._send_mark: int | None = None   # the client's acknowledged bytes when the send timer was armed
         self._idle: tuple[Any, Any, dict | None] | None = None   # (stream, app, identity) kept for the next request
 
     # -- the client socket -------------------------------------------------------------
@@ -424,27 +423,19 @@ class FrontDoor(Protocol):
         else:
             self._arm_backend(ex)
 
-    def _taken_since_mark(self) -> int | None:
-        """Bytes the client took since the send timer was armed, or None if we cannot tell."""
-        acked = acked_bytes(self.transport)
-        if acked is None or self._send_mark is None:
-            return None
-        return acked - self._send_mark
-
     def _arm_send(self) -> None:
         if self.reactor is None or self.state == "closed" or self._send_deadline.kind:
             return
-        self._send_mark = acked_bytes(self.transport)
-        self._send_deadline.set("send", self.timeouts.send, self._send_timed_out)
+        self._send_deadline.set("send", self.timeouts.send, self._send_timed_out, acked_bytes(self.transport))
 
     def _cancel_send_timer(self) -> None:
         self._send_deadline.clear()
 
-    def _send_timed_out(self) -> None:
+    def _send_timed_out(self, acked_then: int | None) -> None:
         if self.state == "closed" or not self._streaming:
             return
-        taken = self._taken_since_mark()
-        if taken is not None and taken > 0:
+        acked = acked_bytes(self.transport)
+        if acked is not None and acked_then is not None and acked > acked_then:
             self._arm_send()   # slow, but it takes bytes: as nginx's send_timeout, only a stall counts
             return
         ex = self.exchange

@@ -137,10 +137,6 @@ def get(headers: Headers, name: bytes) -> list[bytes]:
     return [v for k, v in headers if k.lower() == name]
 
 
-def _tokens(headers: Headers, name: bytes) -> list[bytes]:
-    return [t.strip().lower() for v in get(headers, name) for t in v.split(b",") if t.strip()]
-
-
 def is_token(name: str) -> bool:
     """A valid header field name."""
     return bool(name) and set(name.encode("latin-1", "replace")) <= _TOKEN
@@ -259,14 +255,18 @@ def request_host(request: Request) -> str:
     return hosts[0].decode("latin-1").strip().lower() if hosts else ""
 
 
-def _connection_listed(headers: Headers) -> set[bytes]:
-    return set(_tokens(headers, b"connection"))
+def hop_by_hop(message: Request | Response) -> frozenset[bytes] | set[bytes]:
+    """The (lower-case) names not to pass on: hop-by-hop and framing headers and the ones the
+    message's Connection header lists."""
+    if b"connection" not in message.index:
+        return HOP_BY_HOP | FRAMING
+    return HOP_BY_HOP | FRAMING | set(_message_tokens(message, b"connection"))
 
 
-def strip_hop_by_hop(headers: Headers) -> Headers:
-    """Drop hop-by-hop headers and the ones the Connection header lists (framing too)."""
-    drop = HOP_BY_HOP | FRAMING | _connection_listed(headers)
-    return [(k, v) for k, v in headers if k.lower() not in drop]
+def strip_hop_by_hop(message: Request | Response) -> Headers:
+    """The message's fields without its hop-by-hop ones (see hop_by_hop)."""
+    drop = hop_by_hop(message)
+    return [field for name, field in zip(message.names, message.headers) if name not in drop]
 
 
 def _forwarded_for(client_host: str) -> str:
@@ -310,13 +310,8 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
 
     One pass over the client's headers: this runs for every request."""
     target = translate_target(origin_form(request.target), external, internal)
-    drop = HOP_BY_HOP | FRAMING | FORWARDING
-    upgrade = None
-    if b"connection" in request.index:
-        listed = set(_message_tokens(request, b"connection"))
-        drop = drop | listed
-        if b"upgrade" in listed and request.version == b"HTTP/1.1" and b"upgrade" in request.index:
-            upgrade = b", ".join(request.index[b"upgrade"])
+    drop = hop_by_hop(request) | FORWARDING
+    upgrade = upgrade_protocols(request)
     if extra_headers:
         drop = drop | {k.lower() for k, _ in extra_headers}
     headers: Headers = []
@@ -421,13 +416,11 @@ def client_response_head(response: Response, body_length: int | None, chunked_to
     A 101 keeps its ``Connection: Upgrade`` and ``Upgrade``.
     """
     if response.status == 101:
-        headers = list(strip_hop_by_hop(response.headers))
+        headers = strip_hop_by_hop(response)
         headers += [(b"Connection", b"Upgrade")] + [(b"Upgrade", v) for v in get(response.headers, b"upgrade")]
         return _head(b"HTTP/1.1 101 %s" % (response.reason or b"Switching Protocols"), headers)
     headers = []
-    drop = HOP_BY_HOP | FRAMING
-    if b"connection" in response.index:
-        drop = drop | set(_message_tokens(response, b"connection"))
+    drop = hop_by_hop(response)
     for name, (k, v) in zip(response.names, response.headers):
         if name in drop:
             continue
