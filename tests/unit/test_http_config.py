@@ -163,6 +163,7 @@ def test_same_host_and_path_twice_is_refused():
     ({"request_headers": {"X Bad": "v"}}, "options.request_headers"),
     ({"request_headers": {"X-Ok": "line\nbreak"}}, "options.request_headers"),
     ({"request_headers": {"Connection": "close"}}, "set by the front door"),
+    ({"request_headers": {"X-Gateway-Jwt-Assertion": "x"}}, "X-Gateway-Jwt-Assertion is set by the front door"),
     ({"request_headers": ["X-A"]}, "options.request_headers"),
 ])
 def test_bad_web_app_options_are_refused(options, words):

@@ -134,6 +134,20 @@ def test_backend_request_keeps_host_when_translation_is_off():
     assert rules.get(h, b"host") == [b"wiki.apps.example.test:8080"]
 
 
+def test_backend_request_drops_the_clients_gateway_headers_and_cookies():
+    """A client's X-Gateway-* headers (any case) and the gateway's cookies never reach the back end;
+    the gateway's own headers (extra_headers) and the client's other cookies do."""
+    r = req(b"GET / HTTP/1.1\r\nHost: a\r\nX-Gateway-Jwt-Assertion: forged\r\nx-gateway-request-id: f\r\n"
+            b"X-GATEWAY-USER: admin\r\nCookie: a=1; gateway_session_0123abcd=v1.x; b=2\r\n"
+            b"Cookie: gateway_signin_0123456789ab=v1.y\r\nX-Gatewayish: kept")
+    h = _headers(rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "h",
+                                            extra_headers=[(b"X-Gateway-Request-Id", b"ours")]))
+    assert [k for k, _ in h if k.lower().startswith(b"x-gateway-")] == [b"X-Gateway-Request-Id"]
+    assert rules.get(h, b"x-gateway-request-id") == [b"ours"]
+    assert rules.get(h, b"cookie") == [b"a=1; b=2"]
+    assert rules.get(h, b"x-gatewayish") == [b"kept"]
+
+
 def test_backend_request_strips_hop_by_hop_and_sets_framing():
     """Hop-by-hop headers and those Connection names go; our own framing replaces the client's."""
     r = req(b"POST http://wiki.apps.example.test:8080/up?x=1 HTTP/1.1\r\nHost: wiki.apps.example.test:8080\r\n"

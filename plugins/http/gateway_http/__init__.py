@@ -92,9 +92,10 @@ def check_options(apps: list[Any]) -> None:
             raise GatewayError(f"app {app.name}: options.request_headers: expected a table of header names to "
                                f"values (printable ASCII, no line breaks), got {headers!r}")
         hop = sorted(k for k in headers if k.lower().encode() in rules.HOP_BY_HOP | rules.FRAMING | {b"host"})
-        if hop:
-            raise GatewayError(f"app {app.name}: options.request_headers: {hop[0]} is set by the front door itself;"
-                               f" remove it")
+        owned = sorted(k for k in headers if k.lower().encode().startswith(rules.GATEWAY_HEADER_PREFIX))
+        if hop or owned:
+            raise GatewayError(f"app {app.name}: options.request_headers: {(hop or owned)[0]} is set by the front "
+                               f"door itself; remove it")
         try:
             pool.Target.from_app(app)   # the back-end options' types; the connector reads the CA file
         except GatewayError as e:

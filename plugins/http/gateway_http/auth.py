@@ -14,7 +14,8 @@ An ``oidc`` app works like oauth2-proxy or Entra application proxy in front of i
   cookie set, and the browser sent back to the page it first asked for (same origin only);
 - ``<prefix>.gateway/signout``: cookie cleared, then the provider's end_session_endpoint;
 - a valid session: assignment (``allowed_users`` / ``allowed_groups``) checked on every request,
-  our cookies taken out of the Cookie header, and, with ``jwt_assertion``, a signed JWT added.
+  and, with ``jwt_assertion``, a signed JWT added. (On every app, passthrough too, the front door
+  takes our cookies out of the Cookie header and drops a client's X-Gateway-* headers.)
 
 ``/.gateway/jwks.json`` (under every web-app prefix) serves the assertion keys when any app
 uses ``jwt_assertion``. Sign-in events are logged with the request id and the user; codes,
@@ -75,10 +76,13 @@ class Identity:
 
 @frozen
 class Allow:
-    """Forward the request: as whom (None for passthrough) and with which headers (None: unchanged)."""
+    """Forward the request: as whom (None for passthrough), with which headers (None: unchanged),
+    and which headers of the gateway's own to add for the back end (the signed assertion: no
+    X-Gateway-* header of the client's is forwarded, so ours are added after them)."""
 
     identity: Identity | None = None
     headers: Headers | None = None
+    added: Headers = ()
 
 
 ALLOW = Allow()   # passthrough's answer: frozen, so one will do
@@ -256,12 +260,11 @@ class OIDCGate:
                                 f"You are signed in as {who}, but you have not been given access to this "
                                 "application. Ask your administrator to assign you to it.",
                                 prefix + SIGNOUT, "Sign out"))
-        headers = [(k, v) for k, v in sessions.without_our_cookies(request.headers)
-                   if k.lower() != ASSERTION_HEADER.lower()]
+        added: Headers = []
         if app.options.get("jwt_assertion") and self.signer is not None:
             token = self.signer.mint(identity, external.url, external.url + prefix, self.reactor.seconds())
-            headers.append((ASSERTION_HEADER, token.encode("ascii")))
-        return succeed(Allow(identity, headers))
+            added.append((ASSERTION_HEADER, token.encode("ascii")))
+        return succeed(Allow(identity, None, added))
 
     # -- the session --
 

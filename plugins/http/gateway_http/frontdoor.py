@@ -181,6 +181,7 @@ class Exchange:
         self.internal = internal
         self.stream: Any = None
         self.identity: auth.Identity | None = None
+        self.added: rules.Headers = ()    # the gate's headers for the back end (the signed assertion)
         self.stream_identity: dict | None = None
         self.upgrade = False
         # request body: bytes left (int) or a chunk decoder
@@ -607,6 +608,7 @@ class FrontDoor(Protocol):
         extra: dict[str, Any] = {"client": self._client, "request_id": ex.request_id}
         if decision.headers is not None:
             ex.request = rules.Request(ex.request.method, ex.request.target, ex.request.version, decision.headers)
+        ex.added = decision.added
         if decision.identity is not None:
             ex.identity = decision.identity
             extra["user"] = decision.identity.subject
@@ -656,7 +658,7 @@ class FrontDoor(Protocol):
                 ex.request = rules.Request(ex.request.method, ex.request.target, ex.request.version, headers)
             head = rules.backend_request_head(ex.request, body_length, ex.external, ex.internal,
                                               self._client_host, translate_host=translate_host(ex.app),
-                                              extra_headers=[*request_headers(ex.app), (
+                                              extra_headers=[*request_headers(ex.app), *ex.added, (
                                                   b"X-Gateway-Request-Id", ex.request_id.encode())])
             ex.upgrade = rules.upgrade_protocols(ex.request) is not None
             if isinstance(stream.protocol, ResponseSide):

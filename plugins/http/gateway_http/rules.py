@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
+from .sessions import strip_our_cookies
+
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEAD = 64 * 1024
@@ -30,6 +32,10 @@ FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 # The front door's correlation id for each request, sent to the connector (which logs it) and
 # on to the back end; a client's header of that name is dropped.
 REQUEST_ID_HEADER = b"x-gateway-request-id"
+# Every X-Gateway-* header is the gateway's to set (the request id, the signed assertion, and
+# whatever it adds later): a client's header of such a name is dropped, never passed on as if
+# the gateway had said it. So are the gateway's own cookies (sessions.strip_our_cookies).
+GATEWAY_HEADER_PREFIX = b"x-gateway-"
 FORWARDING = frozenset({b"x-forwarded-proto", b"x-forwarded-host", REQUEST_ID_HEADER})
 
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -305,7 +311,8 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
                          client_host: str, translate_host: bool = True, extra_headers: Headers = ()) -> bytes:
     """The head sent on the stream to the connector: origin-form target with the internal path
     prefix, translated Host, forwarding headers, the app's custom headers, hop-by-hop headers
-    stripped (but for an upgrade request's ``Connection: Upgrade``), and our framing. The
+    stripped (but for an upgrade request's ``Connection: Upgrade``), and our framing. A client's
+    X-Gateway-* headers and the gateway's cookies are stripped too, whatever the app. The
     connector keeps its own back-end connections alive, so no Connection header is sent.
 
     One pass over the client's headers: this runs for every request."""
@@ -321,9 +328,13 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
     host_seen = False
     internal_host = internal.authority.encode("latin-1")
     for name, (k, v) in zip(request.names, request.headers):
-        if name in drop:
+        if name in drop or name.startswith(GATEWAY_HEADER_PREFIX):
             continue
-        if name == b"host":
+        if name == b"cookie":
+            v = strip_our_cookies(v)
+            if v:
+                append((k, v))
+        elif name == b"host":
             host_seen = True
             append((b"Host", internal_host) if translate_host else (k, v))
         elif name == b"x-forwarded-for":

@@ -142,21 +142,20 @@ def parse_cookies(headers: Headers) -> list[tuple[str, str]]:
 
 
 def is_ours(cookie_name: str) -> bool:
-    return cookie_name.startswith((SESSION_COOKIE + "_", SIGNIN_COOKIE + "_"))
+    """A session or sign-in cookie of the gateway, in any letter case (a back end may not care)."""
+    return cookie_name.strip().lower().startswith((SESSION_COOKIE + "_", SIGNIN_COOKIE + "_"))
 
 
-def without_our_cookies(headers: Headers) -> Headers:
-    """The request headers with the gateway's cookies taken out of Cookie (dropped when empty)."""
-    out: Headers = []
-    for name, value in headers:
-        if name.lower() != b"cookie":
-            out.append((name, value))
-            continue
-        kept = [p.strip() for p in value.split(b";")
-                if p.strip() and not is_ours(p.strip().partition(b"=")[0].strip().decode("latin-1"))]
-        if kept:
-            out.append((name, b"; ".join(kept)))
-    return out
+def strip_our_cookies(value: bytes) -> bytes:
+    """A Cookie header value without the gateway's cookies (b"" if nothing else is left); the
+    client's other cookies keep their bytes and their order.
+
+    Every request to a back end goes through this, so a value naming none of ours is returned
+    as it is."""
+    if b"gateway_" not in value.lower():
+        return value
+    kept = [p for p in value.split(b";") if p.strip() and not is_ours(p.partition(b"=")[0].decode("latin-1"))]
+    return b";".join(kept).lstrip(b" \t")
 
 
 def set_cookie(name: str, value: str, path: str, secure: bool, max_age: int | None) -> bytes:

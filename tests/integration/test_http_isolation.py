@@ -1,0 +1,112 @@
+"""What a web app's back end may see of other users, other apps and the gateway itself, through
+real processes: headers and cookies the gateway owns never come from the client, back-end
+connections are never shared across apps (nor across users where the app asks), a back end's
+stray bytes cost only its connection, and an app whose own listener cannot sign users in is
+refused instead of served open."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+
+import pytest
+
+from gateway_harness import HOST, Backend, free_port, wait_until
+from gateway_harness import http_request as get
+
+SITE = "site.apps.example.test"
+OTHER = "other.apps.example.test"
+
+
+def read_request(conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes]:
+    """One request head (no body expected) from ``conn``: (head or None at EOF, the bytes after it)."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None, buf
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def reporting_handler(conn: socket.socket, backend: Backend) -> None:
+    """A keep-alive back end answering each request with JSON: which of its connections (a number
+    in accept order) served it, the request's headers and how many requests that connection served."""
+    with backend.lock:
+        number = backend.accepted
+    buf, served = b"", 0
+    while True:
+        head, buf = read_request(conn, buf)
+        if head is None:
+            return
+        served += 1
+        lines = head.decode("latin-1").split("\r\n")
+        headers = [line.split(":", 1) for line in lines[1:]]
+        body = json.dumps({"conn": number, "served": served, "target": lines[0].split(" ")[1],
+                           "headers": [[k, v.strip()] for k, v in headers]}).encode()
+        backend.record((number, lines[0]))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+
+
+@pytest.fixture
+def reporting():
+    backend = Backend(reporting_handler)
+    yield backend
+    backend.close()
+
+
+def web_app(name, host, port, backend, **options):
+    return {"name": name, "external_url": f"http://{host}:{port}/",
+            "internal_url": f"http://{backend.destination}/", "options": options}
+
+
+def start_front_door(gw, apps_for, http=None):
+    """A service with a front door for the apps ``apps_for(port)`` returns, and one connector;
+    returns (service, connector, front door port)."""
+    port = free_port()
+    svc = gw.service(start=False)
+    svc.add_front_door(port, apps_for(port), http=http)
+    svc.start()
+    conn = gw.connector(svc)
+    return svc, conn, port
+
+
+def answers(port, host):
+    wait_until(lambda: get(port, f"{host}:{port}", "/")[0].status == 200, 30, f"{host} to answer")
+
+
+def seen(port, host, path="/", headers=None, conn=None) -> dict:
+    """What the reporting back end saw of one request sent through the front door."""
+    r, body = get(port, host, path, headers=headers, conn=conn)
+    assert r.status == 200, body
+    return json.loads(body)
+
+
+def header(report: dict, name: str) -> list[str]:
+    return [v for k, v in report["headers"] if k.lower() == name.lower()]
+
+
+# -- headers and cookies the gateway owns --------------------------------------------------------
+
+
+def test_gateway_headers_and_cookies_from_the_client_never_reach_a_passthrough_back_end(gw, reporting):
+    """A client's X-Gateway-* headers and the gateway's session and sign-in cookies are taken out
+    before a passthrough app's request leaves the front door; other cookies pass byte for byte."""
+    svc, conn, front = start_front_door(gw, lambda port: [web_app("site", SITE, port, reporting)])
+    answers(front, SITE)
+    report = seen(front, f"{SITE}:{front}", "/", headers={
+        "X-Gateway-Jwt-Assertion": "forged.jwt.token",
+        "X-Gateway-Request-Id": "forged-id",
+        "x-gateway-user": "admin",
+        "Cookie": "a=1; gateway_session_0123abcd=forged;b=\"two\"; GATEWAY_SIGNIN_00aa=s;  c=3",
+    })
+    assert header(report, "X-Gateway-Jwt-Assertion") == []
+    assert header(report, "X-Gateway-User") == []
+    ids = header(report, "X-Gateway-Request-Id")
+    assert len(ids) == 1 and ids[0] != "forged-id"
+    assert header(report, "Cookie") == ['a=1;b="two";  c=3']
+    only_ours = seen(front, f"{SITE}:{front}", "/", headers={"Cookie": "gateway_session_0123abcd=forged"})
+    assert header(only_ours, "Cookie") == []
