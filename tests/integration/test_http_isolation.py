@@ -110,3 +110,27 @@ def test_gateway_headers_and_cookies_from_the_client_never_reach_a_passthrough_b
     assert header(report, "Cookie") == ['a=1;b="two";  c=3']
     only_ours = seen(front, f"{SITE}:{front}", "/", headers={"Cookie": "gateway_session_0123abcd=forged"})
     assert header(only_ours, "Cookie") == []
+
+
+# -- an app with its own listener cannot sign users in: refused, never served open ---------------
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"preauth": "oidc"}, "options.preauth"),
+    ({"preauth": "oidc", "allowed_groups": ["staff"]}, "options.preauth"),
+    ({"allowed_users": ["alice"]}, "options.allowed_users"),
+    ({"jwt_assertion": True}, "options.jwt_assertion"),
+])
+def test_sign_in_options_on_an_app_with_its_own_listener_are_refused(gw, reporting, options, key):
+    """An http app with a listen of its own and sign-in options is refused by check-config and by
+    twistd at start (exit non-zero, the app, the key and the fix named), instead of served with no sign-in."""
+    svc = gw.service(start=False)
+    svc.add_app("site", reporting.destination, protocol="http", options=options)
+    checked = gw.cli("check-config", str(svc.config_path))
+    assert checked.returncode != 0, checked.stdout + checked.stderr
+    for words in ("app site", key, "external_url"):
+        assert words in checked.stderr, checked.stderr
+    started = gw.twistd(svc.config_path)
+    assert started.returncode != 0 and key in started.stdout + started.stderr, started.stdout + started.stderr
+    assert "listening for tunnels" not in started.stdout + started.stderr
+    assert reporting.accepted == 0

@@ -188,3 +188,25 @@ def test_sso_and_back_end_options_are_checked_on_the_service(options, words):
     """SSO without pre-authentication and badly typed back-end options stop the service, not only the connector."""
     with pytest.raises(GatewayError, match=words):
         gateway_http.check_options(gateway_http.web_apps(config(web(options=options))))
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"preauth": "oidc"}, "preauth"), ({"allowed_groups": ["g"]}, "allowed_groups"),
+    ({"allowed_users": ["a"]}, "allowed_users"), ({"jwt_assertion": False}, "jwt_assertion"),
+    ({"sso": "kerberos"}, "sso"),
+])
+def test_sign_in_options_on_an_app_with_its_own_listener_are_refused(options, key):
+    """An http app with its own listen has no sign-in: its sign-in options are refused, naming the key and the fix."""
+    own = {"name": "site", "protocol": "http", "listen": "tcp:8081", "destination": "site.corp:80", "options": options}
+    with pytest.raises(GatewayError, match=f"app site: options.{key} cannot apply .* external_url"):
+        gateway_http.check_own_listener_apps(gateway_http.own_listener_apps(config(own)))
+
+
+def test_an_app_with_its_own_listener_may_say_passthrough():
+    """preauth = "passthrough" and back-end options are fine on an app with its own listen; bad ones are checked."""
+    own = {"name": "site", "protocol": "http", "listen": "tcp:8081", "destination": "site.corp:80",
+           "options": {"preauth": "passthrough", "backend_timeout": "long"}}
+    gateway_http.check_own_listener_apps(gateway_http.own_listener_apps(config(own)))
+    own["options"] = {"backend_timeout": "forever"}
+    with pytest.raises(GatewayError, match="options.backend_timeout"):
+        gateway_http.check_own_listener_apps(gateway_http.own_listener_apps(config(own)))

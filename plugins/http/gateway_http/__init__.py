@@ -74,6 +74,31 @@ def web_apps(config: Any) -> list[Any]:
     return [a for a in config.apps if a.protocol == NAME and a.external_url]
 
 
+def own_listener_apps(config: Any) -> list[Any]:
+    """The http apps with a ``listen`` of their own (a front door each, no external_url)."""
+    return [a for a in config.apps if a.protocol == NAME and not a.external_url]
+
+
+# Options that need a sign-in: an app with its own listener has none (see check_own_listener_apps).
+SIGN_IN_KEYS = ("preauth", "allowed_users", "allowed_groups", "jwt_assertion", "sso")
+
+
+def check_own_listener_apps(apps: list[Any]) -> None:
+    """Refuse sign-in options on apps with a listener of their own, then check the rest as for web apps.
+
+    Such an app's external origin is whatever Host a client sends, so no sign-in redirect URI can
+    be registered at the provider for it, and its front door has no gate: accepting the options
+    would serve the app to anyone while the config says otherwise."""
+    for app in apps:
+        for key in SIGN_IN_KEYS:
+            if key in app.options and not (key == "preauth" and app.options[key] == "passthrough"):
+                raise GatewayError(
+                    f"app {app.name}: options.{key} cannot apply to an http app with a listen of its own (nobody "
+                    f"signs in there, so it would be served to anyone): publish the app with external_url and "
+                    f"internal_url behind the [http] front door instead, or remove options.{key}")
+    check_options(apps)
+
+
 def check_options(apps: list[Any]) -> None:
     for app in apps:
         for key, default in (("translate_host", True), ("translate_links", False)):
@@ -159,6 +184,7 @@ def gateway_config_sections(register: Any) -> None:
 
 @hookimpl
 def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reactor: Any) -> None:
+    check_own_listener_apps(own_listener_apps(config))   # served by service_factory, checked here as twistd starts
     apps = web_apps(config)
     if not apps:
         return  # no web app: no front door to bind
