@@ -112,6 +112,24 @@ def test_gateway_headers_and_cookies_from_the_client_never_reach_a_passthrough_b
     assert header(only_ours, "Cookie") == []
 
 
+# -- back-end connections: never shared across apps ----------------------------------------------
+
+
+def test_two_apps_on_one_back_end_never_share_a_connection(gw, reporting):
+    """Requests to two apps with the same back end, alternating (each on a new client connection,
+    so each back-end connection goes back to the pool in between), are never served on one
+    back-end connection."""
+    svc, conn, front = start_front_door(gw, lambda port: [web_app("site", SITE, port, reporting),
+                                                          web_app("other", OTHER, port, reporting)])
+    answers(front, SITE)
+    answers(front, OTHER)
+    used: dict[str, set[int]] = {SITE: set(), OTHER: set()}
+    for _ in range(6):
+        for host in (SITE, OTHER):
+            used[host].add(seen(front, f"{host}:{front}")["conn"])
+    assert used[SITE] and used[OTHER] and not used[SITE] & used[OTHER], used
+
+
 # -- an app with its own listener cannot sign users in: refused, never served open ---------------
 
 

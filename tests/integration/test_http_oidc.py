@@ -88,7 +88,8 @@ class OpenIDProvider:
 
 
 class AppServer:
-    """A tiny web app: answers every request with what it received, and records it."""
+    """A tiny web app: answers every request with what it received (and the port its connection
+    came from, which tells back-end connections apart), and records it."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
@@ -101,7 +102,7 @@ class AppServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
                     self.rfile.read(length)
-                seen = {"method": self.command, "path": self.path,
+                seen = {"method": self.command, "path": self.path, "peer": self.client_address[1],
                         "headers": [[k, v] for k, v in self.headers.items()]}
                 owner.requests.append(seen)
                 body = json.dumps({"app": "wiki content", **seen}).encode()

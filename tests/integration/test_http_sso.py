@@ -153,6 +153,24 @@ def test_user_affinity_keeps_each_user_on_one_connector(gw, stack):
             assert count == (4 if user in mine else 0), (conn.name, user, count)
 
 
+@needs_provider
+def test_two_users_never_share_a_back_end_connection(gw, stack):
+    """alice and bob, on one client machine, alternate requests, each on a new client connection
+    (so back-end connections go back to the pool in between): an app with SSO binds each back-end
+    connection to its user, so none serves both."""
+    provider, backend, svc, (conn,), base = stack()
+    browsers = {user: Browser() for user in ("alice", "bob")}
+    for user, browser in browsers.items():
+        assert sign_in(browser, base + f"/{user}/0", user, provider).status == 200
+    for n in range(1, 5):
+        for user, browser in browsers.items():
+            assert browser.request("GET", base + f"/{user}/{n}").status == 200
+    peers = {user: {s["peer"] for s in backend.requests if s["path"].startswith(f"/{user}/")} for user in browsers}
+    assert peers["alice"] and peers["bob"] and not peers["alice"] & peers["bob"], peers
+    for seen in backend.requests:
+        user = seen["path"].split("/")[1]
+        assert header(seen, "Authorization") == [f"Bearer test-sso.{user}"], seen
+
 def test_sso_without_a_signed_in_user_is_refused_at_start(gw):
     """options.sso on a passthrough app: the service exits before anything starts, naming app and option."""
     front = free_port()

@@ -471,10 +471,71 @@ def test_pool_key_separates_tls_settings():
     assert a.key != b.key and a.scheme == "http"
 
 
+def user(sub):
+    return {"identity": {"sub": sub, "name": sub, "email": "", "groups": []}}
+
+
+def exchange_as(w, **meta):
+    """One request on a new stream with ``meta``, answered and ended; returns its back-end connection."""
+    stream, side = w.open(**meta)
+    w.send(stream, GET)
+    conn = w.current()
+    conn.dataReceived(OK)
+    w.flush()
+    stream.loseConnection()
+    w.flush()
+    assert side.data == OK
+    return conn
+
+
+def test_two_apps_on_one_back_end_never_share_a_connection():
+    """A connection an app's stream used is reused by that app only, even on the same host:port."""
+    w = World()
+    first = exchange_as(w)
+    w.app = AppConfig(
+        name="crm", listen="", destination="wiki.corp:8080", host="wiki.corp", port=8080, protocol="http",
+        options={}, internal_url="http://wiki.corp:8080/")
+    second = exchange_as(w)
+    assert second is not first and w.pool.dials == 2 and w.pool.idle_count() == 2
+    w.app = web_app()
+    assert exchange_as(w) is first and w.pool.dials == 2
+
+
+def test_per_user_connections_are_reused_by_their_user_only():
+    """With backend_connection_per_user a connection goes back to the same app and user only;
+    a request with nobody signed in gets a connection of its own, closed after its stream."""
+    w = World(web_app(backend_connection_per_user=True))
+    alice = exchange_as(w, **user("alice"))
+    bob = exchange_as(w, **user("bob"))
+    assert bob is not alice and w.pool.idle_count() == 2
+    assert exchange_as(w, **user("alice")) is alice and exchange_as(w, **user("bob")) is bob
+    nobody = exchange_as(w)
+    w.flush()
+    assert nobody not in (alice, bob) and nobody.transport.closed_how == "close" and w.pool.idle_count() == 2
+    assert exchange_as(w) is not nobody and w.pool.dials == 4
+
+
+def test_sso_implies_per_user_connections():
+    """An app with options.sso binds connections to the user without saying so; saying false is refused."""
+    assert Target.from_app(web_app(sso="token")).per_user and not Target.from_app(web_app()).per_user
+    problem = HTTPHandler().check_connector_app(web_app(sso="token", backend_connection_per_user=False))
+    assert "backend_connection_per_user = false cannot apply with options.sso" in problem
+
+
+def test_max_idle_bounds_per_user_connections_of_an_app_together():
+    """backend_max_idle bounds an app's idle per-user connections across all users: the oldest goes."""
+    w = World(web_app(backend_connection_per_user=True, backend_max_idle=2))
+    conns = [exchange_as(w, **user(name)) for name in ("a", "b", "c")]
+    w.flush()
+    assert w.pool.idle_count() == 2 and conns[0].transport.closed_how == "close"
+    assert exchange_as(w, **user("a")) is not conns[0] and exchange_as(w, **user("c")) is conns[2]
+
+
 @pytest.mark.parametrize("options, expected", [
     ({"backend_tls_verify": "no"}, "backend_tls_verify"),
     ({"backend_max_idle": -1}, "backend_max_idle"),
     ({"backend_idle_timeout": 0}, "backend_idle_timeout"),
+    ({"backend_connection_per_user": "yes"}, "backend_connection_per_user"),
 ])
 def test_bad_backend_options_are_config_errors(options, expected):
     handler = HTTPHandler()

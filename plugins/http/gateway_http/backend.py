@@ -66,7 +66,7 @@ class Backends:
                      app=app.name, address=target.address)
         exchange = Exchange(self, stream, app, target, provider)
         try:
-            dialing = self.pool.acquire(target)
+            dialing = self.pool.acquire(target, exchange.owner)
         except BackendConfigError as e:
             exchange.refuse(str(e))
             return
@@ -119,6 +119,7 @@ class Exchange(Protocol):
         self.target = target
         self.provider = provider
         self.request_id = stream.metadata.get("request_id")
+        self.owner = target.owner(app.name, stream.metadata)   # who may reuse its back-end connections
         self.conn: BackendConnection | None = None
         self._next_exchange()
         self._sso_call: Any = None
@@ -284,7 +285,7 @@ class Exchange(Protocol):
             stale = self._let_go()
             if stale is not None and not stale.lost:
                 stale.transport.abortConnection()
-            self.backends.pool.dial(self.target).addCallbacks(self._redialed, self._redial_failed)
+            self.backends.pool.dial(self.target, self.owner).addCallbacks(self._redialed, self._redial_failed)
 
     def _redialed(self, conn: BackendConnection) -> None:
         if self.stream.closed or self.over:

@@ -2,9 +2,16 @@
 
 A back-end connection serves one request at a time. ``backend.py`` takes one from the pool
 for a stream, gives it back when the response ended cleanly and the connection can carry
-another, and closes it otherwise. Idle connections are bounded per back end
+another, and closes it otherwise. Idle connections are bounded per app and back end
 (``options.backend_max_idle``) and in time (``options.backend_idle_timeout``); one that the
-back end closes while idle leaves the pool at once.
+back end closes or speaks on while idle leaves the pool at once.
+
+A connection belongs to its **owner**, and only a stream of the same owner reuses it: the app
+(two apps on one back end never share a connection, since a back end may tell them apart by
+what a connection has said before), and, where the back end authenticates per connection (an
+app with ``options.sso``, or ``options.backend_connection_per_user``), the signed-in user too.
+A per-user app's request with nobody signed in has no owner: its connection serves that stream
+(one client connection) and is closed after it, never pooled.
 
 Back-end TLS (``https`` internal URLs) verifies the certificate against the system roots or
 ``options.backend_ca_file`` and the internal host name, TLS 1.2 or newer. A connection counts
@@ -76,6 +83,7 @@ class Target:
     verify: bool = True
     max_idle: int = DEFAULT_MAX_IDLE
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    per_user: bool = False
 
     @property
     def key(self) -> tuple:
@@ -116,8 +124,29 @@ class Target:
         if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) or not idle_timeout > 0:
             raise BackendConfigError(f"app {app.name}: options.backend_idle_timeout: expected seconds > 0, "
                                      f"got {idle_timeout!r}")
+        sso = bool(options.get("sso"))
+        per_user = options.get("backend_connection_per_user", sso)
+        if not isinstance(per_user, bool):
+            raise BackendConfigError(f"app {app.name}: options.backend_connection_per_user: expected true or false, "
+                                     f"got {per_user!r}")
+        if sso and not per_user:
+            raise BackendConfigError(f"app {app.name}: options.backend_connection_per_user = false cannot apply with "
+                                     f"options.sso (a connection signed in as one user is never given to another);"
+                                     f" remove it")
         return cls(scheme, app.host, int(app.port), float(app.connect_timeout), ca_file, verify,
-                   max_idle, float(idle_timeout))
+                   max_idle, float(idle_timeout), per_user)
+
+    def owner(self, app_name: str, metadata: dict) -> tuple | None:
+        """Who may reuse a connection a stream of ``app_name`` used: the app, with per-user
+        connections the app and the signed-in user (the identity's subject); None when the
+        connection must serve this stream only (per-user, nobody signed in)."""
+        if not self.per_user:
+            return (app_name,)
+        identity = metadata.get("identity")
+        subject = identity.get("sub") if isinstance(identity, dict) else None
+        if not isinstance(subject, str) or not subject:
+            return None
+        return (app_name, subject)
 
 
 def check_options(app: Any) -> None:
@@ -228,9 +257,10 @@ def _ssl_error_text(error: SSL.Error) -> str:
 class BackendConnection(Protocol):
     """One socket to a back end. ``user`` gets its events while a request uses it; idle, the pool does."""
 
-    def __init__(self, pool: BackendPool, target: Target) -> None:
+    def __init__(self, pool: BackendPool, target: Target, owner: tuple | None) -> None:
         self.pool = pool
         self.target = target
+        self.owner = owner    # Target.owner: who may reuse this connection (None: nobody)
         self.ready: Deferred = Deferred()
         self.user: Any = None
         self.reused = False
@@ -284,35 +314,61 @@ class BackendConnection(Protocol):
             self.pool.forget(self)
 
 
+def _pool_key(conn: BackendConnection) -> tuple:
+    return (conn.target.key, conn.owner)
+
+
+def _app_key(conn: BackendConnection) -> tuple:
+    """The per-user connections of one app to one back end, which share its backend_max_idle."""
+    return (conn.target.key, conn.owner[0])
+
+
+def _per_user(conn: BackendConnection) -> bool:
+    return len(conn.owner) > 1
+
+
 @define
 class BackendPool:
-    """Idle keep-alive connections per back end (scheme, host, port, TLS settings)."""
+    """Idle keep-alive connections per back end (scheme, host, port, TLS settings) and owner
+    (the app, and for per-user connections the user)."""
 
     reactor: Any
     idle: dict[tuple, deque] = field(factory=dict)
     dials: int = 0
     _creators: dict[tuple, tuple[Any, Any]] = field(factory=dict)
+    # The idle per-user connections of each app and back end, oldest first: backend_max_idle
+    # bounds them all together, however many users there are.
+    _per_app: dict[tuple, deque] = field(factory=dict)
 
-    def acquire(self, target: Target) -> Deferred:
-        """A connection to ``target``: the most recently used idle one, else a new one.
+    def acquire(self, target: Target, owner: tuple | None) -> Deferred:
+        """A connection to ``target`` for ``owner``: the most recently used idle one of that
+        owner, else a new one.
 
         The newest idle connection is the least likely to have been timed out by the back end.
         """
-        idle = self.idle.get(target.key)
+        idle = self.idle.get((target.key, owner)) if owner is not None else None
         while idle:
-            conn = idle.pop()
-            self._unpark(conn)
+            conn = self._take(idle)
             if conn.usable:
                 conn.reused = True
                 return _succeed(conn)
             conn.transport.abortConnection()
-        return self.dial(target)
+        return self.dial(target, owner)
 
-    def dial(self, target: Target) -> Deferred:
-        """A new connection, firing once usable (TLS handshake done) or failing with why not."""
+    def _take(self, idle: deque) -> BackendConnection:
+        conn = idle.pop()
+        if not idle:
+            del self.idle[_pool_key(conn)]
+        self._unpark(conn)
+        if _per_user(conn):
+            self._per_app[_app_key(conn)].remove(conn)
+        return conn
+
+    def dial(self, target: Target, owner: tuple | None) -> Deferred:
+        """A new connection for ``owner``, firing once usable (TLS handshake done) or failing with why not."""
         self.dials += 1
         endpoint = self.endpoint(target)
-        conn = BackendConnection(self, target)
+        conn = BackendConnection(self, target, owner)
         result: Deferred = Deferred()
         connecting = endpoint.connect(QuietFactory.forProtocol(lambda: conn))
 
@@ -371,16 +427,23 @@ class BackendPool:
         return creator
 
     def release(self, conn: BackendConnection) -> None:
-        """Take back a connection that finished a response cleanly; close it if it cannot wait."""
+        """Take back a connection that finished a response cleanly; close it if it cannot wait
+        (or has no owner to wait for)."""
         conn.user = None
         target = conn.target
-        if not conn.usable or target.max_idle == 0:
+        if not conn.usable or target.max_idle == 0 or conn.owner is None:
             self._close(conn)
             return
-        idle = self.idle.setdefault(target.key, deque())
-        if len(idle) >= target.max_idle:
-            self._close(idle.popleft())
-        idle.append(conn)
+        if _per_user(conn):
+            same_app = self._per_app.setdefault(_app_key(conn), deque())
+            if len(same_app) >= target.max_idle:
+                self.discard(same_app[0])
+            same_app.append(conn)
+        else:
+            full = self.idle.get(_pool_key(conn))
+            if full is not None and len(full) >= target.max_idle:
+                self.discard(full[0])
+        self.idle.setdefault(_pool_key(conn), deque()).append(conn)
         conn.transport.resumeProducing()  # an idle connection reads, so a close by the back end is seen
         conn.idle_timer = self.reactor.callLater(target.idle_timeout, self.discard, conn)
 
@@ -391,14 +454,18 @@ class BackendPool:
 
     def forget(self, conn: BackendConnection) -> None:
         self._unpark(conn)
-        idle = self.idle.get(conn.target.key)
-        if idle is not None:
+        if conn.owner is None:
+            return
+        for table, key in ((self.idle, _pool_key(conn)), (self._per_app, _app_key(conn) if _per_user(conn) else None)):
+            queue = table.get(key)
+            if queue is None:
+                continue
             try:
-                idle.remove(conn)
+                queue.remove(conn)
             except ValueError:
                 pass
-            if not idle:
-                del self.idle[conn.target.key]
+            if not queue:
+                del table[key]
 
     def _unpark(self, conn: BackendConnection) -> None:
         if conn.idle_timer is not None and conn.idle_timer.active():
@@ -411,9 +478,7 @@ class BackendPool:
             conn.transport.loseConnection()
 
     def idle_count(self, target: Target | None = None) -> int:
-        if target is not None:
-            return len(self.idle.get(target.key, ()))
-        return sum(len(q) for q in self.idle.values())
+        return sum(len(q) for key, q in self.idle.items() if target is None or key[0] == target.key)
 
 
 def _succeed(value: Any) -> Deferred:
