@@ -9,34 +9,42 @@ for a in "$@"; do
   case $a in --with-tests) want_tests=1 ;; --with-bench) want_bench=1 ;; esac
 done
 
+# The Debian packages: every line of scripts/packages.txt needed by what was asked for (demo
+# always), whose probe finds nothing.
+wanted=",demo,"
+[ $want_tests = 1 ] && wanted+="tests,"
+[ $want_bench = 1 ] && wanted+="bench,"
+present() {  # present PROBE: an absolute path, a command name, or py:MODULE[,MODULE...]
+  case $1 in
+    py:*) python3 -c "import ${1#py:}" 2>/dev/null ;;
+    /*) [ -x "$1" ] ;;
+    *) command -v "$1" >/dev/null ;;
+  esac
+}
 need=()
-command -v curl >/dev/null || need+=(curl)
-python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
-if [ $want_tests = 1 ]; then
-  # node runs the OpenID provider of the tests (tests/node); Debian's chromium is the browser
-  # Playwright drives (executablePath, never a downloaded build).
-  command -v node >/dev/null || need+=(nodejs)
-  command -v npm >/dev/null || need+=(npm)
-  command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || need+=(chromium)
-fi
-if [ $want_bench = 1 ]; then
-  command -v nginx >/dev/null || need+=(nginx-light)
-  command -v wrk >/dev/null || need+=(wrk)
-  command -v iperf3 >/dev/null || need+=(iperf3)
-  command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
-  command -v ssh >/dev/null || need+=(openssh-client)
-fi
+while read -r component package probe needed_by _; do
+  case $component in ''|'#'*) continue ;; esac
+  [ -n "$needed_by" ] || { echo "setup: scripts/packages.txt: line '$component' needs 4 columns" >&2; exit 1; }
+  for by in ${needed_by//,/ }; do
+    if [[ $wanted == *",$by,"* ]]; then present "$probe" || need+=("$package"); break; fi
+  done
+done < scripts/packages.txt
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing Debian packages: ${need[*]}"
+    # Keep package installs from starting system daemons (nginx, sshd) on this machine; the
+    # trap takes our policy away again even when apt-get fails.
     made_policy=0
-    # Keep package installs from starting system daemons (nginx, sshd) on this machine.
-    if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1; fi
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      made_policy=1
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-    [ $made_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+    if [ $made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
   else
-    echo "setup: missing Debian packages: ${need[*]} (run as root or install them)" >&2
+    echo "setup: missing Debian packages: ${need[*]} (run this as root, or: sudo apt-get install ${need[*]})" >&2
     exit 1
   fi
 fi
