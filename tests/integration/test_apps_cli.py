@@ -10,11 +10,10 @@ from __future__ import annotations
 import signal
 import socket
 
-import pytest
-
+from components import needs
 from gateway_harness import free_port, http_request, read_head, wait_until
 
-pytest.importorskip("gateway_http")
+pytestmark = needs(modules=["gateway_http"])
 
 WIKI = "wiki.apps.example.test"
 BLOG = "blog.apps.example.test"

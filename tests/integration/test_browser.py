@@ -18,25 +18,21 @@ import signal
 import socket
 import subprocess
 
-import pytest
-
+from components import needs, require
 from gateway_harness import HOST, free_port, read_head, toml_table, wait_until
 from test_http_oidc import NODE_DIR, SECRET, OpenIDProvider
 from testca import CA
 from websocket_harness import ws_frame, ws_read, ws_switch
 
-CHROMIUM = os.environ.get("GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium")
+# Another Chromium than Debian's (the chromium of scripts/packages.txt), when set.
+CHROMIUM = os.environ.get("GATEWAY_TEST_CHROMIUM")
 NODE = shutil.which("node")
 WIKI = "wiki.apps.example.test"
 HOST_RULES = f"MAP *.apps.example.test {HOST}, MAP * ~NOTFOUND, EXCLUDE {HOST}"
 MESSAGES = 6
 INTERVAL_MS = 500
 
-pytestmark = pytest.mark.skipif(
-    not (os.access(CHROMIUM, os.X_OK) and NODE and (NODE_DIR / "node_modules" / "playwright-core").is_dir()
-         and (NODE_DIR / "node_modules" / "oidc-provider").is_dir()),
-    reason=f"needs Debian's chromium at {CHROMIUM}, node and tests/node/node_modules "
-           "(scripts/setup.sh --with-tests installs them)")
+pytestmark = needs("node", *([] if CHROMIUM else ["chromium"]), node_modules=["playwright-core", "oidc-provider"])
 
 
 # -- the web app behind the connector ---------------------------------------------------------------
@@ -178,7 +174,7 @@ def test_chromium_signs_in_follows_a_redirect_and_keeps_a_websocket(gw, backends
         wait_until(lambda: "oidc: provider" in svc.log(), 30, "the service to discover the provider")
 
         seen = run_browser({
-            "chromium": CHROMIUM, "host_rules": HOST_RULES, "ignore_certificate_errors": True,
+            "chromium": CHROMIUM or require("chromium"), "host_rules": HOST_RULES, "ignore_certificate_errors": True,
             "start": f"http://{WIKI}:{http_port}/", "app": app, "issuer": provider.issuer,
             "login": "alice", "password": "any password", "redirect_path": "go",
             "messages": MESSAGES, "interval_ms": INTERVAL_MS,

@@ -10,16 +10,11 @@ import signal
 import socket
 import time
 
-import pytest
-
 from gateway_harness import HOST, free_port, reset_after_request, toml_table, wait_until
 from gateway_harness import http_request as get
-from nginx_harness import NGINX
 
 WIKI = "wiki.apps.example.test"
 TEN_MIB = 10 * 1024 * 1024
-
-pytestmark = pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="nginx is not installed")
 
 
 def start_wiki(gw, nginx, extra_apps=(), http=None, **extra):

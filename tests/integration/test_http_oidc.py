@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 import jwt
 import pytest
 
+from components import needs
 from gateway_harness import HOST, free_port, http_request, stop_process, toml_table, wait_until
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
@@ -31,9 +32,7 @@ USERS = {
     "bob": {"name": "Bob Example", "email": "bob@example.test", "groups": ["staff"]},
 }
 
-pytestmark = pytest.mark.skipif(
-    NODE is None or not (NODE_DIR / "node_modules" / "oidc-provider").is_dir(),
-    reason="node and tests/node/node_modules (scripts/setup.sh --with-tests) are needed for the OpenID provider")
+pytestmark = needs("node", node_modules=["oidc-provider"])
 
 
 # -- the OpenID provider ----------------------------------------------------------------------------

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from components import needs
 from gateway_harness import HOST, TWISTD, free_port, port_is_free, subprocess_env, toml_table, wait_until
-from test_http_oidc import NODE, NODE_DIR, SECRET, USERS, WIKI, AppServer, Browser, OpenIDProvider, sign_in
+from test_http_oidc import SECRET, USERS, WIKI, AppServer, Browser, OpenIDProvider, sign_in
 
 PLUGIN_PATH = Path(__file__).resolve().parent / "sso_plugin"
 # More users than test_http_oidc.py's two, so users spread over two connectors (see the affinity test).
 EXTRA_USERS = {f"user{i}": {"name": f"User {i}", "email": f"user{i}@example.test", "groups": [f"team{i % 3}"]}
                for i in range(1, 15)}
 
-needs_provider = pytest.mark.skipif(
-    NODE is None or not (NODE_DIR / "node_modules" / "oidc-provider").is_dir(),
-    reason="node and tests/node/node_modules (scripts/setup.sh --with-tests) are needed for the OpenID provider")
+needs_provider = needs("node", node_modules=["oidc-provider"])
 
 
 def start_connector(gw, svc):

@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway.errors import GatewayError
 from gateway_http import https
+from components import by_nature_if
 from testca import CA
 
 NOW = datetime.now(UTC)
@@ -122,7 +123,7 @@ def test_certificate_file_errors_name_the_file_and_the_fix(ca, tmp_path):
     assert "BEGIN" not in str(info.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+@by_nature_if(os.geteuid() == 0, "root reads any file")
 def test_an_unreadable_key_is_refused(ca):
     """A key the service cannot read is a config error saying to grant read access."""
     cert, key = ca.issue("a", ["a.example.test"])

@@ -18,6 +18,8 @@ from gateway.service.node import ServiceNode
 from gateway.store.records import AppRecord
 from gateway.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 
+from components import SETUP_VENV, missing
+
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 BLOG = {"external_url": "http://blog.example.test/", "internal_url": "http://10.0.0.6:8080/"}
 
@@ -182,7 +184,7 @@ def node(store):
     pm = plugins.make_plugin_manager()
     handlers = plugins.protocol_handlers(pm)
     if "http" not in handlers:
-        pytest.skip("the http plugin is not loaded")
+        missing("the http plugin (entry point gateway_http)", SETUP_VENV)
     reactor = MemoryReactorClock()
     config = file_config(WIKI, http={"listen": "tcp:18080:interface=127.0.0.1"})
     n = ServiceNode(config, reactor, pm, handlers)
