@@ -27,9 +27,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple
-
 import pytest
+from attrs import frozen
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
@@ -42,7 +41,8 @@ SETUP_VENV = "scripts/setup.sh installs gateway and its plugins into .venv"
 BY_NATURE = "by nature: "
 
 
-class Component(NamedTuple):
+@frozen
+class Component:
     """One line of scripts/packages.txt."""
 
     name: str
