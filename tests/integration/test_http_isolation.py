@@ -130,6 +130,70 @@ def test_two_apps_on_one_back_end_never_share_a_connection(gw, reporting):
     assert used[SITE] and used[OTHER] and not used[SITE] & used[OTHER], used
 
 
+# -- a back end's stray bytes cost only its connection -------------------------------------------
+
+NODE_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class StrayBackend(Backend):
+    """Answers each request with a 5-byte body; on its first connection, once told to, it then
+    sends ``stray`` bytes nobody asked for (and closes, when they are Node's unsolicited 408)."""
+
+    def __init__(self, stray: bytes) -> None:
+        self.stray = stray
+        self.send_stray = threading.Event()
+        self.closed_by_peer: list[int] = []
+        super().__init__(self.handle)
+
+    def handle(self, conn: socket.socket, backend: Backend) -> None:
+        with self.lock:
+            number = self.accepted
+        buf = b""
+        while True:
+            try:
+                head, buf = read_request(conn, buf)
+            except OSError:   # reset by the connector
+                head = None
+            if head is None:
+                self.record(("closed", number))
+                return
+            self.record(("request", number))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Conn: %d\r\n\r\nhello" % number)
+            if number == 1 and self.send_stray.wait(30):
+                self.send_stray.clear()
+                conn.sendall(self.stray)
+                if self.stray == NODE_408:
+                    conn.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.parametrize("stray, keep_client", [
+    (b"EXTRA", True), (NODE_408, True), (b"EXTRA", False),
+], ids=["garbage-on-a-kept-stream", "node-408-on-a-kept-stream", "garbage-after-the-client-left"])
+def test_stray_bytes_from_an_idle_back_end_close_only_that_connection(gw, stray, keep_client):
+    """Bytes a back end sends on a connection with no request pending (a response longer than its
+    Content-Length, Node's unsolicited 408) make the connector close that connection, with no error,
+    whether the client's connection is still open or gone; the next request is served correctly on
+    a new one."""
+    backend = StrayBackend(stray)
+    try:
+        svc, conn, front = start_front_door(gw, lambda port: [web_app("site", SITE, port, backend)])
+        client = http.client.HTTPConnection(HOST, front, timeout=30)
+        wait_until(lambda: get(front, f"{SITE}:{front}", "/", conn=client)[0].status == 200, 30, "site to answer")
+        if not keep_client:
+            client.close()
+            wait_until(lambda: "request" in conn.log() and "site" in conn.log(), 10, "the connector's access line")
+        backend.send_stray.set()
+        wait_until(lambda: ("closed", 1) in backend.results, 10, "the connector to close the polluted connection")
+        if not keep_client:
+            client = http.client.HTTPConnection(HOST, front, timeout=30)
+        r, body = get(front, f"{SITE}:{front}", "/", conn=client)
+        assert (r.status, body, r.getheader("X-Conn")) == (200, b"hello", "2")
+        assert "Traceback" not in conn.log() and "Unhandled" not in conn.log(), conn.log()[-3000:]
+        client.close()
+    finally:
+        backend.close()
+
+
 # -- an app with its own listener cannot sign users in: refused, never served open ---------------
 
 

@@ -754,3 +754,23 @@ def test_a_closed_back_end_connection_is_replaced_for_the_next_request():
     w.send(stream, GET)
     again = w.current()
     assert again is not conn and again.transport.value() == GET
+
+
+@pytest.mark.parametrize("stray", [b"EXTRA", b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n"])
+def test_stray_bytes_on_the_connection_a_stream_keeps_close_it(stray):
+    """Bytes the back end sends while the stream waits for its next request (a body longer than its
+    Content-Length, Node's unsolicited 408) abort that connection without an error; the next request
+    is answered on a new connection, not prefixed with them."""
+    w = World()
+    stream, side, conn = w.request(GET)
+    conn.dataReceived(OK)
+    w.flush()
+    conn.dataReceived(stray)
+    w.flush()
+    assert conn.transport.closed_how == "abort" and not side.fin and side.reason is None
+    w.send(stream, GET)
+    fresh = w.current()
+    assert fresh is not conn and fresh.transport.value() == GET and w.pool.dials == 2
+    fresh.dataReceived(OK)
+    w.flush()
+    assert side.data == OK + OK

@@ -395,6 +395,9 @@ class Exchange(Protocol):
         if self.resp == "tunnel":
             self.stream.write(data)
             return
+        if self.phase in ("head", "wait"):
+            self._stray_bytes(len(data))
+            return
         try:
             while data and self.resp == "head":
                 data = self._response_head(data)
@@ -490,6 +493,16 @@ class Exchange(Protocol):
             self.backends.pool.release(conn)
         elif not conn.lost:
             conn.transport.loseConnection()
+
+    def _stray_bytes(self, count: int) -> None:
+        """The back end spoke with no request of ours pending (a body longer than its framing said,
+        Node's 408 after idling): its framing can no longer be trusted, so the connection goes and
+        the stream's next request gets a new one."""
+        conn = self._let_go()
+        log.info("app {app}: {address} sent {count} bytes with no request pending; closed that connection",
+                 app=self.app.name, address=self.target.address, count=count)
+        if conn is not None and not conn.lost:
+            conn.transport.abortConnection()
 
     def backend_read_closed(self) -> None:
         if self.resp == "tunnel":

@@ -38,6 +38,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from service_identity import VerificationError
 from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
@@ -48,6 +49,8 @@ from gateway.errors import GatewayError
 from gateway.tunnel.splice import QuietFactory, dial_endpoint, tune_socket
 
 from .rules import DEFAULT_PORTS, Origin
+
+log = Logger(namespace="gateway_http.pool")
 
 # Idle connections kept per back end: enough for the concurrency a busy app sees, so a burst of
 # requests does not dial anew (bench: 32 held c200 at 1.8k req/s, 256 let it reach 4k).
@@ -291,6 +294,8 @@ class BackendConnection(Protocol):
             self.user.backend_data(data)
         else:
             # Bytes nobody asked for on an idle connection: its framing can no longer be trusted.
+            log.info("idle connection to {address} sent {count} bytes with no request pending; closed",
+                     address=self.target.address, count=len(data))
             self.pool.discard(self)
 
     def readConnectionLost(self) -> None:
