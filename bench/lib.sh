@@ -73,28 +73,15 @@ tail_logs() {  # print the last lines of each given log file (to stderr)
 }
 
 # ------------------------------------------------------------------------
-install_missing() {  # Debian packages + asyncssh, only when running as root
-  local need=() c
-  for c in nginx:nginx-light wrk:wrk iperf3:iperf3 ssh:openssh-client curl:curl node:nodejs npm:npm; do
-    command -v "${c%%:*}" >/dev/null || need+=("${c##*:}")
-  done
-  [ -x /usr/sbin/sshd ] || need+=(openssh-server)
-  if [ ${#need[@]} -gt 0 ]; then
-    if [ "$(id -u)" = 0 ]; then
-      log "installing: ${need[*]}"
-      DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}" >&2 \
-        || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}" >&2; }
-    else
-      log "missing packages (run as root to install): ${need[*]}"
-    fi
+install_missing() {  # what scripts/packages.txt lists for bench, and asyncssh (the bench extra)
+  # One list for the demo, the tests and the benchmarks: setup.sh reads scripts/packages.txt,
+  # installs what is missing as root, and names it otherwise.
+  if [ "$VENV" = "$ROOT/.venv" ]; then
+    "$ROOT/scripts/setup.sh" --with-bench >&2 || log "scripts/setup.sh --with-bench failed (see above)"
+    return 0
   fi
-  if ! "$PY" -c 'import asyncssh' 2>/dev/null; then
-    if [ "$(id -u)" = 0 ]; then
-      log "installing asyncssh into $VENV"; "$PY" -m pip install -q asyncssh >&2
-    else
-      log "asyncssh missing in $VENV (asshR will fail)"
-    fi
-  fi
+  log "VENV=$VENV is not the project's .venv: not installing into it; scripts/packages.txt lists what bench needs"
+  "$PY" -c 'import asyncssh' 2>/dev/null || log "asyncssh missing in $VENV (asshR will fail)"
 }
 
 make_assets() {  # www files, throwaway ssh keys
