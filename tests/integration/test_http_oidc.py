@@ -364,6 +364,18 @@ def test_unassigned_user_gets_403_and_sessions_expire(gw, stack):
     assert len(backend.requests) >= 1
 
 
+def test_an_unverified_email_does_not_match_allowed_users(gw, stack, monkeypatch):
+    """mallory's account at the real provider claims alice's email address, unverified: an app that
+    allows alice by email answers mallory 403 and the back end sees nothing; alice, verified, gets in."""
+    monkeypatch.setitem(USERS, "mallory", {"name": "Mallory", "email": "alice@example.test",
+                                           "email_verified": False, "groups": []})
+    provider, backend, svc, conn, base = stack({"allowed_users": ["alice@example.test"]})
+    page = sign_in(Browser(), base + "/", "mallory", provider)
+    assert page.status == 403 and backend.requests == []
+    assert re.search(r"request \w+: user mallory is not assigned to app wiki: 403", svc.log())
+    page = sign_in(Browser(), base + "/", "alice", provider)
+    assert page.status == 200 and len(backend.requests) == 1
+
 def test_provider_key_rotation(gw, stack):
     """The provider restarts with a new signing key: the next sign-in still works (the gateway fetches
     the JWKS again on the unknown kid)."""

@@ -135,7 +135,8 @@ def test_oidc_table_defaults():
     settings = config(http={"oidc": GOOD}).sections["http"]["oidc"]
     assert settings == oidc.Settings(issuer=ISSUER, client_id="gw", client_secret_file="secret.txt",
                                      scopes=("openid", "profile", "email"), groups_claim="groups",
-                                     session_lifetime=8 * 3600, persistent_session=False, ca_file="")
+                                     session_lifetime=8 * 3600, persistent_session=False, ca_file="",
+                                     emails_verified=False)
     assert config(http={}).sections["http"]["oidc"] is None
 
 
@@ -149,6 +150,7 @@ def test_oidc_table_defaults():
     ({"session_lifetime": 0}, "http.oidc.session_lifetime: expected a whole number of seconds"),
     ({"session_lifetime": "8h"}, "http.oidc.session_lifetime"),
     ({"persistent_session": "yes"}, "http.oidc.persistent_session: expected true or false"),
+    ({"emails_verified": 1}, "http.oidc.emails_verified: expected true or false"),
 ])
 def test_bad_oidc_table_is_refused(change, words):
     """Each bad [http.oidc] value is a ConfigError naming the dotted key (and never echoing a secret key's value)."""
@@ -200,7 +202,7 @@ def test_build_gate_needs_the_oidc_table_and_a_readable_secret(tmp_path):
 # -- assignment and identity ----------------------------------------------------------------------
 
 
-ALICE = auth.Identity("u-alice", "Alice", "Alice@Example.test", ("staff", "wiki-users"))
+ALICE = auth.Identity("u-alice", "Alice", "Alice@Example.test", ("staff", "wiki-users"), email_verified=True)
 
 
 @pytest.mark.parametrize("options, assigned", [
@@ -216,6 +218,46 @@ ALICE = auth.Identity("u-alice", "Alice", "Alice@Example.test", ("staff", "wiki-
 def test_assignment(options, assigned):
     """allowed_users matches the subject or the email (any case); allowed_groups any group; neither admits all."""
     assert auth.is_assigned(ALICE, app(preauth="oidc", **options)) is assigned
+
+
+def test_an_unverified_email_matches_no_allowed_user():
+    """An email the provider has not verified never matches allowed_users (the subject still does)."""
+    unverified = auth.Identity("u-mallory", "Mallory", "alice@example.test", ())
+    assert not auth.is_assigned(unverified, app(preauth="oidc", allowed_users=["alice@example.test"]))
+    assert auth.is_assigned(unverified, app(preauth="oidc", allowed_users=["u-mallory"]))
+
+
+@pytest.mark.parametrize("claim, trusted, verified", [
+    ({}, False, False), ({"email_verified": True}, False, True), ({"email_verified": "true"}, False, True),
+    ({"email_verified": False}, False, False), ({"email_verified": "yes"}, False, False),
+    ({}, True, True), ({"email_verified": False}, True, False),
+])
+def test_email_verified_claim(claim, trusted, verified):
+    """email_verified must be true (or "true"); missing counts as unverified unless [http.oidc]
+    emails_verified says the provider issues only verified addresses; an explicit false always wins."""
+    claims = {"sub": "u", "email": "a@example.test", **claim}
+    assert auth.identity_from_claims(claims, "groups", trusted).email_verified is verified
+
+
+@pytest.mark.parametrize("claims, settings, status", [
+    ({"email": "alice@example.test"}, {}, 403),
+    ({"email": "alice@example.test", "email_verified": False}, {"emails_verified": True}, 403),
+    ({"email": "alice@example.test", "email_verified": True}, {}, 302),
+    ({"email": "alice@example.test"}, {"emails_verified": True}, 302),
+])
+def test_allowed_users_by_email_needs_a_verified_email_through_the_session(tmp_path, claims, settings, status):
+    """After sign-in, an app allowing a user by email admits the session only if the email was verified."""
+    clock = Clock()
+    clock.advance(1000)
+    provider = FakeProvider(clock, claims={"name": "Mallory", **claims})
+    g = gate(tmp_path, clock, provider, **settings)
+    the_app = app(preauth="oidc", allowed_users=["alice@example.test"])
+    back, _, cookies = sign_in(g, provider, the_app)
+    assert back.status == 302
+    answer = g.check(request(cookies=cookies), the_app, EXTERNAL, "h").result
+    assert (answer.status if isinstance(answer, auth.Respond) else 302) == status
+    if status == 302:
+        assert answer.identity.email_verified and answer.identity.to_metadata()["email_verified"] is True
 
 
 def test_metadata_caps_groups():

@@ -63,6 +63,7 @@ class Signer:
         claims = {
             "iss": issuer, "aud": audience, "sub": identity.subject,
             "iat": int(now), "nbf": int(now) - 5, "exp": int(now) + LIFETIME, "jti": uuid.uuid4().hex,
-            "name": identity.name, "email": identity.email, "groups": list(identity.groups),
+            "name": identity.name, "email": identity.email, "email_verified": identity.email_verified,
+            "groups": list(identity.groups),
         }
         return jwt.encode(claims, self.key, algorithm=ALGORITHM, headers={"kid": self.kid})

@@ -62,6 +62,7 @@ class Identity:
     email: str = ""
     groups: tuple[str, ...] = ()
     claims: dict[str, Any] = field(factory=dict, hash=False)
+    email_verified: bool = False   # only a verified email may match allowed_users
 
     def to_metadata(self) -> dict[str, Any]:
         # Stream metadata is limited (16 KiB): groups are capped, in the order the provider gave them.
@@ -71,7 +72,8 @@ class Identity:
             if size > MAX_METADATA_GROUPS:
                 break
             groups.append(g)
-        return {"sub": self.subject[:256], "name": self.name[:256], "email": self.email[:256], "groups": groups}
+        return {"sub": self.subject[:256], "name": self.name[:256], "email": self.email[:256],
+                "email_verified": self.email_verified, "groups": groups}
 
 
 @frozen
@@ -191,7 +193,16 @@ class PassthroughGate:
         return ALLOW
 
 
-def identity_from_claims(claims: dict[str, Any], groups_claim: str) -> Identity:
+def email_verified(claims: dict[str, Any], trusted: bool) -> bool:
+    """The ``email_verified`` claim: true (or the string "true", as some providers send it); when
+    absent, ``trusted`` ([http.oidc] emails_verified) decides; an explicit false never counts."""
+    value = claims.get("email_verified")
+    if value is None:
+        return trusted
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def identity_from_claims(claims: dict[str, Any], groups_claim: str, emails_verified: bool = False) -> Identity:
     groups = claims.get(groups_claim, [])
     if isinstance(groups, str):
         groups = [groups]
@@ -201,11 +212,13 @@ def identity_from_claims(claims: dict[str, Any], groups_claim: str) -> Identity:
     email = claims.get("email") if isinstance(claims.get("email"), str) else ""
     name = next((claims[k] for k in ("name", "preferred_username") if isinstance(claims.get(k), str) and claims[k]),
                 email or claims["sub"])
-    return Identity(subject=claims["sub"], name=name, email=email, groups=groups)
+    return Identity(subject=claims["sub"], name=name, email=email, groups=groups,
+                    email_verified=bool(email) and email_verified(claims, emails_verified))
 
 
 def is_assigned(identity: Identity, app: Any) -> bool:
-    """``allowed_users`` (subjects or emails) and ``allowed_groups``: either admits; neither set admits anyone."""
+    """``allowed_users`` (subjects or verified emails) and ``allowed_groups``: either admits; neither
+    set admits anyone. An unverified email could be anyone's (many providers let a user type one)."""
     users = app.options.get("allowed_users")
     groups = app.options.get("allowed_groups")
     if users is None and groups is None:
@@ -214,7 +227,7 @@ def is_assigned(identity: Identity, app: Any) -> bool:
         wanted = {u.strip() for u in users}
         if identity.subject in wanted:
             return True
-        if identity.email and identity.email.lower() in {u.lower() for u in wanted}:
+        if identity.email and identity.email_verified and identity.email.lower() in {u.lower() for u in wanted}:
             return True
     if groups:
         if set(identity.groups) & {g.strip() for g in groups}:
@@ -279,7 +292,8 @@ class OIDCGate:
                 continue
             try:
                 return Identity(subject=str(doc["sub"]), name=str(doc.get("name", "")), email=str(doc.get("email", "")),
-                                groups=tuple(str(g) for g in doc.get("groups", [])))
+                                groups=tuple(str(g) for g in doc.get("groups", [])),
+                                email_verified=doc.get("ev") is True)   # sessions from before "ev": unverified
             except (KeyError, TypeError):
                 continue
         return None
@@ -290,8 +304,8 @@ class OIDCGate:
         groups = sorted(identity.groups, key=lambda g: g not in wanted)
         lifetime = self.settings.session_lifetime
         while True:
-            doc = {"sub": identity.subject, "name": identity.name, "email": identity.email, "groups": groups,
-                   "iat": int(now), "exp": int(now) + lifetime}
+            doc = {"sub": identity.subject, "name": identity.name, "email": identity.email,
+                   "ev": identity.email_verified, "groups": groups, "iat": int(now), "exp": int(now) + lifetime}
             value = self.sealer.seal("session:" + app.name, doc)
             if len(value) <= sessions.MAX_COOKIE_VALUE or not groups:
                 break
@@ -388,7 +402,7 @@ class OIDCGate:
             log.warn("request {request_id}: sign-in to app {app} failed: {why}",
                      request_id=request_id, app=app.name, why=e)
             return page(401, "Sign-in failed", "The sign-in could not be completed.", prefix, again, clear)
-        identity = identity_from_claims(claims, self.settings.groups_claim)
+        identity = identity_from_claims(claims, self.settings.groups_claim, self.settings.emails_verified)
         log.info("request {request_id}: user {user} ({email}) signed in to app {app}",
                  request_id=request_id, user=identity.subject, email=identity.email or "-", app=app.name)
         target = safe_return(str(pending.get("return", prefix)), prefix)

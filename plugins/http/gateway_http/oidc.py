@@ -35,7 +35,7 @@ from gateway.errors import GatewayError
 log = Logger(namespace="gateway_http")
 
 KEYS = ("issuer", "client_id", "client_secret_file", "scopes", "groups_claim", "session_lifetime",
-        "persistent_session", "ca_file")
+        "persistent_session", "ca_file", "emails_verified")
 DEFAULT_SCOPES = ("openid", "profile", "email")
 DEFAULT_LIFETIME = 8 * 3600
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -61,6 +61,9 @@ class Settings:
     session_lifetime: int = DEFAULT_LIFETIME
     persistent_session: bool = False
     ca_file: str = ""
+    # The provider issues only addresses it has verified (Entra ID work accounts send no
+    # email_verified claim): a missing claim then counts as verified; an explicit false never does.
+    emails_verified: bool = False
 
 
 def parse_settings(table: Any, error: Callable[[str, str], Exception]) -> Settings:
@@ -107,10 +110,13 @@ def parse_settings(table: Any, error: Callable[[str, str], Exception]) -> Settin
     persistent = table.get("persistent_session", False)
     if not isinstance(persistent, bool):
         raise error("oidc.persistent_session", f"expected true or false, got {persistent!r}")
+    emails_verified = table.get("emails_verified", False)
+    if not isinstance(emails_verified, bool):
+        raise error("oidc.emails_verified", f"expected true or false, got {emails_verified!r}")
     return Settings(issuer=issuer.rstrip("/") if parts.path in ("", "/") else issuer, client_id=client_id,
                     client_secret_file=secret_file, scopes=tuple(dict.fromkeys(scopes_value)),
                     groups_claim=groups_claim, session_lifetime=lifetime, persistent_session=persistent,
-                    ca_file=string("ca_file", False))
+                    ca_file=string("ca_file", False), emails_verified=emails_verified)
 
 
 def load_secret(path: Path) -> str:
