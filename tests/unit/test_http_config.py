@@ -165,6 +165,10 @@ def test_same_host_and_path_twice_is_refused():
     ({"request_headers": {"Connection": "close"}}, "set by the front door"),
     ({"request_headers": {"X-Gateway-Jwt-Assertion": "x"}}, "X-Gateway-Jwt-Assertion is set by the front door"),
     ({"request_headers": ["X-A"]}, "options.request_headers"),
+    ({"allow_connect": "yes"}, "options.allow_connect: expected true or false"),
+    ({"allow_trace": 1}, "options.allow_trace: expected true or false"),
+    ({"upgrade_protocols": "h2c"}, "options.upgrade_protocols: expected a list"),
+    ({"upgrade_protocols": ["web socket"]}, "options.upgrade_protocols: expected a list"),
 ])
 def test_bad_web_app_options_are_refused(options, words):
     """Per-app back-end timeout and custom headers are checked before the front door starts."""
@@ -174,7 +178,8 @@ def test_bad_web_app_options_are_refused(options, words):
 
 def test_good_web_app_options_pass():
     """"long", seconds and a header table are fine."""
-    for options in ({"backend_timeout": "long"}, {"backend_timeout": 30},
+    for options in ({"backend_timeout": "long"}, {"backend_timeout": 30}, {"allow_connect": True},
+                    {"upgrade_protocols": ["websocket", "h2c"]}, {"upgrade_protocols": []},
                     {"request_headers": {"X-Tenant": "corp", "X-Env": "prod 1"}}):
         gateway_http.check_options(gateway_http.web_apps(config(web(options=options))))
 

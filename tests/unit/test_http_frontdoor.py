@@ -723,3 +723,43 @@ def test_acked_bytes_reads_what_the_peer_acknowledged_on_a_real_socket():
     finally:
         for s in (client, server, listener):
             s.close()
+
+
+def test_connect_and_trace_are_405_without_a_stream_unless_allowed():
+    """CONNECT and TRACE are answered 405 with an Allow header; an app opting in gets them forwarded."""
+    for request in (b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: wiki.example.test\r\n\r\n",
+                    b"TRACE / HTTP/1.1\r\nHost: wiki.example.test\r\n\r\n"):
+        h = Harness()
+        h.send(request)
+        out = h.output()
+        assert out.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and b"\r\nAllow: GET, HEAD" in out
+        assert h.opens == []
+    h = Harness([App(options={"allow_connect": True})])
+    h.send(b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: wiki.example.test\r\n\r\n")
+    assert h.accept().data.startswith(b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n")
+
+
+def test_a_bare_lf_head_is_400_at_once():
+    """A head whose lines end in LF alone is a 400 as soon as the LF arrives, with no stream."""
+    h = Harness()
+    h.send(b"GET / HTTP/1.1\nHost: wiki.example.test\n")
+    assert h.output().startswith(b"HTTP/1.1 400 ") and h.opens == []
+
+
+def test_a_bare_lf_response_head_is_502():
+    """A back end's head with a line ending in LF alone is a 502 at once, the stream reset."""
+    h = Harness()
+    h.send(GET)
+    stream = h.accept()
+    stream.answer(b"HTTP/1.1 200 OK\nContent-Length: 2\n")
+    assert h.output().startswith(b"HTTP/1.1 502 ") and stream.reset_with is not None
+
+
+def test_a_malformed_host_is_400_and_a_normalised_target_is_forwarded():
+    """A Host with a quote is a 400; //a/%7Eb reaches the back end as /a/~b."""
+    h = Harness()
+    h.send(b'GET / HTTP/1.1\r\nHost: wiki.example.test"x\r\n\r\n')
+    assert h.output().startswith(b"HTTP/1.1 400 ") and h.opens == []
+    h = Harness()
+    h.send(b"GET //a/%7Eb?q=%7E HTTP/1.1\r\nHost: wiki.example.test\r\n\r\n")
+    assert h.accept().data.startswith(b"GET /a/~b?q=%7E HTTP/1.1\r\n")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from attrs import frozen
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway_http import routing
 from gateway_http.auth import Respond
+from gateway_http.rules import HTTPError
 
 
 @frozen
@@ -14,8 +18,10 @@ class App:
     external_url: str
 
 
-def route(table, host, target=b"/", scheme="http", redirect_to_https=False):
-    return routing.route(table, host, target, scheme, redirect_to_https)
+def route(table, host, target=b"/", scheme="http", redirect_to_https=False, method=b"GET"):
+    """Route as the front door does: the target normalised first (an absolute-form one's host wins)."""
+    authority, target = routing.request_target(method, target)
+    return routing.route(table, authority or host, target, scheme, redirect_to_https)
 
 
 def test_routing_by_host_and_port():
@@ -78,9 +84,10 @@ def test_longest_path_prefix_wins():
     talk = App("talk", "https://apps.example.test/wiki/talk/")
     table = routing.routing_table([wiki, root, talk])
     for target, app in ((b"/", root), (b"/x", root), (b"/wiki/", wiki), (b"/wiki/page?a=1", wiki),
-                        (b"/wiki/talk/", talk), (b"/wiki/talk/x", talk), (b"/wikix", root), (b"/WIKI/", root),
-                        (b"https://apps.example.test/wiki/x", wiki), (b"*", root)):
+                        (b"/wiki/talk/", talk), (b"/wiki/talk/x", talk), (b"/wikix", root), (b"/WIKI/", wiki),
+                        (b"https://apps.example.test/wiki/x", wiki)):
         assert route(table, "apps.example.test", target, "https") is app, target
+    assert route(table, "apps.example.test", b"*", "https", method=b"OPTIONS") is root
 
 
 def test_a_prefix_without_its_slash_redirects_to_it():
@@ -105,10 +112,110 @@ def test_dot_segments_are_refused():
     table = routing.routing_table([App("wiki", "https://apps.example.test/wiki/"),
                                    App("admin", "https://apps.example.test/admin/")])
     for target in (b"/wiki/../admin/", b"/wiki/%2e%2E/admin/", b"/wiki/./x", b"/wiki/..", b"/wiki\\..\\admin",
-                   b"/wiki/%5c..%5cadmin", b"https://apps.example.test/wiki/../admin/"):
-        answer = route(table, "apps.example.test", target, "https")
-        assert isinstance(answer, Respond) and answer.status == 400, target
-    assert route(table, "apps.example.test", b"/wiki/a%2Fb..c/", "https").name == "wiki"
+                   b"/wiki/%5c..%5cadmin", b"https://apps.example.test/wiki/../admin/", b"/wiki/..;x/admin/"):
+        with pytest.raises(HTTPError) as raised:
+            route(table, "apps.example.test", target, "https")
+        assert raised.value.status == 400, target
+    assert route(table, "apps.example.test", b"/wiki/a..b/.c/", "https").name == "wiki"
+
+
+ROOT_AND_ADMIN = [App("root", "https://apps.example.test/"), App("admin", "https://apps.example.test/admin/")]
+
+# Each spelling of /admin/x a back end may serve as the admin app (nginx, Tomcat, IIS...): it
+# routes to the admin app with the path the back end gets, or is refused, never the root app.
+BYPASSES = [
+    (b"//admin/x", "admin", b"/admin/x"),
+    (b"/%61dmin/x", "admin", b"/admin/x"),
+    (b"/%2fadmin/x", 400, None),
+    (b"/admin%2fx", 400, None),
+    (b"/admin%5cx", 400, None),
+    (b"/..%2fadmin/x", 400, None),
+    (b"/%2e%2e/admin/x", 400, None),
+    (b"/x/%2E./admin/x", 400, None),
+    (b"/admin;x/x", 400, None),
+    (b"/ADMIN/x", "admin", b"/ADMIN/x"),
+    (b"/Admin/x?q=%41", "admin", b"/Admin/x?q=%41"),
+    (b"admin/x", 400, None),
+    (b"/admin%00/x", 400, None),
+    (b"/admin%1/x", 400, None),
+    (b"/x%zz", 400, None),
+    (b"http://apps.example.test//admin/x", "admin", b"/admin/x"),
+    (b"http://user@apps.example.test/admin/x", 400, None),
+    (b"*", 400, None),
+    (b"apps.example.test:443", 400, None),
+    (b"/ok;jsessionid=1/x", "root", b"/ok;jsessionid=1/x"),
+    (b"/admin/x;jsessionid=1", "admin", b"/admin/x;jsessionid=1"),
+    (b"/a/%7Eb%c3%a9", "root", b"/a/~b%C3%A9"),
+]
+
+
+@pytest.mark.parametrize("target,expected,forwarded", BYPASSES)
+def test_no_spelling_of_a_prefix_escapes_its_app(target, expected, forwarded):
+    """Every known spelling of /admin/x routes to the /admin/ app (with the normalised path) or is a 400."""
+    table = routing.routing_table(ROOT_AND_ADMIN)
+    if expected == 400:
+        with pytest.raises(HTTPError) as raised:
+            route(table, "apps.example.test", target, "https")
+        assert raised.value.status == 400
+        return
+    authority, normal = routing.request_target(b"GET", target)
+    assert normal == forwarded
+    assert route(table, "apps.example.test", target, "https").name == expected
+
+
+def test_other_target_forms_only_for_their_methods():
+    """* is for OPTIONS, an authority for CONNECT; each is refused with any other method."""
+    assert routing.request_target(b"OPTIONS", b"*") == (None, b"*")
+    assert routing.request_target(b"CONNECT", b"db.internal:5432") == (None, b"db.internal:5432")
+    assert routing.request_target(b"CONNECT", b"[::1]:22") == (None, b"[::1]:22")
+    for method, target in ((b"GET", b"*"), (b"CONNECT", b"db.internal"), (b"CONNECT", b"/x"), (b"GET", b"a:1")):
+        with pytest.raises(HTTPError):
+            routing.request_target(method, target)
+
+
+_SEGMENT = st.text(alphabet="aAdDmMiInN%2fF5cC.;-_~/0123456789x", max_size=12)
+
+
+@given(st.lists(_SEGMENT, max_size=5))
+def test_a_normalised_path_that_matched_a_prefix_starts_with_its_segments(segments):
+    """Whatever the client sends, a path routed to the /admin/ app starts with /admin/ (case aside),
+    and one routed elsewhere would not be /admin/... to a back end that ignores case and ;params."""
+    table = routing.routing_table(ROOT_AND_ADMIN)
+    target = ("/" + "/".join(segments)).encode()
+    try:
+        _, normal = routing.request_target(b"GET", target)
+        app = route(table, "apps.example.test", target, "https")
+    except HTTPError as e:
+        assert e.status == 400
+        return
+    if isinstance(app, Respond):
+        return
+    as_seen = routing.match_key(normal.decode("latin-1"))
+    assert (app.name == "admin") == as_seen.startswith("/admin/")
+    if app.name == "admin":
+        assert normal[:7].lower() == b"/admin/"
+    assert "//" not in as_seen and "%2f" not in as_seen.lower()
+
+
+@pytest.mark.parametrize("host,key", [
+    ("Wiki.Example.Test", ("wiki.example.test", 443)), ("wiki.example.test.:8443", ("wiki.example.test", 8443)),
+    ("10.0.0.1:80", ("10.0.0.1", 80)), ("[::1]", ("::1", 443)), ("[0:0::1]:8443", ("::1", 8443)),
+    ("my_host", ("my_host", 443)),
+])
+def test_valid_hosts_have_a_key(host, key):
+    """Host names, IPv4 and bracketed IPv6 addresses with an optional port are accepted, lower case."""
+    assert routing.route_key(host, "https") == key
+
+
+@pytest.mark.parametrize("host", [
+    'a.example.test"', "a.example.test?x", "a.example.test/x", "a.example.test;proto=http", "a,b.example.test",
+    "a b", "user@a.example.test", "a.example.test:0", "a.example.test:65536", "a.example.test:", "a..b",
+    ".a", "[::1", "[::1]x", "[zz::1]", "[v1.x]", "a.example.test:8a", "\u00e9.example.test", "%61.example.test",
+    "a.example.test:123456", "[::1]:", "",
+])
+def test_invalid_hosts_have_none(host):
+    """Anything but a host name or address with an optional port 1-65535 is not a host."""
+    assert routing.route_key(host, "https") is None
 
 
 def test_plain_requests_for_https_apps_redirect():

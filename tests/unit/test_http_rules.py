@@ -338,3 +338,46 @@ def test_custom_headers_replace_client_ones():
     r = req(b"GET / HTTP/1.1\r\nHost: a\r\nX-Tenant: evil")
     h = _headers(rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "h", extra_headers=[(b"X-Tenant", b"corp")]))
     assert rules.get(h, b"x-tenant") == [b"corp"]
+
+
+def test_only_allowed_upgrades_are_passed_on():
+    """h2c is dropped with its Connection token unless allowed; of several offered, the allowed stay."""
+    r = req(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQAAP__")
+    assert rules.upgrade_protocols(r) is None
+    h = _headers(rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "h"))
+    assert rules.get(h, b"upgrade") == [] and rules.get(h, b"connection") == [] and rules.get(h, b"http2-settings") == []
+    allowed = frozenset({b"websocket", b"h2c"})
+    h = _headers(rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "h", upgrades=allowed))
+    assert rules.get(h, b"upgrade") == [b"h2c"] and rules.get(h, b"connection") == [b"Upgrade"]
+    both = req(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c, WebSocket/13")
+    assert rules.upgrade_protocols(both) == b"WebSocket/13"
+
+
+def test_translate_host_off_sends_the_routed_external_host():
+    """With translate_host off the back end gets the external host routing used, not the client's Host."""
+    r = req(b"GET http://wiki.apps.example.test:8080/x HTTP/1.1\r\nHost: other.example.test")
+    h = _headers(rules.backend_request_head(r, 0, EXTERNAL, INTERNAL, "h", translate_host=False))
+    assert rules.get(h, b"host") == [b"wiki.apps.example.test:8080"]
+    bare = req(b"GET /x HTTP/1.0")
+    h = _headers(rules.backend_request_head(bare, 0, EXTERNAL, INTERNAL, "h", translate_host=False))
+    assert rules.get(h, b"host") == [b"wiki.apps.example.test:8080"]
+
+
+def test_a_bare_lf_in_an_unfinished_head_is_found():
+    """LF without CR anywhere in an unfinished head is found; CRLF and a lone trailing CR are not."""
+    assert rules.bare_lf(b"GET / HTTP/1.1\nHost: a")
+    assert rules.bare_lf(b"GET / HTTP/1.1\r\nHost: a\n")
+    assert not rules.bare_lf(b"GET / HTTP/1.1\r\nHost: a\r")
+    assert not rules.bare_lf(b"GET / HTTP/1.1\r\nHost: a\r\n")
+
+
+def test_an_error_page_carries_extra_fields():
+    """A 405 page carries its Allow header before Connection: close."""
+    page = rules.error_page(405, "no", "id1", [(b"Allow", b"GET")])
+    assert page.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and b"\r\nAllow: GET\r\nConnection: close\r\n" in page
+
+
+def test_a_prefix_in_other_case_is_translated_too():
+    """/WIKI/x, routed case-insensitively to the app at /wiki/, reaches the back end as /w/x."""
+    assert rules.translate_target(b"/WIKI/x?q", PREFIXED_EXTERNAL, PREFIXED_INTERNAL) == b"/w/x?q"

@@ -101,10 +101,15 @@ def check_own_listener_apps(apps: list[Any]) -> None:
 
 def check_options(apps: list[Any]) -> None:
     for app in apps:
-        for key, default in (("translate_host", True), ("translate_links", False)):
+        for key, default in (("translate_host", True), ("translate_links", False), ("allow_connect", False),
+                             ("allow_trace", False)):
             value = app.options.get(key, default)
             if not isinstance(value, bool):
                 raise GatewayError(f"app {app.name}: options.{key}: expected true or false, got {value!r}")
+        upgrades = app.options.get("upgrade_protocols", ["websocket"])
+        if not isinstance(upgrades, list) or not all(isinstance(p, str) and rules.is_token(p) for p in upgrades):
+            raise GatewayError(f"app {app.name}: options.upgrade_protocols: expected a list of protocol names "
+                               f"such as [\"websocket\"], got {upgrades!r}")
         timeout = app.options.get("backend_timeout", "default")
         if isinstance(timeout, bool) or not (timeout in BACKEND_TIMEOUTS or (
                 isinstance(timeout, (int, float)) and 0 < timeout <= 3600)):

@@ -413,6 +413,8 @@ class Exchange(Protocol):
         if end < 0:
             if len(self.resp_buf) > rules.MAX_HEAD:
                 raise HTTPError(502, f"the back end's response head is larger than {rules.MAX_HEAD} bytes")
+            if rules.bare_lf(self.resp_buf):
+                raise HTTPError(502, "the back end's response head has a line ending in LF alone (not CRLF)")
             return b""
         head, rest = self.resp_buf[:end + 4], self.resp_buf[end + 4:]
         self.resp_buf = b""

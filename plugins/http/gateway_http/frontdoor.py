@@ -284,6 +284,29 @@ def request_headers(app: Any) -> list[tuple[bytes, bytes]]:
 
 DEFAULT_TIMEOUTS = Timeouts()
 
+# CONNECT would make a back end that is a forward proxy an open relay into the private network;
+# TRACE echoes the request, credentials included: both are answered 405 (as nginx does) unless
+# an app opts in. The Allow header of that answer lists the methods a web app usually serves.
+OPT_IN_METHODS = {b"CONNECT": "allow_connect", b"TRACE": "allow_trace"}
+ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def refused_method(method: bytes, app: Any) -> str:
+    """Why the front door answers ``method`` for ``app`` with 405 itself, or "" to forward it."""
+    option = OPT_IN_METHODS.get(method)
+    if option is None or app.options.get(option, False) is True:
+        return ""
+    return f"The {method.decode()} method is not allowed for this application."
+
+
+def upgrade_protocols(app: Any) -> frozenset[bytes]:
+    """``options.upgrade_protocols`` (default ["websocket"]): the Upgrade protocols passed on to
+    the back end; the front door drops any other (h2c, say) and forwards a plain request."""
+    names = app.options.get("upgrade_protocols")
+    if names is None:
+        return rules.WEBSOCKET_ONLY
+    return frozenset(str(n).lower().encode("latin-1") for n in names)
+
 
 @implementer(IHalfCloseableProtocol)
 class FrontDoor(Protocol):
@@ -535,7 +558,7 @@ class FrontDoor(Protocol):
                             raise HTTPError(400, "The request body was cut short.")
                         return
         except HTTPError as e:
-            self._fail(e.status, e.message)
+            self._fail(e.status, e.message, headers=e.headers)
         except Exception:
             log.failure("the http plugin failed on a request from {client}", client=self._client)
             self._fail(502, UNREACHABLE)
@@ -550,6 +573,8 @@ class FrontDoor(Protocol):
                 raise HTTPError(414, "The request line is too long.")
             if len(self.buf) > rules.MAX_HEAD:
                 raise HTTPError(431, "The request header is too large.")
+            if rules.bare_lf(self.buf):
+                raise HTTPError(400, "The request has a line ending in LF alone: end each line with CR LF.")
             self._arm()
             return False
         if end > rules.MAX_HEAD:
@@ -563,8 +588,17 @@ class FrontDoor(Protocol):
         request_id = new_request_id()
         self._request_id = request_id
         request = rules.parse_request_head(head)
-        host = rules.request_host(request)
-        app = self.router(host, request.target)
+        authority, target = routing.request_target(request.method, request.target)
+        host = authority if authority is not None else rules.request_host(request)
+        asked = routing.route_key(host, self.scheme)
+        if asked is None:
+            if host:
+                raise HTTPError(400, "The Host header (or the host of the request URL) is not a valid host name "
+                                     "or address with an optional port.")
+            asked = ("", rules.DEFAULT_PORTS[self.scheme])   # HTTP/1.0 without Host: for a listener's own app
+        if target is not request.target:   # the back end gets the path routing decided on
+            request = rules.Request(request.method, target, request.version, request.headers)
+        app = self.router(host, target)
         if app is None:
             log.info("request {request_id} from {client}: no app at host {host!r}: 404",
                      request_id=request_id, client=self._client, host=host)
@@ -575,7 +609,9 @@ class FrontDoor(Protocol):
             self._answer(self.exchange, app, has_body=rules.request_body_length(request) != 0)
             return
         body_length = rules.request_body_length(request)
-        asked = routing.route_key(host, self.scheme) or ("", rules.DEFAULT_PORTS[self.scheme])
+        refused = refused_method(request.method, app)
+        if refused:
+            raise HTTPError(405, refused, [(b"Allow", ALLOWED_METHODS)])
         if app.external_url:
             external = Origin.from_url(app.external_url)
             if external.host.startswith("*."):
@@ -656,11 +692,13 @@ class FrontDoor(Protocol):
                 headers = [(k, v) for k, v in ex.request.headers if k.lower() != b"accept-encoding"]
                 headers.append((b"Accept-Encoding", links.accept_encoding_for_translation(accepted)))
                 ex.request = rules.Request(ex.request.method, ex.request.target, ex.request.version, headers)
+            upgrades = upgrade_protocols(ex.app) if b"upgrade" in ex.request.index else None
             head = rules.backend_request_head(ex.request, body_length, ex.external, ex.internal,
                                               self._client_host, translate_host=translate_host(ex.app),
                                               extra_headers=[*request_headers(ex.app), *ex.added, (
-                                                  b"X-Gateway-Request-Id", ex.request_id.encode())])
-            ex.upgrade = rules.upgrade_protocols(ex.request) is not None
+                                                  b"X-Gateway-Request-Id", ex.request_id.encode())],
+                                              upgrades=upgrades or rules.WEBSOCKET_ONLY)
+            ex.upgrade = upgrades is not None and rules.upgrade_protocols(ex.request, upgrades) is not None
             if isinstance(stream.protocol, ResponseSide):
                 stream.protocol.exchange = ex   # a kept stream: its next exchange
             else:
@@ -734,6 +772,8 @@ class FrontDoor(Protocol):
                 if end < 0:
                     if len(ex.response_buf) > rules.MAX_HEAD:
                         raise HTTPError(502, "the back end's response header is too large")
+                    if rules.bare_lf(ex.response_buf):
+                        raise HTTPError(502, "the back end's response head has a line ending in LF alone (not CRLF)")
                     return
                 head, ex.response_buf = ex.response_buf[:end], ex.response_buf[end + 4:]
                 self._response_head(ex, rules.parse_response_head(head))
@@ -949,7 +989,8 @@ class FrontDoor(Protocol):
 
     # -- errors ------------------------------------------------------------------------
 
-    def _fail(self, status: int, message: str, code: int = ResetCode.CANCELLED, why: str = "") -> None:
+    def _fail(self, status: int, message: str, code: int = ResetCode.CANCELLED, why: str = "",
+              headers: rules.Headers = ()) -> None:
         """Answer with an error page carrying the correlation id, then close."""
         if self.state == "closed":
             return
@@ -967,5 +1008,5 @@ class FrontDoor(Protocol):
             self.transport.abortConnection()
             return
         self._unregister()
-        self.transport.write(rules.error_page(status, message, request_id))
+        self.transport.write(rules.error_page(status, message, request_id, headers))
         self.transport.loseConnection()

@@ -46,10 +46,11 @@ Headers = list[tuple[bytes, bytes]]
 class HTTPError(Exception):
     """A request the front door answers itself with ``status`` (400, 404, 414, 431, 501, ...)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Headers = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers   # more fields for the error page (Allow, for a 405)
 
 
 @frozen
@@ -180,6 +181,14 @@ def _parse_fields(block: bytes) -> Headers:
     raise HTTPError(400, "malformed header field")
 
 
+def bare_lf(head: bytes) -> bool:
+    """Whether an unfinished head has a line ending in LF alone. RFC 9112 2.2 lets a recipient
+    take LF for CRLF, but the front door and the connector find a head's end by CRLF CRLF only:
+    such a head is refused at once (400 from a client, 502 from a back end) rather than waited
+    on until a timeout, and a head two parsers could split differently is never passed on."""
+    return b"\n" in head and head.count(b"\n") != head.count(b"\r\n")
+
+
 def parse_request_head(head: bytes) -> Request:
     """Parse a request head (everything before the blank line, CRLF line ends)."""
     line, _, rest = head.partition(b"\r\n")
@@ -279,12 +288,19 @@ def _forwarded_for(client_host: str) -> str:
     return f'"[{client_host}]"' if ":" in client_host else client_host
 
 
-def upgrade_protocols(request: Request) -> bytes | None:
-    """The Upgrade header of a request that asks to switch protocols (WebSocket...), else None."""
+WEBSOCKET_ONLY = frozenset({b"websocket"})
+
+
+def upgrade_protocols(request: Request, allowed: frozenset[bytes] = WEBSOCKET_ONLY) -> bytes | None:
+    """The Upgrade protocols of a request that asks to switch (WebSocket...) that are in
+    ``allowed`` (lower-case names, versions ignored), else None: a request asking only for
+    others (h2c, say) goes on as a plain request, as nginx does when Upgrade is not configured."""
     upgrade = values(request, b"upgrade")
-    if upgrade and request.version == b"HTTP/1.1" and b"upgrade" in _message_tokens(request, b"connection"):
-        return b", ".join(upgrade)
-    return None
+    if not (upgrade and request.version == b"HTTP/1.1" and b"upgrade" in _message_tokens(request, b"connection")):
+        return None
+    offered = [p.strip() for v in upgrade for p in v.split(b",") if p.strip()]
+    kept = [p for p in offered if p.partition(b"/")[0].lower() in allowed]
+    return b", ".join(kept) if kept else None
 
 
 def origin_form(target: bytes) -> bytes:
@@ -300,7 +316,7 @@ def translate_target(target: bytes, external: Origin, internal: Origin) -> bytes
     ext, inner = external.path.encode("latin-1"), internal.path.encode("latin-1")
     if ext == inner:
         return target
-    if target.startswith(ext):
+    if target[:len(ext)].lower() == ext.lower():   # routing matched it case-insensitively (routing.py)
         return inner + target[len(ext):]
     if target == ext[:-1] or target.startswith(ext[:-1] + b"?"):   # "/wiki" for the app at "/wiki/"
         return inner + target[len(ext) - 1:]
@@ -308,17 +324,20 @@ def translate_target(target: bytes, external: Origin, internal: Origin) -> bytes
 
 
 def backend_request_head(request: Request, body_length: int | None, external: Origin, internal: Origin,
-                         client_host: str, translate_host: bool = True, extra_headers: Headers = ()) -> bytes:
+                         client_host: str, translate_host: bool = True, extra_headers: Headers = (),
+                         upgrades: frozenset[bytes] = WEBSOCKET_ONLY) -> bytes:
     """The head sent on the stream to the connector: origin-form target with the internal path
     prefix, translated Host, forwarding headers, the app's custom headers, hop-by-hop headers
     stripped (but for an upgrade request's ``Connection: Upgrade``), and our framing. A client's
     X-Gateway-* headers and the gateway's cookies are stripped too, whatever the app. The
     connector keeps its own back-end connections alive, so no Connection header is sent.
+    Host: with ``translate_host`` off, the external host routing used (an absolute-form
+    target's, not a second one in the Host header); an upgrade only to one of ``upgrades``.
 
     One pass over the client's headers: this runs for every request."""
     target = translate_target(origin_form(request.target), external, internal)
     drop = hop_by_hop(request) | FORWARDING
-    upgrade = upgrade_protocols(request)
+    upgrade = upgrade_protocols(request, upgrades) if b"upgrade" in request.index else None
     if extra_headers:
         drop = drop | {k.lower() for k, _ in extra_headers}
     headers: Headers = []
@@ -326,7 +345,7 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
     xff: list[bytes] = []
     forwarded: list[bytes] = []
     host_seen = False
-    internal_host = internal.authority.encode("latin-1")
+    host = (internal if translate_host else external).authority.encode("latin-1")
     for name, (k, v) in zip(request.names, request.headers):
         if name in drop or name.startswith(GATEWAY_HEADER_PREFIX):
             continue
@@ -336,15 +355,15 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
                 append((k, v))
         elif name == b"host":
             host_seen = True
-            append((b"Host", internal_host) if translate_host else (k, v))
+            append((b"Host", host))
         elif name == b"x-forwarded-for":
             xff.append(v)
         elif name == b"forwarded":
             forwarded.append(v)
         else:
             append((k, v))
-    if translate_host and not host_seen:
-        headers.insert(0, (b"Host", internal_host))
+    if not host_seen and host:
+        headers.insert(0, (b"Host", host))
     xff.append(client_host.encode("latin-1"))
     forwarded.append(f'for={_forwarded_for(client_host)};host="{external.authority}";proto={external.scheme}'
                      .encode("latin-1"))
@@ -467,7 +486,8 @@ def _head(first_line: bytes, headers: Headers) -> bytes:
 
 
 REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
-           308: "Permanent Redirect", 401: "Unauthorized", 403: "Forbidden", 413: "Content Too Large",
+           308: "Permanent Redirect", 401: "Unauthorized", 403: "Forbidden", 405: "Method Not Allowed",
+           413: "Content Too Large",
            504: "Gateway Timeout", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
@@ -482,7 +502,7 @@ def own_response(status: int, headers: Headers, body: bytes, keep_alive: bool, h
     return _head(b"HTTP/1.1 %d %s" % (status, reason.encode()), headers) + (b"" if head_only else body)
 
 
-def error_page(status: int, message: str, request_id: str) -> bytes:
+def error_page(status: int, message: str, request_id: str, extra_headers: Headers = ()) -> bytes:
     """A complete response (head and HTML body) the front door sends itself; closes the connection.
 
     ``message`` must name nothing internal: no app, group, connector or back-end address.
@@ -494,7 +514,8 @@ def error_page(status: int, message: str, request_id: str) -> bytes:
     ).format(s=status, r=reason, m=html.escape(message), rid=html.escape(request_id)).encode()
     headers = [
         (b"Content-Type", b"text/html; charset=utf-8"), (b"Content-Length", str(len(body)).encode()),
-        (b"Cache-Control", b"no-store"), (b"X-Request-Id", request_id.encode()), (b"Connection", b"close"),
+        (b"Cache-Control", b"no-store"), (b"X-Request-Id", request_id.encode()), *extra_headers,
+        (b"Connection", b"close"),
     ]
     return _head(b"HTTP/1.1 %d %s" % (status, reason.encode()), headers) + body
 
