@@ -117,6 +117,10 @@ def test_http_table_is_parsed_by_the_plugin():
     assert {k: parsed[k] for k in ("listen", "header_timeout", "idle_timeout", "body_timeout", "send_timeout")} == {
         "listen": "tcp:8080", "header_timeout": 30.0, "idle_timeout": 5.0, "body_timeout": 60.0, "send_timeout": 300.0}
     assert config(web(), sections=sections()).sections["http"]["listen"] == "tcp:80"
+    defaults = config(web(), sections=sections()).sections["http"]
+    assert (defaults["max_connections"], defaults["max_connections_per_address"]) == (10000, 256)
+    assert config(web(), http={"max_connections_per_address": 8},
+                  sections=sections()).sections["http"]["max_connections_per_address"] == 8
 
 
 @pytest.mark.parametrize("table, words", [
@@ -127,6 +131,10 @@ def test_http_table_is_parsed_by_the_plugin():
     ({"idle_timeout": "60"}, "http.idle_timeout: expected a number of seconds > 0"),
     ({"idle_timeout": True}, "http.idle_timeout"),
     ({"send_timeout": -1}, "http.send_timeout: expected a number of seconds > 0"),
+    ({"max_connections": 0}, "http.max_connections: expected a number of connections"),
+    ({"max_connections": "many"}, "http.max_connections: expected a number of connections"),
+    ({"max_connections_per_address": True}, "http.max_connections_per_address: expected a number"),
+    ({"max_connections_per_address": 1.5}, "http.max_connections_per_address: expected a number"),
 ])
 def test_bad_http_table_is_refused(table, words):
     """A bad [http] table is refused with the dotted key."""

@@ -24,14 +24,18 @@ from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
 from gateway.tunnel.splice import QuietFactory
 
-from . import auth, backend, https, links, pool, routing, rules
+from . import auth, backend, https, limits, links, pool, routing, rules
 from .frontdoor import BACKEND_TIMEOUTS, DEFAULT_TIMEOUTS, FrontDoor, Timeouts
 
 log = Logger(namespace="gateway_http")
 
 NAME = "http"
 DEFAULT_LISTEN = "tcp:80"
-BASE_KEYS = ("listen", "header_timeout", "idle_timeout", "body_timeout", "send_timeout")
+BASE_KEYS = ("listen", "header_timeout", "idle_timeout", "body_timeout", "send_timeout", "max_connections",
+             "max_connections_per_address")
+# Every front-door listener of this service process counts against one set of limits (the
+# per-app listeners are made apart from the shared ones); the config sets them at start and reload.
+CONNECTIONS = limits.ConnectionLimits()
 SECTION_KEYS = BASE_KEYS + https.SECTION_KEYS + auth.SECTION_KEYS
 
 
@@ -41,8 +45,8 @@ class HTTPHandler:
 
     def service_factory(self, app: Any, open_stream: Any, reactor: Any) -> Factory:
         """An app with a ``listen`` of its own (no external_url): a front door serving only it."""
-        return QuietFactory.forProtocol(lambda: FrontDoor(
-            lambda host, target: app, lambda _app, extra: open_stream(extra), reactor=reactor))
+        return limits.LimitedFactory(QuietFactory.forProtocol(lambda: FrontDoor(
+            lambda host, target: app, lambda _app, extra: open_stream(extra), reactor=reactor)), CONNECTIONS)
 
     def __init__(self) -> None:
         self.sso_providers: dict[str, Any] = {}
@@ -182,7 +186,14 @@ def gateway_config_sections(register: Any) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise error(key, f"expected a number of seconds > 0, got {value!r}")
             timeouts[key] = float(value)
-        return {"listen": listen, **timeouts}
+        caps = {}
+        for key, default in (("max_connections", limits.DEFAULT_MAX_CONNECTIONS),
+                             ("max_connections_per_address", limits.DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)):
+            value = table.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 10_000_000:
+                raise error(key, f"expected a number of connections from 1 to 10000000, got {value!r}")
+            caps[key] = value
+        return {"listen": listen, **timeouts, **caps}
 
     register(NAME, parse)
 
@@ -190,11 +201,14 @@ def gateway_config_sections(register: Any) -> None:
 @hookimpl
 def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reactor: Any) -> None:
     check_own_listener_apps(own_listener_apps(config))   # served by service_factory, checked here as twistd starts
+    section = config.sections.get(NAME) or {}
+    CONNECTIONS.configure(section.get("max_connections", limits.DEFAULT_MAX_CONNECTIONS),
+                          section.get("max_connections_per_address", limits.DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
+                          reactor)   # apps with a listen of their own count too
     apps = web_apps(config)
     if not apps:
         return  # no web app: no front door to bind
     check_options(apps)
-    section = config.sections.get(NAME) or {}
     listen = section.get("listen", DEFAULT_LISTEN)
     timeouts = Timeouts(header=section.get("header_timeout", DEFAULT_TIMEOUTS.header),
                         idle=section.get("idle_timeout", DEFAULT_TIMEOUTS.idle),
@@ -206,7 +220,10 @@ def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reac
         return front_door_factory(apps, open_stream, reactor, timeouts, scheme=scheme, gate=gate,
                                   redirect_to_https=section.get("redirect_to_https", False))
 
-    register("http", listen, factory_for("http"))
-    https.register_listeners(register, section, factory_for, reactor, apps)
+    def register_limited(name: str, endpoint: str, factory: Factory) -> None:
+        register(name, endpoint, limits.LimitedFactory(factory, CONNECTIONS))   # refused before TLS, if over
+
+    register_limited("http", listen, factory_for("http"))
+    https.register_listeners(register_limited, section, factory_for, reactor, apps)
     log.info("http front door on {listen} for {apps}", listen=listen,
              apps=", ".join(f"{a.name} ({a.external_url})" for a in apps))

@@ -1,0 +1,160 @@
+"""Caps on client connections to the front door: in total and per source address.
+
+Without them one client could hold every file descriptor of the service. Every front-door
+listener (plain, TLS, and the listeners of apps with a ``listen`` of their own) counts against
+one ``ConnectionLimits``: ``[http] max_connections`` in all, ``[http]
+max_connections_per_address`` from one address, an IPv6 client counted by its /64 (what one
+host or home network is usually given). A connection over a limit is closed at once, before
+TLS and before a byte is read: cheaper than a 503 (nginx's limit_conn answer), and a client
+holding hundreds of connections is no browser waiting for an error page. The refusals are
+logged at most once per address (or once for the total) per ``LOG_INTERVAL``, with how many
+were refused meanwhile, so a flood cannot flood the log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import resource
+from typing import Any
+
+from attrs import define, field
+from zope.interface import alsoProvides
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+log = Logger(namespace="gateway_http")
+
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 256
+LOG_INTERVAL = 60.0
+# descriptors the service needs besides front-door clients: tunnels, listeners, logs, the store
+RESERVED_DESCRIPTORS = 256
+_TOTAL = "(total)"
+
+
+def address_key(host: str) -> str:
+    """What connections are counted by: an IPv4 address, or an IPv6 address's /64."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host   # not an IP (a UNIX socket, say): counted by what the transport says
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    return str(address)
+
+
+@define
+class ConnectionLimits:
+    """Counts of open front-door connections, shared by every front-door listener."""
+
+    reactor: Any = None
+    total: int = DEFAULT_MAX_CONNECTIONS
+    per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
+    count: int = 0
+    by_address: dict[str, int] = field(factory=dict)
+    # address (or _TOTAL) -> (when its refusal was last logged, refusals not logged since)
+    _refusals: dict[str, list] = field(factory=dict)
+
+    def configure(self, total: int, per_address: int, reactor: Any) -> None:
+        """New limits (at start and on reload); connections open now stay and still count."""
+        self.total, self.per_address, self.reactor = total, per_address, reactor
+        soft = descriptor_limit()
+        if soft is not None and total > soft - RESERVED_DESCRIPTORS:
+            log.warn("[http] max_connections = {total} is more than the service's open-file limit (RLIMIT_NOFILE "
+                     "{soft}, less {reserved} for tunnels and listeners) allows: beyond that, new connections fail "
+                     "for lack of descriptors. Raise the limit (LimitNOFILE= in the systemd unit) or lower "
+                     "max_connections.", total=total, soft=soft, reserved=RESERVED_DESCRIPTORS)
+
+    def admit(self, host: str) -> str | None:
+        """The key to release the connection by, or None when it is over a limit (and is refused)."""
+        key = address_key(host)
+        if self.count >= self.total:
+            self._refused(_TOTAL, host, "max_connections", self.total)
+            return None
+        held = self.by_address.get(key, 0)
+        if held >= self.per_address:
+            self._refused(key, host, "max_connections_per_address", self.per_address)
+            return None
+        self.count += 1
+        self.by_address[key] = held + 1
+        return key
+
+    def release(self, key: str) -> None:
+        self.count -= 1
+        held = self.by_address.get(key, 0) - 1
+        if held > 0:
+            self.by_address[key] = held
+        else:
+            self.by_address.pop(key, None)
+
+    def _refused(self, key: str, host: str, limit: str, value: int) -> None:
+        now = self.reactor.seconds() if self.reactor is not None else 0.0
+        seen = self._refusals.get(key)
+        if seen is not None and now - seen[0] < LOG_INTERVAL:
+            seen[1] += 1
+            return
+        if len(self._refusals) >= 10_000:   # a flood from many addresses: forget the old ones
+            self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < LOG_INTERVAL}
+        more = seen[1] if seen is not None else 0
+        self._refusals[key] = [now, 0]
+        log.warn("http front door: connection from {address} closed at once: [http] {limit} = {value} reached "
+                 "({more} more refused since the last such line; at most one a minute per address)",
+                 address=host if key == host or key == _TOTAL else f"{host} ({key})", limit=limit, value=value,
+                 more=more)
+
+
+def descriptor_limit() -> int | None:
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+class _Counted(ProtocolWrapper):
+    """The wrapper a counted connection's protocol sits in; it passes a half-close on (the front
+    door answers what is in flight when the client shuts its side), which ProtocolWrapper does not."""
+
+    limit_key = ""
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        if IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            alsoProvides(self, IHalfCloseableProtocol)
+
+    def readConnectionLost(self) -> None:
+        self.wrappedProtocol.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self.wrappedProtocol.writeConnectionLost()
+
+
+class LimitedFactory(WrappingFactory):
+    """A front-door listener's factory that admits a connection only within ``limits``."""
+
+    protocol = _Counted
+    noisy = False
+
+    def __init__(self, wrapped: Any, limits: ConnectionLimits) -> None:
+        super().__init__(wrapped)
+        self.limits = limits
+
+    def buildProtocol(self, addr: Any) -> Any:
+        key = self.limits.admit(getattr(addr, "host", "") or "")
+        if key is None:
+            return None   # the port closes the socket at once
+        protocol = super().buildProtocol(addr)
+        if protocol is None:
+            self.limits.release(key)
+            return None
+        protocol.limit_key = key
+        return protocol
+
+    def registerProtocol(self, protocol: Any) -> None:
+        pass   # counted in buildProtocol; WrappingFactory's set of every live protocol is not needed
+
+    def unregisterProtocol(self, protocol: Any) -> None:
+        self.limits.release(protocol.limit_key)

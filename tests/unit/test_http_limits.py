@@ -1,0 +1,96 @@
+"""The front door's connection limits: in total, per address (IPv6 by /64), logged rate-limited."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from zope.interface import implementer
+
+from gateway_http import limits
+
+
+def test_addresses_are_counted_by_ipv4_address_and_ipv6_slash_64():
+    """IPv4 by address (a mapped one too), IPv6 by its /64, anything else as it is."""
+    assert limits.address_key("10.0.0.1") == "10.0.0.1"
+    assert limits.address_key("::ffff:10.0.0.1") == "10.0.0.1"
+    assert limits.address_key("2001:db8:1:2:aaaa::1") == limits.address_key("2001:db8:1:2:bbbb::9") == \
+        "2001:db8:1:2::/64"
+    assert limits.address_key("2001:db8:1:3::1") != limits.address_key("2001:db8:1:2::1")
+    assert limits.address_key("/run/socket") == "/run/socket"
+
+
+def test_per_address_and_total_limits_refuse_and_release():
+    """Over a limit admit says None; a released connection makes room again, per address and in total."""
+    caps = limits.ConnectionLimits(Clock(), total=3, per_address=2)
+    a1, a2 = caps.admit("10.0.0.1"), caps.admit("10.0.0.1")
+    assert a1 == a2 == "10.0.0.1"
+    assert caps.admit("10.0.0.1") is None
+    b1 = caps.admit("2001:db8::1")
+    assert b1 == "2001:db8::/64"
+    assert caps.admit("10.0.0.9") is None          # the total
+    caps.release(a1)
+    assert caps.admit("10.0.0.9") == "10.0.0.9"
+    caps.release(b1)
+    assert caps.admit("2001:db8::2") == "2001:db8::/64"
+    assert caps.count == 3 and caps.by_address == {"10.0.0.1": 1, "10.0.0.9": 1, "2001:db8::/64": 1}
+
+
+def test_refusals_are_logged_once_per_address_per_interval():
+    """A flood of refusals from one address is one log line per interval, the next one counting the rest."""
+    clock = Clock()
+    caps = limits.ConnectionLimits(clock, total=100, per_address=1)
+    caps.admit("10.0.0.1")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(50):
+            assert caps.admit("10.0.0.1") is None
+        clock.advance(limits.LOG_INTERVAL)
+        assert caps.admit("10.0.0.1") is None
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("limit") == "max_connections_per_address"]
+    assert len(lines) == 2
+    assert lines[0]["more"] == 0 and lines[1]["more"] == 49
+
+
+@implementer(IHalfCloseableProtocol)
+class Recorder(Protocol):
+    def __init__(self):
+        self.events = []
+
+    def dataReceived(self, data):
+        self.events.append(data)
+
+    def readConnectionLost(self):
+        self.events.append("read closed")
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason=None):
+        self.events.append("lost")
+
+
+def test_the_limited_factory_refuses_over_the_limit_and_releases_on_close():
+    """The factory builds nothing over the limit; a closed connection frees its slot; a half-close
+    reaches the wrapped protocol."""
+    caps = limits.ConnectionLimits(Clock(), total=10, per_address=1)
+    factory = limits.LimitedFactory(Factory.forProtocol(Recorder), caps)
+    address = IPv4Address("TCP", "127.0.0.1", 1234)
+    first = factory.buildProtocol(address)
+    first.makeConnection(StringTransport())
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1235)) is None
+    assert IHalfCloseableProtocol.providedBy(first)
+    wrapped = first.wrappedProtocol
+    first.dataReceived(b"x")
+    first.readConnectionLost()
+    first.connectionLost(None)
+    assert wrapped.events == [b"x", "read closed", "lost"]
+    assert caps.count == 0
+    second = factory.buildProtocol(IPv6Address("TCP", "::1", 1236))
+    assert second is not None and caps.by_address == {"::/64": 1}
