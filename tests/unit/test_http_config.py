@@ -196,6 +196,8 @@ def test_good_web_app_options_pass():
     ({"sso": "kerberos"}, 'set options.preauth = "oidc" too'),
     ({"sso": 3, "preauth": "oidc"}, "options.sso"),
     ({"backend_max_idle": "many"}, "backend_max_idle"),
+    ({"backend_connection_per_user": 1}, "options.backend_connection_per_user: expected true or false"),
+    ({"sso": "kerberos", "preauth": "oidc", "backend_connection_per_user": False}, "cannot apply with options.sso"),
 ])
 def test_sso_and_back_end_options_are_checked_on_the_service(options, words):
     """SSO without pre-authentication and badly typed back-end options stop the service, not only the connector."""
