@@ -71,6 +71,12 @@ class ServiceConfig:
     certificate_lifetime_days: int = 90
     token_lifetime: int = 3600
     max_handshakes: int = 64
+    # Unauthenticated peers (no TLS yet, or TLS without hello): how long and how many.
+    handshake_timeout: float = 5.0
+    max_unauthenticated_per_address: int = 8
+    enrolments_per_minute: int = 10
+    # A connector renews at most once per this many seconds unless its certificate is due.
+    renewal_min_interval: float = 3600.0
     certificate_lifetime_seconds: int | None = None
     inactive_after: float = 600.0
     remove_inactive_after: float = 864000.0
@@ -488,7 +494,8 @@ class _Parser:
     TOP = ["service", "connector", "apps", "tunnel", "logging"]
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
                "certificate_lifetime_days", "token_lifetime", "max_handshakes", "certificate_lifetime_seconds",
-               "inactive_after", "remove_inactive_after", "sweep_interval"]
+               "inactive_after", "remove_inactive_after", "sweep_interval", "handshake_timeout",
+               "max_unauthenticated_per_address", "enrolments_per_minute", "renewal_min_interval"]
     APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options",
            "external_url", "internal_url", "affinity"]
     CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max"]
@@ -561,6 +568,10 @@ class _Parser:
             certificate_lifetime_days=t.integer("certificate_lifetime_days", 90, 1, 3650),
             token_lifetime=t.integer("token_lifetime", 3600, 1),
             max_handshakes=t.integer("max_handshakes", 64, 1),
+            handshake_timeout=t.number("handshake_timeout", 5, positive=True),
+            max_unauthenticated_per_address=t.integer("max_unauthenticated_per_address", 8, 1),
+            enrolments_per_minute=t.integer("enrolments_per_minute", 10, 1),
+            renewal_min_interval=t.number("renewal_min_interval", 3600, low=0),
             certificate_lifetime_seconds=(t.integer("certificate_lifetime_seconds", 0, MIN_CERTIFICATE_LIFETIME)
                                           if "certificate_lifetime_seconds" in data else None),
             inactive_after=t.number("inactive_after", 600, positive=True),

@@ -17,7 +17,6 @@ from twisted.internet.defer import Deferred, DeferredLock, fail, gatherResults, 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from gateway import plugins
@@ -33,7 +32,7 @@ from gateway.service.listeners import SwappableFactory
 from gateway.service.registry import NoConnector, Registry
 from gateway.service.renewal import handle_renew_request
 from gateway.service import store_apps
-from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler
+from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler, TunnelTLSFactory
 from gateway.store.records import CertificateRecord, ConnectorRecord
 from gateway.store.sqlite import SQLiteStore
 from gateway.store.threaded import ThreadedStore
@@ -115,6 +114,8 @@ class ServiceNode(MultiService):
         # type -> handler(tunnel_handler, message) for control messages beyond hello/config/heartbeat
         self.control_handlers: dict[str, Any] = {}
         self.control_handlers[m.RENEW_REQUEST] = handle_renew_request
+        # connector id -> when (epoch seconds) this node last renewed its certificate
+        self.last_renewals: dict[str, float] = {}
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -135,7 +136,7 @@ class ServiceNode(MultiService):
         self.apps = {a.name: a for a in self.config.apps}
         self.store = ThreadedStore(sync_store, self.reactor)
 
-        tls_factory = TLSMemoryBIOFactory(
+        tls_factory = TunnelTLSFactory(
             server_options(self.ca.cert, node_cert, node_key), False, ServiceTunnelFactory(self)
         )
         tunnel_listener = StreamServerEndpointService(listen_endpoint(self.reactor, service.listen), tls_factory)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from gateway import PROTOCOL_VERSION, __version__
@@ -14,6 +16,7 @@ from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
 from gateway.errors import describe_failure
 from gateway.pki.tls import peer_identity
+from gateway.service.admission import AddressCounter, RateLimiter, ThrottledLog, address_key
 from gateway.service.registry import ConnectorTunnel
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.session import TunnelSession
@@ -23,7 +26,13 @@ if TYPE_CHECKING:
     from gateway.service.node import ServiceNode
 
 # A peer that has not finished TLS and hello by then is dropped, so idle sockets cannot pile up.
+# (TLS itself has the shorter [service] handshake_timeout.)
 HELLO_TIMEOUT = 30.0
+# Streams a peer may open before its hello is accepted: a connector opens one (control or
+# enrol); a few more are answered with RST, then the tunnel is refused.
+MAX_STREAMS_BEFORE_HELLO = 4
+# The largest `capacity` a heartbeat may report: routing divides by it, so it must be sane.
+MAX_CAPACITY = 1000.0
 
 _REFUSALS = {
     "unknown": "this client certificate was not issued to a known connector; register the connector again",
@@ -42,24 +51,65 @@ class ServiceTunnelFactory(Factory):
         self.node = node
         self._ids = itertools.count(1)
         self.handshaking = 0
-        self._last_shed_log = 0.0
+        clock = node.reactor
+        service = node.config.service
+        # Connections from accept until their hello is accepted (or enrolment is done), by address.
+        self.unauthenticated = AddressCounter(service.max_unauthenticated_per_address)
+        self.enrolments = RateLimiter(service.enrolments_per_minute, clock)
+        self._shed_log = ThrottledLog(
+            self.log, clock, "{n} TLS handshakes in progress (max_handshakes); refusing new tunnels for now"
+                             " ({more} more refused since the last line)")
+        self._address_log = ThrottledLog(
+            self.log, clock, "refusing a tunnel connection from {address}: it already holds {limit} unauthenticated"
+                             " connections (max_unauthenticated_per_address; {more} more refused since the last line)")
+        self.slow_handshake_log = ThrottledLog(
+            self.log, clock, "connection from {address} closed: no TLS handshake within {timeout:g}s"
+                             " (handshake_timeout; {more} more since the last line)")
+        self.no_handshake_log = ThrottledLog(
+            self.log, clock, "connection from {address} ended before the TLS handshake completed: {reason}"
+                             " ({more} more since the last line)")
+        self.refusal_log = ThrottledLog(
+            self.log, clock, "tunnel {tunnel_id} from {address} refused before authentication: {message}"
+                             " ({more} more since the last line)")
 
-    def buildProtocol(self, addr: Any) -> TunnelSession | None:
-        node = self.node
-        if self.handshaking >= node.config.service.max_handshakes:
+    def admit(self, addr: Any) -> bool:
+        """Whether to take a new connection from `addr` (counted against its address if so)."""
+        service = self.node.config.service
+        key = address_key(str(getattr(addr, "host", addr)))
+        # Read at each connection, so a reloaded config applies at once.
+        self.unauthenticated.limit = service.max_unauthenticated_per_address
+        self.enrolments.per_minute = service.enrolments_per_minute
+        if not self.unauthenticated.acquire(key):
+            # One address (or IPv6 /64) must not hold every handshake slot: refuse it, not the others.
+            self._address_log.emit(address=key, limit=self.unauthenticated.limit)
+            return False
+        if self.handshaking >= service.max_handshakes:
             # Shed load during a reconnect storm: the connector's jittered backoff retries later.
-            now = node.reactor.seconds()
-            if now - self._last_shed_log > 1.0:
-                self._last_shed_log = now
-                self.log.warn("{n} TLS handshakes in progress (max_handshakes); refusing new tunnels for now",
-                              n=self.handshaking)
-            return None
+            self.unauthenticated.release(key)
+            self._shed_log.emit(n=self.handshaking)
+            return False
+        return True
+
+    def buildProtocol(self, addr: Any) -> TunnelSession:
+        """A session for a connection admit() took."""
+        node = self.node
+        service = node.config.service
         session = TunnelSession(
-            node.reactor, node.settings, is_client=False, tunnel_id=f"{node.config.service.node_id}/t{next(self._ids)}"
+            node.reactor, node.settings, is_client=False, tunnel_id=f"{service.node_id}/t{next(self._ids)}"
         )
         self.handshaking += 1
         TunnelHandler(node, session, addr, self)
         return session
+
+
+class TunnelTLSFactory(TLSMemoryBIOFactory):
+    """TLS around ServiceTunnelFactory; a connection it does not admit is closed at once, before
+    any TLS state is made (TLSMemoryBIOFactory would wrap a None protocol and fail later)."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.wrappedFactory.admit(addr):
+            return None
+        return super().buildProtocol(addr)
 
 
 class TunnelHandler:
@@ -69,8 +119,16 @@ class TunnelHandler:
                  factory: ServiceTunnelFactory | None = None) -> None:
         self.node = node
         self._factory = factory
+        # Limits on unauthenticated peers live on the factory (shared by its connections).
+        self._admission = factory
         self.session = session
-        self.address = f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
+        host = str(getattr(addr, "host", addr))
+        self.address = f"{host}:{getattr(addr, 'port', '')}"
+        self.source = address_key(host)  # what per-address limits count by
+        self._counted = factory is not None  # against factory.unauthenticated
+        self._streams_before_hello = 0
+        self._enrol_stream: Stream | None = None
+        self._enrol_requests = 0
         self.state = "handshaking"
         self.identity: Any = None
         self.group: str | None = None
@@ -83,6 +141,8 @@ class TunnelHandler:
         session.on_lost.append(self.lost)
         session.on_stream_closed = node.stream_closed
         self._deadline = node.reactor.callLater(HELLO_TIMEOUT, self._too_slow)
+        self._handshake_timeout = node.config.service.handshake_timeout
+        self._handshake_deadline = node.reactor.callLater(self._handshake_timeout, self._handshake_too_slow)
 
     @property
     def ctx(self) -> dict[str, Any]:
@@ -94,6 +154,24 @@ class TunnelHandler:
         if self._factory is not None:
             self._factory.handshaking -= 1
             self._factory = None
+        if self._handshake_deadline.active():
+            self._handshake_deadline.cancel()
+
+    def _authentication_over(self) -> None:
+        """This connection no longer counts against its address's unauthenticated limit."""
+        if self._counted:
+            self._counted = False
+            self._admission.unauthenticated.release(self.source)
+
+    def _handshake_too_slow(self) -> None:
+        if self.state != "handshaking" or self.session.transport is None:
+            return
+        self.state = "timed out"
+        if self._admission is not None:
+            self._admission.slow_handshake_log.emit(address=self.address, timeout=self._handshake_timeout)
+        # Before TLS there is no way to say why: just close, and free the handshake slot now.
+        self._handshake_over()
+        self.session.transport.abortConnection()
 
     def handshake_done(self, session: TunnelSession) -> None:
         self._handshake_over()
@@ -136,10 +214,14 @@ class TunnelHandler:
             self.on_control(message)
 
     def refuse(self, code: int, message: str) -> None:
-        self.log.warn(
-            "tunnel {tunnel_id} from {address} refused: {message}",
-            address=self.address, message=message, **self.ctx,
-        )
+        if self.state in ("enrolling", "checking") and self._admission is not None:
+            # Anyone can get here, as often as they can connect: a flood is one line a second.
+            self._admission.refusal_log.emit(address=self.address, message=message, **self.ctx)
+        else:
+            self.log.warn(
+                "tunnel {tunnel_id} from {address} refused: {message}",
+                address=self.address, message=message, **self.ctx,
+            )
         if self.control is not None:
             self.control.send({"type": m.ERROR, "code": GoAwayCode(code).name.lower(), "message": message})
         self.session.go_away(code, message)
@@ -157,7 +239,19 @@ class TunnelHandler:
 
     def on_stream(self, stream: Stream) -> None:
         kind = stream.metadata.get("kind")
+        if self.state != "up":
+            self._streams_before_hello += 1
+            if self._streams_before_hello > MAX_STREAMS_BEFORE_HELLO:
+                reason = (f"{self._streams_before_hello} streams opened before the hello; the limit is"
+                          f" {MAX_STREAMS_BEFORE_HELLO} (a connector opens one: control, or enrol)")
+                stream.reset(ResetCode.TOO_MANY_STREAMS, reason)
+                self.refuse(GoAwayCode.PROTOCOL_ERROR, reason)
+                return
         if kind == "enrol" and self.state == "enrolling":
+            if self._enrol_stream is not None:
+                stream.reset(ResetCode.REFUSED, "one enrolment per connection: open a new connection for another")
+                return
+            self._enrol_stream = stream
             stream.accept()
             stream.attach(ControlChannel(lambda msg: self._enrol(stream, msg)))
         elif kind == "control" and self.state in ("checking", "authenticated") and self.control is None:
@@ -170,12 +264,30 @@ class TunnelHandler:
             stream.reset(ResetCode.REFUSED, f"a connector may not open a {kind!r} stream here")
 
     def _enrol(self, stream: Stream, message: dict) -> None:
+        self._enrol_requests += 1
+        if self._enrol_requests > 1:
+            # Each request is a store write: one per connection, and connections are limited.
+            self.refuse(GoAwayCode.PROTOCOL_ERROR,
+                        "more than one enrolment request on one connection; send one, then open a new connection")
+            return
+
         def reply(result: dict) -> None:
             channel = stream.protocol
             if channel is not None:
                 channel.send(result)
                 stream.loseConnection()
+            if self.session.connected:
+                self.session.go_away(GoAwayCode.NORMAL, "one enrolment per connection")
+                self.session.close()
 
+        wait = self._admission.enrolments.take(self.source) if self._admission is not None else 0.0
+        if wait:
+            limit = self._admission.enrolments.per_minute
+            reason = (f"too many enrolment requests from {self.source} (the limit is {limit} a minute,"
+                      f" enrolments_per_minute); try again in {math.ceil(wait)} s")
+            self._admission.refusal_log.emit(address=self.address, message=reason, **self.ctx)
+            reply({"type": m.ERROR, "code": "rate_limited", "message": reason})
+            return
         d = self.node.enrol(message, self.address)
         d.addCallback(reply)
 
@@ -215,6 +327,7 @@ class TunnelHandler:
             return
         self.state = "up"
         self._deadline.cancel()
+        self._authentication_over()
         service = self.node.config.service
         self.control.send({
             "type": m.WELCOME,
@@ -240,6 +353,10 @@ class TunnelHandler:
         self.control.send(self.node.group_config(self.group))
 
     def _heartbeat(self, message: dict) -> None:
+        problem = capacity_problem(message.get("capacity", 1.0))
+        if problem is not None:
+            self.refuse(GoAwayCode.PROTOCOL_ERROR, f"heartbeat refused: {problem}")
+            return
         if self.entry is not None:
             self.entry.load = {k: v for k, v in message.items() if k != "type"}
         self.node.heartbeat(self.identity.connector_id)
@@ -250,12 +367,18 @@ class TunnelHandler:
 
     def lost(self, session: TunnelSession, reason: Failure) -> None:
         self._handshake_over()
+        self._authentication_over()
         if self._deadline.active():
             self._deadline.cancel()
         if self.state == "up":
             self.node.tunnel_lost(self, reason)
-        elif self.state == "handshaking":
-            self.log.warn(
-                "connection from {address} ended before the TLS handshake completed: {reason}",
-                address=self.address, reason=describe_failure(reason), **self.ctx,
-            )
+        elif self.state == "handshaking" and self._admission is not None:
+            self._admission.no_handshake_log.emit(address=self.address, reason=describe_failure(reason), **self.ctx)
+
+
+def capacity_problem(value: Any) -> str | None:
+    """Why a reported capacity is unusable (routing divides load by it), or None if it is fine."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= MAX_CAPACITY:
+        return f"capacity must be a finite number > 0 and <= {MAX_CAPACITY:g}, got {value!r}"
+    return None

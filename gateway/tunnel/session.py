@@ -53,6 +53,10 @@ class TunnelClosed(GatewayError):
 
 _tunnel_ids = itertools.count(1)
 MAX_STREAM_ID = 2**32 - 3
+# PING replies held while the peer does not read what we send (the transport paused us);
+# one more PING than this is a protocol error: a peer that only pings and never reads would
+# otherwise make its replies queue without limit. A live peer sends one PING an interval.
+MAX_OWED_PONGS = 16
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -101,6 +105,7 @@ class TunnelSession(Protocol):
         self._pings: dict[int, float] = {}
         self._ping_call: Any = None
         self._last_ping_sent = 0.0
+        self._owed_pongs: list[int] = []
         self._idle_waiters: list[Deferred] = []
         self._failed = False
         self.on_go_away: list[Callable[[TunnelSession, int, str], None]] = []
@@ -277,12 +282,24 @@ class TunnelSession(Protocol):
 
     def _handle_ping(self, f: frame.Frame) -> None:
         if f.flags & frame.SYN:
-            self.write_frame(frame.ping(f.value, ack=True))
+            if self.paused:
+                self._owe_pong(f.value)
+            else:
+                self.write_frame(frame.ping(f.value, ack=True))
         elif f.flags & frame.ACK:
             sent = self._pings.pop(f.value, None)
             if sent is not None:
                 sample = max(self.clock.seconds() - sent, 0.0001)
                 self.rtt = sample if self.rtt == 0.05 else 0.875 * self.rtt + 0.125 * sample
+
+    def _owe_pong(self, opaque: int) -> None:
+        owed = self._owed_pongs
+        if len(owed) >= MAX_OWED_PONGS:
+            raise ProtocolError(
+                GoAwayCode.PROTOCOL_ERROR,
+                f"{len(owed) + 1} PINGs while not reading our replies; the limit is {MAX_OWED_PONGS}",
+            )
+        owed.append(opaque)
 
     def _handle_go_away(self, f: frame.Frame) -> None:
         code, message = frame.decode_reason(f.payload)
@@ -403,6 +420,10 @@ class TunnelSession(Protocol):
 
     def resumeProducing(self) -> None:
         self.paused = False
+        if self._owed_pongs:
+            owed, self._owed_pongs = self._owed_pongs, []
+            for opaque in owed:
+                self.write_frame(frame.ping(opaque, ack=True))
         self._flush()
 
     def stopProducing(self) -> None:
