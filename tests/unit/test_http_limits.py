@@ -13,22 +13,12 @@ from zope.interface import implementer
 from gateway_http import limits
 
 
-def test_addresses_are_counted_by_ipv4_address_and_ipv6_slash_64():
-    """IPv4 by address (a mapped one too), IPv6 by its /64, anything else as it is."""
-    assert limits.address_key("10.0.0.1") == "10.0.0.1"
-    assert limits.address_key("::ffff:10.0.0.1") == "10.0.0.1"
-    assert limits.address_key("2001:db8:1:2:aaaa::1") == limits.address_key("2001:db8:1:2:bbbb::9") == \
-        "2001:db8:1:2::/64"
-    assert limits.address_key("2001:db8:1:3::1") != limits.address_key("2001:db8:1:2::1")
-    assert limits.address_key("/run/socket") == "/run/socket"
-
-
 def test_per_address_and_total_limits_refuse_and_release():
     """Over a limit admit says None; a released connection makes room again, per address and in total."""
     caps = limits.ConnectionLimits(Clock(), total=3, per_address=2)
     a1, a2 = caps.admit("10.0.0.1"), caps.admit("10.0.0.1")
     assert a1 == a2 == "10.0.0.1"
-    assert caps.admit("10.0.0.1") is None
+    assert caps.admit("::ffff:10.0.0.1") is None   # the same address, v4-mapped
     b1 = caps.admit("2001:db8::1")
     assert b1 == "2001:db8::/64"
     assert caps.admit("10.0.0.9") is None          # the total
@@ -36,7 +26,7 @@ def test_per_address_and_total_limits_refuse_and_release():
     assert caps.admit("10.0.0.9") == "10.0.0.9"
     caps.release(b1)
     assert caps.admit("2001:db8::2") == "2001:db8::/64"
-    assert caps.count == 3 and caps.by_address == {"10.0.0.1": 1, "10.0.0.9": 1, "2001:db8::/64": 1}
+    assert caps.count == 3 and caps.by_address.counts == {"10.0.0.1": 1, "10.0.0.9": 1, "2001:db8::/64": 1}
 
 
 def test_refusals_are_logged_once_per_address_per_interval():
@@ -93,4 +83,17 @@ def test_the_limited_factory_refuses_over_the_limit_and_releases_on_close():
     assert wrapped.events == [b"x", "read closed", "lost"]
     assert caps.count == 0
     second = factory.buildProtocol(IPv6Address("TCP", "::1", 1236))
-    assert second is not None and caps.by_address == {"::/64": 1}
+    assert second is not None and caps.by_address.counts == {"::/64": 1}
+
+
+def test_a_total_above_the_descriptor_limit_is_a_warning(monkeypatch):
+    """max_connections above RLIMIT_NOFILE's hard limit (less a reserve) is logged; below it is not."""
+    monkeypatch.setattr(limits, "descriptor_limit", lambda: 4096)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        limits.ConnectionLimits().configure(3000, 10, Clock())
+        limits.ConnectionLimits().configure(10000, 10, Clock())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e["total"] for e in events if "hard" in e] == [10000]

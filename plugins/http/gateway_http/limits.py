@@ -13,15 +13,16 @@ were refused meanwhile, so a flood cannot flood the log.
 
 from __future__ import annotations
 
-import ipaddress
 import resource
 from typing import Any
 
 from attrs import define, field
-from zope.interface import alsoProvides
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import alsoProvides
+
+from gateway.service.admission import AddressCounter, address_key
 
 log = Logger(namespace="gateway_http")
 
@@ -33,19 +34,6 @@ RESERVED_DESCRIPTORS = 256
 _TOTAL = "(total)"
 
 
-def address_key(host: str) -> str:
-    """What connections are counted by: an IPv4 address, or an IPv6 address's /64."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host   # not an IP (a UNIX socket, say): counted by what the transport says
-    if address.version == 6:
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
-    return str(address)
-
-
 @define
 class ConnectionLimits:
     """Counts of open front-door connections, shared by every front-door listener."""
@@ -54,19 +42,23 @@ class ConnectionLimits:
     total: int = DEFAULT_MAX_CONNECTIONS
     per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
     count: int = 0
-    by_address: dict[str, int] = field(factory=dict)
+    by_address: AddressCounter = field(init=False)   # the tunnel port's counter, IPv6 by /64 too
     # address (or _TOTAL) -> (when its refusal was last logged, refusals not logged since)
     _refusals: dict[str, list] = field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.by_address = AddressCounter(self.per_address)
 
     def configure(self, total: int, per_address: int, reactor: Any) -> None:
         """New limits (at start and on reload); connections open now stay and still count."""
         self.total, self.per_address, self.reactor = total, per_address, reactor
-        soft = descriptor_limit()
-        if soft is not None and total > soft - RESERVED_DESCRIPTORS:
-            log.warn("[http] max_connections = {total} is more than the service's open-file limit (RLIMIT_NOFILE "
-                     "{soft}, less {reserved} for tunnels and listeners) allows: beyond that, new connections fail "
-                     "for lack of descriptors. Raise the limit (LimitNOFILE= in the systemd unit) or lower "
-                     "max_connections.", total=total, soft=soft, reserved=RESERVED_DESCRIPTORS)
+        self.by_address.limit = per_address
+        hard = descriptor_limit()
+        if hard is not None and total > hard - RESERVED_DESCRIPTORS:
+            log.warn("[http] max_connections = {total} is more than the service's open-file limit (RLIMIT_NOFILE, "
+                     "hard limit {hard}, less {reserved} for tunnels and listeners) allows: beyond that, new "
+                     "connections fail for lack of descriptors. Raise the limit (LimitNOFILE= in the systemd unit) "
+                     "or lower max_connections.", total=total, hard=hard, reserved=RESERVED_DESCRIPTORS)
 
     def admit(self, host: str) -> str | None:
         """The key to release the connection by, or None when it is over a limit (and is refused)."""
@@ -74,21 +66,15 @@ class ConnectionLimits:
         if self.count >= self.total:
             self._refused(_TOTAL, host, "max_connections", self.total)
             return None
-        held = self.by_address.get(key, 0)
-        if held >= self.per_address:
+        if not self.by_address.acquire(key):
             self._refused(key, host, "max_connections_per_address", self.per_address)
             return None
         self.count += 1
-        self.by_address[key] = held + 1
         return key
 
     def release(self, key: str) -> None:
         self.count -= 1
-        held = self.by_address.get(key, 0) - 1
-        if held > 0:
-            self.by_address[key] = held
-        else:
-            self.by_address.pop(key, None)
+        self.by_address.release(key)
 
     def _refused(self, key: str, host: str, limit: str, value: int) -> None:
         now = self.reactor.seconds() if self.reactor is not None else 0.0
@@ -107,11 +93,13 @@ class ConnectionLimits:
 
 
 def descriptor_limit() -> int | None:
+    """RLIMIT_NOFILE's hard limit: the service raises its soft limit to it at start (gateway.tap),
+    which may come after the config is first checked."""
     try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     except (OSError, ValueError):
         return None
-    return None if soft == resource.RLIM_INFINITY else soft
+    return None if hard == resource.RLIM_INFINITY else hard
 
 
 class _Counted(ProtocolWrapper):
