@@ -328,6 +328,15 @@ def test_malformed_response_resets_with_reason():
     assert side.reason.check(StreamReset) and "malformed status line" in side.reason.value.reason
 
 
+def test_a_bare_lf_response_head_resets_at_once():
+    """A back end's head with a line ending in LF alone resets the stream (502) without waiting for more."""
+    w = World()
+    stream, side, conn = w.request()
+    conn.dataReceived(b"HTTP/1.1 200 OK\nContent-Length: 2\n")
+    w.flush()
+    assert side.reason.check(StreamReset) and "line ending in LF alone" in side.reason.value.reason
+
+
 # -- failures ----------------------------------------------------------------------------
 
 
