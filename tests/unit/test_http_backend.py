@@ -320,21 +320,17 @@ def test_bytes_after_request_reset_the_stream():
     assert side.reason.check(StreamReset) and "after the end of the request" in side.reason.value.reason
 
 
-def test_malformed_response_resets_with_reason():
+@pytest.mark.parametrize("answer, reason", [
+    (b"HTCPCP/1.0 418 teapot\r\n\r\n", "malformed status line"),
+    (b"HTTP/1.1 200 OK\nContent-Length: 2\n", "line ending in LF alone"),   # at once, not after a timeout
+])
+def test_malformed_response_resets_with_reason(answer, reason):
+    """A malformed status line, or a head with a line ending in LF alone, resets the stream naming why."""
     w = World()
     stream, side, conn = w.request()
-    conn.dataReceived(b"HTCPCP/1.0 418 teapot\r\n\r\n")
+    conn.dataReceived(answer)
     w.flush()
-    assert side.reason.check(StreamReset) and "malformed status line" in side.reason.value.reason
-
-
-def test_a_bare_lf_response_head_resets_at_once():
-    """A back end's head with a line ending in LF alone resets the stream (502) without waiting for more."""
-    w = World()
-    stream, side, conn = w.request()
-    conn.dataReceived(b"HTTP/1.1 200 OK\nContent-Length: 2\n")
-    w.flush()
-    assert side.reason.check(StreamReset) and "line ending in LF alone" in side.reason.value.reason
+    assert side.reason.check(StreamReset) and reason in side.reason.value.reason
 
 
 # -- failures ----------------------------------------------------------------------------
