@@ -97,3 +97,28 @@ def test_a_total_above_the_descriptor_limit_is_a_warning(monkeypatch):
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert [e["total"] for e in events if "hard" in e] == [10000]
+
+
+def test_every_front_door_listener_counts_against_the_configured_limits():
+    """The shared listener and an app's own listener are limited factories over one set of limits,
+    set from [http] when the listeners are made."""
+    from gateway import plugins
+    from gateway.config import parse_config
+
+    import gateway_http
+
+    data = {"service": {"state_dir": "/tmp/gw-state"}, "http": {"listen": "tcp:8080", "max_connections": 7,
+                                                                "max_connections_per_address": 2},
+            "apps": [{"name": "wiki", "external_url": "http://wiki.example.test:8080/",
+                      "internal_url": "http://wiki.corp:8000/"},
+                     {"name": "own", "protocol": "http", "listen": "tcp:8081", "destination": "own.corp:80"}]}
+    config = parse_config(data, "gw.toml", plugins.config_sections(plugins.make_plugin_manager({})))
+    registered = []
+    gateway_http.gateway_service_listeners(lambda *a: registered.append(a), config, lambda app, extra: None, Clock())
+    [(name, endpoint, factory)] = registered
+    own = gateway_http.HTTPHandler().service_factory(config.apps[1], lambda extra: None, Clock())
+    for built in (factory, own):
+        assert isinstance(built, limits.LimitedFactory) and built.limits is gateway_http.CONNECTIONS
+    assert (gateway_http.CONNECTIONS.total, gateway_http.CONNECTIONS.per_address) == (7, 2)
+    gateway_http.CONNECTIONS.configure(limits.DEFAULT_MAX_CONNECTIONS, limits.DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+                                       None)
