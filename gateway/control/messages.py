@@ -8,6 +8,8 @@ from typing import Any, Callable
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
+from gateway import boundedjson
+
 MAX_MESSAGE = 1024 * 1024
 
 HELLO = "hello"
@@ -30,8 +32,10 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def decode(data: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        value = boundedjson.loads(data)
+    except boundedjson.TooDeep as e:
+        raise ValueError(f"control message {e}") from None
+    except ValueError as e:
         raise ValueError(f"control message is not JSON: {e}") from None
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
         raise ValueError("control message is not a JSON object with a string 'type'")

@@ -8,6 +8,7 @@ from enum import IntEnum, IntFlag
 from typing import NamedTuple
 
 
+from gateway import boundedjson
 from gateway.errors import ProtocolError
 
 FRAME_VERSION = 1
@@ -128,8 +129,10 @@ def encode_metadata(metadata: dict) -> bytes:
 
 def decode_metadata(payload: bytes) -> dict:
     try:
-        value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        value = boundedjson.loads(payload)
+    except boundedjson.TooDeep as e:
+        raise ProtocolError(GoAwayCode.PROTOCOL_ERROR, f"SYN metadata {e}")
+    except ValueError as e:
         raise ProtocolError(GoAwayCode.PROTOCOL_ERROR, f"SYN metadata is not a JSON object: {e}")
     if not isinstance(value, dict):
         raise ProtocolError(GoAwayCode.PROTOCOL_ERROR, "SYN metadata is not a JSON object")

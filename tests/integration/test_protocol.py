@@ -33,6 +33,8 @@ BAD_FRAMES = {
                          "frame version 7 is not supported"),
     "metadata not JSON": (raw_frame(DATA, SYN, 1, b"\xff\xfe garbage"), PROTOCOL_ERROR,
                           "SYN metadata is not a JSON object"),
+    "deeply nested metadata": (raw_frame(DATA, SYN, 1, b'{"kind":' + b"[" * 15000), PROTOCOL_ERROR,
+                               "SYN metadata is nested more than 32 levels deep"),
 }
 
 
