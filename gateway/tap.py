@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+import resource
 import signal
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from gateway import logs, plugins
@@ -63,6 +65,7 @@ def makeService(options: Options) -> IService:
     # exit with status -15; for gateway that shutdown is a success and exits 0.
     reactor.addSystemEventTrigger("after", "shutdown", _clean_exit, reactor)
     _tune_gc(reactor)
+    raise_open_files_limit(resource, _log)
     return build(options.config, reactor, options.pm, options.handlers, options.identity, config_path=options["config"])
 
 
@@ -76,6 +79,42 @@ def _tune_gc(reactor: Any) -> None:
     """
     gc.set_threshold(50_000, 50, 100)
     reactor.callWhenRunning(gc.freeze)
+
+
+_log = Logger(namespace="gateway.tap")
+
+# Every tunnel, client connection and back-end connection is a file descriptor; the soft limit
+# a shell or unit hands us (often 1,024) is far below what a busy node holds, so we take the
+# hard limit, up to this (a bigger table only costs memory).
+OPEN_FILES_CAP = 1_048_576
+# Below this hard limit a node runs out of descriptors early: say so at start.
+OPEN_FILES_LOW = 8192
+
+
+def raise_open_files_limit(rlimits: Any, log: Logger) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (at most OPEN_FILES_CAP); one info line.
+
+    `rlimits` is the resource module (a parameter for tests). Returns (before, after).
+    """
+    soft, hard = rlimits.getrlimit(rlimits.RLIMIT_NOFILE)
+    target = OPEN_FILES_CAP if hard == rlimits.RLIM_INFINITY else min(hard, OPEN_FILES_CAP)
+    after = soft
+    if soft == rlimits.RLIM_INFINITY or soft >= target:
+        log.info("open files limit (RLIMIT_NOFILE) is {soft} (hard limit {hard})", soft=soft, hard=hard)
+    else:
+        try:
+            rlimits.setrlimit(rlimits.RLIMIT_NOFILE, (target, hard))
+            after = target
+            log.info("open files limit (RLIMIT_NOFILE) raised from {before} to {after} (hard limit {hard})",
+                     before=soft, after=target, hard=hard)
+        except (ValueError, OSError) as e:
+            log.warn("could not raise the open files limit (RLIMIT_NOFILE) from {before} to {after}: {error}",
+                     before=soft, after=target, error=str(e))
+    if hard != rlimits.RLIM_INFINITY and hard < OPEN_FILES_LOW:
+        log.warn("the hard open files limit (RLIMIT_NOFILE) is only {hard}: each tunnel and each client"
+                 " connection takes a descriptor; raise it (LimitNOFILE= in a systemd unit, nofile in"
+                 " /etc/security/limits.conf) to at least {low}", hard=hard, low=OPEN_FILES_LOW)
+    return soft, after
 
 
 def _clean_exit(reactor: Any) -> None:
