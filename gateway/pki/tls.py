@@ -43,6 +43,7 @@ class PeerIdentity:
     connector_id: str
     serial_hex: str
     not_after: datetime
+    not_before: datetime | None = None
 
 
 def server_options(ca_cert: x509.Certificate, node_cert: x509.Certificate, node_key) -> CertificateOptions:
@@ -108,6 +109,7 @@ def peer_identity(transport) -> PeerIdentity | None:
         connector_id=str(names[0].value),
         serial_hex=keys.serial_hex(cert),
         not_after=cert.not_valid_after_utc,
+        not_before=cert.not_valid_before_utc,
     )
 
 

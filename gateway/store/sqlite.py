@@ -366,18 +366,27 @@ class SQLiteStore:
         return changed == 1
 
     def renew_certificate(
-        self, serial_hex: str, connector_id: str, issue: Callable[[], tuple[CertificateRecord, R]]
+        self, serial_hex: str, connector_id: str, issue: Callable[[], tuple[CertificateRecord, R]],
+        now: datetime | None = None,
     ) -> R:
         """Store a further certificate for a connector that presented `serial_hex`, all or nothing.
 
         Raises GatewayError naming the status unless that certificate is still valid (known, not
-        revoked, connector not deleted). The old certificate stays valid until it expires.
+        revoked, connector not deleted). The presented certificate stays valid until it expires
+        (tunnels made with it carry on); every other one of the connector's certificates is
+        revoked, so a connector holds at most two valid certificates: the one it renewed with
+        and the new one.
         """
         with self._write() as db:
             status = self.certificate_status(serial_hex, connector_id)
             if status != "valid":
                 raise GatewayError(f"certificate {serial_hex} of connector {connector_id} is {status}")
             certificate, result = issue()
+            db.execute(
+                "UPDATE certificates SET revoked_at = ? WHERE connector_id = ? AND revoked_at IS NULL"
+                " AND serial_hex != ?",
+                (_to_text(now or datetime.now(UTC)), connector_id, serial_hex.lower()),
+            )
             self._insert_certificate(db, certificate)
         return result
 

@@ -77,9 +77,9 @@ class ThreadedStore:
     def certificate_status(self, serial_hex, connector_id) -> Deferred:
         return self._call(self.store.certificate_status, serial_hex, connector_id)
 
-    def renew_certificate(self, serial_hex, connector_id, issue) -> Deferred:
+    def renew_certificate(self, serial_hex, connector_id, issue, now=None) -> Deferred:
         """Note: `issue` runs on the store thread, inside the transaction; it must not touch the reactor."""
-        return self._call(self.store.renew_certificate, serial_hex, connector_id, issue)
+        return self._call(self.store.renew_certificate, serial_hex, connector_id, issue, now)
 
     def touch_connector(self, connector_id, now) -> Deferred:
         return self._call(self.store.touch_connector, connector_id, now)

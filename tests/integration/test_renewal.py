@@ -6,11 +6,28 @@ import re
 import socket
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from gateway_harness import HOST, connect, echo_handler, echo_once, wait_echo, wait_until
+from gateway.pki import keys
+from gateway_harness import (
+    DATA,
+    GO_AWAY,
+    HOST,
+    SYN,
+    FrameReader,
+    connect,
+    control_message,
+    control_messages,
+    echo_handler,
+    echo_once,
+    raw_frame,
+    tls_client,
+    wait_echo,
+    wait_until,
+)
 
 LIFETIME = 60  # the minimum certificate_lifetime_seconds; renewal comes after about 44 s
 
@@ -134,3 +151,85 @@ def test_connector_renews_its_certificate_and_keeps_open_streams(gw, backends):
         proxy.close()
 
 
+
+
+# -- limits: renewals are rate-limited per connector, older certificates revoked ----------------
+
+PROTOCOL_VERSION_HELLO = {"type": "hello", "protocol_version": 1, "software_version": "test", "capabilities": []}
+
+
+class RawTunnel:
+    """A hand-made tunnel with a client certificate: hello, then control messages one at a time."""
+
+    def __init__(self, port: int, cert: Path, key: Path) -> None:
+        self.sock = tls_client(port, cert, key)
+        self.reader = FrameReader(self.sock)
+        self.frames: list[tuple] = []
+        self.seen = 0
+        self.sock.sendall(raw_frame(DATA, SYN, 1, b'{"kind":"control"}')
+                          + raw_frame(DATA, 0, 1, control_message(PROTOCOL_VERSION_HELLO)))
+        assert self.next_message({"welcome"})["type"] == "welcome"
+
+    def next_message(self, kinds: set[str]) -> dict:
+        """The next control message of one of `kinds`; a GO_AWAY or EOF first is a failure."""
+        while True:
+            messages = control_messages(self.frames)
+            for message in messages[self.seen:]:
+                self.seen += 1
+                if message["type"] in kinds:
+                    return message
+            f = self.reader.next()
+            assert f is not None and f[1] != GO_AWAY, f"tunnel ended: {f}"
+            self.frames.append(f)
+
+    def renew(self, tmp: Path, name: str) -> dict:
+        key = keys.generate_key()
+        keys.write_private(tmp / f"{name}.key", keys.key_pem(key))
+        self.sock.sendall(raw_frame(DATA, 0, 1, control_message(
+            {"type": "renew_request", "csr": keys.make_csr(key, name).decode()})))
+        reply = self.next_message({"renew_result", "error"})
+        if reply["type"] == "renew_result":
+            (tmp / f"{name}.pem").write_text(reply["certificate"])
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_second_renewal_within_renewal_min_interval_is_refused(gw, tmp_path):
+    """A connector whose certificate is not due renews once; a second renew_request is refused with the wait."""
+    svc = gw.service()
+    conn = gw.connector(svc, start=False)
+    st = conn.state_dir
+    tunnel = RawTunnel(svc.port, st / "client.pem", st / "client.key")
+    try:
+        assert tunnel.renew(tmp_path, "first")["type"] == "renew_result"
+        refused = tunnel.renew(tmp_path, "second")
+    finally:
+        tunnel.close()
+    assert refused["type"] == "error" and refused["code"] == "renewal_refused", refused
+    assert "renewal_min_interval = 3600 s" in refused["message"] and "try again in" in refused["message"]
+    wait_until(lambda: "certificate renewal for connector" in svc.proc.log(), 10, "the refusal in the log")
+    assert not (tmp_path / "second.pem").exists()
+
+
+@pytest.mark.timeout(90)
+def test_renewal_revokes_the_connectors_other_certificates(gw, tmp_path):
+    """Renewing twice from one certificate revokes the first new one: a tunnel with it is refused as revoked."""
+    svc = gw.service(service={"renewal_min_interval": 0})
+    conn = gw.connector(svc, start=False)
+    st = conn.state_dir
+    tunnel = RawTunnel(svc.port, st / "client.pem", st / "client.key")
+    try:
+        assert tunnel.renew(tmp_path, "first")["type"] == "renew_result"
+        assert tunnel.renew(tmp_path, "second")["type"] == "renew_result"
+    finally:
+        tunnel.close()
+    with tls_client(svc.port, tmp_path / "first.pem", tmp_path / "first.key") as s:
+        s.sendall(raw_frame(DATA, SYN, 1, b'{"kind":"control"}'))
+        _, go_away = FrameReader(s).until_go_away()
+    assert go_away is not None and go_away[0] == 4 and "revoked" in go_away[1], go_away
+    # The certificate it renewed with and the newest one still work.
+    RawTunnel(svc.port, tmp_path / "second.pem", tmp_path / "second.key").close()
+    RawTunnel(svc.port, st / "client.pem", st / "client.key").close()

@@ -334,9 +334,9 @@ def service(tmp_path, ca):
 
     store.enrol("tok", "s", T0, enrol)
     config = parse_config({"service": {"state_dir": str(tmp_path), "certificate_lifetime_seconds": 600}}, "s.toml")
-    node = SimpleNamespace(config=config, ca=ca, store=SyncStore(store))
+    node = SimpleNamespace(config=config, ca=ca, store=SyncStore(store), last_renewals={})
     identity = SimpleNamespace(connector_id=CONNECTOR_ID, serial_hex=keys.serial_hex(old),
-                               not_after=old.not_valid_after_utc)
+                               not_after=old.not_valid_after_utc, not_before=old.not_valid_before_utc)
     handler = SimpleNamespace(node=node, identity=identity, ctx={"connector_id": CONNECTOR_ID, "tunnel_id": "n/t1"},
                               control=FakeControl())
     yield SimpleNamespace(store=store, handler=handler, old=old)
@@ -382,3 +382,41 @@ def test_store_renewal_needs_a_valid_presented_certificate(service):
     with pytest.raises(GatewayError, match="unknown"):
         service.store.renew_certificate("abc", CONNECTOR_ID, lambda: called.append(1))
     assert called == []
+
+
+def _renew(service, now):
+    csr = keys.make_csr(keys.generate_key(), "n").decode()
+    handle_renew_request(service.handler, {"type": m.RENEW_REQUEST, "csr": csr}, now=now)
+    return service.handler.control.sent[-1]
+
+
+def test_service_refuses_a_second_renewal_before_renewal_min_interval(service):
+    """A connector whose certificate is not due renews once; a second request an hour later is refused with a wait."""
+    first = _renew(service, T0 + timedelta(minutes=1))
+    second = _renew(service, T0 + timedelta(minutes=2))
+    assert first["type"] == m.RENEW_RESULT
+    assert second["type"] == m.ERROR and second["code"] == RENEWAL_REFUSED
+    assert "renewal_min_interval = 3600 s" in second["message"] and "try again in 3540 s" in second["message"]
+    assert _renew(service, T0 + timedelta(minutes=62))["type"] == m.RENEW_RESULT
+
+
+def test_a_due_certificate_renews_again_after_the_short_floor(service):
+    """Past half its lifetime a certificate may renew again (a lost reply), but not twice within 10 s."""
+    due = service.old.not_valid_before_utc + (service.old.not_valid_after_utc - service.old.not_valid_before_utc) * 0.6
+    assert _renew(service, due)["type"] == m.RENEW_RESULT
+    refused = _renew(service, due + timedelta(seconds=5))
+    assert refused["code"] == RENEWAL_REFUSED and "try again in 5 s" in refused["message"]
+    assert _renew(service, due + timedelta(seconds=11))["type"] == m.RENEW_RESULT
+
+
+def test_renewal_revokes_all_but_the_presented_and_the_new_certificate(service):
+    """Each renewal revokes the connector's other certificates: at most two stay valid."""
+    service.handler.node.config = parse_config(
+        {"service": {"state_dir": "/tmp/x", "certificate_lifetime_seconds": 600, "renewal_min_interval": 0}}, "s.toml")
+    issued = []
+    for minute in (1, 2, 3):
+        reply = _renew(service, T0 + timedelta(minutes=minute))
+        issued.append(keys.serial_hex(keys.load_cert(reply["certificate"].encode())))
+    status = {serial: service.store.certificate_status(serial, CONNECTOR_ID)
+              for serial in [keys.serial_hex(service.old), *issued]}
+    assert list(status.values()) == ["valid", "revoked", "revoked", "valid"], status

@@ -121,7 +121,8 @@ def test_mutual_tls_succeeds_and_identifies_the_connector(pki, server_name):
     conn = handshake(pki.server(), client_options(pki.ca.cert, cert, key, server_name))
     assert conn.both_talked
     assert peer_identity(conn.server.transport) == PeerIdentity(
-        connector_id="conn-42", serial_hex=keys.serial_hex(cert), not_after=cert.not_valid_after_utc
+        connector_id="conn-42", serial_hex=keys.serial_hex(cert), not_after=cert.not_valid_after_utc,
+        not_before=cert.not_valid_before_utc,
     )
 
 
