@@ -1,0 +1,28 @@
+"""Recorded conversations (tests/unit/data/*_captures.txt, made by tests/unit/data/record.py).
+
+A file holds captures as ``== NAME: how it was made`` followed by one line per chunk as it was
+read from the socket: ``c HEX`` (client to server) or ``s HEX`` (server to client).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "unit" / "data"
+
+
+def load_captures(filename: str) -> dict[str, list[tuple[str, bytes]]]:
+    """Every capture in ``DATA/filename``: name -> [(direction "c" or "s", chunk), ...] in order."""
+    captures: dict[str, list[tuple[str, bytes]]] = {}
+    current: list[tuple[str, bytes]] = []
+    for line in (DATA / filename).read_text().splitlines():
+        if line.startswith("== "):
+            current = captures.setdefault(line[3:].split(":", 1)[0], [])
+        elif line[:2] in ("c ", "s "):
+            current.append((line[0], bytes.fromhex(line[2:])))
+    return captures
+
+
+def one_side(capture: list[tuple[str, bytes]], direction: str) -> bytes:
+    """All the bytes one side sent, joined."""
+    return b"".join(chunk for side, chunk in capture if side == direction)
