@@ -214,8 +214,9 @@ class TunnelHandler:
             self.on_control(message)
 
     def refuse(self, code: int, message: str) -> None:
-        if self.state in ("enrolling", "checking") and self._admission is not None:
-            # Anyone can get here, as often as they can connect: a flood is one line a second.
+        if self.state == "enrolling" and self._admission is not None:
+            # Anyone without a certificate can get here, as often as they can connect: a flood
+            # is one line a second. (A refused certificate, revoked say, is worth a line each.)
             self._admission.refusal_log.emit(address=self.address, message=message, **self.ctx)
         else:
             self.log.warn(
