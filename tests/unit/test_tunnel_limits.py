@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -298,3 +299,85 @@ def test_an_unlimited_hard_open_files_limit_is_capped():
     rlimits = FakeRlimits(1024, FakeRlimits.RLIM_INFINITY)
     raise_open_files_limit(rlimits, RecordingLog())
     assert rlimits.limits == (1_048_576, FakeRlimits.RLIM_INFINITY)
+
+
+# -- enrolment connections ------------------------------------------------------------------------
+
+
+def enrolling(factory, host="192.0.2.7"):
+    """A connection past TLS without a client certificate, and what the service wrote on it."""
+    factory.node.enrol = lambda message, address: succeed({"type": "error", "code": "enrolment_refused",
+                                                            "message": "unknown token"})
+    session, transport = connection(factory, host)
+    session.owner._handshake_over()
+    session.owner.state = "enrolling"
+    return session, transport
+
+
+def sent_frames(transport):
+    return FrameDecoder().feed(transport.value())
+
+
+def enrol_syn(sid):
+    return frame.syn(sid, {"kind": "enrol"})
+
+
+def enrol_request(sid):
+    body = m.encode({"type": "enrol_request", "token_id": "t", "secret": "s", "csr": "c"})
+    return frame.data(sid, len(body).to_bytes(4, "big") + body)
+
+
+def test_the_fifth_stream_before_hello_ends_the_tunnel(tmp_path):
+    """Four streams before hello are answered one by one; the fifth is RST TOO_MANY_STREAMS and GO_AWAY."""
+    session, transport = enrolling(make_factory(tmp_path))
+    session.dataReceived(b"".join(frame.syn(sid, {"kind": "control"}) for sid in (1, 3, 5, 7, 9)))
+    frames = sent_frames(transport)
+    resets = [frame.decode_reason(f.payload)[0] for f in frames if f.type == 0 and f.flags & frame.RST]
+    assert resets == [1, 1, 1, 1, 8]
+    assert frames[-1].type == 3 and frame.decode_reason(frames[-1].payload)[0] == GoAwayCode.PROTOCOL_ERROR
+    assert transport.disconnecting
+
+
+def test_one_enrolment_per_connection(tmp_path):
+    """The answer to an enrolment is followed by GO_AWAY NORMAL and a close; a second enrol stream is refused."""
+    session, transport = enrolling(make_factory(tmp_path))
+    session.dataReceived(enrol_syn(1) + enrol_syn(3))
+    [rst] = [f for f in sent_frames(transport) if f.flags & frame.RST]
+    assert rst.stream_id == 3 and b"one enrolment per connection" in rst.payload
+    session.dataReceived(enrol_request(1))
+    go_away = sent_frames(transport)[-1]
+    assert go_away.type == 3 and frame.decode_reason(go_away.payload) == (0, "one enrolment per connection")
+    assert transport.disconnecting
+
+
+def test_a_second_enrolment_request_ends_the_tunnel(tmp_path):
+    """Two enrol_requests on one stream: GO_AWAY PROTOCOL_ERROR, and the store is asked once."""
+    factory = make_factory(tmp_path)
+    session, transport = enrolling(factory)
+    asked = []
+    factory.node.enrol = lambda message, address: asked.append(message) or Deferred()  # the store is slow
+    session.dataReceived(enrol_syn(1) + enrol_request(1) + enrol_request(1))
+    go_away = sent_frames(transport)[-1]
+    code, reason = frame.decode_reason(go_away.payload)
+    assert code == GoAwayCode.PROTOCOL_ERROR and "more than one enrolment request" in reason
+    assert len(asked) == 1
+
+
+def test_enrolments_are_rate_limited_per_address(tmp_path):
+    """With enrolments_per_minute = 2, the third request from one address is answered rate_limited; 30 s later one passes."""
+    factory = make_factory(tmp_path, enrolments_per_minute=2)
+
+    def reply(host="192.0.2.7"):
+        session, transport = enrolling(factory, host)
+        session.dataReceived(enrol_syn(1) + enrol_request(1))
+        data = b"".join(f.payload for f in sent_frames(transport) if f.type == 0 and f.stream_id == 1
+                        and not f.flags & (frame.SYN | frame.RST))
+        session.connectionLost(None)
+        return m.decode(data[4:])
+
+    assert [reply()["code"] for _ in range(2)] == ["enrolment_refused"] * 2
+    limited = reply()
+    assert limited["code"] == "rate_limited" and "try again in 30 s" in limited["message"]
+    assert reply("192.0.2.8")["code"] == "enrolment_refused"
+    factory.node.reactor.advance(30)
+    assert reply()["code"] == "enrolment_refused"
