@@ -51,10 +51,13 @@ class Component:
     needed_by: frozenset[str]
 
     def locate(self) -> str | None:
-        """The program's path (or the probe, for py: probes) when it is there, else None."""
+        """The program's (or file:'s) path, or the probe for py: probes, when it is there, else None."""
         if self.probe.startswith("py:"):
             modules = self.probe[3:].split(",")
             return self.probe if all(importlib.util.find_spec(m) for m in modules) else None
+        if self.probe.startswith("file:"):
+            path = self.probe.removeprefix("file:")
+            return path if os.path.isfile(path) else None
         if self.probe.startswith("/"):
             return self.probe if os.access(self.probe, os.X_OK) else None
         return shutil.which(self.probe)

@@ -138,6 +138,16 @@ def test_a_present_component_gives_its_path(tmp_path, monkeypatch):
     assert components.require("nginx", fake_packages(tmp_path, "sh")).endswith("/sh")
 
 
+def test_a_file_probe_needs_the_file_not_the_execute_bit(tmp_path, monkeypatch):
+    """A file:PATH probe (an Apache module, a header) finds a plain file and misses an absent one."""
+    monkeypatch.setenv("CI", "true")
+    module = tmp_path / "mod_x.so"
+    module.write_bytes(b"")
+    assert components.require("nginx", fake_packages(tmp_path, f"file:{module}")) == str(module)
+    with pytest.raises(pytest.fail.Exception, match="nginx-light"):
+        components.require("nginx", fake_packages(tmp_path, f"file:{tmp_path / 'absent.so'}"))
+
+
 def test_a_malformed_packages_line_is_refused(tmp_path):
     """A line without the four columns is an error naming the file and line."""
     path = tmp_path / "packages.txt"
