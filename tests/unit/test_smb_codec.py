@@ -174,6 +174,16 @@ def test_smbclient_ntlm_session_and_share_are_read_from_the_capture():
     assert inspector.buffered == 0
 
 
+def test_smbclient_kerberos_session_shows_the_service_but_not_the_user():
+    """smbclient --use-kerberos=required: the AP-REQ gives kerberos and the ticket's service; the user stays unknown."""
+    inspector, verdict = run(CAPTURES["smb3_kerberos"])
+    assert verdict.action is Action.DONE
+    record = inspector.record
+    assert (record.mechanism, record.kerberos_service) == ("kerberos", "cifs/smb.example.test@EXAMPLE.TEST")
+    assert (record.user, record.domain, record.authenticated_user) == (None, None, None)
+    assert (record.session_status, record.signed, record.share) == (0, True, "\\\\smb.example.test\\share")
+
+
 def test_ipc_tree_connect_is_not_the_share():
     """smbclient connects IPC$ first (a DFS referral); the inspection goes on to the real share."""
     inspector, _ = run(CAPTURES["smb3_ntlm"][:8])
