@@ -82,9 +82,13 @@ def session_setup_response(status: int = 0, flags: int = 0) -> bytes:
     return header(1, response=True, message_id=2, status=status) + struct.pack("<HHHH", 9, flags, 0, 0)
 
 
-def tree_connect_request(path: str, message_id: int = 3, flags: int = 0, raw: bytes | None = None) -> bytes:
+def tree_connect_request(path: str, message_id: int = 3, flags: int = 0, raw: bytes | None = None,
+                         extension: bool = False) -> bytes:
+    """A TREE_CONNECT request; ``extension``: the 3.1.1 layout, a 16-byte extension header before the path."""
     data = path.encode("utf-16-le") if raw is None else raw
-    return header(3, message_id=message_id, flags=flags) + struct.pack("<HHHH", 9, 0, 72, len(data)) + data
+    prefix = struct.pack("<IH10s", 88 + len(data), 0, bytes(10)) if extension else b""
+    return (header(3, message_id=message_id, flags=flags)
+            + struct.pack("<HHHH", 9, 4 if extension else 0, 72 + len(prefix), len(data)) + prefix + data)
 
 
 def tree_connect_response(message_id: int = 3, share_flags: int = 0, status: int = 0) -> bytes:
@@ -408,6 +412,15 @@ def test_share_encrypt_flag_is_recorded():
     verdict = inspector.feed_server(frame(tree_connect_response(share_flags=0x8000)))
     assert verdict.action is Action.DONE
     assert (inspector.record.share, inspector.record.share_encrypted, inspector.record.signed) == ("\\\\fs\\secret", True, True)
+
+
+def test_tree_connect_with_the_311_extension_is_read():
+    """A TREE_CONNECT with SMB2_TREE_CONNECT_FLAG_EXTENSION_PRESENT: the path after the extension header is read."""
+    inspector = SmbInspector()
+    handshake(inspector, ntlm_authenticate())
+    inspector.feed_client(frame(tree_connect_request("\\\\fs\\ext", extension=True)))
+    assert inspector.feed_server(frame(tree_connect_response())).action is Action.DONE
+    assert inspector.record.share == "\\\\fs\\ext"
 
 
 def test_refused_tree_connect_is_recorded_and_done():

@@ -88,7 +88,6 @@ _SIGNING_REQUIRED = 0x0002
 _CAP_ENCRYPTION = 0x00000040
 _SESSION_IS_GUEST, _SESSION_IS_NULL, _SESSION_ENCRYPT_DATA = 0x0001, 0x0002, 0x0004
 _SHAREFLAG_ENCRYPT_DATA = 0x00008000
-_TREE_CONNECT_EXTENSION_PRESENT = 0x0004
 _PREAUTH, _ENCRYPTION_CONTEXT, _SIGNING_CONTEXT = 0x0001, 0x0002, 0x0008
 
 _DIALECTS = {0x0202: "2.0.2", 0x0210: "2.1", 0x02FF: "2.???", 0x0300: "3.0", 0x0302: "3.0.2", 0x0311: "3.1.1"}
@@ -530,17 +529,18 @@ def _session_setup_request(message: bytes, record: SmbRecord) -> SmbRecord:
     return evolve(record, **changes)
 
 
-def _tree_connect_path(message: bytes) -> str | None:
-    """The UNC path of a TREE_CONNECT request; None with the 3.1.1 extension, whose layout differs."""
+def _tree_connect_path(message: bytes) -> str:
+    """The UNC path of a TREE_CONNECT request.
+
+    PathOffset counts from the header in both layouts: with SMB2_TREE_CONNECT_FLAG_EXTENSION_PRESENT
+    (3.1.1) it points past the 16-byte extension header to the extension's PathName.
+    """
     b = _body(message, 9, "TREE_CONNECT request")
-    (flags,) = struct.unpack_from("<H", message, b + 2)
-    if flags & _TREE_CONNECT_EXTENSION_PRESENT:
-        return None
     return _utf16(_field(message, b + 4, b + 6, b + 8, "the TREE_CONNECT path"), "the TREE_CONNECT path")
 
 
-def _is_ipc(path: str | None) -> bool:
-    return path is not None and path.rsplit("\\", 1)[-1].upper() == "IPC$"
+def _is_ipc(path: str) -> bool:
+    return path.rsplit("\\", 1)[-1].upper() == "IPC$"
 
 
 @define
@@ -567,7 +567,7 @@ class SmbInspector:
     _client: _Direction = field(factory=lambda: _Direction("client"))
     _server: _Direction = field(factory=lambda: _Direction("server"))
     _session_up: bool = False
-    _tree_connects: dict[int, str | None] = field(factory=dict)
+    _tree_connects: dict[int, str] = field(factory=dict)
 
     @property
     def buffered(self) -> int:
@@ -735,4 +735,4 @@ class SmbInspector:
             (share_flags,) = struct.unpack_from("<I", message, b + 4)
         self.record = evolve(self.record, share=path, tree_connect_status=header.status,
                              share_encrypted=bool(share_flags & _SHAREFLAG_ENCRYPT_DATA))
-        raise _Finished(f"the server answered the TREE_CONNECT to {path or 'a share'} (status 0x{header.status:08x})")
+        raise _Finished(f"the server answered the TREE_CONNECT to {path} (status 0x{header.status:08x})")
