@@ -26,3 +26,21 @@ def load_captures(filename: str) -> dict[str, list[tuple[str, bytes]]]:
 def one_side(capture: list[tuple[str, bytes]], direction: str) -> bytes:
     """All the bytes one side sent, joined."""
     return b"".join(chunk for side, chunk in capture if side == direction)
+
+
+def feed(inspector, capture: list[tuple[str, bytes]], pieces=None):
+    """Feed a capture to an inspector's feed_client/feed_server; the last verdict.
+
+    ``pieces(chunk)`` cuts each recorded chunk into the pieces fed (default: fed whole).
+    """
+    verdict = inspector.verdict
+    for side, chunk in capture:
+        for piece in pieces(chunk) if pieces else [chunk]:
+            verdict = (inspector.feed_client if side == "c" else inspector.feed_server)(piece)
+    return verdict
+
+
+def cut_at(chunk: bytes, cuts: list[int]) -> list[bytes]:
+    """``chunk`` cut at the given offsets (any order, repeats allowed: empty pieces are fed too)."""
+    points = sorted(cuts)
+    return [chunk[a:b] for a, b in zip([0, *points], [*points, len(chunk)])]

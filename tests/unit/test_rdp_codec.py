@@ -7,7 +7,7 @@ hostile and random input, which must end in a verdict, never an exception or a g
 import struct
 
 import pytest
-from captures import load_captures, one_side
+from captures import cut_at, feed, load_captures, one_side
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,15 +31,9 @@ CAPTURES = load_captures("rdp_captures.txt")
 
 
 def run(capture, inspector=None, split=None):
-    """Feed a capture chunk by chunk (or every byte alone with split=1); the last verdict."""
+    """Feed a capture chunk by chunk (or ``split`` bytes at a time); the inspector and the last verdict."""
     inspector = inspector if inspector is not None else RdpInspector()
-    verdict = inspector.verdict
-    for side, chunk in capture:
-        feed = inspector.feed_client if side == "c" else inspector.feed_server
-        pieces = [chunk[i : i + split] for i in range(0, len(chunk), split)] if split else [chunk]
-        for piece in pieces:
-            verdict = feed(piece)
-    return inspector, verdict
+    return inspector, feed(inspector, capture, (lambda c: cut_at(c, list(range(split, len(c), split)))) if split else None)
 
 
 # ---------------------------------------------------------------------------
@@ -264,9 +258,5 @@ def test_arbitrary_chunking_gives_the_same_record(name, data):
     """A capture cut at random points gives the same record and verdict as fed chunk by chunk."""
     whole, verdict = run(CAPTURES[name])
     inspector = RdpInspector()
-    last = inspector.verdict
-    for side, chunk in CAPTURES[name]:
-        cuts = sorted(data.draw(st.lists(st.integers(0, len(chunk)), max_size=5)))
-        for a, b in zip([0, *cuts], [*cuts, len(chunk)]):
-            last = (inspector.feed_client if side == "c" else inspector.feed_server)(chunk[a:b])
+    last = feed(inspector, CAPTURES[name], lambda c: cut_at(c, data.draw(st.lists(st.integers(0, len(c)), max_size=6))))
     assert (inspector.record, last) == (whole.record, verdict)

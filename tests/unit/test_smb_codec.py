@@ -8,7 +8,7 @@ and random input, which must end in a verdict, never an exception or a growing b
 import struct
 
 import pytest
-from captures import load_captures
+from captures import cut_at, feed, load_captures
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,14 +28,9 @@ BOUND = 2 * (4 + MAX_MESSAGE)
 
 
 def run(capture, inspector=None, split=None):
-    """Feed a capture chunk by chunk (or ``split`` bytes at a time); the last verdict."""
+    """Feed a capture chunk by chunk (or ``split`` bytes at a time); the inspector and the last verdict."""
     inspector = inspector if inspector is not None else SmbInspector()
-    verdict = inspector.verdict
-    for side, chunk in capture:
-        feed = inspector.feed_client if side == "c" else inspector.feed_server
-        for i in range(0, len(chunk), split or len(chunk)):
-            verdict = feed(chunk[i : i + (split or len(chunk))])
-    return inspector, verdict
+    return inspector, feed(inspector, capture, (lambda c: cut_at(c, list(range(split, len(c), split)))) if split else None)
 
 
 # ---------------------------------------------------------------------------
@@ -268,11 +263,7 @@ def test_arbitrary_chunking_gives_the_same_record(name, data):
     """A capture cut at random points gives the same record and verdict as fed chunk by chunk."""
     whole, verdict = run(CAPTURES[name])
     inspector = SmbInspector()
-    last = inspector.verdict
-    for side, chunk in CAPTURES[name]:
-        cuts = sorted(data.draw(st.lists(st.integers(0, len(chunk)), max_size=6)))
-        for a, b in zip([0, *cuts], [*cuts, len(chunk)]):
-            last = (inspector.feed_client if side == "c" else inspector.feed_server)(chunk[a:b])
+    last = feed(inspector, CAPTURES[name], lambda c: cut_at(c, data.draw(st.lists(st.integers(0, len(c)), max_size=6))))
     assert (inspector.record, last) == (whole.record, verdict)
 
 
