@@ -44,3 +44,20 @@ def cut_at(chunk: bytes, cuts: list[int]) -> list[bytes]:
     """``chunk`` cut at the given offsets (any order, repeats allowed: empty pieces are fed too)."""
     points = sorted(cuts)
     return [chunk[a:b] for a, b in zip([0, *points], [*points, len(chunk)])]
+
+
+def fed_whole_and_cut(make, capture: list[tuple[str, bytes]], pieces):
+    """(verdict, record) of a new inspector ``make()`` fed the capture chunk by chunk, and of one fed it in ``pieces``."""
+    whole, cut = make(), make()
+    return (feed(whole, capture), whole.record), (feed(cut, capture, pieces), cut.record)
+
+
+def one_byte_at_a_time(chunk: bytes) -> list[bytes]:
+    return [chunk[i : i + 1] for i in range(len(chunk))]
+
+
+def random_cuts(data):
+    """For a hypothesis ``st.data()``: cut each chunk at up to six drawn offsets."""
+    from hypothesis import strategies as st
+
+    return lambda chunk: cut_at(chunk, data.draw(st.lists(st.integers(0, len(chunk)), max_size=6)))

@@ -7,7 +7,7 @@ hostile and random input, which must end in a verdict, never an exception or a g
 import struct
 
 import pytest
-from captures import cut_at, feed, load_captures, one_side
+from captures import feed, fed_whole_and_cut, load_captures, one_byte_at_a_time, random_cuts, one_side
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,10 +30,10 @@ from gateway_rdp.codec import (
 CAPTURES = load_captures("rdp_captures.txt")
 
 
-def run(capture, inspector=None, split=None):
-    """Feed a capture chunk by chunk (or ``split`` bytes at a time); the inspector and the last verdict."""
+def run(capture, inspector=None):
+    """Feed a capture chunk by chunk; the inspector and the last verdict."""
     inspector = inspector if inspector is not None else RdpInspector()
-    return inspector, feed(inspector, capture, (lambda c: cut_at(c, list(range(split, len(c), split)))) if split else None)
+    return inspector, feed(inspector, capture)
 
 
 # ---------------------------------------------------------------------------
@@ -118,9 +118,8 @@ def test_routing_token_is_recorded_instead_of_a_cookie():
 @pytest.mark.parametrize("name", sorted(CAPTURES))
 def test_byte_by_byte_feeding_gives_the_same_record(name):
     """Every capture fed one byte at a time ends in the same verdict and record as fed whole."""
-    whole, verdict = run(CAPTURES[name])
-    single, verdict1 = run(CAPTURES[name], split=1)
-    assert (single.record, verdict1) == (whole.record, verdict)
+    whole, cut = fed_whole_and_cut(RdpInspector, CAPTURES[name], one_byte_at_a_time)
+    assert cut == whole
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +255,5 @@ def test_mutated_requests_never_raise(data):
 @given(st.sampled_from(sorted(CAPTURES)), st.data())
 def test_arbitrary_chunking_gives_the_same_record(name, data):
     """A capture cut at random points gives the same record and verdict as fed chunk by chunk."""
-    whole, verdict = run(CAPTURES[name])
-    inspector = RdpInspector()
-    last = feed(inspector, CAPTURES[name], lambda c: cut_at(c, data.draw(st.lists(st.integers(0, len(c)), max_size=6))))
-    assert (inspector.record, last) == (whole.record, verdict)
+    whole, cut = fed_whole_and_cut(RdpInspector, CAPTURES[name], random_cuts(data))
+    assert cut == whole

@@ -8,7 +8,7 @@ and random input, which must end in a verdict, never an exception or a growing b
 import struct
 
 import pytest
-from captures import cut_at, feed, load_captures
+from captures import feed, fed_whole_and_cut, load_captures, one_byte_at_a_time, random_cuts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,10 +27,10 @@ CAPTURES = load_captures("smb_captures.txt")
 BOUND = 2 * (4 + MAX_MESSAGE)
 
 
-def run(capture, inspector=None, split=None):
-    """Feed a capture chunk by chunk (or ``split`` bytes at a time); the inspector and the last verdict."""
+def run(capture, inspector=None):
+    """Feed a capture chunk by chunk; the inspector and the last verdict."""
     inspector = inspector if inspector is not None else SmbInspector()
-    return inspector, feed(inspector, capture, (lambda c: cut_at(c, list(range(split, len(c), split)))) if split else None)
+    return inspector, feed(inspector, capture)
 
 
 # ---------------------------------------------------------------------------
@@ -252,19 +252,16 @@ def test_allow_smb1_lets_an_smb1_session_through_uninspected():
 def test_byte_by_byte_feeding_gives_the_same_record(name):
     """Every capture fed one byte at a time ends in the same verdict and record as fed chunk by chunk."""
     for allow in (False, True):
-        whole, verdict = run(CAPTURES[name], SmbInspector(allow_smb1=allow))
-        single, verdict1 = run(CAPTURES[name], SmbInspector(allow_smb1=allow), split=1)
-        assert (single.record, verdict1) == (whole.record, verdict)
+        whole, cut = fed_whole_and_cut(lambda: SmbInspector(allow_smb1=allow), CAPTURES[name], one_byte_at_a_time)
+        assert cut == whole
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(sorted(CAPTURES)), st.data())
 def test_arbitrary_chunking_gives_the_same_record(name, data):
     """A capture cut at random points gives the same record and verdict as fed chunk by chunk."""
-    whole, verdict = run(CAPTURES[name])
-    inspector = SmbInspector()
-    last = feed(inspector, CAPTURES[name], lambda c: cut_at(c, data.draw(st.lists(st.integers(0, len(c)), max_size=6))))
-    assert (inspector.record, last) == (whole.record, verdict)
+    whole, cut = fed_whole_and_cut(SmbInspector, CAPTURES[name], random_cuts(data))
+    assert cut == whole
 
 
 # ---------------------------------------------------------------------------
