@@ -1,5 +1,6 @@
-"""Registers the integration fixtures and hooks; the helpers live in gateway_harness.py and
-nginx_harness.py (distinct module names, so another conftest.py elsewhere in tests/ cannot shadow them)."""
+"""Registers the integration fixtures and hooks; the helpers live in gateway_harness.py,
+nginx_harness.py and kdc_harness.py (distinct module names, so another conftest.py elsewhere in tests/ cannot shadow them)."""
 
 from gateway_harness import backends, gw, pytest_runtest_makereport  # noqa: F401
+from kdc_harness import kdc  # noqa: F401
 from nginx_harness import nginx  # noqa: F401
