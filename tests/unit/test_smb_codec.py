@@ -8,7 +8,7 @@ and random input, which must end in a verdict, never an exception or a growing b
 import struct
 
 import pytest
-from captures import feed, fed_whole_and_cut, load_captures, one_byte_at_a_time, random_cuts
+from captures import feed, fed_whole_and_cut, load_captures, one_byte_at_a_time, one_side, random_cuts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -246,6 +246,16 @@ def test_allow_smb1_lets_an_smb1_session_through_uninspected():
     inspector, verdict = run(CAPTURES["smb1_nt1"], SmbInspector(allow_smb1=True))
     assert (verdict.action, verdict.reason) == (Action.DONE, "SMB1, allowed: not inspected")
     assert inspector.record.dialect == "SMB1"
+
+
+def test_smb1_after_smb2_was_negotiated_is_malformed_even_when_allowed():
+    """An SMB1 message once an SMB2 dialect is chosen is refused, so it cannot relabel the session SMB1."""
+    inspector = SmbInspector(allow_smb1=True)
+    run(CAPTURES["smb3_ntlm"][:2], inspector)
+    verdict = inspector.feed_client(one_side(CAPTURES["smb1_nt1"], "c"))
+    assert (verdict.action, verdict.code) == (Action.REFUSE, "malformed")
+    assert verdict.reason == "the client sent an SMB1 message after dialect 3.1.1 was negotiated"
+    assert inspector.record.dialect == "3.1.1"
 
 
 @pytest.mark.parametrize("name", sorted(CAPTURES))

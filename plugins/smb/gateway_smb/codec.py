@@ -665,7 +665,9 @@ class SmbInspector:
             offset = end
 
     def _smb1(self, side: _Direction, message: bytes) -> None:
-        dialects = _smb1_dialects(message) if side is self._client and not self.record.offered_dialects else None
+        if self.record.dialect is not None:
+            raise Malformed(f"the {side.name} sent an SMB1 message after dialect {self.record.dialect} was negotiated")
+        dialects = _smb1_dialects(message) if side is self._client and self.messages == 1 else None
         multi = dialects is not None and any(d.startswith("SMB 2.") for d in dialects)
         if not self.allow_smb1:
             if dialects is None:
