@@ -67,7 +67,6 @@ MAX_MESSAGE = 64 + 24 + 0xFFFF
 # Messages (both directions) read before giving up on seeing a share: smbclient connects its
 # share at the 13th, after IPC$ and a DFS referral.
 MAX_MESSAGES = 64
-_SMB1_MAX_NEGOTIATE = 4096
 
 _SMB2 = b"\xfeSMB"
 _SMB1 = b"\xffSMB"
@@ -88,7 +87,7 @@ _SIGNING_REQUIRED = 0x0002
 _CAP_ENCRYPTION = 0x00000040
 _SESSION_IS_GUEST, _SESSION_IS_NULL, _SESSION_ENCRYPT_DATA = 0x0001, 0x0002, 0x0004
 _SHAREFLAG_ENCRYPT_DATA = 0x00008000
-_PREAUTH, _ENCRYPTION_CONTEXT, _SIGNING_CONTEXT = 0x0001, 0x0002, 0x0008
+_ENCRYPTION_CONTEXT, _SIGNING_CONTEXT = 0x0002, 0x0008
 
 _DIALECTS = {0x0202: "2.0.2", 0x0210: "2.1", 0x02FF: "2.???", 0x0300: "3.0", 0x0302: "3.0.2", 0x0311: "3.1.1"}
 _CIPHERS = {1: "AES-128-CCM", 2: "AES-128-GCM", 3: "AES-256-CCM", 4: "AES-256-GCM"}
@@ -625,7 +624,7 @@ class SmbInspector:
         kind, length = side.buffer[0], int.from_bytes(side.buffer[1:4], "big")
         if kind != 0:
             raise Malformed(f"the {side.name} sent a NetBIOS session packet of type 0x{kind:02x},"
-                             " not a session message (0x00): not SMB over direct TCP")
+                            " not a session message (0x00): not SMB over direct TCP")
         if length < 4:
             raise Malformed(f"the {side.name} sent a {length}-byte message, too short for any SMB header")
         if length > MAX_MESSAGE:
@@ -633,7 +632,7 @@ class SmbInspector:
                 raise _Finished(f"the {side.name} sent a {length}-byte message, more than the {MAX_MESSAGE}"
                                 " inspected, before any share was connected")
             raise Malformed(f"the {side.name} sent a {length}-byte message before the session was set up,"
-                             f" more than the {MAX_MESSAGE} allowed", "too_large")
+                            f" more than the {MAX_MESSAGE} allowed", "too_large")
         self.messages += 1
         if self.messages > MAX_MESSAGES:
             raise _Finished(f"no share was connected in {MAX_MESSAGES} messages")
@@ -657,7 +656,7 @@ class SmbInspector:
             if header.next_command:
                 if header.next_command % 8 or header.next_command < 64 or offset + header.next_command >= len(message):
                     raise Malformed(f"the {side.name}'s compounded message has NextCommand {header.next_command},"
-                                     " not an 8-byte aligned offset of a following message")
+                                    " not an 8-byte aligned offset of a following message")
                 end = offset + header.next_command
             self._smb2(side, header, message[offset:end])
             if not header.next_command:
@@ -672,10 +671,10 @@ class SmbInspector:
         if not self.allow_smb1:
             if dialects is None:
                 raise Malformed(f"the {side.name} sent an SMB1 message (command 0x{message[4:5].hex() or '??'});"
-                                 " SMB1 is not allowed (allow_smb1)", "smb1")
+                                " SMB1 is not allowed (allow_smb1)", "smb1")
             kind = "an SMB1-style multi-protocol NEGOTIATE" if multi else "an SMB1 NEGOTIATE"
             raise Malformed(f"the client sent {kind} (dialects: {', '.join(dialects)});"
-                             " SMB1 is not allowed (allow_smb1)", "smb1")
+                            " SMB1 is not allowed (allow_smb1)", "smb1")
         if multi:
             self.record = evolve(self.record, offered_dialects=dialects)
             return
