@@ -151,7 +151,9 @@ class SmbRecord:
     guest: bool = False
     anonymous: bool = False
     session_encrypted: bool = False
-    signed: bool | None = None  # the first request after the session setup carried a signature
+    # The first request after the session setup carried a signature. Weaker than
+    # signing_required: SMB 3.1.1 clients sign TREE_CONNECT even when signing is not required.
+    signed: bool | None = None
     share: str | None = None
     tree_connect_status: int | None = None
     share_encrypted: bool = False
