@@ -152,7 +152,8 @@ class SmbRecord:
     anonymous: bool = False
     session_encrypted: bool = False
     # The first request after the session setup carried a signature. Weaker than
-    # signing_required: SMB 3.1.1 clients sign TREE_CONNECT even when signing is not required.
+    # signing_required: clients sign TREE_CONNECT even when signing is not required (smbclient
+    # 4.17 on SMB 3.1.1 does: capture smb3_ntlm).
     signed: bool | None = None
     share: str | None = None
     tree_connect_status: int | None = None
