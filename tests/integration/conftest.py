@@ -2,5 +2,5 @@
 nginx_harness.py and kdc_harness.py (distinct module names, so another conftest.py elsewhere in tests/ cannot shadow them)."""
 
 from gateway_harness import backends, gw, pytest_runtest_makereport  # noqa: F401
-from kdc_harness import kdc  # noqa: F401
+from kdc_harness import kdc, negotiate_apache  # noqa: F401
 from nginx_harness import nginx  # noqa: F401

@@ -20,6 +20,9 @@ Principals (realm EXAMPLE.TEST), each with a keytab in ``realm.keytab(principal)
   without ``ok_to_auth_as_delegate``;
 - ``HTTP/rotated.example.test``: its keytab holds a key the KDC no longer has (a key changed
   after the keytab was written: a stale kvno).
+
+``negotiate_apache`` is a real back end that accepts only Negotiate: Apache httpd with
+mod_auth_gssapi and the keytab of ``HTTP/backend.example.test`` (recipe apache_gssapi.sh).
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -267,6 +272,112 @@ cn: krbContainer
                 stop_process(proc)
 
 
+
+class NegotiateApache:
+    """Apache httpd with mod_auth_gssapi on a free port of 127.0.0.1 (recipe apache_gssapi.sh):
+    ``GET /whoami`` answers ``user=<REMOTE_USER>`` after Negotiate with the keytab of `spn`,
+    else 401 ``WWW-Authenticate: Negotiate``; ``GET /open`` needs nothing.
+
+    Apache's prefork parent signals its whole process group when it stops, so it gets a
+    session of its own. Run as root, its workers are www-data: `root` must be traversable by
+    them (pytest's basetemp is 0700; use a ``tempfile.mkdtemp`` made 0711), and the keytab,
+    krb5.conf and replay cache are copied in with www-data's group.
+    """
+
+    def __init__(self, realm: KerberosRealm, spn: str, root: Path) -> None:
+        self.binary = require("apache2")
+        modules = Path(require("mod_auth_gssapi")).parent
+        self.root = root
+        self.port = free_port()
+        for sub in ("htdocs", "cgi", "logs", "run", "rcache"):
+            (root / sub).mkdir(parents=True)
+        keytab, krb5_conf = root / "http.keytab", root / "krb5.conf"
+        keytab.write_bytes(realm.keytab(spn).read_bytes())
+        krb5_conf.write_text(realm.krb5_conf.read_text())
+        user = ""
+        os.chmod(root, 0o755)
+        for sub in ("htdocs", "cgi"):
+            os.chmod(root / sub, 0o755)
+        krb5_conf.chmod(0o644)
+        if os.geteuid() == 0:
+            user = "User www-data\nGroup www-data"
+            shutil.chown(keytab, group="www-data")
+            keytab.chmod(0o640)
+            shutil.chown(root / "rcache", group="www-data")
+            (root / "rcache").chmod(0o770)
+        whoami = root / "cgi" / "whoami"
+        whoami.write_text("#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\nprintf 'user=%s\\n' \"$REMOTE_USER\"\n")
+        whoami.chmod(0o755)
+        (root / "htdocs" / "open").write_text("ok\n")
+        conf = root / "httpd.conf"
+        conf.write_text(f"""\
+ServerRoot "{root}"
+ServerName backend.example.test
+Listen {HOST}:{self.port}
+PidFile {root}/run/httpd.pid
+DefaultRuntimeDir {root}/run
+Mutex file:{root}/run default
+ErrorLog {root}/logs/error.log
+LogLevel info auth_gssapi:debug
+LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule authz_user_module {modules}/mod_authz_user.so
+LoadModule authn_core_module {modules}/mod_authn_core.so
+LoadModule alias_module {modules}/mod_alias.so
+LoadModule cgi_module {modules}/mod_cgi.so
+LoadModule env_module {modules}/mod_env.so
+LoadModule auth_gssapi_module {modules}/mod_auth_gssapi.so
+{user}
+StartServers 1
+MinSpareServers 1
+MaxSpareServers 2
+LogFormat "%h \\"%r\\" %>s user=%u" simple
+CustomLog {root}/logs/access.log simple
+PassEnv KRB5_CONFIG
+SetEnv KRB5RCACHEDIR {root}/rcache
+DocumentRoot {root}/htdocs
+<Directory />
+  Require all granted
+</Directory>
+ScriptAlias /whoami {whoami}
+<Location /whoami>
+  AuthType GSSAPI
+  AuthName "Kerberos"
+  GssapiCredStore keytab:{keytab}
+  GssapiAllowedMech krb5
+  GssapiBasicAuth Off
+  GssapiLocalName Off
+  Require valid-user
+</Location>
+""")
+        env = {**os.environ, "KRB5_CONFIG": str(krb5_conf), "KRB5RCACHEDIR": str(root / "rcache")}
+        with open(root / "logs" / "stdout.log", "ab") as out:
+            self.proc = subprocess.Popen([self.binary, "-f", str(conf), "-DFOREGROUND"], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        try:
+            wait_until(self._listening, 20, "apache2 to listen")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"apache2 exited ({self.proc.returncode}): {self.log()}")
+        try:
+            socket.create_connection((HOST, self.port), 0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return "".join((self.root / "logs" / name).read_text(errors="replace")[-2000:]
+                       for name in ("stdout.log", "error.log") if (self.root / "logs" / name).exists())
+
+    def stop(self) -> None:
+        """SIGTERM to the parent, which stops its own workers."""
+        stop_process(self.proc)
+
 KRB5_VARIABLES = ("KRB5_CONFIG", "KRB5CCNAME", "KRB5RCACHEDIR")
 
 
@@ -286,3 +397,16 @@ def kdc(tmp_path_factory) -> Iterator[KerberosRealm]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture
+def negotiate_apache(kdc) -> Iterator[NegotiateApache]:
+    """Apache + mod_auth_gssapi accepting tickets for HTTP/backend.example.test of the ``kdc`` realm."""
+    root = Path(tempfile.mkdtemp(prefix="gateway-httpd."))
+    os.chmod(root, 0o711)
+    server = NegotiateApache(kdc, BACKEND, root / "httpd")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -9,6 +9,7 @@ provoked on the realm itself, and must come out as the cause an admin can act on
 from __future__ import annotations
 
 import base64
+import http.client
 import os
 import pwd
 import time
@@ -23,6 +24,7 @@ gssapi = require_module("gssapi")
 from gateway_kerberos_sso.delegation import (  # noqa: E402 - after the check that gssapi is installed
     Account, Cause, DelegationError, check_account, delegate, delegate_cifs, verify_reply,
 )
+from gateway_harness import HOST  # noqa: E402
 from kdc_harness import BACKEND, CIFS, CONNECTOR, NOFLAG, OTHER, ROTATED, principal  # noqa: E402
 
 ALICE = principal("alice")
@@ -67,6 +69,27 @@ def test_the_ticket_end_comes_from_the_service_ticket(kdc):
     delegation = delegate(account(kdc), ALICE, BACKEND, now=lambda: 0.0)
     assert delegation.expires_at is not None
     assert time.time() < delegation.expires_at <= time.time() + 10 * 3600 + 60
+
+
+def test_apache_with_mod_auth_gssapi_sees_the_delegated_user(kdc, negotiate_apache):
+    """A real Negotiate-only back end refuses a request without a token and answers alice's with
+    REMOTE_USER=alice@EXAMPLE.TEST and a mutual-auth reply that verifies."""
+    status, headers, _ = get(negotiate_apache.port, "/whoami")
+    assert status == 401 and headers.get("WWW-Authenticate") == "Negotiate"
+    delegation = delegate(account(kdc), ALICE, BACKEND)
+    status, headers, body = get(negotiate_apache.port, "/whoami", delegation.first.header.decode())
+    assert (status, body) == (200, f"user={ALICE}\n")
+    verify_reply(delegation.first, headers["WWW-Authenticate"].encode())
+
+
+def get(port: int, path: str, authorization: str | None = None) -> tuple[int, dict[str, str], str]:
+    connection = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        connection.request("GET", path, headers={"Authorization": authorization} if authorization else {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    finally:
+        connection.close()
 
 
 def test_later_negotiations_need_no_kdc(kdc):
