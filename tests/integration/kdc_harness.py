@@ -35,7 +35,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -60,6 +60,17 @@ USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 def principal(name: str) -> str:
     """`name` with the realm: ``alice`` -> ``alice@EXAMPLE.TEST``."""
     return name if "@" in name else f"{name}@{REALM}"
+
+
+def listening(proc: subprocess.Popen, port: int, log: Callable[[], str]) -> bool:
+    """Whether `proc` accepts connections on HOST:`port` yet; an AssertionError with its log if it exited."""
+    if proc.poll() is not None:
+        raise AssertionError(f"{proc.args[0]} exited ({proc.returncode}): {log()}")
+    try:
+        socket.create_connection((HOST, port), 0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 class KerberosRealm:
@@ -184,7 +195,7 @@ cn: krbContainer
         # -d 0 keeps slapd in the foreground: its PID is ours to stop.
         self.slapd = self._spawn("slapd", self.programs["slapd"], "-d", "0", "-f", str(ldap / "slapd.conf"),
                                  "-h", self.ldap_url)
-        wait_until(lambda: self._listening(self.slapd, self.ldap_port, "slapd"), 20, "slapd to listen")
+        wait_until(lambda: listening(self.slapd, self.ldap_port, lambda: self.log("slapd")), 20, "slapd to listen")
 
     def _create_realm(self) -> None:
         util = self.programs["kdb5_ldap_util"]
@@ -211,21 +222,13 @@ cn: krbContainer
 
     def _start_kdc(self) -> None:
         self.krb5kdc = self._spawn("krb5kdc", self.programs["krb5kdc"], "-n")
-        wait_until(lambda: self._listening(self.krb5kdc, self.kdc_port, "krb5kdc"), 20, "krb5kdc to listen")
+        wait_until(lambda: listening(self.krb5kdc, self.kdc_port, lambda: self.log("krb5kdc")), 20,
+                   "krb5kdc to listen")
 
     def _spawn(self, name: str, *argv: str) -> subprocess.Popen:
         with open(self.root / f"{name}.out", "ab") as out:
             return subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def _listening(self, proc: subprocess.Popen, port: int, name: str) -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited ({proc.returncode}): {self.log(name)}")
-        try:
-            socket.create_connection((HOST, port), 0.5).close()
-            return True
-        except OSError:
-            return False
 
     # -- what tests use ----------------------------------------------------------------------
 
@@ -356,19 +359,10 @@ ScriptAlias /whoami {whoami}
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         try:
-            wait_until(self._listening, 20, "apache2 to listen")
+            wait_until(lambda: listening(self.proc, self.port, self.log), 20, "apache2 to listen")
         except BaseException:
             self.stop()
             raise
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"apache2 exited ({self.proc.returncode}): {self.log()}")
-        try:
-            socket.create_connection((HOST, self.port), 0.5).close()
-            return True
-        except OSError:
-            return False
 
     def log(self) -> str:
         return "".join((self.root / "logs" / name).read_text(errors="replace")[-2000:]
