@@ -68,9 +68,17 @@ if [ $want_tests = 1 ]; then
   # oidc-provider and playwright-core, as pinned by tests/node/package-lock.json; Playwright
   # must not fetch browsers of its own.
   export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
-  if [ -f tests/node/package-lock.json ]; then npm_cmd=(ci); else npm_cmd=(install); fi
-  if ! (cd tests/node && npm "${npm_cmd[@]}" --no-audit --no-fund > ../../.venv/npm.log 2>&1); then
-    tail -n 30 .venv/npm.log >&2; echo "setup: npm ${npm_cmd[*]} in tests/node failed" >&2; exit 1
+  # npm ci empties node_modules before it fills it again: skip it when the modules were
+  # installed from this very lock file, so a second setup (bench/run, a test run beside a
+  # running one) neither waits for it nor pulls the provider from under a running test.
+  stamp=tests/node/node_modules/.gateway-lock.sha256
+  lock_sum=$(sha256sum tests/node/package-lock.json 2>/dev/null | cut -d' ' -f1 || true)
+  if [ -z "$lock_sum" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]; then
+    if [ -n "$lock_sum" ]; then npm_cmd=(ci); else npm_cmd=(install); fi
+    if ! (cd tests/node && npm "${npm_cmd[@]}" --no-audit --no-fund > ../../.venv/npm.log 2>&1); then
+      tail -n 30 .venv/npm.log >&2; echo "setup: npm ${npm_cmd[*]} in tests/node failed" >&2; exit 1
+    fi
+    [ -n "$lock_sum" ] && echo "$lock_sum" > "$stamp"
   fi
 fi
 [ $want_bench = 1 ] && command -v npm >/dev/null && { bench/node/install.sh || echo "setup: localtunnel for bench/run did not install (its httpLocaltunnel path will say why)" >&2; }
