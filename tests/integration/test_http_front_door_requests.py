@@ -193,15 +193,24 @@ def test_a_bare_lf_response_is_a_502_at_once(gw, backends):
 
 def test_an_h2c_upgrade_reaches_the_back_end_as_a_plain_request(gw, backends):
     """Upgrade: h2c is dropped with its Connection token (the back end sees a plain GET); an
-    app listing h2c in upgrade_protocols gets it forwarded."""
-    plain, h2c = backends(recording("plain")), backends(recording("h2c"))
+    app listing h2c in upgrade_protocols gets it forwarded; an app listing none
+    (upgrade_protocols = []) gets even a WebSocket upgrade as a plain request."""
+    plain, h2c, none = backends(recording("plain")), backends(recording("h2c")), backends(recording("none"))
     port = free_port()
     svc, port = start(gw, port, [
         {"name": "plain", "external_url": f"http://plain.{SITE}:{port}/",
          "internal_url": f"http://{plain.destination}/"},
         {"name": "h2c", "external_url": f"http://h2c.{SITE}:{port}/", "internal_url": f"http://{h2c.destination}/",
          "options": {"upgrade_protocols": ["websocket", "h2c"]}},
+        {"name": "none", "external_url": f"http://none.{SITE}:{port}/",
+         "internal_url": f"http://{none.destination}/", "options": {"upgrade_protocols": []}},
     ])
+    websocket = ("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    status, head, body = raw(port, f"GET /ws HTTP/1.1\r\nHost: none.{SITE}:{port}\r\n{websocket}\r\n".encode())
+    assert (status, body) == (200, b"none"), head
+    line, headers = none.results[-1]
+    assert b"upgrade" not in headers and b"connection" not in headers
     upgrade = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
     status, head, body = raw(port, f"GET /x HTTP/1.1\r\nHost: plain.{SITE}:{port}\r\n{upgrade}\r\n".encode())
     assert (status, body) == (200, b"plain"), head

@@ -692,13 +692,15 @@ class FrontDoor(Protocol):
                 headers = [(k, v) for k, v in ex.request.headers if k.lower() != b"accept-encoding"]
                 headers.append((b"Accept-Encoding", links.accept_encoding_for_translation(accepted)))
                 ex.request = rules.Request(ex.request.method, ex.request.target, ex.request.version, headers)
-            upgrades = upgrade_protocols(ex.app) if b"upgrade" in ex.request.index else None
+            # The app's set only matters when the client asks to upgrade; an empty set (the app
+            # allows none) must reach backend_request_head as it is, not as the default.
+            upgrades = upgrade_protocols(ex.app) if b"upgrade" in ex.request.index else rules.WEBSOCKET_ONLY
             head = rules.backend_request_head(ex.request, body_length, ex.external, ex.internal,
                                               self._client_host, translate_host=translate_host(ex.app),
                                               extra_headers=[*request_headers(ex.app), *ex.added, (
                                                   b"X-Gateway-Request-Id", ex.request_id.encode())],
-                                              upgrades=upgrades or rules.WEBSOCKET_ONLY)
-            ex.upgrade = upgrades is not None and rules.upgrade_protocols(ex.request, upgrades) is not None
+                                              upgrades=upgrades)
+            ex.upgrade = b"upgrade" in ex.request.index and rules.upgrade_protocols(ex.request, upgrades) is not None
             if isinstance(stream.protocol, ResponseSide):
                 stream.protocol.exchange = ex   # a kept stream: its next exchange
             else:
