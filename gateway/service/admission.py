@@ -83,10 +83,13 @@ class RateLimiter:
 
 @define
 class ThrottledLog:
-    """Logs a recurring event at most once per `interval`, saying how many more were folded in.
+    """Logs a recurring event at most once per `interval` (per `key`, where one is given),
+    saying how many more were folded in.
 
-    `format` gets the event's own fields plus `more`, the number of like events not logged
-    since the last line.
+    `format` gets the event's own fields plus `more`, the number of like events (of the same
+    key) not logged since the last line. At most `max_keys` keys are remembered; past that,
+    keys whose interval is over are forgotten, and if that is not enough the event counts
+    under no key, so a flood from many addresses still costs at most one line per interval.
     """
 
     log: Logger
@@ -94,14 +97,21 @@ class ThrottledLog:
     format: str
     level: str = "warn"
     interval: float = 1.0
-    _last: float = field(default=float("-inf"))
-    _folded: int = 0
+    max_keys: int = 10_000
+    # key -> [when its last line was logged, events folded since]
+    _seen: dict[Any, list] = field(factory=dict)
 
-    def emit(self, **fields: Any) -> None:
+    def emit(self, key: Any = None, **fields: Any) -> None:
         now = self.clock.seconds()
-        if now - self._last < self.interval:
-            self._folded += 1
+        seen = self._seen.get(key)
+        if seen is None and len(self._seen) >= self.max_keys:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+            if len(self._seen) >= self.max_keys:
+                key = None
+            seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
             return
-        self._last = now
-        more, self._folded = self._folded, 0
+        more = seen[1] if seen is not None else 0
+        self._seen[key] = [now, 0]
         getattr(self.log, self.level)(self.format, more=more, **fields)

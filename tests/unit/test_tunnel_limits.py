@@ -110,6 +110,19 @@ def test_throttled_log_folds_a_flood_into_one_line_a_second():
     assert log.lines == ["refused x (0 more)", "refused y (99 more)"]
 
 
+def test_throttled_log_by_key_keeps_one_line_per_key_and_a_bounded_memory():
+    """Keyed, each key gets its own line per interval; past max_keys the events fold under no key."""
+    clock, log = Clock(), FakeLog()
+    throttled = ThrottledLog(log, clock, "refused {address} ({more} more)", max_keys=2)
+    for address in ("a", "b", "a", "b", "c", "d"):
+        throttled.emit(address, address=address)
+    assert log.lines == ["refused a (0 more)", "refused b (0 more)", "refused c (0 more)"]
+    assert len(throttled._seen) == 3   # a and b, and None for everything past them
+    clock.advance(1)
+    throttled.emit("a", address="a")
+    assert log.lines[-1] == "refused a (1 more)" and len(throttled._seen) <= 3
+
+
 # -- the service's tunnel handler ---------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import alsoProvides
 
-from gateway.service.admission import AddressCounter, address_key
+from gateway.service.admission import AddressCounter, ThrottledLog, address_key
 
 log = Logger(namespace="gateway_http")
 
@@ -43,14 +43,18 @@ class ConnectionLimits:
     per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
     count: int = 0
     by_address: AddressCounter = field(init=False)   # the tunnel port's counter, IPv6 by /64 too
-    # address (or _TOTAL) -> (when its refusal was last logged, refusals not logged since)
-    _refusals: dict[str, list] = field(factory=dict)
+    # one line per address (or for the total) per LOG_INTERVAL; made once the reactor is known
+    _refusals: ThrottledLog | None = field(default=None)
 
     def __attrs_post_init__(self) -> None:
         self.by_address = AddressCounter(self.per_address)
+        if self.reactor is not None:
+            self._refusals = _refusal_log(self.reactor)
 
     def configure(self, total: int, per_address: int, reactor: Any) -> None:
         """New limits (at start and on reload); connections open now stay and still count."""
+        if reactor is not self.reactor or self._refusals is None:
+            self._refusals = _refusal_log(reactor)
         self.total, self.per_address, self.reactor = total, per_address, reactor
         self.by_address.limit = per_address
         hard = descriptor_limit()
@@ -77,19 +81,19 @@ class ConnectionLimits:
         self.by_address.release(key)
 
     def _refused(self, key: str, host: str, limit: str, value: int) -> None:
-        now = self.reactor.seconds() if self.reactor is not None else 0.0
-        seen = self._refusals.get(key)
-        if seen is not None and now - seen[0] < LOG_INTERVAL:
-            seen[1] += 1
+        address = host if key == host or key == _TOTAL else f"{host} ({key})"
+        if self._refusals is None:   # not configured yet (no reactor to time lines by)
+            log.warn(_REFUSAL_LINE, address=address, limit=limit, value=value, more=0)
             return
-        if len(self._refusals) >= 10_000:   # a flood from many addresses: forget the old ones
-            self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < LOG_INTERVAL}
-        more = seen[1] if seen is not None else 0
-        self._refusals[key] = [now, 0]
-        log.warn("http front door: connection from {address} closed at once: [http] {limit} = {value} reached "
-                 "({more} more refused since the last such line; at most one a minute per address)",
-                 address=host if key == host or key == _TOTAL else f"{host} ({key})", limit=limit, value=value,
-                 more=more)
+        self._refusals.emit(key, address=address, limit=limit, value=value)
+
+
+_REFUSAL_LINE = ("http front door: connection from {address} closed at once: [http] {limit} = {value} reached "
+                 "({more} more refused since the last such line; at most one a minute per address)")
+
+
+def _refusal_log(reactor: Any) -> ThrottledLog:
+    return ThrottledLog(log, reactor, _REFUSAL_LINE, interval=LOG_INTERVAL)
 
 
 def descriptor_limit() -> int | None:
