@@ -118,9 +118,10 @@ class TunnelHandler:
     def __init__(self, node: ServiceNode, session: TunnelSession, addr: Any,
                  factory: ServiceTunnelFactory | None = None) -> None:
         self.node = node
-        self._factory = factory
-        # Limits on unauthenticated peers live on the factory (shared by its connections).
+        # The factory holds what its connections share: the handshake count and the limits on
+        # unauthenticated peers. (None for a handler made without one, in unit tests.)
         self._admission = factory
+        self._handshaking = factory is not None  # counted in factory.handshaking
         self.session = session
         host = str(getattr(addr, "host", addr))
         self.address = f"{host}:{getattr(addr, 'port', '')}"
@@ -151,9 +152,9 @@ class TunnelHandler:
     # -- authentication ------------------------------------------------------------------
 
     def _handshake_over(self) -> None:
-        if self._factory is not None:
-            self._factory.handshaking -= 1
-            self._factory = None
+        if self._handshaking:
+            self._handshaking = False
+            self._admission.handshaking -= 1
         if self._handshake_deadline.active():
             self._handshake_deadline.cancel()
 
