@@ -111,6 +111,13 @@ class AppConfig:
     # "client" or "user": the same client address (or signed-in user) keeps the same healthy
     # connector; "none" spreads every stream by load.
     affinity: str = "none"
+    # A Private Access app (issue 10): what its assigned users may reach through the group's
+    # connectors (gateway.segments). Such an app has no listen, destination, host or port.
+    segments: tuple[Any, ...] = field(default=(), hash=False)
+
+    @property
+    def is_private(self) -> bool:
+        return bool(self.segments)
 
 
 @frozen

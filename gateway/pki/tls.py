@@ -36,6 +36,9 @@ _COMMON_OPTIONS = {"raiseMinimumTo": TLSVersion.TLSv1_2, "acceptableCiphers": CI
 _NEW_TOKEN = "get a new token from the service you mean to join"
 
 
+USER_CN_PREFIX = "user:"
+
+
 @frozen
 class PeerIdentity:
     """Who a verified client certificate says the peer is."""
@@ -44,6 +47,10 @@ class PeerIdentity:
     serial_hex: str
     not_after: datetime
     not_before: datetime | None = None
+    # "connector", or "user" for a Private Access client (CN "user:<credential id>"; the
+    # credential id is then in user_credential and connector_id holds the CN as is).
+    kind: str = "connector"
+    user_credential: str = ""
 
 
 def server_options(ca_cert: x509.Certificate, node_cert: x509.Certificate, node_key) -> CertificateOptions:
@@ -105,8 +112,13 @@ def peer_identity(transport) -> PeerIdentity | None:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1:
         return None
+    common_name = str(names[0].value)
+    if common_name.startswith(USER_CN_PREFIX):
+        return PeerIdentity(connector_id=common_name, serial_hex=keys.serial_hex(cert),
+                            not_after=cert.not_valid_after_utc, not_before=cert.not_valid_before_utc,
+                            kind="user", user_credential=common_name[len(USER_CN_PREFIX):])
     return PeerIdentity(
-        connector_id=str(names[0].value),
+        connector_id=common_name,
         serial_hex=keys.serial_hex(cert),
         not_after=cert.not_valid_after_utc,
         not_before=cert.not_valid_before_utc,

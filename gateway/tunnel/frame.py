@@ -58,6 +58,12 @@ class ResetCode(IntEnum):
     GOING_AWAY = 7
     TOO_MANY_STREAMS = 8
     FLOW_CONTROL = 9
+    # Private Access (user tunnels): why a user's stream was refused or ended.
+    NOT_ASSIGNED = 10
+    NO_SEGMENT = 11
+    NO_CONNECTOR = 12
+    DESTINATION_REFUSED = 13
+    REVOKED = 14
 
 
 class Frame(NamedTuple):
