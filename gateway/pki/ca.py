@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import EnrolmentError, GatewayError
 from gateway.pki import keys
+from gateway.pki.tls import USER_CN_PREFIX
 
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
@@ -99,6 +100,22 @@ class CertificateAuthority:
         # The subject is ours, never the CSR's: the connector must not choose its identity.
         return (
             self._issued(_name(connector_id), public_key, now, lifetime)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def issue_user_certificate(
+        self, csr_pem: bytes, credential_id: str, now: datetime, lifetime: timedelta
+    ) -> x509.Certificate:
+        """A Private Access user's certificate for the key in `csr_pem`: CN ``user:<credential id>``.
+
+        The credential (a personal token or a browser sign-in, in the store) says who the user
+        is; the certificate only proves which credential a tunnel belongs to, so revoking the
+        credential cuts the tunnel whatever the certificate's dates.
+        """
+        public_key = _checked_csr_key(csr_pem)
+        return (
+            self._issued(_name(USER_CN_PREFIX + credential_id), public_key, now, lifetime)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(self.key, hashes.SHA256())
         )

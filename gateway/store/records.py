@@ -94,3 +94,24 @@ class AppRecord:
     definition: dict[str, Any] = field(hash=False)
     created_at: datetime
     updated_at: datetime
+
+
+USER_CREDENTIAL_KINDS = ("token", "login")
+
+
+@frozen
+class UserCredentialRecord:
+    """What lets a Private Access user get certificates: a personal token an admin issued
+    (``kind = "token"``) or a browser sign-in's refresh credential (``"login"``). Only the hash of
+    its secret is stored; ``identity`` is the user as signed in (sub, name, email,
+    email_verified, groups), which assignments are checked against."""
+
+    credential_id: str
+    user: str  # the subject
+    kind: str
+    identity: dict[str, Any] = field(hash=False)
+    secret_hash: str
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+    name: str = ""  # what the admin called it (tokens)

@@ -34,6 +34,7 @@ from attrs import field, frozen
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
+from gateway import assignment
 from gateway.errors import ConfigError, GatewayError
 
 from . import oidc, sessions
@@ -217,22 +218,8 @@ def identity_from_claims(claims: dict[str, Any], groups_claim: str, emails_verif
 
 
 def is_assigned(identity: Identity, app: Any) -> bool:
-    """``allowed_users`` (subjects or verified emails) and ``allowed_groups``: either admits; neither
-    set admits anyone. An unverified email could be anyone's (many providers let a user type one)."""
-    users = app.options.get("allowed_users")
-    groups = app.options.get("allowed_groups")
-    if users is None and groups is None:
-        return True
-    if users:
-        wanted = {u.strip() for u in users}
-        if identity.subject in wanted:
-            return True
-        if identity.email and identity.email_verified and identity.email.lower() in {u.lower() for u in wanted}:
-            return True
-    if groups:
-        if set(identity.groups) & {g.strip() for g in groups}:
-            return True
-    return False
+    """``allowed_users`` / ``allowed_groups`` (gateway.assignment, the rule private apps share)."""
+    return assignment.is_assigned(app, identity.subject, identity.email, identity.email_verified, identity.groups)
 
 
 class OIDCGate:
