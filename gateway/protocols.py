@@ -56,3 +56,15 @@ class StreamInfo:
     protocol: str
     request_id: str
     user: Any = None
+    # Private Access streams: what the user asked for and which segment allowed it.
+    transport: str = "tcp"
+    destination: str = ""
+    segment: str = ""
+    client: str = ""
+    opened_at: float = 0.0
+    # Set on the record gateway_stream_closed receives: bytes user → app (up) and app → user
+    # (down) through the service, seconds open, and how it ended ("done" or the reason).
+    bytes_up: int = 0
+    bytes_down: int = 0
+    duration: float | None = None
+    result: str = ""

@@ -48,6 +48,7 @@ __all__ = [
     "parse_ports",
     "parse_segment",
     "parse_segments",
+    "segment_table",
 ]
 
 PROTOCOLS = ("tcp", "udp")
@@ -376,6 +377,13 @@ def parse_segment(raw: Any, where: Where) -> Segment:
     if protocol not in PROTOCOLS or not isinstance(protocol, str):
         raise where.at("protocol").error('"tcp" or "udp"', protocol)
     return Segment(parsed, ports, protocol)
+
+
+def segment_table(segment: Segment) -> dict[str, str]:
+    """The table :func:`parse_segment` reads back into ``segment``: how the service sends a
+    private app's segments to its connectors in the config message."""
+    return {"destination": str(segment.destination), "ports": ",".join(str(r) for r in segment.ports),
+            "protocol": segment.protocol}
 
 
 def _required(raw: Mapping[str, Any], key: str, where: Where, what: str) -> Any:
