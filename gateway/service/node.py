@@ -27,10 +27,12 @@ from gateway.pki import keys
 from gateway.pki.ca import CertificateAuthority
 from gateway.pki.tls import server_options
 from gateway.protocols import StreamInfo
+from gateway.segments import segment_table
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.listeners import SwappableFactory
 from gateway.service.registry import NoConnector, Registry
 from gateway.service.renewal import handle_renew_request
+from gateway.service.users import UserAuthority
 from gateway.service import store_apps
 from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler, TunnelTLSFactory
 from gateway.store.records import CertificateRecord, ConnectorRecord
@@ -116,6 +118,9 @@ class ServiceNode(MultiService):
         self.control_handlers[m.RENEW_REQUEST] = handle_renew_request
         # connector id -> when (epoch seconds) this node last renewed its certificate
         self.last_renewals: dict[str, float] = {}
+        # Private Access: sign-in codes and user certificates; the users' live tunnels.
+        self.users = UserAuthority(self)
+        self.user_tunnels: set[TunnelHandler] = set()
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -242,6 +247,7 @@ class ServiceNode(MultiService):
                 "name": a.name, "protocol": a.protocol, "destination": a.destination,
                 "host": a.host, "port": a.port, "connect_timeout": a.connect_timeout, "options": a.options,
                 "internal_url": a.internal_url,
+                **({"segments": [segment_table(seg) for seg in a.segments]} if a.is_private else {}),
             }
             for a in sorted(self.apps.values(), key=lambda a: a.name)
             if a.group == group
@@ -376,6 +382,33 @@ class ServiceNode(MultiService):
     def _handlers(self) -> list[TunnelHandler]:
         return [t.session.owner for ts in self.registry.connectors().values() for t in ts]
 
+    # -- Private Access users ------------------------------------------------------------
+
+    def user_certificate(self, message: dict[str, Any], address: str) -> Deferred:
+        """Answer a user_certificate_request (gateway login); fires with the reply, never fails."""
+        if self.config.access is None:
+            return succeed({"type": m.ERROR, "code": "not_enabled",
+                            "message": "Private Access is not enabled on this service ([access] table)"})
+        return self.users.handle(message, address)
+
+    def user_tunnel_problem(self, record: Any) -> str | None:
+        """Why another tunnel of this user is refused (max_tunnels_per_user), or None."""
+        limit = self.config.access.max_tunnels_per_user
+        held = sum(1 for h in self.user_tunnels if h.access is not None and h.access.record.user == record.user)
+        if held >= limit:
+            return (f"{record.user} already holds {held} tunnels (max_tunnels_per_user = {limit});"
+                    " close another gateway access first")
+        return None
+
+    def user_tunnel_up(self, handler: TunnelHandler) -> None:
+        self.user_tunnels.add(handler)
+        self.log.info("user {user} connected from {address} (credential {credential_id}, {kind})",
+                      user=handler.access.record.user, address=handler.address,
+                      credential_id=handler.access.record.credential_id, kind=handler.access.record.kind)
+
+    def user_tunnel_lost(self, handler: TunnelHandler) -> None:
+        self.user_tunnels.discard(handler)
+
     # -- tunnels -------------------------------------------------------------------------
 
     def tunnel_up(self, handler: TunnelHandler) -> None:
@@ -398,7 +431,7 @@ class ServiceNode(MultiService):
 
     def revalidate_tunnels(self) -> Deferred:
         """Close tunnels whose connector was deleted or certificate revoked since they connected."""
-        checks = [handler.recheck() for handler in self._handlers()]
+        checks = [handler.recheck() for handler in [*self._handlers(), *self.user_tunnels]]
         return gatherResults(checks, consumeErrors=True) if checks else succeed(None)
 
     def heartbeat(self, connector_id: str) -> None:
@@ -417,9 +450,15 @@ class ServiceNode(MultiService):
                 self.log.warn("app {app} request {request_id}: {error}", app=app.name, request_id=request_id,
                               error=str(e))
             return fail(e)
+        # A private app's stream goes where its user asked (the access check matched a segment);
+        # any other app's goes to the app's one destination, whatever a plugin put in extra.
+        destination, protocol = app.destination, app.protocol
+        if app.is_private:
+            destination = extra["destination"]
+            protocol = "udp" if extra.get("transport") == "udp" else app.protocol
         metadata = {
-            **extra, "kind": "app", "app": app.name, "protocol": app.protocol,
-            "destination": app.destination, "request_id": request_id,
+            **extra, "kind": "app", "app": app.name, "protocol": protocol,
+            "destination": destination, "request_id": request_id,
         }
         try:
             # The connector answers once the back end connected or failed to: allow it that long.
@@ -430,7 +469,10 @@ class ServiceNode(MultiService):
         def opened(stream: Stream) -> Stream:
             stream.log_info = StreamInfo(
                 stream_id=stream.id, tunnel_id=tunnel.session.tunnel_id, connector_id=tunnel.connector_id,
-                app=app.name, protocol=app.protocol, request_id=request_id, user=extra.get("user"),
+                app=app.name, protocol=protocol, request_id=request_id, user=extra.get("user"),
+                transport=str(extra.get("transport", "tcp")), destination=destination,
+                segment=str(extra.get("segment", "")), client=str(extra.get("client", "")),
+                opened_at=self.reactor.seconds(),
             )
             plugins.notify(self.pm, "gateway_stream_opened", stream=stream.log_info)
             return stream
@@ -465,7 +507,10 @@ class ServiceNode(MultiService):
         info = getattr(stream, "log_info", None)
         if info is not None:
             why = "done" if reason is None or reason.check(ConnectionDone) else describe_failure(reason)
-            plugins.notify(self.pm, "gateway_stream_closed", stream=info, reason=why)
+            # The session record: what went each way and for how long, as the service saw it.
+            record = attrs.evolve(info, bytes_up=stream.bytes_out, bytes_down=stream.bytes_in,
+                                  duration=max(0.0, self.reactor.seconds() - info.opened_at), result=why)
+            plugins.notify(self.pm, "gateway_stream_closed", stream=record, reason=why)
 
     # -- enrolment -----------------------------------------------------------------------
 

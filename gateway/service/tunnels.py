@@ -16,6 +16,7 @@ from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
 from gateway.errors import describe_failure
 from gateway.pki.tls import peer_identity
+from gateway.service.access import AccessRefused, AccessTunnel, check_credential
 from gateway.service.admission import AddressCounter, RateLimiter, ThrottledLog, address_key
 from gateway.service.registry import ConnectorTunnel
 from gateway.tunnel.frame import GoAwayCode, ResetCode
@@ -33,6 +34,8 @@ HELLO_TIMEOUT = 30.0
 MAX_STREAMS_BEFORE_HELLO = 4
 # The largest `capacity` a heartbeat may report: routing divides by it, so it must be sane.
 MAX_CAPACITY = 1000.0
+# Streams a user's client may open while the store checks its credential; they wait for it.
+MAX_STREAMS_WHILE_CHECKING = 64
 
 _REFUSALS = {
     "unknown": "this client certificate was not issued to a known connector; register the connector again",
@@ -136,6 +139,8 @@ class TunnelHandler:
         self.control: ControlChannel | None = None
         self.entry: ConnectorTunnel | None = None
         self._queued: list[dict] = []
+        self._user_streams: list[Stream] = []
+        self.access: AccessTunnel | None = None
         session.owner = self
         session.on_stream = self.on_stream
         session.on_handshake = self.handshake_done
@@ -180,6 +185,9 @@ class TunnelHandler:
         if self.identity is None:
             self.state = "enrolling"
             return
+        if self.identity.kind == "user":
+            self._check_user()
+            return
         self.state = "checking"
         self.ctx["connector_id"] = self.identity.connector_id
         d = self.node.store.certificate_status(self.identity.serial_hex, self.identity.connector_id)
@@ -194,8 +202,45 @@ class TunnelHandler:
         d.addCallback(self._authenticated)
         return d
 
+    def _check_user(self) -> None:
+        """A Private Access user's tunnel: its certificate's credential must be valid in the store."""
+        self.state = "user-checking"
+        self.ctx["credential_id"] = self.identity.user_credential
+        if self.node.config.access is None:
+            self.refuse(GoAwayCode.NOT_AUTHORIZED, "Private Access is not enabled on this service ([access] table)")
+            return
+
+        def valid(record: Any) -> None:
+            if self.state != "user-checking" or not self.session.connected:
+                return
+            problem = self.node.user_tunnel_problem(record)
+            if problem is not None:
+                self.refuse(GoAwayCode.NOT_AUTHORIZED, problem)
+                return
+            self.state = "user"
+            self._deadline.cancel()
+            self._authentication_over()
+            self.access = AccessTunnel(self.node, self, record)
+            self.node.user_tunnel_up(self)
+            queued, self._user_streams = self._user_streams, []
+            for stream in queued:
+                if not stream.closed:
+                    self.access.on_stream(stream)
+
+        def invalid(failure: Failure) -> None:
+            if failure.check(AccessRefused):
+                self.refuse(GoAwayCode.NOT_AUTHORIZED, str(failure.value))
+            else:
+                self._internal_error(failure)
+
+        check_credential(self.node, self.identity.user_credential).addCallbacks(valid, invalid)
+
     def recheck(self) -> Any:
         """Check again that this tunnel's certificate and connector are still valid."""
+        if self.access is not None:
+            return self.access.recheck()
+        if self.identity is None or self.identity.kind != "connector":
+            return None
         d = self.node.store.certificate_status(self.identity.serial_hex, self.identity.connector_id)
 
         def checked(status: str) -> None:
@@ -234,13 +279,24 @@ class TunnelHandler:
         self.refuse(GoAwayCode.INTERNAL_ERROR, "internal error on the service; see the service log")
 
     def _too_slow(self) -> None:
-        if self.state != "up" and self.session.connected:
+        if self.state not in ("up", "user") and self.session.connected:
             self.refuse(GoAwayCode.PROTOCOL_ERROR, f"no TLS handshake and hello within {HELLO_TIMEOUT:.0f}s")
 
     # -- streams from the connector --------------------------------------------------------
 
     def on_stream(self, stream: Stream) -> None:
         kind = stream.metadata.get("kind")
+        if self.state == "user":
+            self.access.on_stream(stream)
+            return
+        if self.state == "user-checking":
+            # A client opens streams as soon as TLS is up; they wait for the store's answer.
+            if len(self._user_streams) >= MAX_STREAMS_WHILE_CHECKING:
+                stream.reset(ResetCode.TOO_MANY_STREAMS, f"more than {MAX_STREAMS_WHILE_CHECKING} streams"
+                                                         " before the user's credential was checked")
+                return
+            self._user_streams.append(stream)
+            return
         if self.state != "up":
             self._streams_before_hello += 1
             if self._streams_before_hello > MAX_STREAMS_BEFORE_HELLO:
@@ -249,13 +305,14 @@ class TunnelHandler:
                 stream.reset(ResetCode.TOO_MANY_STREAMS, reason)
                 self.refuse(GoAwayCode.PROTOCOL_ERROR, reason)
                 return
-        if kind == "enrol" and self.state == "enrolling":
+        if kind in ("enrol", "user_login") and self.state == "enrolling":
             if self._enrol_stream is not None:
                 stream.reset(ResetCode.REFUSED, "one enrolment per connection: open a new connection for another")
                 return
             self._enrol_stream = stream
             stream.accept()
-            stream.attach(ControlChannel(lambda msg: self._enrol(stream, msg)))
+            answer = self.node.enrol if kind == "enrol" else self.node.user_certificate
+            stream.attach(ControlChannel(lambda msg: self._enrol(stream, msg, answer)))
         elif kind == "control" and self.state in ("checking", "authenticated") and self.control is None:
             stream.accept()
             self.control = ControlChannel(self.on_control, lambda reason: self._control_lost())
@@ -265,7 +322,9 @@ class TunnelHandler:
         else:
             stream.reset(ResetCode.REFUSED, f"a connector may not open a {kind!r} stream here")
 
-    def _enrol(self, stream: Stream, message: dict) -> None:
+    def _enrol(self, stream: Stream, message: dict, answer: Any) -> None:
+        """Answer the one request of an unauthenticated connection: a connector's enrolment, or
+        a Private Access user's certificate request; both rate-limited per address."""
         self._enrol_requests += 1
         if self._enrol_requests > 1:
             # Each request is a store write: one per connection, and connections are limited.
@@ -290,7 +349,7 @@ class TunnelHandler:
             self._admission.refusal_log.emit(address=self.address, message=reason, **self.ctx)
             reply({"type": m.ERROR, "code": "rate_limited", "message": reason})
             return
-        d = self.node.enrol(message, self.address)
+        d = answer(message, self.address)
         d.addCallback(reply)
 
     # -- the control channel ---------------------------------------------------------------
@@ -374,6 +433,9 @@ class TunnelHandler:
             self._deadline.cancel()
         if self.state == "up":
             self.node.tunnel_lost(self, reason)
+        elif self.state == "user":
+            self.access.lost()
+            self.node.user_tunnel_lost(self)
         elif self.state == "handshaking" and self._admission is not None:
             self._admission.no_handshake_log.emit(address=self.address, reason=describe_failure(reason), **self.ctx)
 

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.tunnel.frame import ResetCode
-from gateway.tunnel.stream import Stream
+from gateway.tunnel.stream import Stream, StreamReset
 
 
 # Bigger reads than Twisted's 64 KiB default mean fewer syscalls and fewer, fuller frames;
@@ -155,6 +155,54 @@ class StreamSide(Protocol):
         else:
             # The far end reset or the tunnel died: pass that on rather than fake a clean close.
             transport.abortConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class _StreamRelay(Protocol):
+    """The protocol on one stream whose bytes go into another stream (a relay on the service)."""
+
+    def __init__(self, peer: Stream, on_closed: Any) -> None:
+        self.peer = peer
+        self.on_closed = on_closed
+
+    def dataReceived(self, data: bytes) -> None:
+        self.peer.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.peer.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        peer = self.peer
+        peer.unregisterProducer()
+        if not peer.closed:
+            if reason is None or reason.check(ConnectionDone):
+                peer.loseConnection()
+            elif reason.check(StreamReset):
+                peer.reset(reason.value.code, reason.value.reason)
+            else:
+                peer.reset(ResetCode.CANCELLED, reason.getErrorMessage())
+        self.on_closed()
+
+
+def splice_streams(a: Stream, b: Stream, on_closed: Any = None) -> None:
+    """Relay two streams both ways with backpressure and half-close; a reset crosses with its
+    code and reason. ``on_closed()`` is called once, when both have ended."""
+    left = [2]
+
+    def closed() -> None:
+        left[0] -= 1
+        if left[0] == 0 and on_closed is not None:
+            on_closed()
+
+    a.attach(_StreamRelay(b, closed))
+    b.attach(_StreamRelay(a, closed))
+    # A stream whose queue is full pauses the other one, which then returns no credit to its
+    # sender: the slow side's window, not a buffer here, holds the fast side back.
+    a.registerProducer(b, True)
+    b.registerProducer(a, True)
 
 
 _log = Logger(namespace="gateway.connector.dial")
