@@ -60,7 +60,7 @@ def gateway_config_sections(register: Callable[[str, Callable[[dict, Any], Any]]
 
 @hookspec
 def gateway_service_listeners(register: Callable[[str, str, Any], None], config: Any,
-                              open_stream: Callable[[Any, dict], Any], reactor: Any) -> None:
+                              open_stream: Callable[[Any, dict], Any], reactor: Any, access: Any) -> None:
     """Add listeners a service node serves for several apps at once, such as an HTTP front door.
 
     Called on the service when the node starts, and again after each SIGHUP reload (the
@@ -71,6 +71,12 @@ def gateway_service_listeners(register: Callable[[str, str, Any], None], config:
     Register with ``register(name, endpoint, factory)``: a unique ``name`` for logs, a Twisted
     server endpoint string, and the protocol factory to serve on it. Apps without a ``listen``
     of their own (web apps) are reached only through such listeners.
+
+    ``access`` is a :class:`gateway.service.users.LoginPortal` when the service has an
+    ``[access]`` table (else None): the URL users sign in at with ``gateway login``, and
+    ``issue_code(identity, code_challenge)``, which a listener that signed a user in calls for
+    the one-time code it hands the user's loopback client (the http plugin does this).
+    Implementations may leave the argument out of their signature.
     """
 
 

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from gateway import hookspecs
 from gateway.errors import GatewayError
 from gateway.hookspecs import PROJECT
+from gateway.service.users import LoginPortal
 
 log = Logger()
 
@@ -144,6 +145,10 @@ def installed_version(dist_name: str) -> str:
         return "?"
 
 
+def _no_sign_in(identity: dict, challenge: str) -> str:
+    raise PluginError("a configuration check signs nobody in")
+
+
 def check_service_listeners(pm: pluggy.PluginManager, config: Any) -> list[str]:
     """Let plugins build (never bind) their shared listeners for `config`; raises what they raise.
 
@@ -169,7 +174,8 @@ def check_service_listeners(pm: pluggy.PluginManager, config: Any) -> list[str]:
     globalLogPublisher.addObserver(observe)
     try:
         pm.hook.gateway_service_listeners(register=register, config=config, open_stream=open_stream,
-                                          reactor=MemoryReactorClock())
+                                          reactor=MemoryReactorClock(),
+                                          access=LoginPortal.from_config(config, "", _no_sign_in))
     except GatewayError:
         raise
     except Exception as e:

@@ -32,7 +32,7 @@ from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.listeners import SwappableFactory
 from gateway.service.registry import NoConnector, Registry
 from gateway.service.renewal import handle_renew_request
-from gateway.service.users import UserAuthority
+from gateway.service.users import LoginPortal, UserAuthority
 from gateway.service import store_apps
 from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler, TunnelTLSFactory
 from gateway.store.records import CertificateRecord, ConnectorRecord
@@ -197,6 +197,7 @@ class ServiceNode(MultiService):
 
         self.pm.hook.gateway_service_listeners(
             register=register, config=self.config, open_stream=self.open_app_stream, reactor=self.reactor,
+            access=LoginPortal.from_config(self.config, self.ca.fingerprint if self.ca else "", self.users.codes.issue),
         )
         return wanted
 

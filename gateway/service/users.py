@@ -100,6 +100,26 @@ class LoginCodes:
             del self._pending[code]
 
 
+@frozen
+class LoginPortal:
+    """What the HTTP front door needs to finish `gateway login`; plugins get it as ``access`` in
+    gateway_service_listeners (None when the service has no ``[access]`` table)."""
+
+    url: str           # [access] url: where users point gateway login --service
+    tunnel: str        # host:port their clients dial for the tunnel
+    server_name: str   # the name the client checks the node certificate against
+    ca_fingerprint: str
+    issue_code: Any    # (identity: dict, code_challenge: str) -> one-time code
+
+    @classmethod
+    def from_config(cls, config: Any, ca_fingerprint: str, issue_code: Any) -> LoginPortal | None:
+        access = getattr(config, "access", None)
+        if access is None:
+            return None
+        host = access.tunnel.rsplit(":", 1)[0].strip("[]")
+        return cls(access.url, access.tunnel, host, ca_fingerprint, issue_code)
+
+
 def parse_request(message: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     """The CSR and the credential of a user_certificate_request; Refused("bad_request") if malformed."""
     if message.get("type") != USER_CERTIFICATE_REQUEST:
