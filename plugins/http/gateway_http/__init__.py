@@ -24,7 +24,7 @@ from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
 from gateway.tunnel.splice import QuietFactory
 
-from . import auth, backend, https, limits, links, pool, routing, rules
+from . import auth, backend, https, limits, links, pool, portal, routing, rules
 from .frontdoor import BACKEND_TIMEOUTS, DEFAULT_TIMEOUTS, FrontDoor, Timeouts
 
 log = Logger(namespace="gateway_http")
@@ -199,13 +199,17 @@ def gateway_config_sections(register: Any) -> None:
 
 
 @hookimpl
-def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reactor: Any) -> None:
+def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reactor: Any, access: Any = None) -> None:
     check_own_listener_apps(own_listener_apps(config))   # served by service_factory, checked here as twistd starts
     section = config.sections.get(NAME) or {}
     CONNECTIONS.configure(section.get("max_connections", limits.DEFAULT_MAX_CONNECTIONS),
                           section.get("max_connections_per_address", limits.DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
                           reactor)   # apps with a listen of their own count too
     apps = web_apps(config)
+    if access is not None:
+        # gateway login's sign-in page is served like an app that signs users in
+        portal.check_portal(access, apps, config.path)
+        apps = [*apps, portal.portal_app(access)]
     if not apps:
         return  # no web app: no front door to bind
     check_options(apps)
@@ -215,6 +219,8 @@ def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reac
                         body=section.get("body_timeout", DEFAULT_TIMEOUTS.body),
                         send=section.get("send_timeout", DEFAULT_TIMEOUTS.send))
     gate = auth.build_gate(section, apps, config, reactor)
+    if access is not None:
+        gate = portal.PortalGate(gate, access)
 
     def factory_for(scheme: str) -> Factory:
         return front_door_factory(apps, open_stream, reactor, timeouts, scheme=scheme, gate=gate,
