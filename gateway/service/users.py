@@ -114,8 +114,8 @@ class LoginPortal:
     @classmethod
     def from_config(cls, config: Any, ca_fingerprint: str, issue_code: Any) -> LoginPortal | None:
         access = getattr(config, "access", None)
-        if access is None:
-            return None
+        if access is None or not access.url:
+            return None   # personal tokens only: no browser sign-in page
         host = access.tunnel.rsplit(":", 1)[0].strip("[]")
         return cls(access.url, access.tunnel, host, ca_fingerprint, issue_code)
 
