@@ -22,6 +22,8 @@ import { readFileSync } from 'node:fs';
 
 import { chromium } from 'playwright-core';
 
+import { CHROMIUM_ARGS, passProvider as passProviderPages } from './provider_pages.mjs';
+
 const scenario = JSON.parse(readFileSync(0, 'utf8'));
 const seen = { ok: false, steps: [], failed_requests: [] };
 
@@ -42,24 +44,9 @@ async function chain(response) {
   return hops;
 }
 
-// Login and consent at the provider (its development interactions: a form with login and password,
-// then a consent form; both submit with button.login-submit), until the browser leaves it.
-async function passProvider(page, pages) {
-  for (let i = 0; i < 5 && at(page.url()) === 'provider'; i += 1) {
-    const login = page.locator('input[name="login"]');
-    if (await login.count()) {
-      pages.push('login');
-      await login.fill(scenario.login);
-      await page.locator('input[name="password"]').fill(scenario.password);
-    } else {
-      pages.push('consent');
-    }
-    const before = page.url();
-    await Promise.all([
-      page.waitForURL((u) => u.toString() !== before, { waitUntil: 'load' }),
-      page.locator('button.login-submit').click(),
-    ]);
-  }
+// Login and consent at the provider, until the browser leaves it.
+function passProvider(page, pages) {
+  return passProviderPages(page, scenario.issuer, scenario.login, scenario.password, pages);
 }
 
 async function cookieSummary(context) {
@@ -70,10 +57,7 @@ async function cookieSummary(context) {
 }
 
 async function main() {
-  const args = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-default-apps', '--no-proxy-server', '--disable-features=HttpsUpgrades',
-    `--host-resolver-rules=${scenario.host_rules}`];
+  const args = [...CHROMIUM_ARGS, `--host-resolver-rules=${scenario.host_rules}`];
   if (scenario.ignore_certificate_errors) args.push('--ignore-certificate-errors');
   args.push(...(scenario.extra_args || []));
   const browser = await chromium.launch({ executablePath: scenario.chromium, args, timeout: 30000 });
