@@ -225,6 +225,10 @@ class AccessTunnel:
             return
         self.record = record
         self.identity = dict(record.identity)
+        self.recheck_flows()
+
+    def recheck_flows(self) -> None:
+        """Cut the streams the current apps no longer allow (also right after a config change)."""
         for flow in list(self.flows.values()):
             why = self.still_allowed(flow.grant)
             if why is not None:

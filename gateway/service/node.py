@@ -354,6 +354,8 @@ class ServiceNode(MultiService):
             def done(_: Any) -> None:
                 for handler in self._handlers():
                     handler.send_config()
+                for handler in self.user_tunnels:   # an app or assignment gone cuts its streams now
+                    handler.access.recheck_flows()
                 self.log.info("{what}; apps: {apps}", what=what, apps=", ".join(sorted(self.apps)) or "none")
 
             return d.addErrback(refused).addCallback(done)
