@@ -16,11 +16,13 @@ from twisted.python.failure import Failure
 
 from gateway import PROTOCOL_VERSION, __version__, plugins
 from gateway.config import AppConfig, GatewayConfig
+from gateway.connector import destinations
 from gateway.connector.identity import ConnectorIdentity
 from gateway.connector.renewal import CertificateRenewer, IdentityEndpoint
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
-from gateway.errors import GatewayError, describe_failure
+from gateway.segments import Where, parse_segments
+from gateway.errors import ConfigError, GatewayError, describe_failure
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.session import TunnelSession, TunnelSettings
 from gateway.tunnel.splice import QuietFactory
@@ -32,6 +34,17 @@ PREPARE_TIMEOUT = 30.0
 
 class TunnelRefused(GatewayError):
     """The service refused this tunnel (version, revoked certificate, ...)."""
+
+
+def _segments(app: dict[str, Any], index: int) -> tuple:
+    """A private app's segments from the config message (none for other apps); ConfigError if malformed."""
+    if "segments" not in app:
+        return ()
+    return parse_segments(app["segments"], Where("the service's config message", f"apps[{index}].segments"))
+
+
+def _reaches(app: AppConfig) -> str:
+    return "; ".join(str(s) for s in app.segments) if app.is_private else app.destination
 
 
 def jittered_backoff(initial: float, maximum: float) -> Any:
@@ -167,14 +180,19 @@ class ConnectorNode(MultiService):
                     group=message.get("group", self.identity.group), protocol=a["protocol"],
                     connect_timeout=float(a.get("connect_timeout", 10)), options=dict(a.get("options") or {}),
                     internal_url=a.get("internal_url", ""),
+                    segments=_segments(a, i),
                 )
-                for a in message["apps"]
+                for i, a in enumerate(message["apps"])
             }
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
             self.log.error("ignoring malformed config {version} from the service: {error}; keeping {current}",
-                           version=version, error=repr(e), current=self.config_version, **self.ctx)
+                           version=version, error=str(e) if isinstance(e, ConfigError) else repr(e),
+                           current=self.config_version, **self.ctx)
             return
         for app in apps.values():
+            if any(s.protocol == "udp" for s in app.segments) and "udp" not in self.handlers:
+                self.log.warn("app {app} has udp segments, but no plugin here provides the udp handler",
+                              app=app.name, **self.ctx)
             handler = self.handlers.get(app.protocol)
             if handler is None:
                 self.log.warn("app {app} uses protocol {protocol}, which no plugin here provides",
@@ -186,7 +204,7 @@ class ConnectorNode(MultiService):
         self.apps = apps
         self.config_version = version
         self.log.info("config {version}: apps {apps}", version=version,
-                      apps=", ".join(f"{a.name}→{a.destination}" for a in apps.values()) or "none", **self.ctx)
+                      apps=", ".join(f"{a.name}→{_reaches(a)}" for a in apps.values()) or "none", **self.ctx)
 
     # -- streams -------------------------------------------------------------------------
 
@@ -204,23 +222,73 @@ class ConnectorNode(MultiService):
             self.log.warn("stream {stream_id} refused: {reason}", reason=reason, **ctx)
             stream.reset(ResetCode.UNKNOWN_APP, reason)
             return
+        if app.is_private:
+            self._dispatch_private(stream, app, ctx)
+            return
         if meta.get("destination") != app.destination:
             reason = (f"destination {meta.get('destination')!r} is not the destination of app {app.name!r};"
                       " a connector dials only the destinations its apps name")
             self.log.warn("stream {stream_id} refused: {reason}", reason=reason, **ctx)
             stream.reset(ResetCode.REFUSED, reason)
             return
-        handler = self.handlers.get(app.protocol)
+        self._hand_over(stream, app, app.protocol, ctx)
+
+    def _hand_over(self, stream: Stream, app: AppConfig, protocol: str, ctx: dict[str, Any]) -> None:
+        """Give the stream to the plugin handling ``protocol``, which dials app.host:app.port."""
+        handler = self.handlers.get(protocol)
         if handler is None:
-            stream.reset(ResetCode.UNKNOWN_PROTOCOL, f"no plugin on this connector handles protocol {app.protocol!r}")
+            stream.reset(ResetCode.UNKNOWN_PROTOCOL, f"no plugin on this connector handles protocol {protocol!r}")
             return
         try:
             handler.connector_stream(stream, app, self.reactor)
         except Exception as e:
-            self.log.failure("stream {stream_id}: the {protocol} plugin failed", protocol=app.protocol, **ctx)
-            stream.reset(ResetCode.INTERNAL_ERROR, f"the {app.protocol} plugin failed on the connector: {e!r}")
+            self.log.failure("stream {stream_id}: the {protocol} plugin failed", protocol=protocol, **ctx)
+            stream.reset(ResetCode.INTERNAL_ERROR, f"the {protocol} plugin failed on the connector: {e!r}")
             return
         self.log.debug("stream {stream_id} for app {app} → {destination}", destination=app.destination, **ctx)
+
+    def _dispatch_private(self, stream: Stream, app: AppConfig, ctx: dict[str, Any]) -> None:
+        """A private app's stream: the destination checked against the app's segments as asked,
+        then resolved here and checked again by the address that will be dialled (the service
+        may have been fooled; this check does not depend on it)."""
+        meta = stream.metadata
+        transport = meta.get("transport", "tcp")
+        asked = meta.get("destination")
+        ctx = {**ctx, "user": meta.get("user")}
+        try:
+            host, port, _ = destinations.requested(app, asked, transport)
+        except destinations.DestinationRefused as e:
+            self._refuse_destination(stream, str(e), ctx)
+            return
+        d = destinations.resolve(self.reactor.nameResolver, host, transport)
+
+        def resolved(addresses: list[str]) -> None:
+            if stream.closed:
+                return
+            try:
+                address, _ = destinations.choose_address(app, host, addresses, port, transport)
+            except destinations.DestinationRefused as e:
+                self._refuse_destination(stream, str(e), ctx)
+                return
+            except destinations.NoAddress as e:
+                self.log.warn("stream {stream_id} failed: {reason}", reason=str(e), **ctx)
+                stream.reset(ResetCode.CONNECT_FAILED, str(e))
+                return
+            self._hand_over(stream, destinations.dial_target(app, address, port),
+                            "udp" if transport == "udp" else app.protocol, ctx)
+
+        def failed(failure: Failure) -> None:
+            reason = f"the connector could not resolve {host}: {failure.getErrorMessage()}"
+            self.log.warn("stream {stream_id} failed: {reason}", reason=reason, **ctx)
+            if not stream.closed:
+                stream.reset(ResetCode.CONNECT_FAILED, reason)
+
+        d.addCallbacks(resolved, failed)
+
+    def _refuse_destination(self, stream: Stream, reason: str, ctx: dict[str, Any]) -> None:
+        self.log.warn("stream {stream_id} for app {app} (user {user}, request {request_id}) refused: {reason}",
+                      reason=reason, event="destination_refused", **ctx)
+        stream.reset(ResetCode.DESTINATION_REFUSED, reason)
 
     def pull_config(self) -> None:
         """Ask the service for the current config now (SIGHUP on a connector)."""
