@@ -1,6 +1,7 @@
-"""The generic TCP protocol plugin: any TCP app, spliced byte for byte.
+"""The generic TCP protocol plugin: any TCP app, spliced byte for byte; and UDP flows.
 
-Loaded through the ``gateway`` entry point exactly as a third-party plugin would be.
+Loaded through the ``gateway`` entry point exactly as a third-party plugin would be. Its
+"udp" handler carries the UDP flows of private apps (docs/protocol.md, *UDP flows*).
 """
 
 from __future__ import annotations
@@ -8,13 +9,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from twisted.internet.protocol import Factory
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.errors import GatewayError
 from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
+from gateway.tunnel.datagrams import DatagramDecoder, DatagramError, DatagramQueue, encode_datagram
+from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import QuietFactory, SocketSide, dial_and_splice
 
 log = Logger(namespace="gateway_tcp")
@@ -116,9 +122,184 @@ class TCPHandler:
         dial_and_splice(stream, app, reactor)
 
 
+# A UDP flow with no datagram either way for this long is closed (options.udp_idle_timeout).
+DEFAULT_UDP_IDLE_TIMEOUT = 60.0
+# What one flow holds while its stream cannot take more (the user's side reads slowly): the
+# oldest datagrams are dropped beyond either bound, and counted.
+UDP_QUEUE_DATAGRAMS = 256
+UDP_QUEUE_BYTES = 256 * 1024
+
+
+def udp_idle_timeout(app: Any) -> float:
+    """The app's ``options.udp_idle_timeout`` in seconds (> 0); GatewayError if it is not one."""
+    value = app.options.get("udp_idle_timeout", DEFAULT_UDP_IDLE_TIMEOUT)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise GatewayError(f"app {app.name}: options.udp_idle_timeout: expected a number of seconds > 0,"
+                           f" got {value!r}")
+    return float(value)
+
+
+@implementer(IPushProducer)
+class UDPFlow(DatagramProtocol):
+    """One UDP flow on the connector: a UDP socket connected to app.host:app.port and a stream
+    whose bytes are length-prefixed datagrams (gateway.tunnel.datagrams).
+
+    Datagrams from the app go onto the stream while it takes them; while the stream says it
+    cannot take more (it paused us, its producer), they wait in a bounded DatagramQueue that
+    drops the oldest. Datagrams from the stream are sent as they come: a UDP send does not wait.
+    """
+
+    def __init__(self, stream: Any, app: Any, reactor: Any, idle: float,
+                 max_datagrams: int = UDP_QUEUE_DATAGRAMS, max_bytes: int = UDP_QUEUE_BYTES) -> None:
+        self.stream = stream
+        self.app = app
+        self.reactor = reactor
+        self.idle = idle
+        self.queue = DatagramQueue(max_datagrams, max_bytes)
+        self.decoder = DatagramDecoder()
+        self.paused = False
+        self.closed = False
+        self.port: Any = None
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+        self._active_at = reactor.seconds()
+        self._idle_call: Any = None
+
+    @property
+    def request_id(self) -> Any:
+        return self.stream.metadata.get("request_id")
+
+    def start(self) -> None:
+        """Bind an ephemeral port of the destination's family, connect it, accept the stream."""
+        interface = "::" if isIPv6Address(self.app.host) else "0.0.0.0"
+        self.port = self.reactor.listenUDP(0, self, interface=interface)
+        self.transport.connect(self.app.host, self.app.port)
+        self.stream.accept()
+        self.stream.attach(_DatagramStreamSide(self))
+        self.stream.registerProducer(self, True)
+        self._idle_call = self.reactor.callLater(self.idle, self._check_idle)
+
+    # -- from the app to the stream --------------------------------------------------------
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        if self.closed:
+            return
+        self._active_at = self.reactor.seconds()
+        if self.paused:
+            self.queue.push(datagram)
+        else:
+            self._send(datagram)
+
+    def _send(self, datagram: bytes) -> None:
+        self.datagrams_out += 1
+        self.stream.write(encode_datagram(datagram))
+
+    def connectionRefused(self) -> None:
+        # ICMP port unreachable from the app: UDP promises nothing, the flow stays until idle.
+        pass
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while self.queue and not self.paused and not self.closed:
+            self._send(self.queue.pop())
+
+    def stopProducing(self) -> None:
+        self.close("the stream stopped")
+
+    # -- from the stream to the app --------------------------------------------------------
+
+    def stream_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            datagrams = self.decoder.feed(data)
+        except DatagramError as e:
+            self.stream.reset(ResetCode.REFUSED, f"udp flow to {self.app.destination}: {e}")
+            return
+        if datagrams:
+            self._active_at = self.reactor.seconds()
+        for datagram in datagrams:
+            self.datagrams_in += 1
+            self.transport.write(datagram)
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        """Close the flow after ``idle`` seconds without a datagram either way; otherwise look
+        again when that would next be the case (one timer per flow, none per datagram)."""
+        left = self._active_at + self.idle - self.reactor.seconds()
+        if left > 0:
+            self._idle_call = self.reactor.callLater(left, self._check_idle)
+            return
+        self._idle_call = None
+        self.close(f"idle for {self.idle:g}s (options.udp_idle_timeout)")
+
+    def close(self, why: str) -> None:
+        """End the flow: FIN on the stream (if still open), the socket closed, the drops logged."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self.stream.unregisterProducer()
+        if not self.stream.closed:
+            self.stream.loseConnection()
+        self.queue.clear()
+        if self.port is not None:
+            self.port.stopListening()
+        log.info("request {request_id} for app {app}: udp flow to {destination} closed ({why}): {sent} datagrams"
+                 " sent, {received} received, {dropped} dropped ({dropped_bytes} bytes) while the stream was full",
+                 request_id=self.request_id, app=self.app.name, destination=self.app.destination, why=why,
+                 sent=self.datagrams_in, received=self.datagrams_out, dropped=self.queue.dropped,
+                 dropped_bytes=self.queue.dropped_bytes)
+
+
+@implementer(IHalfCloseableProtocol)
+class _DatagramStreamSide(Protocol):
+    """The protocol on a UDP flow's stream."""
+
+    def __init__(self, flow: UDPFlow) -> None:
+        self.flow = flow
+
+    def dataReceived(self, data: bytes) -> None:
+        self.flow.stream_data(data)
+
+    def readConnectionLost(self) -> None:
+        self.flow.close("the user's end closed the flow")
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if reason is None or reason.check(ConnectionDone):
+            self.flow.close("the stream ended")
+        else:
+            self.flow.close(f"the stream was reset: {reason.getErrorMessage()}")
+
+
+@implementer(IProtocolHandler)
+class UDPHandler:
+    """UDP flows of private apps: the connector dispatches every stream with transport "udp"
+    here, whatever the app's protocol. No listener on the service: users reach UDP segments
+    only through Private Access."""
+
+    name = "udp"
+
+    def service_factory(self, app: Any, open_stream: Any, reactor: Any) -> Factory:
+        raise GatewayError(f"app {app.name}: protocol \"udp\" is only for the UDP segments of private apps"
+                           " (segments with protocol = \"udp\"), not for a listen port")
+
+    def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
+        UDPFlow(stream, app, reactor, udp_idle_timeout(app)).start()
+
+
 @hookimpl
 def gateway_register_protocols(register: Any) -> None:
     register(TCPHandler())
+    register(UDPHandler())
 
 
 @hookimpl
@@ -128,3 +309,5 @@ def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reac
     for app in config.apps:
         if app.protocol == "tcp":
             idle_timeout(app)
+        if any(segment.protocol == "udp" for segment in app.segments):
+            udp_idle_timeout(app)
