@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import attrs
 
 from gateway import __version__, plugins
+from gateway.access import cli as access_cli
 from gateway.config import DEFAULT_CONFIG_PATH, load_config
 from gateway.errors import GatewayError
 
@@ -99,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list loaded plugins, their versions and hooks")
     check = sub.add_parser("check-config", help="validate a TOML file and exit")
     check.add_argument("config")
+    access_cli.add_parsers(sub)
     return p
 
 
@@ -677,6 +679,7 @@ COMMANDS = {
     ("status", None): status,
     ("plugins", None): list_plugins,
     ("check-config", None): check_config,
+    **access_cli.COMMANDS,
 }
 
 if __name__ == "__main__":

@@ -41,38 +41,11 @@ async def register(
     key = keys.generate_key()
     csr = keys.make_csr(key, name)
 
-    session = TunnelSession(reactor, TunnelSettings(), is_client=True, tunnel_id="enrol")
-    handshake: Deferred = Deferred()
-    session.on_handshake = lambda s: handshake.callback(s)
-    session.on_lost.append(lambda s, reason: handshake.called or handshake.errback(reason))
-    endpoint = wrapClientTLS(enrolment_client_options(), HostnameEndpoint(reactor, host, port, timeout=10))
-    timeout = reactor.callLater(ENROL_TIMEOUT, lambda: session.transport and session.transport.abortConnection())
-    try:
-        try:
-            await connectProtocol(endpoint, session)
-            await handshake
-        except EnrolmentError:
-            raise
-        except Exception as e:
-            raise EnrolmentError(f"could not reach the service at {host}:{port}: {_describe(e)}") from None
-        ca_cert = verify_enrolment_peer(session.transport, token.ca_fingerprint, server_name)
-        # Only now, with the service proven to hold the pinned CA, does the secret leave.
-        stream = await session.open_stream({"kind": "enrol"})
-        reply: Deferred = Deferred()
-        channel = ControlChannel(lambda msg: reply.called or reply.callback(msg),
-                                 lambda reason: reply.called or reply.errback(
-                                     EnrolmentError("the service closed the connection without an answer")))
-        stream.attach(channel)
-        channel.send({
-            "type": m.ENROL_REQUEST, "token_id": token.token_id, "secret": token.secret,
-            "csr": csr.decode(), "name": name,
-        })
-        result = await reply
-    finally:
-        if timeout.active():
-            timeout.cancel()
-        if session.transport is not None:
-            session.close()
+    result, ca_cert = await pinned_request(
+        reactor, host, port, server_name, token.ca_fingerprint, {"kind": "enrol"},
+        {"type": m.ENROL_REQUEST, "token_id": token.token_id, "secret": token.secret,
+         "csr": csr.decode(), "name": name},
+    )
     if result.get("type") != m.ENROL_RESULT:
         raise EnrolmentError(f"the service refused the enrolment: {result.get('message', result)}")
     cert = keys.load_cert(result["certificate"].encode())
@@ -91,6 +64,47 @@ async def register(
         connector_id=result["connector_id"], group=result["group"], name=result.get("name", name),
     )
     return result
+
+
+async def pinned_request(
+    reactor: Any, host: str, port: int, server_name: str, ca_fingerprint: str,
+    metadata: dict[str, Any], message: dict[str, Any], timeout: float = ENROL_TIMEOUT,
+) -> tuple[dict[str, Any], Any]:
+    """One request and its answer on a stream of a tunnel-port connection without a client
+    certificate, once the service proved it holds the CA ``ca_fingerprint`` pins.
+
+    Returns (the answer, the CA certificate). Enrolment and ``gateway login`` both use it;
+    EnrolmentError says what went wrong (unreachable, another CA, no answer).
+    """
+    session = TunnelSession(reactor, TunnelSettings(), is_client=True, tunnel_id=metadata.get("kind", "enrol"))
+    handshake: Deferred = Deferred()
+    session.on_handshake = lambda s: handshake.callback(s)
+    session.on_lost.append(lambda s, reason: handshake.called or handshake.errback(reason))
+    endpoint = wrapClientTLS(enrolment_client_options(), HostnameEndpoint(reactor, host, port, timeout=10))
+    timeout_call = reactor.callLater(timeout, lambda: session.transport and session.transport.abortConnection())
+    try:
+        try:
+            await connectProtocol(endpoint, session)
+            await handshake
+        except EnrolmentError:
+            raise
+        except Exception as e:
+            raise EnrolmentError(f"could not reach the service at {host}:{port}: {_describe(e)}") from None
+        ca_cert = verify_enrolment_peer(session.transport, ca_fingerprint, server_name)
+        # Only now, with the service proven to hold the pinned CA, does the secret leave.
+        stream = await session.open_stream(metadata)
+        reply: Deferred = Deferred()
+        channel = ControlChannel(lambda msg: reply.called or reply.callback(msg),
+                                 lambda reason: reply.called or reply.errback(
+                                     EnrolmentError("the service closed the connection without an answer")))
+        stream.attach(channel)
+        channel.send(message)
+        return await reply, ca_cert
+    finally:
+        if timeout_call.active():
+            timeout_call.cancel()
+        if session.transport is not None:
+            session.close()
 
 
 def _describe(e: Exception) -> str:
