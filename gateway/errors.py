@@ -21,6 +21,15 @@ class EnrolmentError(GatewayError):
     """An enrolment was refused; the message is meant for the admin."""
 
 
+class UserCredentialError(GatewayError):
+    """A Private Access credential (personal token or sign-in refresh secret) cannot be used;
+    ``code`` says why: "unknown", "revoked" or "expired" (the user_login error codes)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
 class ProtocolError(GatewayError):
     """The peer broke the tunnel protocol; `code` is a GO_AWAY / RST code (docs/protocol.md)."""
 

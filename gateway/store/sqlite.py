@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from attrs import define, field
 
-from gateway.errors import EnrolmentError, GatewayError
+from gateway.errors import EnrolmentError, GatewayError, UserCredentialError
 from gateway.pki.tokens import secret_matches
 from gateway.store.records import (
     AppRecord,
@@ -21,6 +21,7 @@ from gateway.store.records import (
     ConnectorStatus,
     GroupRecord,
     TokenRecord,
+    UserCredentialRecord,
 )
 
 R = TypeVar("R")
@@ -83,6 +84,22 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT NOT NULL
     );
     CREATE INDEX apps_by_group ON apps(group_name);
+    """,
+    # 3 -> 4: Private Access users' credentials (personal tokens, browser sign-ins); identity is
+    # the user as signed in, as JSON; only the secret's hash is kept.
+    """
+    CREATE TABLE user_credentials (
+        credential_id TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        identity TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        revoked_at TEXT,
+        name TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX user_credentials_by_user ON user_credentials(user);
     """,
 )
 DEFAULT_GROUP = "default"
@@ -270,6 +287,61 @@ class SQLiteStore:
                 (_to_text(now), connector.connector_id, token_id),
             )
         return connector, result
+
+    # Private Access users' credentials
+
+    def create_user_credential(self, record: UserCredentialRecord) -> UserCredentialRecord:
+        """Store a new user credential (its secret already hashed)."""
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO user_credentials ({_USER_CREDENTIAL_COLUMNS}) VALUES ({', '.join('?' * 9)})",
+                (record.credential_id, record.user, record.kind, _definition_text(record.identity),
+                 record.secret_hash, _to_text(record.created_at), _to_text(record.expires_at),
+                 _opt_text(record.revoked_at), record.name),
+            )
+        return record
+
+    def get_user_credential(self, credential_id: str) -> UserCredentialRecord | None:
+        """The credential with this id, revoked or expired ones too; None if there is none."""
+        row = self._db.execute(f"SELECT {_USER_CREDENTIAL_COLUMNS} FROM user_credentials WHERE credential_id = ?",
+                               (credential_id,)).fetchone()
+        return None if row is None else _user_credential(row)
+
+    def list_user_credentials(self, user: str | None = None) -> list[UserCredentialRecord]:
+        """Every credential (of `user` only, if given), oldest first."""
+        where, args = ("WHERE user = ?", (user,)) if user is not None else ("", ())
+        rows = self._db.execute(f"SELECT {_USER_CREDENTIAL_COLUMNS} FROM user_credentials {where}"
+                                " ORDER BY created_at, credential_id", args)
+        return [_user_credential(r) for r in rows]
+
+    def revoke_user_credential(self, credential_id: str, now: datetime) -> bool:
+        """Mark one credential revoked; False if there is none by that id or it was revoked already."""
+        with self._write() as db:
+            return db.execute("UPDATE user_credentials SET revoked_at = ? WHERE credential_id = ? AND revoked_at IS NULL",
+                              (_to_text(now), credential_id)).rowcount == 1
+
+    def revoke_user(self, user: str, now: datetime) -> int:
+        """Revoke every credential of `user` not revoked yet (tokens and sign-ins); how many."""
+        with self._write() as db:
+            return db.execute("UPDATE user_credentials SET revoked_at = ? WHERE user = ? AND revoked_at IS NULL",
+                              (_to_text(now), user)).rowcount
+
+    def redeem_user_secret(self, credential_id: str, secret: str, now: datetime) -> UserCredentialRecord:
+        """The credential if `secret` is its secret and it is neither revoked nor expired at `now`;
+        UserCredentialError ("unknown", "revoked", "expired") otherwise."""
+        record = self.get_user_credential(credential_id)
+        # A wrong secret looks exactly like a missing credential, so guessing ids teaches nothing.
+        if record is None or not secret_matches(secret, record.secret_hash):
+            raise UserCredentialError("unknown", "unknown credential: run gateway login again, or ask your "
+                                                 "administrator for a new personal token")
+        if record.revoked_at is not None:
+            raise UserCredentialError("revoked", f"this credential was revoked at {record.revoked_at.isoformat()}:"
+                                                 " run gateway login again, or ask your administrator")
+        if now >= record.expires_at:
+            raise UserCredentialError("expired", f"this credential expired at {record.expires_at.isoformat()}:"
+                                                 " run gateway login again, or ask your administrator for a new"
+                                                 " personal token")
+        return record
 
     # connectors and certificates
 
@@ -493,6 +565,9 @@ class SQLiteStore:
 
 
 _APP_COLUMNS = "name, group_name, definition, created_at, updated_at"
+_USER_CREDENTIAL_COLUMNS = (
+    "credential_id, user, kind, identity, secret_hash, created_at, expires_at, revoked_at, name"
+)
 _TOKEN_COLUMNS = "token_id, secret_hash, group_name, created_at, expires_at, used_at, used_by"
 _CONNECTOR_COLUMNS = (
     "connector_id, name, group_name, created_at, last_seen, deleted_at, state, state_since,"
@@ -552,3 +627,9 @@ def _definition_text(definition: dict[str, Any]) -> str:
 def _app(row: Any) -> AppRecord:
     name, group, definition, created, updated = row
     return AppRecord(name, group, json.loads(definition), _from_text(created), _from_text(updated))
+
+
+def _user_credential(row: Any) -> UserCredentialRecord:
+    credential_id, user, kind, identity, secret_hash, created, expires, revoked, name = row
+    return UserCredentialRecord(credential_id, user, kind, json.loads(identity), secret_hash, _from_text(created),
+                                _from_text(expires), _from_text(revoked), name)

@@ -90,6 +90,24 @@ class ThreadedStore:
     def mark_inactive(self, connector_id, seen_before, now) -> Deferred:
         return self._call(self.store.mark_inactive, connector_id, seen_before, now)
 
+    def create_user_credential(self, record) -> Deferred:
+        return self._call(self.store.create_user_credential, record)
+
+    def get_user_credential(self, credential_id) -> Deferred:
+        return self._call(self.store.get_user_credential, credential_id)
+
+    def list_user_credentials(self, user=None) -> Deferred:
+        return self._call(self.store.list_user_credentials, user)
+
+    def revoke_user_credential(self, credential_id, now) -> Deferred:
+        return self._call(self.store.revoke_user_credential, credential_id, now)
+
+    def revoke_user(self, user, now) -> Deferred:
+        return self._call(self.store.revoke_user, user, now)
+
+    def redeem_user_secret(self, credential_id, secret, now) -> Deferred:
+        return self._call(self.store.redeem_user_secret, credential_id, secret, now)
+
     def close(self) -> Deferred:
         """Close the store after the calls already queued, then stop the thread; safe to call twice."""
         if self._closing is None:
