@@ -271,11 +271,12 @@ class AccessTunnel:
         """Renew the certificate when less than a third of its life is left; one renewal at a time."""
         if not self.creds.needs_refresh(self.now()):
             return
-        if self._renewing is None:
-            self._renewing = Deferred.fromCoroutine(self._renew())
-            self._renewing.addBoth(self._renewed)
+        renewing = self._renewing
+        if renewing is None:
+            renewing = self._renewing = Deferred.fromCoroutine(self._renew())
+            renewing.addBoth(self._renewed)
         d: Deferred = Deferred()
-        self._renewing.addBoth(lambda result: (d.callback(None), result)[1])
+        renewing.addBoth(lambda result: (d.callback(None), result)[1])
         await d
         if self.creds.expires_at <= self.now():
             raise TunnelClosed(self.last_problem)
