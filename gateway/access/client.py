@@ -358,6 +358,14 @@ class ForwardedConnection(SocketSide):
     def connectionLost(self, reason: Failure = None) -> None:
         self._gone = True
         super().connectionLost(reason)
+        report_cut(self.tunnel.reporter, self.stream, self.what)
+
+
+def report_cut(reporter: Reporter, stream: Any, what: str) -> None:
+    """Say why an established stream was cut by the far end (revoked, connector lost, ...)."""
+    reason = getattr(stream, "close_reason", None)
+    if reason is not None and reason.check(StreamReset) and reason.value.code != ResetCode.CANCELLED:
+        reporter.say(f"{what} ended: {reason.value.reason}")
 
 
 class TcpForward(QuietFactory):
@@ -461,6 +469,8 @@ class SocksConnection(SocketSide):
         if self.association is not None:
             self.association.close()
         super().connectionLost(reason)
+        if self.stream is not None:
+            report_cut(self.tunnel.reporter, self.stream, f"{self.stream.metadata['host']}:{self.stream.metadata['port']}")
 
 
 class SocksFactory(QuietFactory):

@@ -382,3 +382,17 @@ def test_a_failed_renewal_of_an_expired_certificate_says_not_signed_in():
     Deferred.fromCoroutine(svc.tunnel.ensure_fresh()).addErrback(failures.append)
     assert failures and svc.said == ["gateway access: not signed in: this credential has expired: run gateway login"
                                      " again"]
+
+
+def test_a_stream_cut_by_the_service_says_why():
+    """An established forward reset with REVOKED aborts the local connection and prints the reason."""
+    svc = Service()
+    forwarded = TcpForward(svc.tunnel, "db", None, None).buildProtocol(None)
+    local = connect_local(forwarded)
+    svc.flush()
+    stream, _ = svc.streams[0]
+    stream.reset(ResetCode.REVOKED, "your access was revoked by an administrator: run gateway login")
+    svc.flush()
+    assert local.disconnecting
+    forwarded.connectionLost(Failure(ConnectionError("aborted")))
+    assert svc.said == ["gateway access: app db ended: your access was revoked by an administrator: run gateway login"]
