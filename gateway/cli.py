@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     aremove.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
     aremove.add_argument("name")
 
+    _users_parsers(sub)
+
     status = sub.add_parser("status", help="per connector group: its apps, connectors and how streams are spread")
     status.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="the service's TOML file")
     sub.add_parser("plugins", help="list loaded plugins, their versions and hooks")
@@ -102,6 +104,31 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     access_cli.add_parsers(sub)
     return p
+
+
+def _users_parsers(sub: Any) -> None:
+    users = sub.add_parser("users", help="Private Access users' credentials: personal tokens and sign-ins"
+                           ).add_subparsers(dest="action", required=True)
+    tokens = users.add_parser("token", help="personal tokens for headless machines").add_subparsers(
+        dest="token_action", required=True)
+    create = tokens.add_parser("create", help="issue a personal token (printed once; only its hash is kept)")
+    create.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="the service's TOML file")
+    create.add_argument("--user", required=True, help="the user's subject, as assignments name it")
+    create.add_argument("--name", default="", help="the user's display name")
+    create.add_argument("--email", default="", help="the user's email address (assignments may name it)")
+    create.add_argument("--group", action="append", default=[], dest="groups", metavar="GROUP",
+                        help="a group the user is in, for options.allowed_groups (repeatable)")
+    create.add_argument("--expires", required=True, metavar="DURATION", help="how long it is valid: 30d, 12h or 90m")
+    create.add_argument("--output", help="write the token to this file (mode 0600) instead of standard output")
+    tlist = tokens.add_parser("list", help="list users' credentials (never their secrets)")
+    tlist.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    tlist.add_argument("--user", help="only this user's")
+    trevoke = tokens.add_parser("revoke", help="revoke one credential (a personal token or a sign-in)")
+    trevoke.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    trevoke.add_argument("credential_id", metavar="ID")
+    revoke = users.add_parser("revoke", help="revoke every credential of a user (tokens and sign-ins)")
+    revoke.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    revoke.add_argument("--user", required=True, help="the user's subject")
 
 
 def _app_flags(p: argparse.ArgumentParser) -> None:
@@ -115,8 +142,11 @@ def _app_flags(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    action = getattr(args, "action", None)
+    if args.command == "users" and action == "token":
+        action = f"token {args.token_action}"
     try:
-        return COMMANDS[(args.command, getattr(args, "action", None))](args)
+        return COMMANDS[(args.command, action)](args)
     except GatewayError as e:
         print(f"gateway: error: {e}", file=sys.stderr)
         return 1
@@ -623,6 +653,122 @@ def apps_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60}
+# A personal token is a long-lived secret on a machine: a year at most, then a new one.
+MAX_TOKEN_LIFETIME = timedelta(days=366)
+
+
+def parse_duration(text: str, flag: str = "--expires") -> timedelta:
+    """"30d", "12h" or "90m" as a timedelta; GatewayError naming ``flag`` otherwise."""
+    number, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    if unit not in _DURATION_UNITS or not number.isascii() or not number.isdigit() or int(number) == 0:
+        raise GatewayError(f"{flag}: expected a duration such as 30d, 12h or 90m (a whole number > 0 and d, h or m),"
+                           f" got {text!r}")
+    duration = timedelta(seconds=int(number) * _DURATION_UNITS[unit])
+    if duration > MAX_TOKEN_LIFETIME:
+        raise GatewayError(f"{flag}: expected at most {MAX_TOKEN_LIFETIME.days}d, got {text!r}:"
+                           " issue a new token when this one expires")
+    return duration
+
+
+def _user_text(flag: str, value: str, required: bool = True) -> str:
+    """A subject, name, email or group as given: printable, not only spaces."""
+    text = value.strip()
+    if (required and not text) or any(not c.isprintable() for c in value):
+        raise GatewayError(f"{flag}: expected {'a non-empty' if required else 'a'} printable text, got {value!r}")
+    return text
+
+
+def _token_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """The user a personal token stands for, as a sign-in would give it."""
+    email = _user_text("--email", args.email, required=False)
+    if email and ("@" not in email or any(c.isspace() for c in email)):
+        raise GatewayError(f"--email: expected an email address such as alice@example.test, got {args.email!r}")
+    return {"sub": _user_text("--user", args.user), "name": _user_text("--name", args.name, required=False),
+            # The admin vouches for the address, as a provider does when it says "verified".
+            "email": email, "email_verified": bool(email),
+            "groups": [_user_text("--group", g) for g in args.groups]}
+
+
+def users_token_create(args: argparse.Namespace) -> int:
+    from gateway.pki.ca import CertificateAuthority
+    from gateway.pki.tokens import UserToken, hash_secret
+    from gateway.store.records import UserCredentialRecord
+
+    identity = _token_identity(args)
+    lifetime = parse_duration(args.expires)
+    with _service_store(args.config) as (config, store):
+        if config.access is None:
+            print(f"gateway: warning: {args.config} has no [access] table: the service accepts the token only"
+                  " once it has one (see docs/configuration.md)", file=sys.stderr)
+        ca = CertificateAuthority.load_or_create(config.service.state_dir)
+        token = UserToken.generate(ca.fingerprint)
+        now = datetime.now(UTC)
+        record = UserCredentialRecord(
+            credential_id=token.token_id, user=identity["sub"], kind="token", identity=identity,
+            secret_hash=hash_secret(token.secret), created_at=now, expires_at=now + lifetime,
+            name=identity["name"] or "personal token")
+        store.create_user_credential(record)
+    about = (f"personal token {record.credential_id} for user {record.user!r}, expires"
+             f" {record.expires_at:%Y-%m-%d %H:%M:%S UTC}; give it to gateway login --token-file"
+             f" (revoke it with `gateway users token revoke {record.credential_id}`)")
+    if args.output:
+        from gateway.pki.keys import write_private
+
+        write_private(Path(args.output), (token.encode() + "\n").encode())
+        print(f"{about}; written to {args.output}", file=sys.stderr)
+    else:
+        print(token.encode())
+        print(about, file=sys.stderr)
+    return 0
+
+
+def users_token_list(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    rows = [("ID", "USER", "KIND", "NAME", "CREATED", "EXPIRES", "REVOKED")]
+    with _service_store(args.config) as (_, store):
+        for c in store.list_user_credentials(args.user):
+            expires = f"{c.expires_at:%Y-%m-%d %H:%M}" + (" (expired)" if c.expires_at <= now else "")
+            rows.append((c.credential_id, c.user, c.kind, c.name or "-", f"{c.created_at:%Y-%m-%d %H:%M}", expires,
+                         _when(c.revoked_at, "-")))
+    _table(rows)
+    return 0
+
+
+def _revocation_note(config: Any) -> str:
+    return (f"the running service closes the tunnels and streams it allowed within config_interval"
+            f" ({config.service.config_interval:g} s)")
+
+
+def users_token_revoke(args: argparse.Namespace) -> int:
+    with _service_store(args.config) as (config, store):
+        found = store.get_user_credential(args.credential_id)
+        if found is None:
+            raise GatewayError(f"no user credential {args.credential_id!r}; see `gateway users token list`")
+        if found.revoked_at is not None:
+            print(f"credential {found.credential_id} of user {found.user!r} was revoked already"
+                  f" ({_when(found.revoked_at, '-')})")
+            return 0
+        store.revoke_user_credential(found.credential_id, datetime.now(UTC))
+    print(f"credential {found.credential_id} ({found.kind}) of user {found.user!r} revoked; {_revocation_note(config)}")
+    return 0
+
+
+def users_revoke(args: argparse.Namespace) -> int:
+    user = _user_text("--user", args.user)
+    with _service_store(args.config) as (config, store):
+        if not store.list_user_credentials(user):
+            raise GatewayError(f"--user: no credentials of user {user!r}; see `gateway users token list`"
+                               " (users are named by their subject)")
+        count = store.revoke_user(user, datetime.now(UTC))
+    if count == 0:
+        print(f"user {user!r} had no credential left to revoke")
+        return 0
+    print(f"{count} credential{'' if count == 1 else 's'} of user {user!r} revoked (personal tokens and sign-ins);"
+          f" {_revocation_note(config)}")
+    return 0
+
+
 def list_plugins(args: argparse.Namespace) -> int:
     pm = plugins.make_plugin_manager()
     rows = [("PLUGIN", "VERSION", "HOOKS")]
@@ -676,6 +822,10 @@ COMMANDS = {
     ("apps", "add"): apps_add,
     ("apps", "set"): apps_set,
     ("apps", "remove"): apps_remove,
+    ("users", "token create"): users_token_create,
+    ("users", "token list"): users_token_list,
+    ("users", "token revoke"): users_token_revoke,
+    ("users", "revoke"): users_revoke,
     ("status", None): status,
     ("plugins", None): list_plugins,
     ("check-config", None): check_config,
