@@ -415,5 +415,14 @@ def test_bad_udp_idle_timeout_is_refused_naming_the_key():
 
 def test_udp_handler_has_no_listen_port():
     """The udp handler refuses a listen app, saying udp is only for private apps' segments."""
-    with pytest.raises(Exception, match="only for the UDP segments of private apps"):
+    with pytest.raises(Exception, match="only for the UDP flows of private apps"):
         gateway_tcp.UDPHandler().service_factory(CORP, None, Clock())
+
+
+def test_check_config_refuses_an_app_with_protocol_udp():
+    """An app saying protocol = "udp" is refused where check-config looks (the service listeners hook)."""
+    app = AppConfig(name="u", listen="tcp:7001", destination="127.0.0.1:53", host="127.0.0.1", port=53,
+                    protocol="udp")
+    with pytest.raises(Exception, match='app u: protocol "udp" is only for the UDP flows of private apps'):
+        gateway_tcp.gateway_service_listeners(register=None, config=SimpleNamespace(apps=[app]), open_stream=None,
+                                              reactor=None)

@@ -139,6 +139,13 @@ def udp_idle_timeout(app: Any) -> float:
     return float(value)
 
 
+def udp_protocol_error(app: Any) -> GatewayError:
+    """Why an app may not say protocol = "udp": that handler only carries private apps' UDP flows."""
+    return GatewayError(f"app {app.name}: protocol \"udp\" is only for the UDP flows of private apps, which the"
+                        " connector picks by their segments' protocol = \"udp\"; use protocol = \"tcp\" (or leave"
+                        " it out) and give the app a segment with protocol = \"udp\"")
+
+
 @implementer(IPushProducer)
 class UDPFlow(DatagramProtocol):
     """One UDP flow on the connector: a UDP socket connected to app.host:app.port and a stream
@@ -289,8 +296,7 @@ class UDPHandler:
     name = "udp"
 
     def service_factory(self, app: Any, open_stream: Any, reactor: Any) -> Factory:
-        raise GatewayError(f"app {app.name}: protocol \"udp\" is only for the UDP segments of private apps"
-                           " (segments with protocol = \"udp\"), not for a listen port")
+        raise udp_protocol_error(app)
 
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
         UDPFlow(stream, app, reactor, udp_idle_timeout(app)).start()
@@ -309,5 +315,7 @@ def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reac
     for app in config.apps:
         if app.protocol == "tcp":
             idle_timeout(app)
+        if app.protocol == "udp":
+            raise udp_protocol_error(app)
         if any(segment.protocol == "udp" for segment in app.segments):
             udp_idle_timeout(app)
