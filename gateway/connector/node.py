@@ -77,6 +77,9 @@ class ConnectorNode(MultiService):
         for handler in handlers.values():
             if hasattr(handler, "use_sso_providers"):
                 handler.use_sso_providers(self.sso_providers)
+        for provider in self.sso_providers.values():
+            if hasattr(provider, "start"):   # optional: a provider configures itself from its own table
+                provider.start(config, reactor)
         self.settings = TunnelSettings.from_config(config.tunnel)
         self.apps: dict[str, AppConfig] = {}
         self.config_version: str | None = None

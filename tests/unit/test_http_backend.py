@@ -20,12 +20,14 @@ from twisted.test.iosim import FakeTransport, connect
 from zope.interface import implementer
 
 from gateway import hookimpl, hookspecs, plugins
+from gateway.errors import GatewayError
 from gateway.config import AppConfig
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.session import TunnelSession, TunnelSettings
 from gateway.tunnel.stream import HIGH_WATER, StreamReset
 from gateway_http import HTTPHandler
 from gateway_http.backend import Backends, check_sso
+from gateway_http import rules
 from gateway_http.pool import BackendPool, Target
 
 GET = b"GET /a HTTP/1.1\r\nHost: wiki.corp:8080\r\nX-Forwarded-For: 10.9.9.9\r\n\r\n"
@@ -693,14 +695,85 @@ def test_sso_deferred_holds_the_body_until_credentials():
     assert w.current().transport.value().endswith(b"X-Ticket: t\r\n\r\nbody")
 
 
-def test_sso_failure_resets_with_message():
+def test_sso_failure_answers_a_502_page_with_the_correlation_id():
+    """A provider that fails makes the connector answer 502 "single sign-on failed" with the request's
+    correlation id, and nothing of the provider's error; the back end gets nothing."""
     provider = TokenProvider()
     provider.fail = True
     w = World(web_app(sso="token"), sso=providers_from_plugin(provider))
     stream, side = w.open(identity=IDENTITY)
     w.send(stream, GET)
-    assert side.reason.check(StreamReset) and "the KDC said no" in side.reason.value.reason
-    assert "single sign-on" in side.reason.value.reason
+    assert side.data.startswith(b"HTTP/1.1 502 ") and b"Single sign-on to the application failed" in side.data
+    assert b"r1" in side.data and b"KDC" not in side.data
+    assert side.fin and not isinstance(side.reason, Failure)
+    assert all(c.transport.value() == b"" for c in w.backend.conns)
+
+
+class ChallengeProvider(TokenProvider):
+    """Sends nothing first; answers a 401 Negotiate challenge; judges the final answer's reply."""
+
+    strip_headers = (b"authorization",)
+
+    def __init__(self):
+        super().__init__()
+        self.judged = []
+
+    def credentials(self, app, identity, request):
+        self.calls.append((app.name, identity, request.target))
+        return []
+
+    def on_response(self, app, identity, request, sent, response):
+        self.judged.append((response.status, list(sent)))
+        if response.status == 401:
+            return [(b"Authorization", b"Negotiate for-" + identity["sub"].encode())]
+        if rules.values(response, b"www-authenticate") != [b"Negotiate good-reply"]:
+            raise GatewayError("the mutual-auth reply does not verify")
+        return None
+
+
+def test_sso_never_forwards_the_clients_authorization_and_answers_a_challenge():
+    """A provider with strip_headers: the client's Authorization never reaches the back end; its
+    on_response answers a 401 by sending the request again, on a new connection, with its header,
+    and the client sees only the second answer."""
+    provider = ChallengeProvider()
+    w = World(web_app(sso="token"), sso=providers_from_plugin(provider))
+    stream, side = w.open(identity=IDENTITY)
+    w.send(stream, b"GET /me HTTP/1.1\r\nHost: h\r\nAuthorization: Basic Zm9yZ2Vk\r\n\r\n")
+    first = w.current()
+    assert b"Authorization" not in first.transport.value()
+    first.dataReceived(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Negotiate\r\nContent-Length: 3\r\n\r\nno!")
+    w.flush()
+    second = w.current()
+    assert second is not first and b"Authorization: Negotiate for-alice\r\n" in second.transport.value()
+    assert b"Zm9yZ2Vk" not in second.transport.value()
+    second.dataReceived(b"HTTP/1.1 200 OK\r\nWWW-Authenticate: Negotiate good-reply\r\nContent-Length: 2\r\n\r\nok")
+    w.flush()
+    assert side.data.startswith(b"HTTP/1.1 200 OK") and side.data.endswith(b"ok") and b"401" not in side.data
+    assert [status for status, _ in provider.judged] == [401, 200]
+
+
+def test_sso_reply_that_does_not_verify_becomes_a_502():
+    """A final answer the provider's on_response refuses (mutual auth failed) is not relayed: 502 page."""
+    provider = ChallengeProvider()
+    w = World(web_app(sso="token"), sso=providers_from_plugin(provider))
+    stream, side = w.open(identity=IDENTITY)
+    w.send(stream, GET)
+    w.current().dataReceived(b"HTTP/1.1 200 OK\r\nWWW-Authenticate: Negotiate forged\r\nContent-Length: 6\r\n\r\nsecret")
+    w.flush()
+    assert side.data.startswith(b"HTTP/1.1 502 ") and b"secret" not in side.data
+
+
+def test_sso_challenge_is_answered_at_most_twice():
+    """A back end that keeps answering 401 gets the request three times at most, then the client a 502."""
+    provider = ChallengeProvider()
+    w = World(web_app(sso="token"), sso=providers_from_plugin(provider))
+    stream, side = w.open(identity=IDENTITY)
+    w.send(stream, GET)
+    for _ in range(3):
+        w.current().dataReceived(b"HTTP/1.1 401 No\r\nWWW-Authenticate: Negotiate\r\nContent-Length: 0\r\n\r\n")
+        w.flush()
+    assert len(provider.judged) == 3
+    assert side.data.startswith(b"HTTP/1.1 502 ")
 
 
 def test_sso_without_identity_or_unknown_provider_refuses():

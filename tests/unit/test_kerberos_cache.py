@@ -207,3 +207,14 @@ def test_in_thread_pool_hands_the_blocking_call_to_the_pool():
     on_result, f, args = pool.work[0]
     on_result(True, f(*args))
     assert calls == [("alice", SPN)] and result_of(d) == "creds"
+
+
+def test_counters_tell_hits_exchanges_and_joined_waits_apart():
+    """hits, exchanges and joined count cache answers, KDC exchanges started and waits on one in flight."""
+    clock, kdc, cache = make()
+    first, second = cache.get("alice", SPN), cache.get("alice", SPN)
+    kdc.answer(0)
+    cache.get("alice", SPN)
+    cache.get("bob", SPN)
+    assert (cache.hits, cache.exchanges, cache.joined) == (1, 2, 1)
+    assert result_of(first) == result_of(second)

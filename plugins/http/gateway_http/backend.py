@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway import logs
+from gateway.errors import GatewayError
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.stream import is_reset
 
@@ -38,6 +39,10 @@ from .rules import ChunkDecoder, HTTPError
 log = Logger(namespace="gateway_http.backend")
 
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# What the user reads when single sign-on fails: nothing of the provider's internals (the
+# connector's log has the cause and the fix under the same correlation id).
+SSO_FAILED = "Single sign-on to the application failed. Try again later, or give the correlation id to your helpdesk."
+MAX_SSO_RETRIES = 2   # a request sent again for an SSO provider's on_response (a 401 challenge, stale credentials)
 
 
 class Backends:
@@ -99,7 +104,8 @@ def check_sso(app: Any, providers: dict[str, Any]) -> str | None:
         known = ", ".join(sorted(providers)) or "none"
         return (f"app {app.name}: options.sso names the SSO provider {name!r}, which no plugin on this connector"
                 f" provides (loaded: {known}); its requests will fail with 502")
-    return None
+    check_app = getattr(providers[name], "check_app", None)
+    return check_app(app) if check_app is not None else None
 
 
 def serve_stream(stream: Any, app: Any, reactor: Any, backends: Backends | None = None) -> None:
@@ -149,6 +155,8 @@ class Exchange(Protocol):
         self.relayed = False
         self.retried = False
         self.over = False
+        self.sso_sent: Any = None      # what the SSO provider's credentials() gave for this request
+        self.sso_retries = 0
 
     # -- getting a connection ------------------------------------------------------------
 
@@ -257,23 +265,45 @@ class Exchange(Protocol):
         self._sso_call.addCallbacks(self._credentials, self._sso_failed)
 
     def _sso_failed(self, failure: Failure) -> None:
+        """The provider could not sign the user in: a 502 page with the correlation id (the provider
+        logs cause and fix itself when its error is a GatewayError)."""
         self._sso_call = None
         if self.stream.closed or self.over:
             return
-        log.failure("request {request_id} for app {app}: SSO provider {provider} failed", failure,
-                    request_id=self.request_id, app=self.app.name, provider=self.app.options.get("sso"))
-        self._fail(ResetCode.INTERNAL_ERROR, f"single sign-on to {self.app.destination} failed on the connector:"
-                   f" {failure.getErrorMessage()}", logged=True)
+        provider = self.app.options.get("sso")
+        if failure.check(GatewayError):
+            log.warn("request {request_id} for app {app}: SSO provider {provider} failed: {why}",
+                     request_id=self.request_id, app=self.app.name, provider=provider, why=failure.getErrorMessage())
+        else:
+            log.failure("request {request_id} for app {app}: SSO provider {provider} failed", failure,
+                        request_id=self.request_id, app=self.app.name, provider=provider)
+        self._answer(502, SSO_FAILED)
+
+    def _answer(self, status: int, message: str) -> None:
+        """End the exchange with an error page of our own (nothing of the back end's was relayed)."""
+        self.over = True
+        conn = self._let_go()
+        if conn is not None and not conn.lost:
+            conn.transport.abortConnection()
+        if self.stream.closed:
+            return
+        self._holds.clear()
+        self.stream.resumeProducing()   # whatever still comes is dropped; let it flow so the stream ends
+        self.stream.write(rules.error_page(status, message, self.request_id or "-"))
+        self.stream.loseConnection()
 
     def _credentials(self, credentials: list) -> None:
         self._sso_call = None
         if self.stream.closed or self.over:
             return
+        strip = {name.lower() for name in getattr(self.provider, "strip_headers", ())}
         try:
-            headers = _with_credentials(self.request.headers, credentials)
+            headers = _with_credentials([(k, v) for k, v in self.request.headers if k.lower() not in strip],
+                                        credentials)
         except ValueError as e:
             self._fail(ResetCode.INTERNAL_ERROR, f"SSO provider {self.app.options.get('sso')!r}: {e}")
             return
+        self.sso_sent = credentials
         request = self.request
         self.head_bytes = b"\r\n".join(
             [b" ".join((request.method, request.target, request.version)), *(k + b": " + v for k, v in headers)]
@@ -430,6 +460,8 @@ class Exchange(Protocol):
         if 100 <= response.status < 200:
             self._relay(head)  # 100 Continue and friends reach the client; another head follows
             return rest
+        if self._sso_response(response):
+            return b""
         self.resp_status = response.status
         self.resp_framing = rules.response_body_length(response, self.request.method)
         connection = {t.strip().lower() for v in rules.get(response.headers, b"connection") for t in v.split(b",")}
@@ -444,6 +476,38 @@ class Exchange(Protocol):
         else:
             self.resp_left = self.resp_framing
         return rest
+
+    def _sso_response(self, response: rules.Response) -> bool:
+        """Let the SSO provider judge the final response head before any of it is relayed (its
+        optional on_response): True when the exchange went another way (sent again, or a 502)."""
+        judge = getattr(self.provider, "on_response", None)
+        if judge is None or self.sso_sent is None:
+            return False
+        identity = self.stream.metadata.get("identity")
+        try:
+            again = judge(self.app, identity, self.request, self.sso_sent, response)
+        except Exception:
+            self._sso_failed(Failure())
+            return True
+        if again is None:
+            return False
+        if self.sso_retries >= MAX_SSO_RETRIES or self.body_length != 0 or self.req_decoder is not None:
+            log.warn("request {request_id} for app {app}: the SSO provider asked to send the request again,"
+                     " which a request with a body, or a third time, cannot be", request_id=self.request_id,
+                     app=self.app.name)
+            self._answer(502, SSO_FAILED)
+            return True
+        # Sent again on a new connection: the rest of this answer (its body) goes with the old one.
+        self.sso_retries += 1
+        conn = self._let_go()
+        if conn is not None and not conn.lost:
+            conn.transport.abortConnection()
+        self.resp, self.resp_buf, self.sso_sent = "head", b"", None
+        self.phase = "wait"
+        self._hold("request")
+        self._sso_call = maybeDeferred(lambda: again)
+        self._sso_call.addCallbacks(self._credentials, self._sso_failed)
+        return True
 
     def _response_body(self, data: bytes) -> None:
         if self.resp_framing == -1:

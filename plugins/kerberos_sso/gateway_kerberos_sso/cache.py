@@ -18,6 +18,9 @@ the service ticket. :class:`CredentialCache` keeps them:
   the KDC again, so a fixed cause (a KDC back up, a delegation target added) works at once.
   What bounds the load on a failing KDC is the sharing of in-flight exchanges and the size of
   the thread pool, not a negative cache.
+
+``hits``, ``exchanges`` and ``joined`` count what ``get`` did (answered from the cache, started
+an exchange, waited for one already in flight): the numbers a metrics exporter will read.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ class CredentialCache:
     expires_at: Callable[[Any], float | None] = _ticket_end
     _entries: OrderedDict[Key, tuple[Any, float]] = field(init=False, factory=OrderedDict)
     _in_flight: dict[Key, list[Deferred]] = field(init=False, factory=dict)
+    hits: int = field(init=False, default=0)
+    exchanges: int = field(init=False, default=0)
+    joined: int = field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         if self.max_entries < 1:
@@ -60,13 +66,16 @@ class CredentialCache:
         key = (user, spn)
         value = self._fresh(key)
         if value is not None:
+            self.hits += 1
             d: Deferred = Deferred()
             d.callback(value)
             return d
         waiter: Deferred = Deferred(lambda d: self._forget_waiter(key, d))
         if key in self._in_flight:
+            self.joined += 1
             self._in_flight[key].append(waiter)
         else:
+            self.exchanges += 1
             self._in_flight[key] = [waiter]
             maybeDeferred(self.exchange, user, spn).addBoth(self._arrived, key)
         return waiter

@@ -68,6 +68,9 @@ class Cause(enum.Enum):
                               "(TrustedToAuthForDelegation; MIT: kadmin modprinc +ok_to_auth_as_delegate)")
     MUTUAL_AUTH_FAILED = ("the back end's Negotiate reply did not prove it holds the key of {spn}",
                           "check that the back end uses the keytab of {spn} and is the host the app names")
+    BACKEND_REFUSED = ("the back end refused the delegated ticket of {user} for {spn}",
+                       "check that the back end's keytab holds the current key of {spn} (compare the kvno of klist -kt "
+                       "on the back end with kvno {spn}) and that {spn} is the SPN of the host the app names")
     OTHER = ("Kerberos delegation for {user} to {spn} failed",
              "see the detail; klist -kt {keytab} and the KDC's log tell more")
 
