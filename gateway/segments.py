@@ -5,7 +5,8 @@ or CIDR), a set of ports and one protocol (``tcp`` or ``udp``). This module pars
 from TOML-shaped values with errors that name the key, matches destinations against them, and
 tells whether two segments overlap. It does no I/O and resolves no names.
 
-Not wired yet: no config key, store, service or connector uses these values so far.
+Used by private apps' config (``[[apps.segments]]``), the service's access check and the
+connector's own check (gateway/connector/destinations.py).
 
 Two checks use segments, on two sides:
 

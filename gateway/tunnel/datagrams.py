@@ -7,7 +7,8 @@ each a 2-byte big-endian length followed by that many bytes (docs/protocol.md, *
 counting what it drops, because for UDP a fresh datagram is worth more than an old one and
 memory must stay bounded.
 
-Not wired yet: no stream carries datagrams so far.
+Used by the UDP flows of Private Access: the tcp plugin's "udp" handler on the connector and
+the access client.
 """
 
 from __future__ import annotations
