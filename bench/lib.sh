@@ -130,6 +130,8 @@ start_path() {
     sshR | sshRnd | sshRaes) start_ssh "$1" ;;
     asshR) start_assh ;;
     gateway) start_gateway ;;
+    access) start_access ;;   # bench/access.sh
+    sshLR) start_ssh_lr ;;
     http*) start_http_path "$1" ;;   # bench/http.sh
     *) FAIL_MSG="unknown path '$1' (known: $ALL_PATHS)"; return 1 ;;
   esac
@@ -249,11 +251,13 @@ start_gateway() {  # our service + connector publishing nginx and iperf3 as TCP 
 name = \"bench\"
 listen = \"tcp:$P_APP:interface=127.0.0.1\"
 destination = \"127.0.0.1:$P_NGINX\"
+options.preauth = \"none\"
 
 [[apps]]
 name = \"bench-iperf\"
 listen = \"tcp:$P_APP_I:interface=127.0.0.1\"
 destination = \"127.0.0.1:$P_IPERF\"
+options.preauth = \"none\"
 " || return 1
   wait_port "$P_APP" 20 "$SVC_PID" || { FAIL_MSG="app listen port: $FAIL_MSG"; return 1; }
   wait_http "$P_APP" 20 || { FAIL_MSG="through the tunnel: $FAIL_MSG"; return 1; }

@@ -28,6 +28,7 @@ from gateway.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "AccessConfig",
     "AppConfig",
     "ConnectorConfig",
     "GatewayConfig",
@@ -121,6 +122,21 @@ class AppConfig:
 
 
 @frozen
+class AccessConfig:
+    """The ``[access]`` table: Private Access users on this service (docs/configuration.md)."""
+
+    # Where users run `gateway login --service URL` (the http front door serves the sign-in
+    # page there); "" when absent: personal tokens only.
+    url: str = ""
+    # "host:port" users' clients dial for their tunnel (the service's tunnel port).
+    tunnel: str = "127.0.0.1:8443"
+    certificate_lifetime: int = 3600
+    login_lifetime: int = 43200
+    udp_idle_timeout: float = 60.0
+    max_tunnels_per_user: int = 16
+
+
+@frozen
 class ConnectorConfig:
     """The ``[connector]`` table: a connector keeping tunnels open to the service."""
 
@@ -160,6 +176,8 @@ class GatewayConfig:
     apps: tuple[AppConfig, ...] = ()
     tunnel: TunnelConfig = field(factory=TunnelConfig)
     logging: LoggingConfig = field(factory=LoggingConfig)
+    # Private Access users ([access]); None when the service has no such table.
+    access: AccessConfig | None = None
     # Tables that plugins added through the gateway_config_sections hook, parsed by them.
     sections: dict[str, Any] = field(factory=dict, hash=False)
 
@@ -495,16 +513,65 @@ def _check_web_url(url: str, schemes: tuple[str, ...], wildcard: bool = False) -
 
 
 AFFINITIES = ("none", "client", "user")
+# What a listen app must say in options.preauth: nobody signs in, anyone who reaches it connects.
+NO_PREAUTH = "none"
+# The options that assign a private app (or an http app that signs users in) to users.
+ASSIGNMENT_KEYS = ("allowed_users", "allowed_groups")
+
+
+def overlapping_app(app: AppConfig, others: list[AppConfig]) -> tuple[AppConfig, int, int] | None:
+    """The first of ``others`` in another connector group with a segment overlapping one of
+    ``app``'s: (that app, index in app.segments, index in its segments); else None. Apps of one
+    group may overlap: the same connectors serve both."""
+    from gateway.segments import overlapping_pair
+
+    for other in others:
+        if other.name == app.name or other.group == app.group or not other.segments:
+            continue
+        pair = overlapping_pair(app.segments, other.segments)
+        if pair is not None:
+            return other, app.segments.index(pair[0]), other.segments.index(pair[1])
+    return None
+
+
+def overlap_message(app: AppConfig, mine: int, other: AppConfig, theirs: int, other_key: str) -> str:
+    """Why app's segment ``mine`` is refused: it overlaps ``other_key``.segments[theirs]."""
+    return (f"expected segments no app of another connector group overlaps, got {json.dumps(str(app.segments[mine]))}"
+            f", which overlaps {other_key}.segments[{theirs}] {json.dumps(str(other.segments[theirs]))} "
+            f"(app {json.dumps(other.name)}, group {json.dumps(other.group)}); a destination is served by one "
+            f"group's connectors: narrow one of the segments or put both apps in one group")
+
+
+def _loopback_only_http(url: str) -> str | None:
+    """Plain http sends sign-in codes in clear: only to this machine (tests, demos)."""
+    scheme, host, _ = _split_origin(url)
+    if scheme == "http" and host not in ("127.0.0.1", "localhost", "::1"):
+        return "an https:// URL (plain http only for 127.0.0.1, localhost or ::1)"
+    return None
+
+
+def _names_cover(names: tuple[str, ...], host: str) -> bool:
+    """Whether a certificate for ``names`` (with "*." wildcards) is valid for ``host``."""
+    host = host.lower().rstrip(".")
+    for name in names:
+        name = name.lower().rstrip(".")
+        if name == host:
+            return True
+        if name.startswith("*.") and host.endswith(name[1:]) and "." not in host[:-len(name) + 1]:
+            return True
+    return False
 
 
 class _Parser:
-    TOP = ["service", "connector", "apps", "tunnel", "logging"]
+    TOP = ["service", "connector", "apps", "access", "tunnel", "logging"]
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
                "certificate_lifetime_days", "token_lifetime", "max_handshakes", "certificate_lifetime_seconds",
                "inactive_after", "remove_inactive_after", "sweep_interval", "handshake_timeout",
                "max_unauthenticated_per_address", "enrolments_per_minute", "renewal_min_interval"]
     APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options",
-           "external_url", "internal_url", "affinity"]
+           "external_url", "internal_url", "affinity", "segments"]
+    ACCESS = ["url", "tunnel", "certificate_lifetime", "login_lifetime", "udp_idle_timeout",
+              "max_tunnels_per_user"]
     CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max"]
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
     LOGGING = ["format", "level"]
@@ -537,6 +604,8 @@ class _Parser:
         service = self.service(service_data) if service_data is not None else None
         connector = self.connector(connector_data) if connector_data is not None else None
         apps = self.apps(data, service)
+        access_data = self.table(data, "access")
+        access = self.access(access_data, service) if access_data is not None else None
         tunnel_data = self.table(data, "tunnel")
         tunnel = self.tunnel(tunnel_data if tunnel_data is not None else {})
         logging_data = self.table(data, "logging")
@@ -547,7 +616,7 @@ class _Parser:
             extra[name] = parse(table if table is not None else {},
                                 lambda key, expected, _n=name: self.error(f"{_n}.{key}", expected))
         return GatewayConfig(path=self.abs_path, service=service, connector=connector, apps=apps,
-                             tunnel=tunnel, logging=logging, sections=extra)
+                             tunnel=tunnel, logging=logging, access=access, sections=extra)
 
     def service(self, data: Mapping[str, Any]) -> ServiceConfig:
         t = _Table(self, "service", data, self.SERVICE)
@@ -619,6 +688,10 @@ class _Parser:
                 raise self.error(f"apps[{i}].name", f"expected a unique app name, got {json.dumps(app.name)} "
                                                     f"(also used by apps[{names[app.name]}])")
             names[app.name] = i
+            if app.is_private:
+                self.check_overlap(i, app, apps)
+                apps.append(app)
+                continue
             if app.external_url:
                 origin = web_origin(app.external_url)
                 if origin in external:
@@ -650,7 +723,8 @@ class _Parser:
         group = t.get("group", "default", False)
         if not isinstance(group, str) or not _NAME_RE.match(group):
             raise t.fail("group", "a group name matching [a-z0-9][a-z0-9._-]{0,62}", group)
-        web = "external_url" in data or "internal_url" in data
+        private = "segments" in data
+        web = not private and ("external_url" in data or "internal_url" in data)
         protocol = t.get("protocol", WEB_PROTOCOL if web else "tcp", False)
         if not isinstance(protocol, str) or not _PROTOCOL_RE.match(protocol):
             raise t.fail("protocol", 'a protocol handler name such as "tcp"', protocol)
@@ -659,6 +733,9 @@ class _Parser:
         options = t.get("options", {}, False)
         if not isinstance(options, Mapping):
             raise t.fail("options", "a table", options)
+        if private:
+            return attrs.evolve(self.private_app(t, name, group, protocol, connect_timeout, dict(options)),
+                                affinity=affinity)
         if web:
             if protocol != WEB_PROTOCOL:
                 raise t.fail("protocol", f'"{WEB_PROTOCOL}" in an app with external_url or internal_url', protocol)
@@ -670,9 +747,103 @@ class _Parser:
         if parsed is None:
             raise t.fail("destination", '"host:port" (or "[v6]:port") with a port 1..65535', destination)
         host, port = parsed
+        self.check_listen_preauth(t, name, protocol, options)
         return AppConfig(name=name, listen=listen, destination=destination, host=host, port=port,
                          group=group, protocol=protocol, connect_timeout=connect_timeout,
                          options=dict(options), affinity=affinity)
+
+    def check_listen_preauth(self, t: _Table, name: str, protocol: str, options: Mapping[str, Any]) -> None:
+        """A listen app lets in anyone who reaches its port: the config must say so."""
+        if options.get("preauth") == NO_PREAUTH:
+            return
+        web = " (or, for a web app, with external_url and internal_url behind the [http] front door)" \
+            if protocol == WEB_PROTOCOL else ""
+        got = _describe(options["preauth"]) if "preauth" in options else "nothing"
+        raise self.error(t.key("options.preauth"),
+                         f'expected "none" on app {name}, which has a listen: anyone who can reach it may connect, '
+                         f'nobody signs in; add options.preauth = "none" to say so, or publish the app with '
+                         f"segments{web} so users sign in; got {got}")
+
+    def private_app(self, t: _Table, name: str, group: str, protocol: str, connect_timeout: float,
+                    options: dict) -> AppConfig:
+        """A Private Access app: segments its assigned users reach through the group's connectors."""
+        from gateway.segments import Where, parse_segments
+
+        for key in ("listen", "destination", "external_url", "internal_url"):
+            if key in t.data:
+                raise self.error(t.key(key), f"expected no {key} in a private app (one with segments: its users "
+                                             f"reach the segments with gateway access), got {_describe(t.data[key])}; "
+                                             f"remove {key}, or publish the app without segments")
+        if protocol == WEB_PROTOCOL:
+            raise t.fail("protocol", 'a handler for the segments\' TCP connections such as "tcp" in a private '
+                                     "app (web apps are published with external_url and internal_url)", protocol)
+        if "preauth" in options:
+            raise self.error(t.key("options.preauth"),
+                             f"expected no options.preauth in a private app (its users always sign in with "
+                             f"gateway login), got {_describe(options['preauth'])}")
+        assigned = False
+        for key in ASSIGNMENT_KEYS:
+            if key not in options:
+                continue
+            value = options[key]
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise self.error(t.key(f"options.{key}"), f"expected a list of non-empty strings, got {_describe(value)}")
+            assigned = assigned or bool(value)
+        if not assigned:
+            raise self.error(t.key("options.allowed_users"),
+                             "expected options.allowed_users or options.allowed_groups with at least one entry: "
+                             "a private app is reachable only by the users assigned to it")
+        segments = parse_segments(t.data["segments"], Where(self.file, t.key("segments")))
+        return AppConfig(name=name, listen="", destination="", host="", port=0, group=group, protocol=protocol,
+                         connect_timeout=connect_timeout, options=options, segments=segments)
+
+    def check_overlap(self, i: int, app: AppConfig, earlier: list[AppConfig]) -> None:
+        """Refuse segments of ``app`` that overlap those of an earlier app in another connector group."""
+        found = overlapping_app(app, earlier)
+        if found is not None:
+            other, mine, theirs = found
+            raise self.error(f"apps[{i}].segments[{mine}]",
+                             overlap_message(app, mine, other, theirs, f"apps[{earlier.index(other)}]"))
+
+    def access(self, data: Mapping[str, Any], service: ServiceConfig | None) -> AccessConfig:
+        t = _Table(self, "access", data, self.ACCESS)
+        if service is None:
+            raise self.error("access", "expected [access] only together with a [service] table (Private Access "
+                                       "users sign in to a service), got no [service]")
+        url = ""
+        if "url" in data:
+            url = t.string("url", None, what='an absolute URL such as "https://access.example.test/"')
+            problem = _check_web_url(url, EXTERNAL_SCHEMES) or _loopback_only_http(url)
+            if problem:
+                raise self.error(t.key("url"), f"expected {problem}, got {_describe(url)}")
+        return AccessConfig(
+            url=url,
+            tunnel=self.access_tunnel(t, service),
+            certificate_lifetime=t.integer("certificate_lifetime", 3600, MIN_CERTIFICATE_LIFETIME, 7 * 86400),
+            login_lifetime=t.integer("login_lifetime", 43200, MIN_CERTIFICATE_LIFETIME, 366 * 86400),
+            udp_idle_timeout=t.number("udp_idle_timeout", 60, positive=True),
+            max_tunnels_per_user=t.integer("max_tunnels_per_user", 16, 1, 1024),
+        )
+
+    def access_tunnel(self, t: _Table, service: ServiceConfig) -> str:
+        """``access.tunnel``, or service.names[0] with service.listen's port."""
+        expected = '"host:port" (or "[v6]:port") with a host of service.names, such as "gateway.example.test:8443"'
+        if "tunnel" not in t.data:
+            identity = _endpoint_identity(service.listen)
+            if identity is None or identity[0] != "tcp":
+                raise self.error(t.key("tunnel"), f"expected {expected}, got nothing (service.listen "
+                                                  f"{json.dumps(service.listen)} has no TCP port to default to)")
+            host = service.names[0]
+            return f"[{host}]:{identity[1]}" if ":" in host else f"{host}:{identity[1]}"
+        value = t.string("tunnel", None, what=expected)
+        parsed = _parse_destination(value)
+        if parsed is None:
+            raise t.fail("tunnel", expected, value)
+        if not _names_cover(service.names, parsed[0]):
+            raise self.error(t.key("tunnel"), f"expected {expected} (the service certificate names only those, "
+                                              f"so clients would refuse it), got {_describe(value)}; add the host "
+                                              f"to service.names")
+        return value
 
     def web_app(self, t: _Table, name: str, group: str, protocol: str, connect_timeout: float,
                 options: dict) -> AppConfig:

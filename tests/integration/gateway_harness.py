@@ -232,7 +232,10 @@ class Service:
         })
         for app in self.apps:
             entry = {k: v for k, v in app.items() if k != "port"}
-            entry.setdefault("listen", f"tcp:{app['port']}:interface={HOST}")
+            if "segments" not in entry:   # a private app has no listen of its own
+                entry.setdefault("listen", f"tcp:{app['port']}:interface={HOST}")
+            if "listen" in entry:   # anyone who reaches a listen app connects: the config must say so
+                entry["options"] = {"preauth": "none", **entry.get("options", {})}
             text += "\n" + toml_table("apps", entry, array=True)
         if self.tunnel:
             text += "\n" + toml_table("tunnel", self.tunnel)

@@ -66,6 +66,7 @@ def test_unknown_config_key_exits_before_binding(gw):
     bad.write_text(
         f'[service]\nstate_dir = "{state}"\nlisten = "tcp:{port}:interface={HOST}"\ntunels = 2\n\n'
         f'[[apps]]\nname = "web"\nlisten = "tcp:{app_port}:interface={HOST}"\ndestination = "{HOST}:9"\n'
+        f'options.preauth = "none"\n'
     )
     result = gw.twistd(bad)
     out = result.stdout + result.stderr

@@ -21,7 +21,7 @@ def service(tmp_path):
     config.write_text(
         '[service]\nstate_dir = "state"\nconfig_interval = 30\n\n'
         '[[apps]]\nname = "wiki"\nexternal_url = "http://wiki.example.test/"\ninternal_url = "http://10.0.0.5/"\n\n'
-        '[[apps]]\nname = "ssh"\ngroup = "lab"\nlisten = "tcp:2222"\ndestination = "10.0.0.9:22"\n'
+        '[[apps]]\nname = "ssh"\ngroup = "lab"\nlisten = "tcp:2222"\ndestination = "10.0.0.9:22"\noptions.preauth = "none"\n'
     )
     (tmp_path / "state").mkdir()
     store = SQLiteStore(tmp_path / "state" / "gateway.db")

@@ -21,7 +21,7 @@ def service(tmp_path):
     config = tmp_path / "svc.toml"
     config.write_text(
         '[service]\nstate_dir = "state"\n\n'
-        '[[apps]]\nname = "wiki"\ngroup = "web"\nlisten = "tcp:18080"\ndestination = "10.0.0.5:80"\n'
+        '[[apps]]\nname = "wiki"\ngroup = "web"\nlisten = "tcp:18080"\ndestination = "10.0.0.5:80"\noptions.preauth = "none"\n'
     )
     store = SQLiteStore(_state(tmp_path))
     for group in ("default", "web", "lab"):

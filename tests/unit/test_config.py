@@ -32,7 +32,8 @@ def service(**extra):
 
 def app(**extra):
     """A minimal valid [[apps]] entry plus overrides."""
-    return {"name": "web", "listen": "tcp:8080", "destination": "127.0.0.1:8000", **extra}
+    return {"name": "web", "listen": "tcp:8080", "destination": "127.0.0.1:8000", "options": {"preauth": "none"},
+            **extra}
 
 
 def error_for(data, file=FILE) -> ConfigError:
@@ -56,7 +57,8 @@ def test_example_service_loads():
     cfg = load_config(EXAMPLES / "service.toml")
     assert cfg.service is not None and cfg.connector is None
     assert cfg.service.state_dir == Path("/var/lib/gateway/service")
-    assert [a.name for a in cfg.apps] == ["intranet-web", "postgres"]
+    assert [a.name for a in cfg.apps] == ["intranet-web", "postgres", "corp-ssh"]
+    assert cfg.apps[2].is_private and cfg.access.tunnel == "gateway.example.com:8443"
     assert (cfg.apps[0].host, cfg.apps[0].port) == ("intranet.corp.example", 80)
     assert (cfg.apps[1].host, cfg.apps[1].port) == ("2001:db8::5", 5432)
     assert cfg.apps[1].group == "datacenter"
@@ -118,7 +120,7 @@ def test_tunnel_and_logging_defaults():
 def test_app_defaults():
     """An app with only name, listen and destination gets group, protocol, timeout and options defaults."""
     (a,) = parse_config({"service": service(), "apps": [app()]}, FILE).apps
-    assert (a.group, a.protocol, a.connect_timeout, a.options) == ("default", "tcp", 10, {})
+    assert (a.group, a.protocol, a.connect_timeout, a.options) == ("default", "tcp", 10, {"preauth": "none"})
 
 
 def test_both_roles_in_one_file():
@@ -163,7 +165,7 @@ def test_explicit_values_are_kept():
                            max_handshakes=8),
         "connector": {"state_dir": "/c", "tunnels": 16, "drain_timeout": 0, "backoff_initial": 2,
                       "backoff_max": 2},
-        "apps": [app(group="dc-1", protocol="http", connect_timeout=2.5, options={"k": [1, 2]})],
+        "apps": [app(group="dc-1", protocol="http", connect_timeout=2.5, options={"preauth": "none", "k": [1, 2]})],
         "tunnel": {"ping_interval": 3, "initial_window": 65536, "max_window": 65536, "max_frame": 1024,
                    "max_streams": 5},
         "logging": {"format": "json", "level": "warn"},
@@ -171,7 +173,7 @@ def test_explicit_values_are_kept():
     assert cfg.service.names == ("gw.example.com",) and cfg.service.node_id == "n2"
     assert cfg.service.heartbeat_interval == 5.5 and cfg.service.max_handshakes == 8
     assert cfg.connector.tunnels == 16 and cfg.connector.backoff_max == 2
-    assert cfg.apps[0].options == {"k": [1, 2]} and cfg.apps[0].protocol == "http"
+    assert cfg.apps[0].options == {"preauth": "none", "k": [1, 2]} and cfg.apps[0].protocol == "http"
     assert cfg.tunnel.max_frame == 1024 and cfg.tunnel.max_window == 65536
     assert cfg.logging.level == "warn"
 
@@ -616,15 +618,16 @@ state_dir = "s"
 name = "web"
 listen = "tcp:8080"
 destination = "web.corp:80"
-options = { header = "x", nested = { a = 1 } }
+options = { preauth = "none", header = "x", nested = { a = 1 } }
 [[apps]]
 name = "db"
 listen = "tcp:5432"
 destination = "db.corp:5432"
+options.preauth = "none"
 """)
     cfg = load_config(str(p))
     assert [a.name for a in cfg.apps] == ["web", "db"]
-    assert cfg.apps[0].options == {"header": "x", "nested": {"a": 1}}
+    assert cfg.apps[0].options == {"preauth": "none", "header": "x", "nested": {"a": 1}}
 
 
 def test_toml_error_through_load_config_names_the_key(tmp_path):

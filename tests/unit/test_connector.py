@@ -178,7 +178,8 @@ def test_affinity_key_follows_the_app_setting():
 
     def app(affinity):
         return parse_config({"service": {"state_dir": "/tmp/x"}, "apps": [
-            {"name": "a", "listen": "tcp:0", "destination": "10.0.0.1:22", "affinity": affinity}]}, "s.toml").apps[0]
+            {"name": "a", "listen": "tcp:0", "destination": "10.0.0.1:22", "affinity": affinity,
+             "options": {"preauth": "none"}}]}, "s.toml").apps[0]
 
     assert affinity_key(app("none"), {"client": "1.2.3.4:5555"}) is None
     assert affinity_key(app("client"), {"client": "1.2.3.4:5555"}) == affinity_key(app("client"), {"client": "1.2.3.4:6"})

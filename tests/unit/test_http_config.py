@@ -45,7 +45,8 @@ def test_default_port_and_ipv6_internal_url():
 
 def test_tcp_apps_are_unchanged_next_to_web_apps():
     """A tcp app still needs listen and destination and may sit next to web apps."""
-    cfg = config(web(), {"name": "db", "listen": "tcp:15432", "destination": "db.corp:5432"})
+    cfg = config(web(), {"name": "db", "listen": "tcp:15432", "destination": "db.corp:5432",
+                          "options": {"preauth": "none"}})
     assert [a.protocol for a in cfg.apps] == ["http", "tcp"]
     assert "apps[0].listen" in refused({"name": "db", "destination": "db.corp:5432"})
 
@@ -206,22 +207,32 @@ def test_sso_and_back_end_options_are_checked_on_the_service(options, words):
 
 
 @pytest.mark.parametrize("options, key", [
-    ({"preauth": "oidc"}, "preauth"), ({"allowed_groups": ["g"]}, "allowed_groups"),
+    ({"allowed_groups": ["g"]}, "allowed_groups"),
     ({"allowed_users": ["a"]}, "allowed_users"), ({"jwt_assertion": False}, "jwt_assertion"),
     ({"sso": "kerberos"}, "sso"),
 ])
 def test_sign_in_options_on_an_app_with_its_own_listener_are_refused(options, key):
     """An http app with its own listen has no sign-in: its sign-in options are refused, naming the key and the fix."""
-    own = {"name": "site", "protocol": "http", "listen": "tcp:8081", "destination": "site.corp:80", "options": options}
+    own = {"name": "site", "protocol": "http", "listen": "tcp:8081", "destination": "site.corp:80",
+           "options": {"preauth": "none", **options}}
     with pytest.raises(GatewayError, match=f"app site: options.{key} cannot apply .* external_url"):
         gateway_http.check_own_listener_apps(gateway_http.own_listener_apps(config(own)))
 
 
-def test_an_app_with_its_own_listener_may_say_passthrough():
-    """preauth = "passthrough" and back-end options are fine on an app with its own listen; bad ones are checked."""
+def test_an_app_with_its_own_listener_cannot_say_oidc():
+    """preauth = "oidc" on an http app with its own listen is refused by the core config: it must say "none",
+    and the error points at external_url and internal_url for a web app whose users sign in."""
     own = {"name": "site", "protocol": "http", "listen": "tcp:8081", "destination": "site.corp:80",
-           "options": {"preauth": "passthrough", "backend_timeout": "long"}}
+           "options": {"preauth": "oidc"}}
+    text = refused(own)
+    assert 'apps[0].options.preauth: expected "none" on app site' in text and "external_url" in text
+
+
+def test_an_app_with_its_own_listener_may_say_none():
+    """preauth = "none" and back-end options are fine on an app with its own listen; bad ones are checked."""
+    own = {"name": "site", "protocol": "http", "listen": "tcp:8081", "destination": "site.corp:80",
+           "options": {"preauth": "none", "backend_timeout": "long"}}
     gateway_http.check_own_listener_apps(gateway_http.own_listener_apps(config(own)))
-    own["options"] = {"backend_timeout": "forever"}
+    own["options"] = {"preauth": "none", "backend_timeout": "forever"}
     with pytest.raises(GatewayError, match="options.backend_timeout"):
         gateway_http.check_own_listener_apps(gateway_http.own_listener_apps(config(own)))

@@ -111,7 +111,8 @@ def test_every_front_door_listener_counts_against_the_configured_limits():
                                                                 "max_connections_per_address": 2},
             "apps": [{"name": "wiki", "external_url": "http://wiki.example.test:8080/",
                       "internal_url": "http://wiki.corp:8000/"},
-                     {"name": "own", "protocol": "http", "listen": "tcp:8081", "destination": "own.corp:80"}]}
+                     {"name": "own", "protocol": "http", "listen": "tcp:8081", "destination": "own.corp:80",
+                      "options": {"preauth": "none"}}]}
     config = parse_config(data, "gw.toml", plugins.config_sections(plugins.make_plugin_manager({})))
     registered = []
     gateway_http.gateway_service_listeners(lambda *a: registered.append(a), config, lambda app, extra: None, Clock())

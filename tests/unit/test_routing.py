@@ -15,7 +15,7 @@ def node_with(*behaviours):
     """A service node whose registry holds one in-memory tunnel per behaviour(stream)."""
     config = parse_config({
         "service": {"state_dir": "/tmp/unused"},
-        "apps": [{"name": "web", "listen": "tcp:0", "destination": "10.0.0.5:80"}],
+        "apps": [{"name": "web", "listen": "tcp:0", "destination": "10.0.0.5:80", "options": {"preauth": "none"}}],
     }, "svc.toml")
     node = ServiceNode(config, Clock(), pm=None, handlers={})
     pumps = []

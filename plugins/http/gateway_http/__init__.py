@@ -95,7 +95,7 @@ def check_own_listener_apps(apps: list[Any]) -> None:
     would serve the app to anyone while the config says otherwise."""
     for app in apps:
         for key in SIGN_IN_KEYS:
-            if key in app.options and not (key == "preauth" and app.options[key] == "passthrough"):
+            if key in app.options and not (key == "preauth" and app.options[key] in ("passthrough", "none")):
                 raise GatewayError(
                     f"app {app.name}: options.{key} cannot apply to an http app with a listen of its own (nobody "
                     f"signs in there, so it would be served to anyone): publish the app with external_url and "

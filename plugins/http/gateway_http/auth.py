@@ -122,7 +122,8 @@ def check_app_options(app: Any) -> None:
         return GatewayError(f"app {app.name}: options.{key}: expected {expected}, got {options[key]!r}")
 
     mode = options.get("preauth", "passthrough")
-    if mode not in PREAUTH:
+    # "none" is how the core has an app with a listen of its own say that nobody signs in there.
+    if mode not in PREAUTH and not (mode == "none" and not app.external_url):
         raise bad("preauth", '"passthrough" or "oidc"')
     for key in ("allowed_users", "allowed_groups"):
         if key in options:
