@@ -78,20 +78,21 @@ def _parser() -> argparse.ArgumentParser:
     alist = apps.add_parser("list", help="list apps from the config file and from the store")
     alist.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
     alist.add_argument("--json", action="store_true", help="print the apps as JSON")
-    aadd = apps.add_parser("add", help="publish a web app (kept in the store; the running service picks it up)")
+    aadd = apps.add_parser("add", help="publish a web app (--external-url and --internal-url) or a private app"
+                                       " (--segment); kept in the store, the running service picks it up")
     aadd.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
     aadd.add_argument("name", help="the app's name, [a-z0-9][a-z0-9._-]{0,62}")
-    aadd.add_argument("--external-url", required=True, help="where users reach it, e.g. https://wiki.apps.example.test/")
-    aadd.add_argument("--internal-url", required=True, help="where the connector finds it, e.g. http://wiki.corp:8080/")
+    aadd.add_argument("--external-url", help="a web app: where users reach it, e.g. https://wiki.apps.example.test/")
+    aadd.add_argument("--internal-url", help="a web app: where the connector finds it, e.g. http://wiki.corp:8080/")
     _app_flags(aadd)
-    aset = apps.add_parser("set", help="change a web app kept in the store")
+    aset = apps.add_parser("set", help="change an app kept in the store")
     aset.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
     aset.add_argument("name")
     aset.add_argument("--external-url")
     aset.add_argument("--internal-url")
     _app_flags(aset)
     aset.add_argument("--unset-option", action="append", default=[], metavar="KEY", help="drop an option (repeatable)")
-    aremove = apps.add_parser("remove", help="stop publishing a web app kept in the store")
+    aremove = apps.add_parser("remove", help="stop publishing an app kept in the store")
     aremove.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
     aremove.add_argument("name")
 
@@ -138,6 +139,14 @@ def _app_flags(p: argparse.ArgumentParser) -> None:
                         " or else taken as text (repeatable)")
     p.add_argument("--affinity", help="none, client or user")
     p.add_argument("--connect-timeout", type=float, metavar="SECONDS", help="how long the connector tries the back end")
+    again = " (repeatable; on set, the flags given replace the whole list)"
+    p.add_argument("--segment", action="append", default=[], metavar='"[tcp|udp] DESTINATION:PORTS"',
+                   help="a private app: what its users reach, e.g. \"tcp 10.0.0.0/8:22,80\", \"udp dns.corp:53\" or"
+                        " \"tcp *.corp.example:8000-8100\"" + again)
+    p.add_argument("--allow-user", action="append", default=[], metavar="USER",
+                   help="a private app: a user assigned to it (subject or verified email)" + again)
+    p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",
+                   help="a private app: a group whose users are assigned to it" + again)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,16 +434,21 @@ def groups_delete(args: argparse.Namespace) -> int:
 APP_FLAGS = {
     "name": "NAME", "external_url": "--external-url", "internal_url": "--internal-url", "group": "--group",
     "options": "--option", "affinity": "--affinity", "connect_timeout": "--connect-timeout",
+    "options.allowed_users": "--allow-user", "options.allowed_groups": "--allow-group",
 }
+
+
+def _served_protocols() -> set[str]:
+    """The protocols the loaded plugins serve, as the service would see them."""
+    return set(plugins.protocol_handlers(plugins.make_plugin_manager()))
 
 
 def _with_store_apps(config: Any, store: Any) -> Any:
     """`config` with the stored apps the service would serve after its own."""
-    from gateway.config import WEB_PROTOCOL
     from gateway.service import store_apps
 
     apps, _ = store_apps.parse_records(store.list_apps())
-    return store_apps.merge(config, apps, {WEB_PROTOCOL})[0]
+    return store_apps.merge(config, apps, _served_protocols())[0]
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -463,10 +477,34 @@ def _definition(args: argparse.Namespace, base: dict[str, Any] | None = None) ->
             raise GatewayError(f"--unset-option: the app has no option {key!r}; it has: {', '.join(options) or 'none'}")
         del options[key]
     options.update(_option(text) for text in args.option)
+    for key, given in (("allowed_users", args.allow_user), ("allowed_groups", args.allow_group)):
+        if given:
+            options[key] = list(given)
+    if args.segment:
+        definition["segments"] = [_segment_flag(i, text) for i, text in enumerate(args.segment)]
     definition.pop("options", None)
     if options:
         definition["options"] = options
     return definition
+
+
+def _segment_flag(index: int, text: str) -> dict[str, str]:
+    """``--segment "tcp 10.0.0.0/8:22,80"`` as the segment table ``[[apps.segments]]`` holds (checked later)."""
+    words = text.split()
+    protocol, target = (words if len(words) == 2 else ("tcp", words[0]) if len(words) == 1 else ("", ""))
+    destination, sep, ports = target.rpartition(":")
+    if not sep or not destination or not ports or destination.startswith("[") != destination.endswith("]"):
+        raise GatewayError(f"--segment (#{index + 1}): expected \"[tcp|udp] DESTINATION:PORTS\" such as"
+                           f" \"tcp 10.0.0.0/8:22,80\" or \"udp [fd00::/64]:53\", got {text!r}")
+    return {"destination": destination.removeprefix("[").removesuffix("]"), "ports": ports, "protocol": protocol}
+
+
+def _flag_for(key: str) -> str:
+    """The `gateway apps` flag that set the [[apps]] key ``key``."""
+    if key.startswith("segments"):
+        index = key.removeprefix("segments[").partition("]")[0]
+        return f"--segment (#{int(index) + 1})" if index.isdigit() else "--segment"
+    return APP_FLAGS.get(key, key)
 
 
 def _parse_cli_app(name: str, group: str, definition: dict[str, Any]) -> Any:
@@ -474,12 +512,16 @@ def _parse_cli_app(name: str, group: str, definition: dict[str, Any]) -> Any:
     from gateway.config import WEB_PROTOCOL, parse_app
     from gateway.errors import ConfigError
 
+    if not definition.get("segments") and not ("external_url" in definition or "internal_url" in definition):
+        raise GatewayError("expected --external-url and --internal-url (a web app) or --segment (a private app),"
+                           " got neither")
     try:
         app = parse_app({**definition, "name": name, "group": group}, source="gateway apps")
     except ConfigError as e:
-        raise GatewayError(f"{APP_FLAGS.get(e.key, e.key)}: {e.expected}") from None
-    if app.protocol != WEB_PROTOCOL:  # cannot happen with the flags above, but the store takes web apps only
-        raise GatewayError("only web apps can be published with `gateway apps`; put other apps in the config file")
+        raise GatewayError(f"{_flag_for(e.key)}: {e.expected}") from None
+    if app.protocol != WEB_PROTOCOL and not app.is_private:  # the store takes web apps and private apps only
+        raise GatewayError("only web apps and private apps can be published with `gateway apps`; put other apps"
+                           " in the config file")
     return app
 
 
@@ -499,11 +541,17 @@ def _require_group(config: Any, store: Any, group: str) -> None:
 
 
 def _unique_external_url(config: Any, app: Any, records: list[Any]) -> None:
-    """Refuse an external URL (scheme, host, port and path) that another app already has."""
+    """Refuse an external URL (scheme, host, port and path) that another app already has, or
+    segments that overlap an app's of another connector group."""
     from gateway.config import web_origin
     from gateway.service import store_apps
 
     others, _ = store_apps.parse_records(r for r in records if r.name != app.name)
+    if app.is_private:
+        why = store_apps.overlap(app, [*config.apps, *others], {a.name for a in config.apps})
+        if why is not None:
+            raise GatewayError(f"--segment: {why}; narrow one of them, or use the same --group")
+        return
     other = store_apps.clash(app, [*config.apps, *others])
     if other is None:
         return
@@ -556,15 +604,14 @@ def apps_list(args: argparse.Namespace) -> int:
     with _service_store(args.config) as (config, store):
         records = store.list_apps()
     parsed, problems = store_apps.parse_records(records)
-    from gateway.config import WEB_PROTOCOL
-
-    _, left_out = store_apps.merge(config, parsed, {WEB_PROTOCOL})
+    _, left_out = store_apps.merge(config, parsed, _served_protocols())
     by_name = {a.name: a for a in parsed}
     entries = []
     for app in config.apps:
         entries.append({"name": app.name, "source": "config", "group": app.group, "protocol": app.protocol,
                         "external_url": app.external_url, "internal_url": app.internal_url,
                         "listen": app.listen, "destination": app.destination, "options": app.options,
+                        "segments": [str(s) for s in app.segments],
                         "affinity": app.affinity, "connect_timeout": app.connect_timeout, "served": True,
                         "note": ""})
     for record in records:
@@ -576,6 +623,7 @@ def apps_list(args: argparse.Namespace) -> int:
             "protocol": app.protocol if app else definition.get("protocol", ""),
             "external_url": definition.get("external_url", ""), "internal_url": definition.get("internal_url", ""),
             "listen": "", "destination": app.destination if app else "",
+            "segments": [str(s) for s in app.segments] if app else [],
             "options": definition.get("options", {}), "affinity": app.affinity if app else definition.get("affinity"),
             "connect_timeout": app.connect_timeout if app else definition.get("connect_timeout"),
             "served": not note, "note": note,
@@ -587,8 +635,8 @@ def apps_list(args: argparse.Namespace) -> int:
         return 0
     rows = [("NAME", "SOURCE", "GROUP", "EXTERNAL", "INTERNAL", "NOTE")]
     for e in entries:
-        rows.append((e["name"], e["source"], e["group"], e["external_url"] or e["listen"],
-                     e["internal_url"] or e["destination"], f"not served: {e['note']}" if e["note"] else "-"))
+        rows.append((e["name"], e["source"], e["group"], e["external_url"] or e["listen"] or "(private)",
+                     e["internal_url"] or e["destination"] or ", ".join(e["segments"]), f"not served: {e['note']}" if e["note"] else "-"))
     _table(rows)
     return 0
 
@@ -611,8 +659,14 @@ def apps_add(args: argparse.Namespace) -> int:
         store.add_app(AppRecord(app.name, group, definition, now, now),
                       check=lambda records: _unique_external_url(config, app, records))
         note = _applied_note(config)
-    print(f"app {app.name!r} added: {app.external_url} -> {app.internal_url} via group {group!r}; {note}")
+    print(f"app {app.name!r} added: {_app_summary(app)} via group {group!r}; {note}")
     return 0
+
+
+def _app_summary(app: Any) -> str:
+    if app.is_private:
+        return f"private app, segments {', '.join(str(s) for s in app.segments)},"
+    return f"{app.external_url} -> {app.internal_url}"
 
 
 def _stored_app(config: Any, store: Any, name: str, what: str) -> Any:
@@ -625,10 +679,22 @@ def _stored_app(config: Any, store: Any, name: str, what: str) -> Any:
     raise GatewayError(f"no app {name!r} in the store; see `gateway apps list`")
 
 
+def _refuse_kind_change(args: argparse.Namespace, record: Any) -> None:
+    """`set` changes an app, not its kind: a web app's URLs and a private app's segments do not mix."""
+    private = "segments" in record.definition
+    flag = "--segment" if args.segment and not private else (
+        "--external-url" if args.external_url and private else "--internal-url" if args.internal_url and private
+        else None)
+    if flag is not None:
+        raise GatewayError(f"{flag}: app {args.name!r} is a {'private' if private else 'web'} app; to make it the"
+                           f" other kind, remove it (`gateway apps remove {args.name}`) and add it again")
+
+
 def apps_set(args: argparse.Namespace) -> int:
     with _service_store(args.config) as (config, store):
         record = _stored_app(config, store, args.name, "change")
         group = args.group or record.group
+        _refuse_kind_change(args, record)
         definition = _definition(args, record.definition)
         app = _parse_cli_app(args.name, group, definition)
         if group != record.group:
@@ -640,7 +706,7 @@ def apps_set(args: argparse.Namespace) -> int:
         store.update_app(app.name, group, definition, datetime.now(UTC),
                          check=lambda records: _unique_external_url(config, app, records))
         note = _applied_note(config)
-    print(f"app {app.name!r} changed: {app.external_url} -> {app.internal_url} via group {group!r}; {note}")
+    print(f"app {app.name!r} changed: {_app_summary(app)} via group {group!r}; {note}")
     return 0
 
 
