@@ -849,6 +849,12 @@ def list_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_listen_warning(app: Any) -> str:
+    """What check-config says of an app with a listen of its own: nobody signs in there."""
+    return (f"app {app.name}: anyone who can reach {app.listen} may connect (options.preauth = \"none\");"
+            " publish it as a private app with segments so users sign in")
+
+
 def check_config(args: argparse.Namespace) -> int:
     from gateway.tap import check_protocols
 
@@ -859,6 +865,7 @@ def check_config(args: argparse.Namespace) -> int:
     if config.service is not None:
         # what `twistd gateway` would refuse at start: per-app options, certificates
         warnings = plugins.check_service_listeners(pm, config)
+    warnings += [open_listen_warning(app) for app in config.apps if app.listen]
     for warning in warnings:
         print(f"gateway: warning: {warning}", file=sys.stderr)
     roles = [r for r in ("service", "connector") if getattr(config, r) is not None]

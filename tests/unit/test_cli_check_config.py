@@ -48,3 +48,23 @@ def test_a_plugin_crashing_on_the_config_is_reported_not_raised(tmp_path, capsys
     code, out, err = check(tmp_path, capsys, SERVICE + WIKI)
     assert code == 1 and out == ""
     assert "a plugin failed while checking the config for its listeners" in err and "boom" in err
+
+
+SSH = ('[[apps]]\nname = "ssh"\nlisten = "tcp:2222:interface=127.0.0.1"\ndestination = "10.0.0.9:22"\n'
+       'options.preauth = "none"\n')
+
+
+def test_a_listen_app_is_ok_with_a_warning_that_anyone_may_connect(tmp_path, capsys):
+    """A listen app (preauth = "none") passes with a warning on stderr naming it and its listen."""
+    code, out, err = check(tmp_path, capsys, SERVICE + WIKI + SSH)
+    assert code == 0 and out.endswith("OK (service, 2 apps)\n")
+    assert err == ('gateway: warning: app ssh: anyone who can reach tcp:2222:interface=127.0.0.1 may connect'
+                   ' (options.preauth = "none"); publish it as a private app with segments so users sign in\n')
+
+
+def test_web_and_private_apps_get_no_such_warning(tmp_path, capsys):
+    """Apps whose users sign in (web, private) are not warned about."""
+    private = ('[[apps]]\nname = "corp"\noptions.allowed_users = ["alice"]\n'
+               '[[apps.segments]]\ndestination = "10.1.0.0/16"\nports = "22"\n')
+    code, out, err = check(tmp_path, capsys, SERVICE + WIKI + private)
+    assert (code, err) == (0, "")
