@@ -136,9 +136,14 @@ class _Addresses:
 
 def resolve(resolver: Any, host: str, transport: str) -> Deferred:
     """The addresses of ``host`` (a list of strings, maybe empty) from ``resolver``, an
-    IHostnameResolver; an address literal comes back as it is without asking."""
-    if is_address(host):
-        return succeed([str(normalise_host(host))])
+    IHostnameResolver; an address literal comes back as it is without asking.
+
+    The resolver is asked the normalised name (lower case, A-labels, no trailing dot) that the
+    segments were matched against, never the raw text: getaddrinfo would encode a non-ASCII name
+    with IDNA 2003 ("faß" becomes "fass"), a different host than the one checked."""
+    wanted = normalise_host(host)
+    if not isinstance(wanted, str):
+        return succeed([str(wanted)])
     receiver = _Addresses()
-    resolver.resolveHostName(receiver, host, 0, [IPv4Address, IPv6Address], transport.upper())
+    resolver.resolveHostName(receiver, wanted, 0, [IPv4Address, IPv6Address], transport.upper())
     return receiver.done

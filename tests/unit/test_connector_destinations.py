@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import MessageLengthError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
@@ -426,3 +427,38 @@ def test_check_config_refuses_an_app_with_protocol_udp():
     with pytest.raises(Exception, match='app u: protocol "udp" is only for the UDP flows of private apps'):
         gateway_tcp.gateway_service_listeners(register=None, config=SimpleNamespace(apps=[app]), open_stream=None,
                                               reactor=None)
+
+
+def test_a_name_is_resolved_exactly_as_it_was_checked():
+    """The resolver is asked the normalised A-label name the segments matched, never the raw text
+    (Python's getaddrinfo would map "faß" to "fass", a different host than the one checked)."""
+    handler = RecordingHandler()
+    node, reactor = private_connector({"tcp": handler}, {"xn--fa-hia.corp.example": ["10.7.7.8"]},
+                                      {"destination": "faß.corp.example", "ports": 5432})
+    service, pump = tunnel_to(node)
+    stream = open_and_wait(service, pump, access_meta("FAß.Corp.Example.:5432"))
+    assert not hasattr(stream, "check"), stream
+    assert reactor.nameResolver.asked == [("xn--fa-hia.corp.example", "TCP")]
+    (_, app), = handler.calls
+    assert app.host == "10.7.7.8"
+
+
+@pytest.mark.parametrize("error", [OSError(11, "Resource temporarily unavailable"), MessageLengthError()])
+def test_a_datagram_the_socket_refuses_is_dropped_and_counted_not_the_flow(error, events):
+    """A send the UDP socket refuses (buffer full, too long) drops that datagram, counted; the flow goes on."""
+    reactor, service, pump, stream, port = udp_flow()
+    stream.attach(Collect())
+    def refuse(datagram, addr=None):
+        raise error
+
+    sent, port.write = port.write, refuse
+    stream.write(encode_datagram(b"lost"))
+    pump.flush()
+    port.write = sent
+    stream.write(encode_datagram(b"kept"))
+    pump.flush()
+    assert port.sent == [b"kept"] and not stream.closed
+    stream.loseConnection()
+    pump.flush()
+    closed = [e for e in events if "udp flow" in e.get("log_format", "")]
+    assert closed and closed[0]["unsent"] == 1, closed

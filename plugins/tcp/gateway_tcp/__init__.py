@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, MessageLengthError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
@@ -169,6 +169,7 @@ class UDPFlow(DatagramProtocol):
         self.port: Any = None
         self.datagrams_in = 0
         self.datagrams_out = 0
+        self.unsent = 0  # datagrams from the stream the UDP socket would not send
         self._active_at = reactor.seconds()
         self._idle_call: Any = None
 
@@ -230,7 +231,12 @@ class UDPFlow(DatagramProtocol):
             self._active_at = self.reactor.seconds()
         for datagram in datagrams:
             self.datagrams_in += 1
-            self.transport.write(datagram)
+            try:
+                self.transport.write(datagram)
+            except (OSError, MessageLengthError):
+                # The socket's buffer is full or the datagram is too long for UDP: UDP would lose
+                # it on the way anyway, so lose this one (counted), not the whole flow.
+                self.unsent += 1
 
     # -- ending ----------------------------------------------------------------------------
 
@@ -258,10 +264,11 @@ class UDPFlow(DatagramProtocol):
         if self.port is not None:
             self.port.stopListening()
         log.info("request {request_id} for app {app}: udp flow to {destination} closed ({why}): {sent} datagrams"
-                 " sent, {received} received, {dropped} dropped ({dropped_bytes} bytes) while the stream was full",
+                 " sent ({unsent} refused by the socket), {received} received,"
+                 " {dropped} dropped ({dropped_bytes} bytes) while the stream was full",
                  request_id=self.request_id, app=self.app.name, destination=self.app.destination, why=why,
-                 sent=self.datagrams_in, received=self.datagrams_out, dropped=self.queue.dropped,
-                 dropped_bytes=self.queue.dropped_bytes)
+                 sent=self.datagrams_in, unsent=self.unsent, received=self.datagrams_out,
+                 dropped=self.queue.dropped, dropped_bytes=self.queue.dropped_bytes)
 
 
 @implementer(IHalfCloseableProtocol)
