@@ -85,6 +85,8 @@ class SocketSide(Protocol):
 
     stream: Stream | None = None
     on_lost: Any = None
+    # The protocol put on the stream by join(): a subclass may watch the stream's bytes.
+    stream_side: Any = None
 
     def __init__(self, on_lost: Any = None) -> None:
         self.on_lost = on_lost
@@ -97,7 +99,7 @@ class SocketSide(Protocol):
 
     def join(self, stream: Stream) -> None:
         self.stream = stream
-        stream.attach(StreamSide(self))
+        stream.attach((self.stream_side or StreamSide)(self))
         self.transport.registerProducer(stream, True)
         stream.registerProducer(self.transport, True)
         self.transport.resumeProducing()
@@ -219,9 +221,11 @@ def dial_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
-def dial_and_splice(stream: Stream, app: Any, reactor: Any) -> None:
+def dial_and_splice(stream: Stream, app: Any, reactor: Any, backend: SocketSide | None = None) -> None:
     """The connector's half of a byte-stream protocol: dial the app's destination, accept the
     stream once connected and splice the two; reset it with the reason if the dial fails.
+    ``backend``: the protocol for the socket to the app (default a plain SocketSide), for a
+    plugin that watches the bytes (gateway.tunnel.inspect).
 
     Logs carry the stream's request id, so a failure can be matched with the service's log.
     """
@@ -234,7 +238,9 @@ def dial_and_splice(stream: Stream, app: Any, reactor: Any) -> None:
                       request_id=request_id, app=app.name, destination=app.destination,
                       reason=reason.getErrorMessage())
 
-    backend = SocketSide(on_lost=lost)
+    if backend is None:
+        backend = SocketSide()
+    backend.on_lost = lost
 
     def connected(_: Any) -> None:
         if stream.closed:

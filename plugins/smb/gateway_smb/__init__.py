@@ -1,14 +1,47 @@
-"""The SMB protocol plugin (issue 11), not wired yet.
+"""The SMB protocol plugin: apps with ``protocol = "smb"``.
 
-What it will be: a protocol handler for apps with ``protocol = "smb"`` (port 445 segments by
-default) that watches the start of an SMB2/3 connection without altering a byte (signing and
-encryption keep working): the dialect, signing and encryption from NEGOTIATE and SESSION_SETUP,
-the user and domain from an NTLM AUTHENTICATE (a Kerberos AP-REQ does not show the client's
-name), and the share of the first TREE_CONNECT when it is not encrypted. It refuses SMB1 and the
-SMB1-style multi-protocol NEGOTIATE unless the app sets ``allow_smb1``, can enforce
-``require_signing``/``require_encryption`` from the negotiated flags, and once the handshake is
-seen splices the rest at full speed.
-
-What exists so far is only the codec, :mod:`gateway_smb.codec`, without I/O. This package has
-no hook implementation and no entry point: ``gateway plugins`` does not load it.
+On the service an SMB app is served like a tcp app (the tcp plugin's listener, idle_timeout
+included). On the connector, which dials the file server, sees both directions and enforces the
+app's policy, the start of each connection is read by :mod:`gateway_smb.codec` without altering
+a byte (signing and encryption keep working): dialect, signing, encryption, the NTLM user and
+domain, the share. SMB1 is refused unless ``options.allow_smb1``; ``options.require_signing`` and
+``options.require_encryption`` refuse sessions whose negotiated flags fall short
+(:mod:`gateway_smb.policy`). Once the handshake is seen the connection is spliced at full speed
+(gateway.tunnel.inspect). Loaded through the ``gateway`` entry point like a third party's plugin.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.hookspecs import hookimpl
+from gateway.tunnel.inspect import InspectingHandler, flag_option
+from gateway_tcp import TCPHandler, idle_timeout
+
+from gateway_smb.codec import SmbInspector
+from gateway_smb.policy import SmbPolicy, session_facts
+
+
+class SMBHandler(InspectingHandler, TCPHandler):
+    """The service side is the tcp plugin's; the connector side inspects, then splices."""
+
+    name = "smb"
+
+    def inspector(self, app: Any) -> SmbPolicy:
+        return SmbPolicy(SmbInspector(allow_smb1=flag_option(app, "allow_smb1", False)),
+                         require_signing=flag_option(app, "require_signing", False),
+                         require_encryption=flag_option(app, "require_encryption", False))
+
+    def facts(self, inspector: SmbPolicy) -> dict[str, Any]:
+        return session_facts(inspector)
+
+
+@hookimpl
+def gateway_register_protocols(register: Any) -> None:
+    register(SMBHandler())
+
+
+@hookimpl
+def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reactor: Any) -> None:
+    """Registers no listener: checks the smb apps' options."""
+    SMBHandler().check_apps(config.apps, idle_timeout)
