@@ -1,0 +1,197 @@
+"""Kerberos constrained delegation single sign-on (the kerberos_sso plugin) through real processes.
+
+A real MIT KDC with the LDAP back end and a real Negotiate-only Apache (kdc_harness.py), the
+real OpenID provider and its cookie-jar browser (test_http_oidc.py), a service with the
+front door and a connector whose own TOML has a [kerberos] table: users sign in, the connector
+delegates for them (S4U2Self + S4U2Proxy from its keytab) and Apache's REMOTE_USER says whom
+it saw. Each failure is provoked on the realm for real and must end in the 502 page with the
+correlation id and a connector log line naming cause and fix.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+
+import pytest
+
+from components import needs, require_module
+from gateway_harness import HOST, free_port, http_request, toml_table, wait_until
+from kdc_harness import BACKEND, CONNECTOR, OTHER, ROTATED, principal
+from test_http_oidc import SECRET, USERS, AppServer, Browser, OpenIDProvider, sign_in
+
+require_module("gssapi")
+pytestmark = needs("node", node_modules=["oidc-provider"])
+
+HOSTS = {"wiki": "wiki.apps.example.test", "other": "other.apps.example.test",
+         "challenge": "challenge.apps.example.test", "echo": "echo.apps.example.test",
+         "plain": "plain.apps.example.test", "unproven": "unproven.apps.example.test"}
+# Provider accounts beyond alice and bob: carol and dave are in the realm (made by the test),
+# mallory is not.
+EXTRA_USERS = {name: {"name": name.title(), "email": f"{name}@example.test", "groups": []}
+               for name in ("carol", "dave", "mallory")}
+
+
+class Stack:
+    def __init__(self, gw, tmp_path, kdc, apache, account: str = CONNECTOR) -> None:
+        self.front = free_port()
+        self.base = {name: f"http://{host}:{self.front}" for name, host in HOSTS.items()}
+        self.provider = OpenIDProvider(tmp_path / "idp", [f"{b}/.gateway/callback" for b in self.base.values()],
+                                       [f"{b}/.gateway/signedout" for b in self.base.values()])
+        self.echo = AppServer()
+        (tmp_path / "client-secret.txt").write_text(SECRET + "\n")
+        gw.secrets.append(SECRET)
+        kerberos = {"preauth": "oidc", "sso": "kerberos", "kerberos_spn": BACKEND}
+        apache = f"http://{HOST}:{apache.port}/"
+        apps = [
+            {"name": "wiki", "internal_url": apache, "options": kerberos},
+            {"name": "other", "internal_url": apache, "options": {**kerberos, "kerberos_spn": OTHER}},
+            {"name": "challenge", "internal_url": apache, "options": {**kerberos, "kerberos_preemptive": False,
+                                                                      "kerberos_identity": "claim:sub"}},
+            {"name": "echo", "internal_url": f"http://{HOST}:{self.echo.port}/",
+             "options": {**kerberos, "kerberos_preemptive": False}},
+            {"name": "unproven", "internal_url": f"http://{HOST}:{self.echo.port}/", "options": kerberos},
+            {"name": "plain", "internal_url": f"http://{HOST}:{self.echo.port}/", "options": {"preauth": "oidc"}},
+        ]
+        self.svc = gw.service(start=False)
+        self.svc.add_front_door(self.front, [{**app, "external_url": self.base[app["name"]] + "/"} for app in apps],
+                                more="\n" + toml_table("http.oidc", {
+                                    "issuer": self.provider.issuer, "client_id": "gateway",
+                                    "client_secret_file": str(tmp_path / "client-secret.txt")}))
+        self.svc.start()
+        self.conn = gw.connector(self.svc, start=False)
+        with open(self.conn.config_path, "a") as f:
+            f.write("\n" + toml_table("kerberos", {"keytab": str(kdc.keytab(account)), "principal": principal(account),
+                                                   "krb5_conf": str(kdc.krb5_conf), "check_user": "alice"}))
+        self.conn.start()
+        wait_until(lambda: "wiki→" in self.conn.proc.log(), 30, "the connector to get its apps")
+        wait_until(lambda: "oidc: provider" in self.svc.log(), 30, "the service to discover the provider")
+        self.browsers: dict[str, Browser] = {}
+
+    def browser(self, user: str, app: str = "wiki") -> Browser:
+        """``user``'s browser, signed in to ``app`` (the provider remembers the user after the first app)."""
+        browser = self.browsers.setdefault(user, Browser())
+        if not any(host == HOSTS[app] for host, _, _ in browser.cookies):
+            page = sign_in(browser, self.base[app] + "/open", user, self.provider)
+            assert page.status in (200, 404, 401, 502), page.text[:300]
+        return browser
+
+    def get(self, user: str, app: str = "wiki", path: str = "/whoami", **headers: str):
+        return self.browser(user, app).request("GET", self.base[app] + path, headers=headers)
+
+    def stop(self) -> None:
+        self.provider.stop()
+        self.echo.stop()
+
+
+@pytest.fixture
+def stack(gw, tmp_path, kdc, negotiate_apache, monkeypatch):
+    for name, user in EXTRA_USERS.items():
+        monkeypatch.setitem(USERS, name, user)
+    started: list[Stack] = []
+
+    def make(**kw) -> Stack:
+        started.append(Stack(gw, tmp_path, kdc, negotiate_apache, **kw))
+        return started[-1]
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def assert_sso_failed(stack: Stack, page, cause: str, fix: str) -> None:
+    """The user got the 502 page with the correlation id and nothing of Kerberos; the connector's
+    log names the cause and the fix under that id."""
+    assert page.status == 502, (page.status, page.text[:500])
+    assert "Single sign-on to the application failed" in page.text
+    rid = re.search(r"Correlation id: <code>(\w+)</code>", page.text).group(1)
+    for internal in ("Kerberos", "KDC", "EXAMPLE.TEST", "HTTP/", cause):
+        assert internal not in page.text, internal
+    line = wait_until(lambda: re.search(rf"request {rid} for app \w+: Kerberos single sign-on for .*", stack.conn.proc.log()),
+                      10, f"the connector's log line for {rid}").group(0)
+    assert f"failed: {cause}:" in line and f"Fix: {fix}" in line, line
+
+
+def test_signed_in_users_reach_the_back_end_as_themselves(stack, kdc):
+    """alice and bob sign in; Apache (Negotiate only) sees REMOTE_USER alice@EXAMPLE.TEST and
+    bob@EXAMPLE.TEST, also alternating on one client keep-alive connection; the mutual-auth reply
+    verifies; a user's second request needs no KDC exchange, even with the KDC stopped."""
+    s = stack()
+    log = wait_until(lambda: re.search(r"kerberos: account \S+ got a TGT .*", s.conn.proc.log()), 30,
+                     "the start-up check").group(0)
+    assert "protocol transition for alice@EXAMPLE.TEST works" in log, log
+    for user in ("alice", "bob"):
+        page = s.get(user)
+        assert (page.status, page.body) == (200, f"user={principal(user)}\n".encode()), page.text[:300]
+    cookies = {user: s.browsers[user].cookie_header(HOSTS["wiki"], "/whoami") for user in ("alice", "bob")}
+    client = http.client.HTTPConnection(HOST, s.front, timeout=30)
+    try:
+        for _ in range(3):
+            for user in ("alice", "bob"):
+                r, body = http_request(s.front, f"{HOSTS['wiki']}:{s.front}", "/whoami",
+                                       headers={"Cookie": cookies[user]}, conn=client)
+                assert (r.status, body) == (200, f"user={principal(user)}\n".encode())
+    finally:
+        client.close()
+    with kdc.kdc_stopped():
+        assert s.get("alice").body == f"user={principal('alice')}\n".encode()
+
+
+def test_a_401_challenge_is_answered_and_the_clients_authorization_never_forwarded(stack):
+    """kerberos_preemptive = false: the request goes without a token, Apache's 401 Negotiate
+    challenge is answered with alice's, and she gets her page; a back end that does not challenge
+    never sees the Authorization header the client sent."""
+    s = stack()
+    page = s.get("alice", "challenge", Authorization="Negotiate Zm9yZ2Vk")
+    assert (page.status, page.body) == (200, f"user={principal('alice')}\n".encode()), page.text[:300]
+    page = s.get("alice", "echo", "/anything", Authorization="Basic Zm9yZ2Vk")
+    assert page.status == 200
+    seen = json.loads(page.body)
+    assert seen["path"] == "/anything"
+    assert not [v for k, v in seen["headers"] if k.lower() == "authorization"], seen["headers"]
+
+
+def test_each_failure_is_a_502_page_and_a_log_line_with_the_fix(stack, kdc):
+    """KDC down, a user unknown to the KDC, a target the account may not delegate to, and an
+    account without protocol transition: each request gets the 502 page with its correlation id
+    (no Kerberos detail) and the connector logs cause and fix; apps without SSO keep working."""
+    for user in ("carol", "dave"):
+        kdc.kadmin(f"addprinc -randkey {user}")
+    s = stack()
+    assert s.get("alice").status == 200
+    with kdc.kdc_stopped():
+        assert_sso_failed(s, s.get("carol"), "KDC_UNREACHABLE", "check that the KDC is running")
+        assert s.get("alice").status == 200   # cached: no KDC needed
+        assert s.get("alice", "plain", "/x").status == 200
+    assert_sso_failed(s, s.get("mallory"), "USER_UNKNOWN", "check which identity the app delegates")
+    assert_sso_failed(s, s.get("alice", "other"), "DELEGATION_NOT_ALLOWED",
+                      f"add {OTHER} to the delegation targets of {principal(CONNECTOR)}")
+    kdc.kadmin(f"modprinc -ok_to_auth_as_delegate {CONNECTOR}")
+    try:
+        assert_sso_failed(s, s.get("dave"), "NO_PROTOCOL_TRANSITION", f"allow {principal(CONNECTOR)} to delegate")
+    finally:
+        kdc.kadmin(f"modprinc +ok_to_auth_as_delegate {CONNECTOR}")
+    assert s.get("dave").status == 200   # failures are not cached: fixed, it works at once
+    assert s.get("carol").status == 200
+
+
+def test_a_back_end_that_does_not_prove_the_spns_key_is_not_relayed(stack):
+    """A back end that answers 200 to alice's token without the mutual-auth reply (it never held
+    the SPN's key: here a plain web server) gets the 502 page instead of its content."""
+    s = stack()
+    page = s.get("alice", "unproven", "/secret")
+    assert_sso_failed(s, page, "MUTUAL_AUTH_FAILED", "check that the back end uses the keytab of")
+    assert "wiki content" not in page.text
+    assert s.echo.requests and s.echo.requests[-1]["path"] == "/secret"
+
+
+def test_a_keytab_with_a_stale_key_is_named_at_start_and_other_apps_are_served(stack):
+    """A connector whose keytab holds an old key: the start-up check logs KEYTAB_WRONG_KEY with the
+    fix, the Kerberos app answers 502, and an app without SSO is served by the same connector."""
+    s = stack(account=ROTATED)
+    line = wait_until(lambda: re.search(r"kerberos: start-up check of .*", s.conn.proc.log()), 30,
+                      "the start-up check").group(0)
+    assert "KEYTAB_WRONG_KEY" in line and "export a new keytab" in line and "other apps are served" in line, line
+    assert_sso_failed(s, s.get("alice"), "KEYTAB_WRONG_KEY", "export a new keytab")
+    assert s.get("alice", "plain", "/y").status == 200
