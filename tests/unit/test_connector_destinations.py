@@ -462,3 +462,14 @@ def test_a_datagram_the_socket_refuses_is_dropped_and_counted_not_the_flow(error
     pump.flush()
     closed = [e for e in events if "udp flow" in e.get("log_format", "")]
     assert closed and closed[0]["unsent"] == 1, closed
+
+
+def test_udp_flow_to_an_ipv6_address_binds_an_ipv6_socket():
+    """A flow to [address]:port binds its ephemeral UDP port on "::" and connects to the bare address."""
+    node, reactor = private_connector({"tcp": RecordingHandler(), "udp": gateway_tcp.UDPHandler()}, {},
+                                      {"destination": "fd00::/64", "ports": 53, "protocol": "udp"})
+    service, pump = tunnel_to(node)
+    stream = open_and_wait(service, pump, access_meta("[fd00::53]:53", "udp"))
+    assert not hasattr(stream, "check"), stream
+    port, = reactor.udp
+    assert port.interface == "::" and port.connected_to == ("fd00::53", 53)
