@@ -212,7 +212,15 @@ class AccessTunnel:
         return maybeDeferred(self._service.stopService)
 
     def _build_session(self) -> TunnelSession:
-        return TunnelSession(self.reactor, self.settings, is_client=True, on_stream=None, tunnel_id="access")
+        session = TunnelSession(self.reactor, self.settings, is_client=True, on_stream=None, tunnel_id="access")
+        # Ready once TLS is up; a failed handshake or a GO_AWAY counts as a failed attempt.
+        ready: Deferred = Deferred()
+        session.owner = ready
+        session.on_handshake = lambda s: ready.called or ready.callback(s)
+        session.on_go_away.append(self._go_away)
+        session.on_lost.append(lambda s, reason: self._lost(s, reason, ready))
+        ready.addCallback(self._up)
+        return session
 
     async def _dial(self, factory: Any) -> Any:
         await self.ensure_fresh()
@@ -220,20 +228,16 @@ class AccessTunnel:
         host, port = parse_service(creds.tunnel)
         tls = client_options(creds.ca, creds.certificate, creds.key, creds.server_name)
         try:
-            return await wrapClientTLS(tls, HostnameEndpoint(self.reactor, host, port, timeout=10)).connect(factory)
+            protocol = await wrapClientTLS(tls, HostnameEndpoint(self.reactor, host, port, timeout=10)).connect(factory)
         except Exception as e:
             self._problem(f"cannot reach the service's tunnel at {creds.tunnel}: {describe_failure(Failure(e))};"
                           " retrying")
             raise
+        return protocol
 
-    def _prepare(self, session: TunnelSession) -> Deferred:
-        """Ready once TLS is up; a failed handshake or a GO_AWAY counts as a failed attempt."""
-        ready: Deferred = Deferred()
-        session.on_handshake = lambda s: ready.called or ready.callback(s)
-        session.on_go_away.append(self._go_away)
-        session.on_lost.append(lambda s, reason: self._lost(s, reason, ready))
-        ready.addCallback(self._up)
-        return ready
+    def _prepare(self, session: Any) -> Deferred:
+        # ``session`` is ClientService's proxy of the TunnelSession: attributes read through.
+        return session.owner
 
     def _up(self, session: TunnelSession) -> TunnelSession:
         self.session = session
