@@ -31,6 +31,9 @@ HOSTS = {"wiki": "wiki.apps.example.test", "other": "other.apps.example.test",
 # mallory is not.
 EXTRA_USERS = {name: {"name": name.title(), "email": f"{name}@example.test", "groups": []}
                for name in ("carol", "dave", "mallory")}
+# An account at the identity provider whose subject names the back end's own service principal.
+SERVICE_NAMED = BACKEND
+EXTRA_USERS[SERVICE_NAMED] = {"name": "Service", "email": "svc@example.test", "groups": []}
 
 
 class Stack:
@@ -150,6 +153,15 @@ def test_a_401_challenge_is_answered_and_the_clients_authorization_never_forward
     seen = json.loads(page.body)
     assert seen["path"] == "/anything"
     assert not [v for k, v in seen["headers"] if k.lower() == "authorization"], seen["headers"]
+
+
+def test_a_subject_naming_a_service_is_never_delegated(stack):
+    """A user whose subject claim is the back end's SPN (kerberos_identity = "claim:sub") is not
+    delegated as that service: 502 page, IDENTITY_UNMAPPED in the log; alice on the same app works."""
+    s = stack()
+    assert_sso_failed(s, s.get(SERVICE_NAMED, "challenge", "/whoami", Authorization="Negotiate eA=="),
+                      "IDENTITY_UNMAPPED", "check the app's options.kerberos_identity")
+    assert s.get("alice", "challenge").body == f"user={principal('alice')}\n".encode()
 
 
 def test_each_failure_is_a_502_page_and_a_log_line_with_the_fix(stack, kdc):
