@@ -45,6 +45,8 @@ def gateway_register_sso_providers(register: Callable[[str, Any], None]) -> None
     back-end request, for example ``Authorization: Negotiate ...`` for Kerberos constrained
     delegation. A failure costs that request (the user gets a 502 page with the correlation id;
     the connector logs the cause). Two plugins registering one name is an error at start.
+    Optional provider methods (``start``, ``check_app``, ``on_response``, ``strip_headers``) are
+    listed with ISSOProvider.
     """
 
 

@@ -42,7 +42,28 @@ class ISSOProvider(Interface):
     def credentials(app, identity, request):
         """Headers to set on the back-end request: a list of ``(name, value)`` byte pairs, or a
         Deferred firing with one. ``app`` is the AppConfig, ``identity`` the user's dict
-        (``sub``, ``name``, ``email``, ``groups``), ``request`` a ``gateway_http.rules.Request``."""
+        (``sub``, ``name``, ``email``, ``email_verified``, ``groups``), ``request`` a
+        ``gateway_http.rules.Request``. A failure (raised, or the Deferred's) ends the request
+        with a 502 page saying single sign-on failed, with the correlation id and nothing of the
+        error: log the cause for the admin yourself (a GatewayError is logged in one line, anything
+        else with its traceback)."""
+
+    # Optional, all of them:
+    #   strip_headers: tuple[bytes, ...], lower-case names of request headers the back end never
+    #     gets from the client for this provider's apps (kerberos: b"authorization"), whether or
+    #     not credentials() sets them.
+    #   on_response(app, identity, request, sent, response) -> None | pairs | Deferred: called
+    #     with the final response head (gateway_http.rules.Response; not 1xx) of a request sent
+    #     with ``sent`` (the very object credentials() gave), before any of it is relayed. None:
+    #     relay it. Header pairs (or a Deferred firing with them): send the request again with
+    #     those instead, on a new connection (a 401 challenge; at most twice per request, and
+    #     only for a request without a body; the rest of that answer is dropped). Raising: the
+    #     response is not relayed, the user gets the 502 page (a mutual-auth reply that does
+    #     not verify). Runs on the reactor thread: no blocking calls.
+    #   check_app(app) -> str | None: on the connector, when an app naming this provider
+    #     arrives: a sentence saying why it cannot work (logged as a config error), or None.
+    #   start(config, reactor): on the connector, once, before any request: the connector's
+    #     GatewayConfig (plugin tables in config.sections) and the reactor.
 
 
 @frozen
