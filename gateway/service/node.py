@@ -246,7 +246,7 @@ class ServiceNode(MultiService):
         apps = [
             {
                 "name": a.name, "protocol": a.protocol, "destination": a.destination,
-                "host": a.host, "port": a.port, "connect_timeout": a.connect_timeout, "options": a.options,
+                "host": a.host, "port": a.port, "connect_timeout": a.connect_timeout, "options": self._connector_options(a),
                 "internal_url": a.internal_url,
                 **({"segments": [segment_table(seg) for seg in a.segments]} if a.is_private else {}),
             }
@@ -255,6 +255,14 @@ class ServiceNode(MultiService):
         ]
         body = json.dumps(apps, sort_keys=True, separators=(",", ":")).encode()
         return {"type": m.CONFIG, "version": hashlib.sha256(body).hexdigest()[:16], "group": group, "apps": apps}
+
+    def _connector_options(self, app: AppConfig) -> dict[str, Any]:
+        """The options a connector gets: a private app's UDP flows idle out after [access]
+        udp_idle_timeout unless the app says otherwise."""
+        access = self.config.access
+        if app.is_private and access is not None and "udp_idle_timeout" not in app.options:
+            return {**app.options, "udp_idle_timeout": access.udp_idle_timeout}
+        return app.options
 
     def reload(self, config: GatewayConfig) -> Deferred:
         """Take a new config file (SIGHUP): with the apps in the store read again, apply it."""
