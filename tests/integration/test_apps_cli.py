@@ -11,7 +11,8 @@ import signal
 import socket
 
 from components import needs
-from gateway_harness import free_port, http_request, read_head, wait_until
+from gateway_harness import (GATEWAY, HOST, echo_handler, free_port, http_request, read_head, subprocess_env,
+                             toml_table, wait_until)
 
 pytestmark = needs(modules=["gateway_http"])
 
@@ -139,3 +140,70 @@ def test_bad_input_is_refused_with_what_to_do(gw, backends):
     assert result.returncode == 0, result.stderr
     # No connector in branch yet: the front door knows the app and answers 502, not 404.
     wait_until(lambda: get(front, BLOG)[0] == 502, 30, "the blog app (group branch, no connector) to answer 502")
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _echoes(port: int, data: bytes) -> bool:
+    """Whether a new connection to the local port gets `data` echoed (False: closed or reset)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=10) as sock:
+            sock.sendall(data)
+            return sock.recv(64) == data
+    except OSError:
+        return False
+
+
+def test_private_app_from_the_store_serves_its_assigned_users(gw, tmp_path, backends):
+    """apps add --segment: an assigned user reaches it through gateway access; apps set --allow-user
+    to someone else cuts the user's open stream and refuses new ones; an overlapping app of another
+    group is refused by the command, naming the first."""
+    echo = backends(echo_handler)
+    svc = gw.service(start=False, service={"config_interval": 1})
+    svc.config_path.write_text(svc.config_path.read_text() + "\n" + toml_table("access", {"tunnel": svc.address}))
+    svc.start()
+    gw.connector(svc)
+    token = tmp_path / "alice.token"
+    made = gw.cli("users", "token", "create", "--config", str(svc.config_path), "--user", "alice",
+                  "--expires", "1d", "--output", str(token))
+    assert made.returncode == 0, made.stderr
+    gw.secrets.append(token.read_text().strip().split(".")[2])
+    env = subprocess_env(XDG_CONFIG_HOME=str(tmp_path / "home"))
+    login = gw.cli("login", "--service", svc.address, "--token-file", str(token), env=env)
+    assert login.returncode == 0, login.stderr
+
+    segment = f"tcp {HOST}:{echo.port}"
+    result = apps(gw, svc, "add", "echo", "--segment", segment, "--allow-user", "alice")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: "app echo added (from the store)" in svc.proc.log(), 30, "the service to read the app")
+    port = free_port()
+    gw.spawn("access", [GATEWAY, "access", "tcp", "--service", svc.address, "--app", "echo",
+                        "--listen", f"{HOST}:{port}"], env=env)
+    wait_until(lambda: _accepts(port), 30, "gateway access tcp to listen")
+    wait_until(lambda: _echoes(port, b"hello"), 30, "the private app from the store to echo")
+
+    assert gw.cli("groups", "create", "branch", "--config", str(svc.config_path)).returncode == 0
+    result = apps(gw, svc, "add", "other", "--segment", f"tcp {HOST}/32:1-65535", "--allow-user", "alice",
+                  "--group", "branch")
+    assert result.returncode == 1
+    assert f"overlaps segment '{segment}' of stored app 'echo' in group 'default'" in result.stderr
+
+    sock = socket.create_connection((HOST, port), timeout=20)
+    sock.sendall(b"open")
+    assert sock.recv(64) == b"open"
+    result = apps(gw, svc, "set", "echo", "--allow-user", "bob")
+    assert result.returncode == 0, result.stderr
+    sock.settimeout(30)
+    try:
+        rest = sock.recv(64)
+    except ConnectionResetError:
+        rest = b""
+    assert rest == b""
+    sock.close()
+    assert not _echoes(port, b"again")
