@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import socket
 
 import pytest
 
@@ -212,3 +210,23 @@ def test_malformed_rdp_closed_with_a_reason(setup):
     lines = setup.facts(since, "desktop", 2)
     assert "refused" in lines[0] and "code=too_large" in lines[0], lines[0]
     assert "refused" in lines[1] and "TPKT" in lines[1], lines[1]
+
+
+@pytest.mark.parametrize("protocol, option", [("smb", 'allow_smb1 = "yes"'), ("rdp", "require_nla = 0")])
+def test_a_bad_option_stops_check_config_naming_the_key(setup, tmp_path, protocol, option):
+    """`gateway check-config` (and so the service) refuses an smb/rdp app whose option is not a boolean."""
+    config = tmp_path / "svc.toml"
+    config.write_text(f"""[service]
+state_dir = "{tmp_path / 'state'}"
+listen = "tcp:{free_port()}:interface={HOST}"
+
+[[apps]]
+name = "app1"
+protocol = "{protocol}"
+listen = "tcp:{free_port()}:interface={HOST}"
+destination = "{HOST}:9"
+options = {{ preauth = "none", {option} }}
+""")
+    result = setup.gw.cli("check-config", str(config))
+    key = option.split(" ")[0]
+    assert result.returncode == 1 and f"app app1: options.{key}: expected true or false" in result.stderr, result.stderr
