@@ -1,4 +1,6 @@
-"""The `gateway access` client (issue 10, Private Access): for now only its pure building blocks.
+"""The `gateway login` / `gateway access` client of Private Access (issue 10).
 
-``socks5`` is the SOCKS5 server state machine (no I/O); nothing listens or connects yet.
+``credentials`` (the cache), ``login`` (certificates for a sign-in or a token), ``client`` (the
+user tunnel and the local listeners), ``cli`` (the subcommands), ``socks5`` (the SOCKS5 state
+machine, no I/O).
 """

@@ -13,8 +13,7 @@ address types IPv4, domain name and IPv6. A domain name is handed over as the na
 sent and never resolved here: names resolve on the connector (issue 10, private DNS).
 
 Also the header of UDP datagrams relayed for UDP ASSOCIATE (RFC 1928 section 7).
-
-Not wired yet: nothing listens with this machine so far.
+``gateway access socks`` (gateway/access/client.py) drives it.
 """
 
 from __future__ import annotations
