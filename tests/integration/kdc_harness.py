@@ -279,7 +279,9 @@ cn: krbContainer
 class NegotiateApache:
     """Apache httpd with mod_auth_gssapi on a free port of 127.0.0.1 (recipe apache_gssapi.sh):
     ``GET /whoami`` answers ``user=<REMOTE_USER>`` after Negotiate with the keytab of `spn`,
-    else 401 ``WWW-Authenticate: Negotiate``; ``GET /open`` needs nothing.
+    else 401 ``WWW-Authenticate: Negotiate``; ``GET /private`` is a static file behind the same
+    Negotiate; ``GET /open`` needs nothing. ``servers``: prefork processes kept (one per
+    keep-alive connection a load test holds); ``debug``: mod_auth_gssapi's debug log (tests).
 
     Apache's prefork parent signals its whole process group when it stops, so it gets a
     session of its own. Run as root, its workers are www-data: `root` must be traversable by
@@ -287,7 +289,7 @@ class NegotiateApache:
     krb5.conf and replay cache are copied in with www-data's group.
     """
 
-    def __init__(self, realm: KerberosRealm, spn: str, root: Path) -> None:
+    def __init__(self, realm: KerberosRealm, spn: str, root: Path, servers: int = 1, debug: bool = True) -> None:
         self.binary = require("apache2")
         modules = Path(require("mod_auth_gssapi")).parent
         self.root = root
@@ -312,6 +314,7 @@ class NegotiateApache:
         whoami.write_text("#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\nprintf 'user=%s\\n' \"$REMOTE_USER\"\n")
         whoami.chmod(0o755)
         (root / "htdocs" / "open").write_text("ok\n")
+        (root / "htdocs" / "private").write_text("private\n")   # a static file behind Negotiate (bench)
         conf = root / "httpd.conf"
         conf.write_text(f"""\
 ServerRoot "{root}"
@@ -321,7 +324,7 @@ PidFile {root}/run/httpd.pid
 DefaultRuntimeDir {root}/run
 Mutex file:{root}/run default
 ErrorLog {root}/logs/error.log
-LogLevel info auth_gssapi:debug
+LogLevel {"info auth_gssapi:debug" if debug else "warn"}
 LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so
 LoadModule authz_core_module {modules}/mod_authz_core.so
 LoadModule authz_user_module {modules}/mod_authz_user.so
@@ -331,9 +334,9 @@ LoadModule cgi_module {modules}/mod_cgi.so
 LoadModule env_module {modules}/mod_env.so
 LoadModule auth_gssapi_module {modules}/mod_auth_gssapi.so
 {user}
-StartServers 1
-MinSpareServers 1
-MaxSpareServers 2
+StartServers {servers}
+MinSpareServers {servers}
+MaxSpareServers {servers + 1}
 LogFormat "%h \\"%r\\" %>s user=%u" simple
 CustomLog {root}/logs/access.log simple
 PassEnv KRB5_CONFIG
@@ -343,7 +346,7 @@ DocumentRoot {root}/htdocs
   Require all granted
 </Directory>
 ScriptAlias /whoami {whoami}
-<Location /whoami>
+<LocationMatch "^/(whoami|private)$">
   AuthType GSSAPI
   AuthName "Kerberos"
   GssapiCredStore keytab:{keytab}
@@ -351,7 +354,7 @@ ScriptAlias /whoami {whoami}
   GssapiBasicAuth Off
   GssapiLocalName Off
   Require valid-user
-</Location>
+</LocationMatch>
 """)
         env = {**os.environ, "KRB5_CONFIG": str(krb5_conf), "KRB5RCACHEDIR": str(root / "rcache")}
         with open(root / "logs" / "stdout.log", "ab") as out:
