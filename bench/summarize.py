@@ -347,6 +347,20 @@ if TCP_PATHS:
     for c in conns_list:
         target(f"gateway p99 ÷ sshRnd p99 (c{c})", ratio(p99("gateway", c), p99("sshRnd", c)), "≤ 3",
                lambda v: v <= 3, inputs=(f"gateway.http_c{c}.cpu", f"sshRnd.http_c{c}.cpu"))
+    # Private Access (issue #10): the user's client hop must be cheap next to the TCP app path
+    if "access" in TCP_PATHS:
+        for c in conns_list:
+            target(f"access req/s ÷ gateway req/s (c{c})", ratio(rps("access", c), rps("gateway", c)), "≥ 0.8",
+                   lambda v: v >= 0.8, inputs=(f"access.http_c{c}.cpu", f"gateway.http_c{c}.cpu"))
+            target(f"access req/s ÷ sshLR req/s (c{c})", ratio(rps("access", c), rps("sshLR", c)), "reference",
+                   lambda v: True, inputs=(f"access.http_c{c}.cpu", f"sshLR.http_c{c}.cpu"))
+        for t, n in names.items():
+            target(f"access bulk ÷ gateway bulk ({n})", ratio(bulk.get(("access", t), (None,))[0],
+                                                              bulk.get(("gateway", t), (None,))[0]), "≥ 0.9",
+                   lambda v: v >= 0.9, inputs=(f"access.{t}.cpu", f"gateway.{t}.cpu"))
+            target(f"access bulk ÷ sshLR bulk ({n})", ratio(bulk.get(("access", t), (None,))[0],
+                                                            bulk.get(("sshLR", t), (None,))[0]), "reference",
+                   lambda v: True, inputs=(f"access.{t}.cpu", f"sshLR.{t}.cpu"))
     if meta.get("idle", "0") != "0":
         n = meta.get("idle")
         for k in ("service", "connector"):
