@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from gateway.errors import GatewayError
@@ -49,15 +48,6 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _read_token(path: str) -> str:
-    if path == "-":
-        return sys.stdin.readline()
-    try:
-        return Path(path).read_text()
-    except OSError as e:
-        raise GatewayError(f"cannot read the token file {path}: {e.strerror}") from None
-
-
 def _run_once(work: Callable[[Any], Any]) -> Any:
     """Run the coroutine ``work(reactor)`` on the reactor and return its result (or raise its error)."""
     from twisted.internet import reactor
@@ -82,6 +72,7 @@ def _run_once(work: Callable[[Any], Any]) -> Any:
 
 def login(args: argparse.Namespace) -> int:
     from gateway.access import credentials, login as signin
+    from gateway.cli import _read_token
 
     token = _read_token(args.token_file) if args.token_file else None
     if token is None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import stat
 import sys
@@ -15,20 +14,11 @@ import textwrap
 
 import pytest
 
-from gateway.access.socks5 import decode_reply, encode_greeting, encode_request
 from gateway_harness import (GATEWAY, HOST, chunks, connect, free_port, port_is_free, read_exact, sized_sink_handler,
-                             source_handler, subprocess_env, echo_handler, toml_table, wait_echo, wait_until)
+                             source_handler, subprocess_env, echo_handler, wait_echo, wait_until)
+from test_access_private import CONNECT, publish, sign_in_with_token, socks_open
 
 MiB = 1024 * 1024
-CONNECT = 1
-
-
-def publish(svc, *apps: dict) -> None:
-    """Append [access] and private apps to the service's config file."""
-    text = svc.config_path.read_text() + "\n" + toml_table("access", {"tunnel": svc.address})
-    for app in apps:
-        text += "\n" + toml_table("apps", app, array=True)
-    svc.config_path.write_text(text)
 
 
 def private(name: str, destination: str, ports: str, users=("alice",), protocol="tcp") -> dict:
@@ -46,36 +36,12 @@ def make_token(gw, svc, user="alice") -> tuple:
     return path, text
 
 
-def login(gw, svc, home, user="alice"):
-    """Sign `user` in with a fresh personal token; returns the client's environment."""
-    token, _ = make_token(gw, svc, user)
-    env = subprocess_env(XDG_CONFIG_HOME=str(home))
-    result = gw.cli("login", "--service", svc.address, "--token-file", str(token), env=env)
-    assert result.returncode == 0, result.stderr
-    return env
-
-
 def access(gw, svc, env, *args, name="access"):
     port = free_port()
     proc = gw.spawn(name, [GATEWAY, "access", *args, "--service", svc.address, "--listen", f"{HOST}:{port}"],
                     env=env)
     wait_until(lambda: not port_is_free(port), 30, f"gateway access {args[0]} to listen")
     return port, proc
-
-
-def socks_connect(port: int, host: str, dest_port: int) -> tuple[socket.socket, int]:
-    sock = socket.create_connection((HOST, port), timeout=30)
-    sock.sendall(encode_greeting() + encode_request(CONNECT, host, dest_port))
-    assert sock.recv(2) == b"\x05\x00"
-    data = b""
-    while True:
-        chunk = sock.recv(512)
-        assert chunk, "the SOCKS server closed before replying"
-        data += chunk
-        try:
-            return sock, decode_reply(data)[0]
-        except ValueError:
-            continue
 
 
 @pytest.mark.timeout(300)
@@ -89,7 +55,7 @@ def test_token_login_then_access_tcp_carries_256_mib_each_way(gw, backends, tmp_
     svc.start()
     gw.connector(svc)
     home = tmp_path / "home"
-    env = login(gw, svc, home)
+    env = sign_in_with_token(gw, svc, home)
     cached, = (home / "gateway" / "credentials").glob("*.json")
     assert stat.S_IMODE(cached.stat().st_mode) == 0o600
     assert stat.S_IMODE(cached.parent.stat().st_mode) == 0o700
@@ -119,7 +85,7 @@ def test_an_unassigned_user_gets_a_clean_close_and_one_message(gw, backends, tmp
     publish(svc, private("echo", HOST, str(echo.port), users=("alice",)))
     svc.start()
     gw.connector(svc)
-    env = login(gw, svc, tmp_path / "home", user="bob")
+    env = sign_in_with_token(gw, svc, tmp_path / "home", user="bob")
     port, proc = access(gw, svc, env, "tcp", "--app", "echo")
     for _ in range(3):
         with connect(port, timeout=30) as s:
@@ -137,13 +103,13 @@ def test_socks_destinations_outside_the_segments_are_refused_with_their_reply_co
     publish(svc, private("echo", "127.0.0.0/30", str(echo.port)))
     svc.start()
     gw.connector(svc)
-    env = login(gw, svc, tmp_path / "home")
+    env = sign_in_with_token(gw, svc, tmp_path / "home")
     port, proc = access(gw, svc, env, "socks")
-    sock, code = socks_connect(port, "127.0.0.9", echo.port)        # outside 127.0.0.0/30
+    sock, code, _, _ = socks_open(port, CONNECT, "127.0.0.9", echo.port)        # outside 127.0.0.0/30
     assert code == 2 and sock.recv(16) == b""
-    sock, code = socks_connect(port, HOST, echo.port + 1 if echo.port < 65535 else 1)   # port outside
+    sock, code, _, _ = socks_open(port, CONNECT, HOST, echo.port + 1 if echo.port < 65535 else 1)   # port outside
     assert code == 2 and sock.recv(16) == b""
-    sock, code = socks_connect(port, HOST, echo.port)
+    sock, code, _, _ = socks_open(port, CONNECT, HOST, echo.port)
     assert code == 0
     sock.sendall(b"inside")
     assert sock.recv(16) == b"inside"
@@ -245,7 +211,7 @@ def test_after_logout_access_says_to_sign_in(gw, backends, tmp_path):
     svc.start()
     gw.connector(svc)
     home = tmp_path / "home"
-    env = login(gw, svc, home)
+    env = sign_in_with_token(gw, svc, home)
     port, proc = access(gw, svc, env, "tcp", "--app", "echo")
     wait_echo(port)
     proc.stop()
@@ -264,7 +230,7 @@ def test_a_local_connection_made_while_the_service_is_down_is_served_when_it_ret
     publish(svc, private("echo", HOST, str(echo.port)))
     svc.start()
     gw.connector(svc)
-    env = login(gw, svc, tmp_path / "home")
+    env = sign_in_with_token(gw, svc, tmp_path / "home")
     port, proc = access(gw, svc, env, "tcp", "--app", "echo")
     wait_echo(port)
     svc.stop()
