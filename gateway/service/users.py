@@ -9,8 +9,6 @@ its certificates at the next check (docs/protocol.md, *Private Access*).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
@@ -24,6 +22,7 @@ from twisted.python.failure import Failure
 
 from gateway.errors import GatewayError
 from gateway.pki import keys
+from gateway.pkce import s256
 from gateway.pki.tokens import hash_secret
 from gateway.store.records import UserCredentialRecord
 
@@ -49,12 +48,6 @@ class PendingLogin:
     identity: dict[str, Any]
     challenge: str
     expires: float
-
-
-def s256(verifier: str) -> str:
-    """The PKCE S256 challenge of ``verifier`` (RFC 7636)."""
-    digest = hashlib.sha256(verifier.encode("ascii", "replace")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 class LoginCodes:
@@ -87,7 +80,7 @@ class LoginCodes:
         pending = self._pending.pop(code, None)
         if pending is None:
             raise Refused("not_signed_in", "this sign-in code is unknown, used or expired: run gateway login again")
-        if not hmac.compare_digest(s256(verifier), pending.challenge):
+        if not verifier.isascii() or not hmac.compare_digest(s256(verifier), pending.challenge):
             raise Refused("not_signed_in", "this sign-in code was issued to another client (PKCE verifier"
                                            " mismatch): run gateway login again")
         return pending.identity

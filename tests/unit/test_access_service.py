@@ -10,7 +10,8 @@ from twisted.internet.task import Clock
 from gateway.config import AppConfig
 from gateway.segments import Where, parse_segments
 from gateway.service.access import AccessRefused, authorize, credential_problem, single_destination
-from gateway.service.users import LoginCodes, Refused, parse_request, s256
+from gateway.pkce import s256
+from gateway.service.users import LoginCodes, Refused, parse_request
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import splice_streams
 from gateway.tunnel.stream import StreamReset
@@ -106,6 +107,9 @@ def test_sign_in_codes_are_single_use_bound_to_the_verifier_and_short_lived():
     code = codes.issue(ALICE, s256(verifier))
     with pytest.raises(Refused, match="PKCE"):
         codes.redeem(code, "w" * 50)
+    code = codes.issue(ALICE, s256(verifier))
+    with pytest.raises(Refused, match="PKCE"):
+        codes.redeem(code, "ü" * 50)   # not even ASCII: refused, not an internal error
     with pytest.raises(Refused):
         codes.redeem(code, verifier)
     code = codes.issue(ALICE, s256(verifier))
