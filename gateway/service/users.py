@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from gateway.errors import GatewayError
 from gateway.pki import keys
 from gateway.pkce import s256
-from gateway.pki.tokens import hash_secret
+from gateway.pki.tokens import UserToken, hash_secret
 from gateway.store.records import UserCredentialRecord
 
 USER_CERTIFICATE_REQUEST = "user_certificate_request"
@@ -168,8 +168,6 @@ class UserAuthority:
             )
             return self.node.store.create_user_credential(record).addCallback(lambda _: (record, secret))
         if kind == "token":
-            from gateway.pki.tokens import UserToken
-
             try:
                 token = UserToken.parse(credential["token"])
             except GatewayError as e:
