@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import attrs
+from twisted.python.failure import Failure
 
 from gateway import __version__, plugins
 from gateway.access import cli as access_cli
@@ -223,33 +224,41 @@ def token_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def connector_register(args: argparse.Namespace) -> int:
+def run_on_reactor(work: Any, what: str) -> Any:
+    """Run the coroutine ``work(reactor)`` on the global reactor and return its result; its
+    GatewayError is raised as is, anything else as "``what`` failed: ..."."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
 
-    from gateway.connector.register import register
-
-    text = _read_token(args.token_file)
     outcome: dict[str, Any] = {}
 
-    async def run() -> None:
-        outcome["result"] = await register(
-            reactor, args.service, text, Path(args.state_dir).absolute(), args.server_name, args.name
-        )
-
     def done(result: Any) -> None:
-        if hasattr(result, "value"):
+        if isinstance(result, Failure):
             outcome["error"] = result.value
+        else:
+            outcome["result"] = result
         reactor.stop()
 
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(run()).addBoth(done))
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(work(reactor)).addBoth(done))
     reactor.run()
     if "error" in outcome:
         error = outcome["error"]
         if isinstance(error, GatewayError):
             raise error
-        raise GatewayError(f"registration failed: {error!r}")
-    result = outcome["result"]
+        raise GatewayError(f"{what} failed: {error!r}")
+    return outcome.get("result")
+
+
+def connector_register(args: argparse.Namespace) -> int:
+    from gateway.connector.register import register
+
+    text = _read_token(args.token_file)
+
+    async def run(reactor: Any) -> Any:
+        return await register(reactor, args.service, text, Path(args.state_dir).absolute(), args.server_name,
+                              args.name)
+
+    result = run_on_reactor(run, "registration")
     print(f"registered connector {result['connector_id']} ({result.get('name')}) in group {result['group']!r};"
           f" state in {Path(args.state_dir).absolute()}")
     print(f"start it with: twistd -n gateway --config FILE.toml  ([connector] state_dir = \"{args.state_dir}\")")

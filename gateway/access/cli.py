@@ -48,31 +48,9 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _run_once(work: Callable[[Any], Any]) -> Any:
-    """Run the coroutine ``work(reactor)`` on the reactor and return its result (or raise its error)."""
-    from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
-
-    outcome: dict[str, Any] = {}
-
-    def done(result: Any) -> None:
-        outcome["error" if hasattr(result, "value") and hasattr(result, "check") else "result"] = \
-            getattr(result, "value", result)
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(work(reactor)).addBoth(done))
-    reactor.run()
-    if "error" in outcome:
-        error = outcome["error"]
-        if isinstance(error, GatewayError):
-            raise error
-        raise GatewayError(f"gateway login failed: {error!r}")
-    return outcome.get("result")
-
-
 def login(args: argparse.Namespace) -> int:
     from gateway.access import credentials, login as signin
-    from gateway.cli import _read_token
+    from gateway.cli import _read_token, run_on_reactor
 
     token = _read_token(args.token_file) if args.token_file else None
     if token is None:
@@ -86,7 +64,7 @@ def login(args: argparse.Namespace) -> int:
         return await signin.login_in_browser(reactor, args.service, timeout=args.timeout,
                                              open_browser=(lambda url: None) if args.no_browser else None)
 
-    creds = _run_once(work)
+    creds = run_on_reactor(work, "gateway login")
     path = credentials.save(creds)
     _say(f"signed in: {creds.describe()}")
     _say(f"credentials in {path}; reach apps with gateway access tcp|socks, forget them with gateway logout")
