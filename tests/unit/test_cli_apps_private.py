@@ -7,10 +7,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway import cli
 from gateway.config import load_config
 from gateway.service import store_apps
 from gateway.store.sqlite import SQLiteStore
+
+from test_cli_apps import apps, stored
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SSH = ["--segment", "tcp 10.1.0.0/16:22", "--allow-user", "alice@example.test"]
@@ -30,20 +31,6 @@ def service(tmp_path):
     store.create_group("office", NOW)
     store.close()
     return config
-
-
-def apps(service, capsys, *argv):
-    code = cli.main(["apps", *argv, "--config", str(service)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def stored(service):
-    store = SQLiteStore(service.parent / "state" / "gateway.db")
-    try:
-        return {a.name: a for a in store.list_apps()}
-    finally:
-        store.close()
 
 
 def served(service):

@@ -7,11 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway import cli
 from gateway.pki.ca import CertificateAuthority
 from gateway.pki.tokens import UserToken, hash_secret
 from gateway.store.records import UserCredentialRecord
 from gateway.store.sqlite import SQLiteStore
+
+from test_cli_apps import run
 
 NOW = datetime.now(UTC)
 
@@ -23,12 +24,6 @@ def service(tmp_path):
     config.write_text('[service]\nstate_dir = "state"\nconfig_interval = 30\n\n[access]\n')
     (tmp_path / "state").mkdir()
     return config
-
-
-def run(capsys, *argv):
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def users(service, capsys, *argv):

@@ -35,6 +35,21 @@ def store(db_path):
     s.close()
 
 
+def database_at_version(path, version: int, group: str = "lab"):
+    """A database file as a gateway of schema `version` left it, holding one group."""
+    from gateway.store.sqlite import MIGRATIONS
+
+    raw = sqlite3.connect(path)
+    for script in MIGRATIONS[:version]:
+        raw.executescript(script)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute("INSERT INTO schema_version VALUES (?)", (version,))
+    raw.execute("INSERT INTO groups VALUES (?, '2025-01-01T00:00:00.000000+00:00')", (group,))
+    raw.commit()
+    raw.close()
+    return path
+
+
 def add_token(store, token_id="tok1", expires_at=NOW + timedelta(hours=1), group="office"):
     store.ensure_group(group, NOW)
     store.create_token(TokenRecord(token_id, hash_secret(SECRET), group, NOW, expires_at))

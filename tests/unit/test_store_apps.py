@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,9 +15,10 @@ from gateway.errors import GatewayError
 from gateway.service import store_apps
 from gateway.service.node import ServiceNode
 from gateway.store.records import AppRecord
-from gateway.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
+from gateway.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 from components import SETUP_VENV, missing
+from test_store import database_at_version
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 BLOG = {"external_url": "http://blog.example.test/", "internal_url": "http://10.0.0.6:8080/"}
@@ -104,16 +104,7 @@ def test_group_rename_carries_apps_and_delete_refuses(store):
 
 def test_version_2_database_gains_the_apps_table(tmp_path):
     """A database at schema version 2 is upgraded in place; its groups stay."""
-    path = tmp_path / "old.db"
-    raw = sqlite3.connect(path)
-    for script in MIGRATIONS[:2]:
-        raw.executescript(script)
-    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    raw.execute("INSERT INTO schema_version VALUES (2)")
-    raw.execute("INSERT INTO groups VALUES ('lab', '2025-01-01T00:00:00.000000+00:00')")
-    raw.commit()
-    raw.close()
-    store = SQLiteStore(path)
+    store = SQLiteStore(database_at_version(tmp_path / "old.db", 2))
     try:
         assert store._db.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION >= 3
         assert store.list_apps() == []

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.errors import UserCredentialError
+from gateway.errors import EnrolmentError, UserCredentialError
 from gateway.pki.tokens import EnrolmentToken, UserToken, hash_secret
 from gateway.store.records import UserCredentialRecord
-from gateway.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
+from gateway.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from gateway.store.threaded import ThreadedStore
 
-from test_store import FakeReactor
+from test_store import FakeReactor, database_at_version
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SECRET = "user-secret"
@@ -107,16 +106,7 @@ def test_revoke_user_revokes_tokens_and_logins_of_that_user_only(store):
 
 def test_version_3_database_gains_user_credentials(tmp_path):
     """A database at schema version 3 is upgraded in place; its groups stay."""
-    path = tmp_path / "old.db"
-    raw = sqlite3.connect(path)
-    for script in MIGRATIONS[:3]:
-        raw.executescript(script)
-    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    raw.execute("INSERT INTO schema_version VALUES (3)")
-    raw.execute("INSERT INTO groups VALUES ('lab', '2025-01-01T00:00:00.000000+00:00')")
-    raw.commit()
-    raw.close()
-    store = SQLiteStore(path)
+    store = SQLiteStore(database_at_version(tmp_path / "old.db", 3))
     try:
         assert store._db.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION >= 4
         assert [g.name for g in store.list_groups()] == ["lab"]
@@ -169,7 +159,9 @@ def test_malformed_user_token_says_what_is_wrong(text, problem):
     assert e.value.code == "unknown" and "ask your administrator" in str(e.value)
 
 
-def test_enrolment_token_is_named_when_given_as_a_user_token():
-    """A connector's gw1 token given as a personal token says what it is."""
-    with pytest.raises(UserCredentialError, match="connector enrolment token"):
+def test_a_token_of_the_other_kind_is_named():
+    """A connector's gw1 token given as a personal token says what it is, and the other way round."""
+    with pytest.raises(UserCredentialError, match="that is a connector enrolment token"):
         UserToken.parse(EnrolmentToken.generate(FINGERPRINT).encode())
+    with pytest.raises(EnrolmentError, match="that is a Private Access personal token, for gateway login"):
+        EnrolmentToken.parse(UserToken.generate(FINGERPRINT).encode())
