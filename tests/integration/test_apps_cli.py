@@ -11,8 +11,8 @@ import signal
 import socket
 
 from components import needs
-from gateway_harness import (GATEWAY, HOST, echo_handler, free_port, http_request, read_head, subprocess_env,
-                             toml_table, wait_until)
+from gateway_harness import GATEWAY, HOST, echo_handler, free_port, http_request, port_is_free, read_head, wait_until
+from test_access_private import publish, sign_in_with_token
 
 pytestmark = needs(modules=["gateway_http"])
 
@@ -142,14 +142,6 @@ def test_bad_input_is_refused_with_what_to_do(gw, backends):
     wait_until(lambda: get(front, BLOG)[0] == 502, 30, "the blog app (group branch, no connector) to answer 502")
 
 
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
 def _echoes(port: int, data: bytes) -> bool:
     """Whether a new connection to the local port gets `data` echoed (False: closed or reset)."""
     try:
@@ -166,17 +158,10 @@ def test_private_app_from_the_store_serves_its_assigned_users(gw, tmp_path, back
     group is refused by the command, naming the first."""
     echo = backends(echo_handler)
     svc = gw.service(start=False, service={"config_interval": 1})
-    svc.config_path.write_text(svc.config_path.read_text() + "\n" + toml_table("access", {"tunnel": svc.address}))
+    publish(svc)
     svc.start()
     gw.connector(svc)
-    token = tmp_path / "alice.token"
-    made = gw.cli("users", "token", "create", "--config", str(svc.config_path), "--user", "alice",
-                  "--expires", "1d", "--output", str(token))
-    assert made.returncode == 0, made.stderr
-    gw.secrets.append(token.read_text().strip().split(".")[2])
-    env = subprocess_env(XDG_CONFIG_HOME=str(tmp_path / "home"))
-    login = gw.cli("login", "--service", svc.address, "--token-file", str(token), env=env)
-    assert login.returncode == 0, login.stderr
+    env = sign_in_with_token(gw, svc, tmp_path / "home")
 
     segment = f"tcp {HOST}:{echo.port}"
     result = apps(gw, svc, "add", "echo", "--segment", segment, "--allow-user", "alice")
@@ -185,7 +170,7 @@ def test_private_app_from_the_store_serves_its_assigned_users(gw, tmp_path, back
     port = free_port()
     gw.spawn("access", [GATEWAY, "access", "tcp", "--service", svc.address, "--app", "echo",
                         "--listen", f"{HOST}:{port}"], env=env)
-    wait_until(lambda: _accepts(port), 30, "gateway access tcp to listen")
+    wait_until(lambda: not port_is_free(port), 30, "gateway access tcp to listen")
     wait_until(lambda: _echoes(port, b"hello"), 30, "the private app from the store to echo")
 
     assert gw.cli("groups", "create", "branch", "--config", str(svc.config_path)).returncode == 0
