@@ -280,8 +280,11 @@ class NegotiateApache:
     """Apache httpd with mod_auth_gssapi on a free port of 127.0.0.1 (recipe apache_gssapi.sh):
     ``GET /whoami`` answers ``user=<REMOTE_USER>`` after Negotiate with the keytab of `spn`,
     else 401 ``WWW-Authenticate: Negotiate``; ``GET /private`` is a static file behind the same
-    Negotiate; ``GET /open`` needs nothing. ``servers``: prefork processes kept (one per
-    keep-alive connection a load test holds); ``debug``: mod_auth_gssapi's debug log (tests).
+    Negotiate, ``GET /bound`` and ``GET /bound-whoami`` the same authenticated once per
+    connection (``GssapiConnectionBound``, as IIS does for Kerberos by default: later requests on
+    the connection need no token); ``GET /open`` needs nothing. ``servers``: prefork processes kept (one per
+    keep-alive connection a load test holds); ``debug``: mod_auth_gssapi's debug log (tests);
+    ``replay_cache``: off for a bench only.
 
     Apache's prefork parent signals its whole process group when it stops, so it gets a
     session of its own. Run as root, its workers are www-data: `root` must be traversable by
@@ -289,7 +292,8 @@ class NegotiateApache:
     krb5.conf and replay cache are copied in with www-data's group.
     """
 
-    def __init__(self, realm: KerberosRealm, spn: str, root: Path, servers: int = 1, debug: bool = True) -> None:
+    def __init__(self, realm: KerberosRealm, spn: str, root: Path, servers: int = 1, debug: bool = True,
+                 replay_cache: bool = True) -> None:
         self.binary = require("apache2")
         modules = Path(require("mod_auth_gssapi")).parent
         self.root = root
@@ -315,6 +319,9 @@ class NegotiateApache:
         whoami.chmod(0o755)
         (root / "htdocs" / "open").write_text("ok\n")
         (root / "htdocs" / "private").write_text("private\n")   # a static file behind Negotiate (bench)
+        (root / "htdocs" / "bound").write_text("bound\n")       # the same, authenticated once per connection
+        negotiate = (f"  AuthType GSSAPI\n  AuthName \"Kerberos\"\n  GssapiCredStore keytab:{keytab}\n"
+                     "  GssapiAllowedMech krb5\n  GssapiBasicAuth Off\n  GssapiLocalName Off\n  Require valid-user\n")
         conf = root / "httpd.conf"
         conf.write_text(f"""\
 ServerRoot "{root}"
@@ -346,17 +353,16 @@ DocumentRoot {root}/htdocs
   Require all granted
 </Directory>
 ScriptAlias /whoami {whoami}
+ScriptAlias /bound-whoami {whoami}
 <LocationMatch "^/(whoami|private)$">
-  AuthType GSSAPI
-  AuthName "Kerberos"
-  GssapiCredStore keytab:{keytab}
-  GssapiAllowedMech krb5
-  GssapiBasicAuth Off
-  GssapiLocalName Off
-  Require valid-user
+{negotiate}</LocationMatch>
+<LocationMatch "^/bound(-whoami)?$">
+{negotiate}  GssapiConnectionBound On
 </LocationMatch>
 """)
         env = {**os.environ, "KRB5_CONFIG": str(krb5_conf), "KRB5RCACHEDIR": str(root / "rcache")}
+        if not replay_cache:
+            env["KRB5RCACHETYPE"] = "none"   # a bench: no lock file shared by every worker
         with open(root / "logs" / "stdout.log", "ab") as out:
             self.proc = subprocess.Popen([self.binary, "-f", str(conf), "-DFOREGROUND"], env=env,
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

@@ -26,7 +26,8 @@ pytestmark = needs("node", node_modules=["oidc-provider"])
 
 HOSTS = {"wiki": "wiki.apps.example.test", "other": "other.apps.example.test",
          "challenge": "challenge.apps.example.test", "echo": "echo.apps.example.test",
-         "plain": "plain.apps.example.test", "unproven": "unproven.apps.example.test"}
+         "plain": "plain.apps.example.test", "unproven": "unproven.apps.example.test",
+         "bound": "bound.apps.example.test"}
 # Provider accounts beyond alice and bob: carol and dave are in the realm (made by the test),
 # mallory is not.
 EXTRA_USERS = {name: {"name": name.title(), "email": f"{name}@example.test", "groups": []}
@@ -38,6 +39,7 @@ EXTRA_USERS[SERVICE_NAMED] = {"name": "Service", "email": "svc@example.test", "g
 
 class Stack:
     def __init__(self, gw, tmp_path, kdc, apache, account: str = CONNECTOR) -> None:
+        self.apache = apache
         self.front = free_port()
         self.base = {name: f"http://{host}:{self.front}" for name, host in HOSTS.items()}
         self.provider = OpenIDProvider(tmp_path / "idp", [f"{b}/.gateway/callback" for b in self.base.values()],
@@ -46,14 +48,15 @@ class Stack:
         (tmp_path / "client-secret.txt").write_text(SECRET + "\n")
         gw.secrets.append(SECRET)
         kerberos = {"preauth": "oidc", "sso": "kerberos", "kerberos_spn": BACKEND}
-        apache = f"http://{HOST}:{apache.port}/"
+        internal = f"http://{HOST}:{apache.port}/"
         apps = [
-            {"name": "wiki", "internal_url": apache, "options": kerberos},
-            {"name": "other", "internal_url": apache, "options": {**kerberos, "kerberos_spn": OTHER}},
-            {"name": "challenge", "internal_url": apache, "options": {**kerberos, "kerberos_preemptive": False,
+            {"name": "wiki", "internal_url": internal, "options": kerberos},
+            {"name": "other", "internal_url": internal, "options": {**kerberos, "kerberos_spn": OTHER}},
+            {"name": "challenge", "internal_url": internal, "options": {**kerberos, "kerberos_preemptive": False,
                                                                       "kerberos_identity": "claim:sub"}},
             {"name": "echo", "internal_url": f"http://{HOST}:{self.echo.port}/",
              "options": {**kerberos, "kerberos_preemptive": False}},
+            {"name": "bound", "internal_url": internal, "options": {**kerberos, "kerberos_preemptive": False}},
             {"name": "unproven", "internal_url": f"http://{HOST}:{self.echo.port}/", "options": kerberos},
             {"name": "plain", "internal_url": f"http://{HOST}:{self.echo.port}/", "options": {"preauth": "oidc"}},
         ]
@@ -139,6 +142,27 @@ def test_signed_in_users_reach_the_back_end_as_themselves(stack, kdc):
         client.close()
     with kdc.kdc_stopped():
         assert s.get("alice").body == f"user={principal('alice')}\n".encode()
+
+
+def test_connections_authenticated_once_are_never_shared_between_users(stack):
+    """A back end that authenticates a connection once (GssapiConnectionBound, as IIS) and an app
+    in 401-challenge mode: later requests go without a token, so only the per-user pool keeps
+    bob off alice's authenticated connection; alternating on one client connection, each sees
+    their own name."""
+    s = stack()
+    cookies = {user: s.browser(user, "bound").cookie_header(HOSTS["bound"], "/") for user in ("alice", "bob")}
+    client = http.client.HTTPConnection(HOST, s.front, timeout=30)
+    try:
+        for _ in range(4):
+            for user in ("alice", "bob"):
+                r, body = http_request(s.front, f"{HOSTS['bound']}:{s.front}", "/bound-whoami",
+                                       headers={"Cookie": cookies[user]}, conn=client)
+                assert (r.status, body) == (200, f"user={principal(user)}\n".encode()), (user, r.status, body)
+    finally:
+        client.close()
+    # Most of those requests carried no token: the back end challenged each user's connection once.
+    challenges = re.findall(r'"GET /bound-whoami HTTP/1.1" 401', (s.apache.root / "logs" / "access.log").read_text())
+    assert len(challenges) <= 4, challenges
 
 
 def test_a_401_challenge_is_answered_and_the_clients_authorization_never_forwarded(stack):
