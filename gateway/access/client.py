@@ -1,6 +1,6 @@
 """`gateway access`: the user's tunnel to the service, and the local listeners that use it.
 
-:class:`AccessTunnel` keeps one TLS tunnel with the user certificate (ClientService, jittered
+:class:`AccessTunnel` keeps one TLS tunnel with the user certificate (redialled with jittered
 backoff), renewing the certificate through the credential cache when a third of its life is
 left. Every local connection or UDP flow is one stream ``{"kind": "access", ...}``
 (docs/protocol.md, *User tunnels and access streams*); the service ACKs it only once a
@@ -20,11 +20,10 @@ import ipaddress
 from datetime import UTC, datetime
 from typing import Any, Callable
 
-from twisted.application.internet import ClientService
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,6 +50,7 @@ __all__ = [
 WAIT_FOR_TUNNEL = 30.0
 # How long the service may take to answer a stream (it answers once a connector dialled).
 OPEN_TIMEOUT = 60.0
+HANDSHAKE_TIMEOUT = 30.0
 RENEW_CHECK_INTERVAL = 60.0
 UDP_IDLE_TIMEOUT = 60.0
 MAX_FLOWS = 256                      # UDP flows of one association
@@ -150,22 +150,15 @@ def socks_reply_for(failure: Failure) -> socks5.Reply:
 # -- the tunnel ---------------------------------------------------------------------------------
 
 
-@implementer(IStreamClientEndpoint)
-class _TunnelEndpoint:
-    """Dials the access tunnel with the cached certificate, renewed first when it runs low."""
-
-    def __init__(self, tunnel: AccessTunnel) -> None:
-        self.tunnel = tunnel
-
-    def connect(self, factory: Any) -> Deferred:
-        return Deferred.fromCoroutine(self.tunnel._dial(factory))
-
-
 class AccessTunnel:
     """One user tunnel kept up with backoff; :meth:`open` opens an access stream on it.
 
     ``renew(reactor, creds)`` buys a new certificate (gateway.access.login.renew) and ``save``
     keeps the result in the cache; both are parameters so tests can do without a service.
+
+    Its own reconnect loop rather than ClientService: a connection that drops before its TLS
+    handshake is done (ClientService's prepareConnection) makes ClientService raise NoTransition
+    from connectionLost, a traceback on the user's terminal for every failed attempt.
     """
 
     log = Logger()
@@ -187,33 +180,73 @@ class AccessTunnel:
         self.now = now or (lambda: datetime.now(UTC))
         self.session: TunnelSession | None = None
         self.last_problem = "not connected yet"
+        self.running = False
         self._waiters: list[Deferred] = []
         self._renewing: Deferred | None = None
         self._renew_call: Any = None
-        self._service = ClientService(
-            _TunnelEndpoint(self), QuietFactory.forProtocol(self._build_session),
-            retryPolicy=jittered_backoff(*backoff), clock=reactor, prepareConnection=self._prepare,
-        )
+        self._retry_call: Any = None
+        self._failures = 0
+        self._backoff = jittered_backoff(*backoff)
 
     # -- lifecycle
 
     def start(self) -> None:
-        self._service.startService()
+        self.running = True
+        self._attempt()
         self._renew_call = self.reactor.callLater(RENEW_CHECK_INTERVAL, self._renew_check)
 
-    def stop(self) -> Deferred:
-        if self._renew_call is not None and self._renew_call.active():
-            self._renew_call.cancel()
+    def stop(self) -> None:
+        self.running = False
+        for call in (self._renew_call, self._retry_call):
+            if call is not None and call.active():
+                call.cancel()
         for waiter in self._waiters[:]:
             waiter.errback(TunnelClosed("gateway access is stopping"))
-        session = self.session
-        if session is not None and session.connected:
-            session.transport.unregisterProducer()
-        return maybeDeferred(self._service.stopService)
+        if self.session is not None:
+            self.session.close()
+
+    def _attempt(self) -> None:
+        self._retry_call = None
+        if self.running:
+            Deferred.fromCoroutine(self._connect()).addErrback(self._attempt_failed)
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        self._failures += 1
+        self._retry(self._backoff(self._failures))
+
+    def _retry(self, delay: float) -> None:
+        if self.running and self._retry_call is None:
+            self._retry_call = self.reactor.callLater(delay, self._attempt)
+
+    async def _connect(self) -> None:
+        await self.ensure_fresh()
+        creds = self.creds
+        host, port = parse_service(creds.tunnel)
+        tls = client_options(creds.ca, creds.certificate, creds.key, creds.server_name)
+        session = self._build_session()
+        endpoint = wrapClientTLS(tls, HostnameEndpoint(self.reactor, host, port, timeout=10))
+        try:
+            await connectProtocol(endpoint, session)
+        except Exception as e:
+            self._problem(f"cannot reach the service's tunnel at {creds.tunnel}: {describe_failure(Failure(e))};"
+                          " retrying")
+            raise
+        deadline = self.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow, session)
+        try:
+            await session.owner
+        finally:
+            if deadline.active():
+                deadline.cancel()
+
+    def _too_slow(self, session: TunnelSession) -> None:
+        self._problem(f"no TLS handshake with the service's tunnel at {self.creds.tunnel} within "
+                      f"{HANDSHAKE_TIMEOUT:g}s; retrying")
+        if session.transport is not None:
+            session.transport.abortConnection()
 
     def _build_session(self) -> TunnelSession:
         session = TunnelSession(self.reactor, self.settings, is_client=True, on_stream=None, tunnel_id="access")
-        # Ready once TLS is up; a failed handshake or a GO_AWAY counts as a failed attempt.
+        # Ready once TLS is up; a connection lost before that is a failed attempt.
         ready: Deferred = Deferred()
         session.owner = ready
         session.on_handshake = lambda s: ready.called or ready.callback(s)
@@ -222,25 +255,12 @@ class AccessTunnel:
         ready.addCallback(self._up)
         return session
 
-    async def _dial(self, factory: Any) -> Any:
-        await self.ensure_fresh()
-        creds = self.creds
-        host, port = parse_service(creds.tunnel)
-        tls = client_options(creds.ca, creds.certificate, creds.key, creds.server_name)
-        try:
-            protocol = await wrapClientTLS(tls, HostnameEndpoint(self.reactor, host, port, timeout=10)).connect(factory)
-        except Exception as e:
-            self._problem(f"cannot reach the service's tunnel at {creds.tunnel}: {describe_failure(Failure(e))};"
-                          " retrying")
-            raise
-        return protocol
-
-    def _prepare(self, session: Any) -> Deferred:
-        # ``session`` is ClientService's proxy of the TunnelSession: attributes read through.
-        return session.owner
-
     def _up(self, session: TunnelSession) -> TunnelSession:
+        if not self.running:
+            session.close()
+            return session
         self.session = session
+        self._failures = 0
         self.log.info("access tunnel to {tunnel} is up", tunnel=self.creds.tunnel)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -258,6 +278,7 @@ class AccessTunnel:
             self.session = None
             self.last_problem = "the tunnel to the service was lost; reconnecting"
             self.log.info("access tunnel to {tunnel} lost; reconnecting", tunnel=self.creds.tunnel)
+            self._retry(self._backoff(0))
         if not ready.called:
             why = describe_failure(reason) if reason is not None else "closed"
             if session.go_away_reason is None:

@@ -240,3 +240,42 @@ def test_a_local_connection_made_while_the_service_is_down_is_served_when_it_ret
         s.sendall(b"while down")
         svc.start()
         assert s.recv(64) == b"while down"
+
+
+def test_a_tunnel_port_that_drops_connections_is_retried_quietly(gw, backends, tmp_path):
+    """A tunnel address that closes every connection before TLS: the client says so once and retries
+    with backoff, without a traceback."""
+    import threading
+
+    svc = gw.service(start=False)
+    publish(svc)
+    svc.start()
+    home = tmp_path / "home"
+    env = sign_in_with_token(gw, svc, home)
+    dropper = socket.socket()
+    dropper.bind((HOST, 0))
+    dropper.listen(16)
+    accepted = []
+
+    def drop() -> None:
+        while True:
+            try:
+                conn, _ = dropper.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+    cached, = (home / "gateway" / "credentials").glob("*.json")
+    document = json.loads(cached.read_text())
+    document["tunnel"] = f"{HOST}:{dropper.getsockname()[1]}"
+    cached.write_text(json.dumps(document))
+    try:
+        _, proc = access(gw, svc, env, "tcp", "--app", "x")
+        wait_until(lambda: len(accepted) >= 3, 30, "three connection attempts")
+        log = proc.log()
+        assert log.count("failed") == 1 and "retrying" in log
+        assert "Traceback" not in log and "Unhandled" not in log
+    finally:
+        dropper.close()

@@ -37,6 +37,7 @@ class Service:
         self.tunnel = AccessTunnel(self.pair.clock, make(), renew=self.renew, save=self.saved.append,
                                    reporter=Reporter(self.said.append), wait_for_tunnel=30)
         self.tunnel.session = self.pair.client
+        self.tunnel.running = True
 
     async def renew(self, reactor, creds):
         self.renewals.append(creds)
