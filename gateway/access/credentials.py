@@ -175,14 +175,21 @@ def find(service: str | None, environ: Mapping[str, str] | None = None) -> Crede
 
 
 def delete(service: str | None, environ: Mapping[str, str] | None = None) -> Credentials | None:
-    """Forget the credentials (--service, or the only ones); returns what was forgotten, or None."""
-    try:
-        creds = find(service, environ)
-    except CacheError:
-        if service and path_for(service, environ).exists():
-            path_for(service, environ).unlink()   # a broken file is forgotten too
+    """Forget the credentials (--service, or the only ones); returns what was forgotten, or None
+    when there was nothing. Without --service and several services cached, CacheError says to choose."""
+    if service is None:
+        directory = credentials_dir(environ)
+        if not directory.is_dir() or not any(directory.glob("*.json")):
+            return None
+        service = find(None, environ).service
+    path = path_for(service, environ)
+    if not path.exists():
         return None
-    path_for(creds.service, environ).unlink(missing_ok=True)
+    try:
+        creds: Credentials | None = _parse(path, path.read_bytes())
+    except CacheError:
+        creds = None   # a damaged file is forgotten too
+    path.unlink(missing_ok=True)
     return creds
 
 

@@ -116,3 +116,20 @@ def test_describing_credentials_shows_no_secret():
         for text in (repr(creds), creds.describe()):
             assert "S3CRET" not in text and "TOKENSECRET" not in text and "PRIVATE KEY" not in text
         assert "alice@example.test" in creds.describe()
+
+
+def test_delete_without_service_asks_which_when_several_are_cached(env):
+    """logout without --service and two services cached refuses and deletes nothing."""
+    cache.save(make("http://one.test"), env)
+    cache.save(make("two.test:8443"), env)
+    with pytest.raises(CacheError, match="say which with --service"):
+        cache.delete(None, env)
+    assert len(list(cache.credentials_dir(env).glob("*.json"))) == 2
+
+
+def test_delete_forgets_a_damaged_file_too(env):
+    """A cache file that no longer parses is still removed by logout."""
+    path = cache.path_for("svc:1", env)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert cache.delete("svc:1", env) is None and not path.exists()
