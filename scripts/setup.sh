@@ -59,7 +59,7 @@ extras=""
 if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" > .venv/pip.log 2>&1; then
   tail -n 30 .venv/pip.log >&2; echo "setup: pip install failed (full log: .venv/pip.log)" >&2; exit 1
 fi
-.venv/bin/python -c 'import gateway, gateway_tcp' 
+.venv/bin/python -c 'import gateway, gateway_tcp, gateway_smb, gateway_rdp'
 # An editable install does not put twisted/plugins/ on sys.path; twistd finds our plugin
 # through this .pth (a regular `pip install .` copies it into Twisted's plugin folder).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

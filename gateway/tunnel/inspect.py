@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from attrs import frozen
 from twisted.logger import Logger
 
 from gateway.errors import GatewayError
@@ -38,6 +39,16 @@ REFUSAL_GRACE = 10.0
 DECISION_SPLICED = "spliced"
 DECISION_REFUSED = "refused"
 DECISION_CLOSED = "closed"
+
+
+@frozen
+class _Failed:
+    """The verdict standing in for an inspector that raised."""
+
+    reason: str
+    action: str = "refuse"
+    code: str = "internal"
+    reply: bytes = b""
 
 
 def _action(verdict: Any) -> str:
@@ -69,21 +80,26 @@ class Inspection:
         """Bytes the user's client sent (they came on the stream), bound for the app."""
         if self.refused:
             return
-        if self.active:
-            verdict = self.inspector.feed_client(data)
-            if not self._forward(verdict):
-                return
+        if self.active and not self._forward(self._feed(self.inspector.feed_client, data)):
+            return
         self.backend.transport.write(data)
 
     def from_server(self, data: bytes) -> None:
         """Bytes the app sent, bound for the client."""
         if self.refused:
             return
-        if self.active:
-            verdict = self.inspector.feed_server(data)
-            if not self._forward(verdict):
-                return
+        if self.active and not self._forward(self._feed(self.inspector.feed_server, data)):
+            return
         self.stream.write(data)
+
+    def _feed(self, feed: Callable[[bytes], Any], data: bytes) -> Any:
+        """The inspector's verdict on ``data``; a refusal if it raised. This runs inside the
+        tunnel's dataReceived, where an exception would end every stream of the tunnel."""
+        try:
+            return feed(data)
+        except Exception as e:
+            log.failure("app {app}: the {protocol} inspector failed", app=self.app.name, protocol=self.app.protocol)
+            return _Failed(f"the {self.app.protocol} inspector failed: {e!r}")
 
     def _forward(self, verdict: Any) -> bool:
         """Whether the chunk just fed goes on; ends the inspection on done or refuse."""

@@ -108,12 +108,13 @@ class Samba:
             self.proc = subprocess.Popen(
                 ["smbd", "--foreground", "--no-process-group", "--debug-stdout", "-d", "1", "-s", str(self.conf)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        wait_until(lambda: self.proc.poll() is None and _listening(self.port) or self._died(), 20, "smbd to listen")
-
-    def _died(self) -> bool:
+        try:
+            wait_until(lambda: _listening(self.port) or self.proc.poll() is not None, 20, "smbd to listen or exit")
+        except BaseException:
+            self.stop()
+            raise
         if self.proc.poll() is not None:
             raise AssertionError(f"smbd exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-        return False
 
     def client(self, port: int, *args: str, command: str = "ls", timeout: float = 60) -> subprocess.CompletedProcess:
         """smbclient //127.0.0.1/share -p PORT as the share's user, running ``command``."""
@@ -133,11 +134,26 @@ class RdpServer:
         self.dir = root
         (root / "config").mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        # -displayfd: Xvfb picks a free display and writes its number to this pipe.
+        self.xvfb = self.shadow = None
+        try:
+            self.display = self._start_xvfb()
+            sam = subprocess.run(["winpr-hash", "-u", RDP_USER, "-p", RDP_PASS, "-f", "sam"],
+                                 capture_output=True, text=True, check=True, timeout=30).stdout
+            (root / "sam").write_text(sam)
+            self.env = dict(os.environ, DISPLAY=self.display, HOME=str(root), XDG_CONFIG_HOME=str(root / "config"))
+            self.log_path = root / "shadow.log"
+            self._start_shadow()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_xvfb(self) -> str:
+        """Xvfb on a display it picks (-displayfd writes the number to a pipe); -noreset keeps it
+        from resetting (and refusing connections a moment) when its last client leaves."""
         read_end, write_end = os.pipe()
-        with open(root / "xvfb.log", "w") as log:
+        with open(self.dir / "xvfb.log", "w") as log:
             self.xvfb = subprocess.Popen(
-                ["Xvfb", "-displayfd", str(write_end), "-nolisten", "tcp", "-screen", "0", "1024x768x24"],
+                ["Xvfb", "-displayfd", str(write_end), "-nolisten", "tcp", "-noreset", "-screen", "0", "1024x768x24"],
                 pass_fds=(write_end,), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         os.close(write_end)
@@ -145,30 +161,26 @@ class RdpServer:
             ready, _, _ = select.select([numbers], [], [], 20)
             number = numbers.readline().strip() if ready else ""   # EOF (empty) if Xvfb died first
         if not number:
-            self._xvfb_died()
-            raise AssertionError("Xvfb did not say which display it took")
-        self.display = ":" + number
-        sam = subprocess.run(["winpr-hash", "-u", RDP_USER, "-p", RDP_PASS, "-f", "sam"],
-                             capture_output=True, text=True, check=True, timeout=30).stdout
-        (root / "sam").write_text(sam)
-        self.env = dict(os.environ, DISPLAY=self.display, HOME=str(root), XDG_CONFIG_HOME=str(root / "config"))
-        self.log_path = root / "shadow.log"
-        with open(self.log_path, "w") as log:
-            self.shadow = subprocess.Popen(
-                ["freerdp-shadow-cli", f"/bind-address:{HOST}", f"/port:{self.port}", "+auth", "/sec:nla",
-                 f"/sam-file:{root / 'sam'}"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        wait_until(lambda: _listening(self.port) or self._shadow_died(), 30, "the RDP shadow server to listen")
+            raise AssertionError(f"Xvfb did not say which display it took (exit code {self.xvfb.poll()})")
+        return ":" + number
 
-    def _xvfb_died(self) -> bool:
-        if self.xvfb.poll() is not None:
-            raise AssertionError(f"Xvfb exited with {self.xvfb.returncode}")
-        return False
-
-    def _shadow_died(self) -> bool:
-        if self.shadow.poll() is not None:
-            raise AssertionError(f"freerdp-shadow-cli exited:\n{self.log_path.read_text()[-3000:]}")
-        return False
+    def _start_shadow(self) -> None:
+        """freerdp-shadow-cli; started again (at most 3 times) if it could not open the display yet."""
+        for _ in range(3):
+            with open(self.log_path, "w") as log:
+                self.shadow = subprocess.Popen(
+                    ["freerdp-shadow-cli", f"/bind-address:{HOST}", f"/port:{self.port}", "+auth", "/sec:nla",
+                     f"/sam-file:{self.dir / 'sam'}"],
+                    env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True)
+            wait_until(lambda: _listening(self.port) or self.shadow.poll() is not None, 30,
+                       "the RDP shadow server to listen or exit")
+            if self.shadow.poll() is None:
+                return
+            if "failed to open display" not in self.log_path.read_text():
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"freerdp-shadow-cli exited:\n{self.log_path.read_text()[-3000:]}")
 
     def client(self, port: int, *args: str, work: Path, until: str | None = None,
                timeout: float = 60) -> tuple[int | None, str]:
@@ -192,5 +204,6 @@ class RdpServer:
             _stop(client)
 
     def stop(self) -> None:
-        _stop(self.shadow)
-        _stop(self.xvfb)
+        for proc in (self.shadow, self.xvfb):
+            if proc is not None:
+                _stop(proc)

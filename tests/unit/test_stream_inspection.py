@@ -161,3 +161,21 @@ def test_the_connection_ending_during_the_handshake_is_recorded():
     pair.pump.flush()
     backend.connectionLost(None)
     assert stream.session_facts["decision"] == "closed"
+
+
+def test_an_inspector_that_raises_costs_its_stream_only():
+    """An exception inside an inspector is a refusal of that stream (logged), not a broken tunnel."""
+    class Broken:
+        def feed_client(self, data):
+            raise ValueError("bug")
+
+        feed_server = feed_client
+
+    pair, user, received, backend, inspection, stream = inspected(SMBHandler())
+    inspection.inspector = Broken()
+    inspection.facts = lambda inspector: {}
+    other = pair.open({"kind": "app", "app": "app1"})
+    user.write(b"\x00\x00\x00\x04\xfeSMB")
+    pair.pump.flush()
+    assert stream.session_facts["code"] == "internal" and "ValueError('bug')" in stream.session_facts["reason"]
+    assert received.eof and not other.closed and pair.client.streams

@@ -18,7 +18,7 @@ The cookie user is what the client *claims* (mstsc writes the user name it was g
 FreeRDP drops the domain); it is not authenticated by anyone. The user is authenticated only
 inside CredSSP (NLA), between the client and the RDP server, where we do not look.
 
-Not wired yet: no plugin uses this so far.
+The rdp plugin feeds it on the connector through gateway.tunnel.inspect.
 """
 
 from __future__ import annotations

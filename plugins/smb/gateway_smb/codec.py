@@ -37,7 +37,7 @@ Malformed, truncated or oversized input is a ``refuse`` verdict naming what was 
 direction (:data:`MAX_MESSAGE`) is held between calls. The inspector decides nothing else:
 policies (``require_signing``, ``require_encryption``) read :attr:`SmbInspector.record`.
 
-Not wired yet: no plugin uses this so far.
+The smb plugin feeds it (wrapped in gateway_smb.policy) on the connector through gateway.tunnel.inspect.
 """
 
 from __future__ import annotations
