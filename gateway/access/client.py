@@ -268,6 +268,11 @@ class AccessTunnel:
         return session
 
     def _go_away(self, session: TunnelSession, code: int, message: str) -> None:
+        if self.session is session:
+            # The old tunnel takes no new streams but may carry open ones for a while: dial a new one now.
+            self.session = None
+            self.last_problem = f"the service is closing the tunnel: {message}"
+            self._retry(self._backoff(0))
         if code == GoAwayCode.NOT_AUTHORIZED:
             self._problem(f"the service closed the tunnel: {message}")
         elif code != GoAwayCode.NORMAL:

@@ -38,6 +38,7 @@ class Service:
                                    reporter=Reporter(self.said.append), wait_for_tunnel=30)
         self.tunnel.session = self.pair.client
         self.tunnel.running = True
+        self.pair.client.on_go_away.append(self.tunnel._go_away)
 
     async def renew(self, reactor, creds):
         self.renewals.append(creds)
@@ -397,3 +398,19 @@ def test_a_stream_cut_by_the_service_says_why():
     assert local.disconnecting
     forwarded.connectionLost(Failure(ConnectionError("aborted")))
     assert svc.said == ["gateway access: app db ended: your access was revoked by an administrator: run gateway login"]
+
+
+def test_a_draining_tunnel_is_replaced_at_once_and_new_connections_wait_for_the_new_one():
+    """GO_AWAY from the service: a new tunnel is dialled right away; a connection made meanwhile is
+    not opened on the draining tunnel."""
+    svc = Service()
+    dialled = []
+    svc.tunnel._attempt = lambda: dialled.append(1)
+    svc.pair.server.go_away(0, "service node is shutting down")
+    svc.flush()
+    assert svc.tunnel.session is None
+    svc.pair.clock.advance(1)   # the backoff's first delay is below 1 s
+    assert dialled == [1]
+    local = connect_local(TcpForward(svc.tunnel, "db", None, None).buildProtocol(None))
+    svc.flush()
+    assert not svc.streams and local.producerState == "paused"
