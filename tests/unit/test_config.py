@@ -73,15 +73,17 @@ def test_example_connector_loads():
 
 
 def test_example_demo_loads_on_loopback():
-    """examples/demo.toml is a service on 127.0.0.1:8443 with a web app http://demo.localhost:8080/ and a
-    tcp app 127.0.0.1:8081, both to 127.0.0.1:8000."""
+    """examples/demo.toml is a service on 127.0.0.1:8443 with a web app http://demo.localhost:8080/, a
+    tcp app 127.0.0.1:8081, both to 127.0.0.1:8000, and a private app of 127.0.0.1:8000 for demo-user."""
     from gateway import plugins
 
     cfg = load_config(EXAMPLES / "demo.toml", plugins.config_sections(plugins.make_plugin_manager({})))
     assert cfg.connector is None
     assert cfg.service.listen == "tcp:8443:interface=127.0.0.1"
     assert cfg.service.state_dir == (EXAMPLES.parent / ".demo" / "service")
-    web, tcp = cfg.apps
+    web, tcp, private = cfg.apps
+    assert [str(s) for s in private.segments] == ["tcp 127.0.0.1:8000"]
+    assert private.options["allowed_users"] == ["demo-user"] and cfg.access.tunnel == "127.0.0.1:8443"
     assert (web.protocol, web.external_url, web.listen) == ("http", "http://demo.localhost:8080/", "")
     assert tcp.listen == "tcp:8081:interface=127.0.0.1"
     for demo in (web, tcp):
