@@ -13,6 +13,7 @@ import getpass
 import os
 import select
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -42,7 +43,6 @@ def _stop(popen: subprocess.Popen, group: bool = False) -> None:
 
 
 def _listening(port: int) -> bool:
-    import socket
     try:
         socket.create_connection((HOST, port), 0.2).close()
         return True

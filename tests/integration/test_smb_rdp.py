@@ -10,7 +10,7 @@ import os
 import pytest
 
 from gateway_harness import HOST, Gateway, connect, free_port, wait_until
-from smb_rdp_harness import RDP_USER, RdpServer, Samba
+from smb_rdp_harness import RDP_USER, SMB_PASS, RdpServer, Samba
 from components import needs
 
 pytestmark = needs("smbd", "smbclient", "xfreerdp", "freerdp-shadow", "winpr-hash", "Xvfb")
@@ -77,16 +77,18 @@ def sha256(path) -> str:
 
 
 def test_smb_put_get_list_through_the_connector(setup, tmp_path):
-    """smbclient puts a file through the connector, lists it, gets it back with the same sha256;
+    """smbclient puts a 256 MiB file through the connector, lists it, gets it back with the same sha256;
     the connector records dialect, user, signing and share."""
     source = tmp_path / "up.bin"
-    source.write_bytes(os.urandom(8 * 1024 * 1024))
+    source.write_bytes(os.urandom(256 * 1024 * 1024))
     back = tmp_path / "down.bin"
     since = setup.mark()
     result = setup.samba.client(setup.port("files"), "-W", "TESTGROUP", command=f"put {source} up.bin; ls; get up.bin {back}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "up.bin" in result.stdout
     assert sha256(back) == sha256(source) == sha256(setup.samba.share / "up.bin")
+    for path in (source, back, setup.samba.share / "up.bin"):   # 768 MiB of tmp space back
+        path.unlink()
     line = setup.facts(since, "files")[0]
     assert "spliced" in line and "dialect=3.1.1" in line, line
     assert f"user={setup.samba.user}" in line and "domain=TESTGROUP" in line, line
@@ -106,6 +108,33 @@ def test_smb3_encryption_keeps_working(setup, tmp_path):
         assert sha256(back) == sha256(source)
         line = setup.facts(since, app)[0]
         assert "spliced" in line and "encrypted=True" in line, line
+
+
+@needs(modules=("smbclient",))
+def test_smbprotocol_signed_and_encrypted_sessions_through_the_connector(setup):
+    """A second client, smbprotocol (pure Python), writes and reads back 16 MiB with signing
+    required and then with SMB3 encryption, through the apps that require each."""
+    import smbclient
+
+    payload = os.urandom(16 * 1024 * 1024)
+    for app, encrypt in (("files-signed", False), ("files-encrypted", True)):
+        since = setup.mark()
+        port = setup.port(app)
+        cache: dict = {}
+        smbclient.register_session(HOST, username=setup.samba.user, password=SMB_PASS, port=port,
+                                   encrypt=encrypt, require_signing=True, connection_cache=cache,
+                                   auth_protocol="ntlm")
+        name = rf"\\{HOST}\share\smbprotocol-{app}.bin"
+        try:
+            with smbclient.open_file(name, mode="wb", port=port, connection_cache=cache) as f:
+                f.write(payload)
+            with smbclient.open_file(name, mode="rb", port=port, connection_cache=cache) as f:
+                assert hashlib.sha256(f.read()).hexdigest() == hashlib.sha256(payload).hexdigest()
+        finally:
+            smbclient.reset_connection_cache(connection_cache=cache)
+        line = setup.facts(since, app)[0]
+        assert "spliced" in line and "signing_required=True" in line, line
+        assert ("encrypted=True" in line) == encrypt, line
 
 
 def test_smb_unencrypted_session_refused_where_encryption_is_required(setup):

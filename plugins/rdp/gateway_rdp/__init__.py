@@ -45,8 +45,7 @@ class RDPHandler(InspectingHandler, TCPHandler):
     def inspector(self, app: Any) -> RdpInspector:
         return RdpInspector(require_nla=flag_option(app, "require_nla", True))
 
-    def facts(self, inspector: RdpInspector) -> dict[str, Any]:
-        return session_facts(inspector)
+    facts = staticmethod(session_facts)
 
 
 @hookimpl

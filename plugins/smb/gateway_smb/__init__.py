@@ -32,8 +32,7 @@ class SMBHandler(InspectingHandler, TCPHandler):
                          require_signing=flag_option(app, "require_signing", False),
                          require_encryption=flag_option(app, "require_encryption", False))
 
-    def facts(self, inspector: SmbPolicy) -> dict[str, Any]:
-        return session_facts(inspector)
+    facts = staticmethod(session_facts)
 
 
 @hookimpl
