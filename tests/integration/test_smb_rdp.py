@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from gateway_harness import HOST, Gateway, connect, free_port, wait_until
+from gateway_harness import GATEWAY, HOST, Gateway, connect, free_port, wait_until
 from smb_rdp_harness import RDP_USER, SMB_PASS, RdpServer, Samba
 from components import needs
 
@@ -259,3 +259,33 @@ options = {{ preauth = "none", {option} }}
     result = setup.gw.cli("check-config", str(config))
     key = option.split(" ")[0]
     assert result.returncode == 1 and f"app app1: options.{key}: expected true or false" in result.stderr, result.stderr
+
+
+def test_private_smb_app_through_gateway_access_names_the_user(setup, gw, tmp_path):
+    """A private app with protocol smb, reached with gateway access tcp by a signed-in user: the
+    connector inspects the checked address it dials, lets SMB3 through and refuses SMB1, and its
+    log names the user."""
+    from test_access_private import _accepts, publish, sign_in_with_token
+
+    svc = gw.service(start=False)
+    publish(svc, {"name": "files-private", "protocol": "smb", "options": {"allowed_users": ["alice"]},
+                  "segments": [{"destination": HOST, "ports": str(setup.samba.port)}]})
+    svc.start()
+    conn = gw.connector(svc)
+    env = sign_in_with_token(gw, svc, tmp_path / "home")
+    port = free_port()
+    gw.spawn("access", [GATEWAY, "access", "tcp", "--service", svc.address, "--app", "files-private",
+                        "--listen", f"{HOST}:{port}"], env=env)
+    wait_until(lambda: _accepts(port), 30, "gateway access tcp to listen")
+    listed = setup.samba.client(port)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    refused = setup.samba.client(port, "-m", "NT1", SMB1_CLIENT)
+    assert refused.returncode != 0, refused.stdout
+    def decided() -> list[str]:   # the port probe above leaves a "closed" record: not counted
+        found = [line for line in conn.log().splitlines()
+                 if "app files-private (smb)" in line and (" spliced: " in line or " refused: " in line)]
+        return found if len(found) >= 2 else []
+
+    lines = wait_until(decided, 30, "two session records of the private app")
+    assert "(user alice) spliced" in lines[0] and "dialect=3.1.1" in lines[0], lines[0]
+    assert "(user alice) refused" in lines[1] and "code=smb1" in lines[1], lines[1]
