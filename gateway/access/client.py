@@ -51,6 +51,8 @@ WAIT_FOR_TUNNEL = 30.0
 # How long the service may take to answer a stream (it answers once a connector dialled).
 OPEN_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 30.0
+# A local connection waiting for a tunnel that is down brings the next redial this close.
+HURRY = 1.0
 RENEW_CHECK_INTERVAL = 60.0
 UDP_IDLE_TIMEOUT = 60.0
 MAX_FLOWS = 256                      # UDP flows of one association
@@ -260,7 +262,6 @@ class AccessTunnel:
             session.close()
             return session
         self.session = session
-        self._failures = 0
         self.log.info("access tunnel to {tunnel} is up", tunnel=self.creds.tunnel)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -269,10 +270,13 @@ class AccessTunnel:
 
     def _go_away(self, session: TunnelSession, code: int, message: str) -> None:
         if self.session is session:
-            # The old tunnel takes no new streams but may carry open ones for a while: dial a new one now.
+            # The old tunnel takes no new streams but may carry open ones for a while: dial a new one
+            # now, or after a growing delay when the service refused us (a revoked user must not hammer).
             self.session = None
             self.last_problem = f"the service is closing the tunnel: {message}"
-            self._retry(self._backoff(0))
+            if code == GoAwayCode.NOT_AUTHORIZED:
+                self._failures += 1
+            self._retry(self._backoff(self._failures))
         if code == GoAwayCode.NOT_AUTHORIZED:
             self._problem(f"the service closed the tunnel: {message}")
         elif code != GoAwayCode.NORMAL:
@@ -336,19 +340,31 @@ class AccessTunnel:
         session = self.session
         if session is not None and session.available:
             try:
-                return session.open_stream(metadata, timeout=self.open_timeout)
+                return session.open_stream(metadata, timeout=self.open_timeout).addCallback(self._served)
             except TunnelClosed:
                 pass
         waiter: Deferred = Deferred()
         self._waiters.append(waiter)
+        self._hurry()
         timer = self.reactor.callLater(self.wait_for_tunnel, self._gave_up, waiter)
 
         def ready(session: TunnelSession) -> Deferred:
             if timer.active():
                 timer.cancel()
-            return session.open_stream(metadata, timeout=self.open_timeout)
+            return session.open_stream(metadata, timeout=self.open_timeout).addCallback(self._served)
 
         return waiter.addCallback(ready)
+
+    def _hurry(self) -> None:
+        """Someone is waiting for the tunnel: a redial due later than HURRY seconds from now happens then."""
+        call = self._retry_call
+        if call is not None and call.active() and call.getTime() - self.reactor.seconds() > HURRY:
+            call.reset(HURRY)
+
+    def _served(self, stream: Any) -> Any:
+        """A stream the service accepted: the tunnel works, so the next redial starts from the shortest delay."""
+        self._failures = 0
+        return stream
 
     def _gave_up(self, waiter: Deferred) -> None:
         if waiter in self._waiters:

@@ -414,3 +414,15 @@ def test_a_draining_tunnel_is_replaced_at_once_and_new_connections_wait_for_the_
     local = connect_local(TcpForward(svc.tunnel, "db", None, None).buildProtocol(None))
     svc.flush()
     assert not svc.streams and local.producerState == "paused"
+
+
+def test_a_connection_waiting_for_the_tunnel_brings_the_next_redial_forward():
+    """With a redial due in 20 s, a new local connection makes it happen within a second."""
+    svc = Service()
+    svc.tunnel.session = None
+    dialled = []
+    svc.tunnel._attempt = lambda: dialled.append(svc.pair.clock.seconds())
+    svc.tunnel._retry(20.0)
+    connect_local(TcpForward(svc.tunnel, "db", None, None).buildProtocol(None))
+    svc.pair.clock.advance(1)
+    assert dialled == [1.0]
