@@ -17,8 +17,8 @@ import re
 import pytest
 
 from components import needs, require_module
-from gateway_harness import HOST, free_port, http_request, toml_table, wait_until
-from kdc_harness import BACKEND, CONNECTOR, OTHER, ROTATED, principal
+from gateway_harness import HOST, TWISTD, free_port, http_request, subprocess_env, toml_table, wait_until
+from kdc_harness import BACKEND, CONNECTOR, KRB5_VARIABLES, OTHER, ROTATED, principal
 from test_http_oidc import SECRET, USERS, AppServer, Browser, OpenIDProvider, sign_in
 
 require_module("gssapi")
@@ -70,7 +70,12 @@ class Stack:
         with open(self.conn.config_path, "a") as f:
             f.write("\n" + toml_table("kerberos", {"keytab": str(kdc.keytab(account)), "principal": principal(account),
                                                    "krb5_conf": str(kdc.krb5_conf), "check_user": "alice"}))
-        self.conn.start()
+        # The connector finds the realm through [kerberos] krb5_conf only, not this process's KRB5_CONFIG.
+        env = {k: v for k, v in subprocess_env().items() if k not in KRB5_VARIABLES}
+        self.conn.starts += 1
+        self.conn.proc = gw.spawn(f"{self.conn.name}-1", [TWISTD, "-n", "--pidfile=", "gateway", "--config",
+                                                          str(self.conn.config_path)], env=env)
+        self.conn.wait_up()
         wait_until(lambda: "wiki→" in self.conn.proc.log(), 30, "the connector to get its apps")
         wait_until(lambda: "oidc: provider" in self.svc.log(), 30, "the service to discover the provider")
         self.browsers: dict[str, Browser] = {}
