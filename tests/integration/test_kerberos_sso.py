@@ -27,11 +27,13 @@ pytestmark = needs("node", node_modules=["oidc-provider"])
 HOSTS = {"wiki": "wiki.apps.example.test", "other": "other.apps.example.test",
          "challenge": "challenge.apps.example.test", "echo": "echo.apps.example.test",
          "plain": "plain.apps.example.test", "unproven": "unproven.apps.example.test",
-         "bound": "bound.apps.example.test"}
+         "bound": "bound.apps.example.test", "sam": "sam.apps.example.test"}
 # Provider accounts beyond alice and bob: carol and dave are in the realm (made by the test),
 # mallory is not.
 EXTRA_USERS = {name: {"name": name.title(), "email": f"{name}@example.test", "groups": []}
                for name in ("carol", "dave", "mallory")}
+# erin's on-premises account name, as the identity provider's preferred_username claim.
+EXTRA_USERS["erin"] = {"name": "Erin", "email": "erin@example.test", "groups": [], "preferred_username": "erin.sam"}
 # An account at the identity provider whose subject names the back end's own service principal.
 SERVICE_NAMED = BACKEND
 EXTRA_USERS[SERVICE_NAMED] = {"name": "Service", "email": "svc@example.test", "groups": []}
@@ -56,6 +58,9 @@ class Stack:
                                                                       "kerberos_identity": "claim:sub"}},
             {"name": "echo", "internal_url": f"http://{HOST}:{self.echo.port}/",
              "options": {**kerberos, "kerberos_preemptive": False}},
+            {"name": "sam", "internal_url": internal,
+             "options": {**kerberos, "sso_claims": ["preferred_username"],
+                         "kerberos_identity": "claim:preferred_username"}},
             {"name": "bound", "internal_url": internal, "options": {**kerberos, "kerberos_preemptive": False}},
             {"name": "unproven", "internal_url": f"http://{HOST}:{self.echo.port}/", "options": kerberos},
             {"name": "plain", "internal_url": f"http://{HOST}:{self.echo.port}/", "options": {"preauth": "oidc"}},
@@ -168,6 +173,15 @@ def test_connections_authenticated_once_are_never_shared_between_users(stack):
     # Most of those requests carried no token: the back end challenged each user's connection once.
     challenges = re.findall(r'"GET /bound-whoami HTTP/1.1" 401', (s.apache.root / "logs" / "access.log").read_text())
     assert len(challenges) <= 4, challenges
+
+
+def test_the_account_name_can_come_from_a_claim_the_app_asks_for(stack, kdc):
+    """kerberos_identity = "claim:preferred_username" with sso_claims = ["preferred_username"]: the
+    front door sends that claim to the connector, and Apache sees erin as her on-premises name."""
+    kdc.kadmin("addprinc -randkey erin.sam")
+    s = stack()
+    page = s.get("erin", "sam")
+    assert (page.status, page.body) == (200, b"user=erin.sam@EXAMPLE.TEST\n"), page.text[:300]
 
 
 def test_a_401_challenge_is_answered_and_the_clients_authorization_never_forwarded(stack):

@@ -179,6 +179,10 @@ def app(**options) -> AppConfig:
     ({"preauth": "oidc", "jwt_assertion": "yes"}, "options.jwt_assertion: expected true or false"),
     ({"allowed_users": ["alice"]}, 'options.allowed_users: needs options.preauth = "oidc"'),
     ({"jwt_assertion": True}, 'options.jwt_assertion: needs options.preauth = "oidc"'),
+    ({"preauth": "oidc", "sso_claims": "samaccountname"}, "options.sso_claims: expected a list of at most 8"),
+    ({"preauth": "oidc", "sso_claims": ["a b"]}, "options.sso_claims: expected a list"),
+    ({"preauth": "oidc", "sso_claims": [f"c{i}" for i in range(9)]}, "options.sso_claims: expected a list"),
+    ({"sso_claims": ["samaccountname"]}, 'options.sso_claims: needs options.preauth = "oidc"'),
 ])
 def test_bad_app_options_are_refused(options, words):
     """Bad per-app pre-authentication options name the app and the option."""
@@ -258,6 +262,22 @@ def test_allowed_users_by_email_needs_a_verified_email_through_the_session(tmp_p
     assert (answer.status if isinstance(answer, auth.Respond) else 302) == status
     if status == 302:
         assert answer.identity.email_verified and answer.identity.to_metadata()["email_verified"] is True
+
+
+def test_sso_claims_travel_from_sign_in_through_the_session_to_the_metadata(tmp_path):
+    """An app's options.sso_claims: those string claims of the sign-in (no others, none longer than
+    256 characters) are kept in the session and sent in the identity metadata for the connector."""
+    clock = Clock()
+    clock.advance(1000)
+    provider = FakeProvider(clock, claims={"name": "Alice", "samaccountname": "asmith", "office": "B2",
+                                           "long": "x" * 257, "number": 7})
+    g = gate(tmp_path, clock, provider)
+    the_app = app(preauth="oidc", sso_claims=["samaccountname", "long", "number", "missing"])
+    back, _, cookies = sign_in(g, provider, the_app)
+    assert back.status == 302
+    answer = g.check(request(cookies=cookies), the_app, EXTERNAL, "h").result
+    assert answer.identity.to_metadata()["claims"] == {"samaccountname": "asmith"}
+    assert "claims" not in auth.identity_from_claims({"sub": "u", "samaccountname": "a"}, "groups").to_metadata()
 
 
 def test_metadata_caps_groups():

@@ -68,7 +68,9 @@ def test_the_spn_defaults_to_http_at_the_internal_host():
         with pytest.raises(config.AppError, match="options.kerberos_spn"):
             config.app_settings(web_app(kerberos_spn=bad))
     with pytest.raises(config.AppError, match="options.kerberos_identity"):
-        config.app_settings(web_app(kerberos_identity="claim:groups"))
+        config.app_settings(web_app(kerberos_identity="claim:a b"))
+    with pytest.raises(config.AppError, match="needs 'samaccountname' in options.sso_claims"):
+        config.app_settings(web_app(kerberos_identity="claim:samaccountname"))
     with pytest.raises(config.AppError, match="needs options.kerberos_map"):
         config.app_settings(web_app(kerberos_identity="map"))
 
@@ -83,6 +85,10 @@ def test_whose_name_is_delegated():
                                          kerberos_map={"alice": "asmith", "bob": "bjones@OTHER"}))
     assert mapped.principal(ALICE, "CORP") == "asmith@AD.CORP"
     assert mapped.principal({**ALICE, "sub": "bob"}, "CORP") == "bjones@OTHER"
+    sam = config.app_settings(web_app(kerberos_identity="claim:samaccountname", sso_claims=["samaccountname"]))
+    assert sam.principal({**ALICE, "claims": {"samaccountname": "asmith"}}, "CORP") == "asmith@CORP"
+    with pytest.raises(config.IdentityError, match="no 'samaccountname' claim"):
+        sam.principal(ALICE, "CORP")
     with pytest.raises(config.IdentityError, match="not in the app's options.kerberos_map"):
         mapped.principal({**ALICE, "sub": "carol"}, "CORP")
 

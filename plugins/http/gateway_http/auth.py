@@ -25,6 +25,7 @@ tokens, cookies and the client secret never are.
 from __future__ import annotations
 
 import html
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,11 @@ class Identity:
             if size > MAX_METADATA_GROUPS:
                 break
             groups.append(g)
-        return {"sub": self.subject[:256], "name": self.name[:256], "email": self.email[:256],
+        meta = {"sub": self.subject[:256], "name": self.name[:256], "email": self.email[:256],
                 "email_verified": self.email_verified, "groups": groups}
+        if self.claims:   # only the claims the app asked for (options.sso_claims), already bounded
+            meta["claims"] = dict(self.claims)
+        return meta
 
 
 @frozen
@@ -132,8 +136,13 @@ def check_app_options(app: Any) -> None:
                 raise bad(key, "a list of non-empty strings")
     if "jwt_assertion" in options and not isinstance(options["jwt_assertion"], bool):
         raise bad("jwt_assertion", "true or false")
+    if "sso_claims" in options:
+        value = options["sso_claims"]
+        if not isinstance(value, list) or len(value) > MAX_SSO_CLAIMS or not all(
+                isinstance(v, str) and _CLAIM_NAME.fullmatch(v) for v in value):
+            raise bad("sso_claims", f"a list of at most {MAX_SSO_CLAIMS} claim names such as [\"preferred_username\"]")
     if mode != "oidc":
-        for key in ("allowed_users", "allowed_groups", "jwt_assertion"):
+        for key in ("allowed_users", "allowed_groups", "jwt_assertion", "sso_claims"):
             if key in options:
                 raise GatewayError(f'app {app.name}: options.{key}: needs options.preauth = "oidc" '
                                    f"(the app is passthrough: nobody signs in)")
@@ -204,7 +213,8 @@ def email_verified(claims: dict[str, Any], trusted: bool) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
 
-def identity_from_claims(claims: dict[str, Any], groups_claim: str, emails_verified: bool = False) -> Identity:
+def identity_from_claims(claims: dict[str, Any], groups_claim: str, emails_verified: bool = False,
+                         sso_claims: Any = ()) -> Identity:
     groups = claims.get(groups_claim, [])
     if isinstance(groups, str):
         groups = [groups]
@@ -215,7 +225,19 @@ def identity_from_claims(claims: dict[str, Any], groups_claim: str, emails_verif
     name = next((claims[k] for k in ("name", "preferred_username") if isinstance(claims.get(k), str) and claims[k]),
                 email or claims["sub"])
     return Identity(subject=claims["sub"], name=name, email=email, groups=groups,
-                    email_verified=bool(email) and email_verified(claims, emails_verified))
+                    email_verified=bool(email) and email_verified(claims, emails_verified),
+                    claims=kept_claims(claims, sso_claims))
+
+
+MAX_SSO_CLAIMS = 8
+MAX_CLAIM_VALUE = 256
+_CLAIM_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+
+
+def kept_claims(claims: dict[str, Any], names: Any) -> dict[str, str]:
+    """The string claims an app's options.sso_claims names, for its SSO provider on the connector;
+    a value longer than MAX_CLAIM_VALUE is left out rather than cut (a cut name is another name)."""
+    return {n: claims[n] for n in names or () if isinstance(claims.get(n), str) and len(claims[n]) <= MAX_CLAIM_VALUE}
 
 
 def is_assigned(identity: Identity, app: Any) -> bool:
@@ -281,7 +303,8 @@ class OIDCGate:
             try:
                 return Identity(subject=str(doc["sub"]), name=str(doc.get("name", "")), email=str(doc.get("email", "")),
                                 groups=tuple(str(g) for g in doc.get("groups", [])),
-                                email_verified=doc.get("ev") is True)   # sessions from before "ev": unverified
+                                email_verified=doc.get("ev") is True,   # sessions from before "ev": unverified
+                                claims={str(k): str(v) for k, v in (doc.get("c") or {}).items()})
             except (KeyError, TypeError):
                 continue
         return None
@@ -294,6 +317,8 @@ class OIDCGate:
         while True:
             doc = {"sub": identity.subject, "name": identity.name, "email": identity.email,
                    "ev": identity.email_verified, "groups": groups, "iat": int(now), "exp": int(now) + lifetime}
+            if identity.claims:
+                doc["c"] = identity.claims
             value = self.sealer.seal("session:" + app.name, doc)
             if len(value) <= sessions.MAX_COOKIE_VALUE or not groups:
                 break
@@ -390,7 +415,8 @@ class OIDCGate:
             log.warn("request {request_id}: sign-in to app {app} failed: {why}",
                      request_id=request_id, app=app.name, why=e)
             return page(401, "Sign-in failed", "The sign-in could not be completed.", prefix, again, clear)
-        identity = identity_from_claims(claims, self.settings.groups_claim, self.settings.emails_verified)
+        identity = identity_from_claims(claims, self.settings.groups_claim, self.settings.emails_verified,
+                                        app.options.get("sso_claims", ()))
         log.info("request {request_id}: user {user} ({email}) signed in to app {app}",
                  request_id=request_id, user=identity.subject, email=identity.email or "-", app=app.name)
         target = safe_return(str(pending.get("return", prefix)), prefix)

@@ -18,7 +18,8 @@ DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_THREADS = 4
 MAX_THREADS = 64
 IDENTITIES = ("upn", "map")   # or "claim:NAME"
-CLAIMS = ("sub", "email", "name")   # what the stream metadata carries of a signed-in user
+CLAIMS = ("sub", "email", "name")   # what the stream metadata carries of every signed-in user
+_CLAIM_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")   # any other: listed in the app's options.sso_claims
 # A user principal: one name and a realm, nothing that could name a service ("krbtgt/...",
 # "HTTP/host") or smuggle a second component, no whitespace or control characters.
 _USER_PRINCIPAL = re.compile(r"[^\s/@\\\x00-\x1f\x7f]{1,256}@[A-Za-z0-9.\-]{1,255}")
@@ -128,7 +129,8 @@ class AppSettings:
             name = with_realm(alias, realm)
         else:
             claim = self.identity.partition(":")[2]
-            value = identity.get(claim)
+            extra = identity.get("claims") if isinstance(identity.get("claims"), dict) else {}
+            value = identity.get(claim) if claim in CLAIMS else extra.get(claim)
             if not isinstance(value, str) or not value:
                 raise IdentityError(f"the user has no {claim!r} claim to delegate")
             if claim == "email" and identity.get("email_verified") is not True:
@@ -152,9 +154,12 @@ def app_settings(app: Any) -> AppSettings:
                        f"such as \"HTTP/wiki.corp.example\" (without realm), got {spn!r}")
     identity = options.get("kerberos_identity", "upn")
     claim = identity.partition(":")[2] if isinstance(identity, str) and identity.startswith("claim:") else None
-    if not isinstance(identity, str) or (identity not in IDENTITIES and claim not in CLAIMS):
-        raise AppError(f"app {app.name}: options.kerberos_identity: expected \"upn\", \"map\" or one of "
-                       f"{', '.join('claim:' + c for c in CLAIMS)}, got {identity!r}")
+    if not isinstance(identity, str) or (identity not in IDENTITIES and not (claim and _CLAIM_NAME.fullmatch(claim))):
+        raise AppError(f"app {app.name}: options.kerberos_identity: expected \"upn\", \"map\" or \"claim:NAME\" "
+                       f"(NAME: sub, email, name or a claim listed in options.sso_claims), got {identity!r}")
+    if claim and claim not in CLAIMS and claim not in (options.get("sso_claims") or []):
+        raise AppError(f"app {app.name}: options.kerberos_identity = {identity!r} needs {claim!r} in options.sso_claims "
+                       f"(the front door sends the connector only the claims listed there)")
     realm = options.get("kerberos_realm")
     if realm is not None and (not isinstance(realm, str) or not re.fullmatch(r"[A-Za-z0-9.\-]{1,255}", realm)):
         raise AppError(f"app {app.name}: options.kerberos_realm: expected a realm such as \"CORP.EXAMPLE\", "
