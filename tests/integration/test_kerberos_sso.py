@@ -129,6 +129,21 @@ def assert_sso_failed(stack: Stack, page, cause: str, fix: str) -> None:
     assert f"failed: {cause}:" in line and f"Fix: {fix}" in line, line
 
 
+def alternate_on_one_connection(s: Stack, app: str, path: str, rounds: int) -> None:
+    """alice's and bob's requests to ``app``, alternating on one client keep-alive connection:
+    each must be answered with the user's own name."""
+    cookies = {user: s.browser(user, app).cookie_header(HOSTS[app], "/") for user in ("alice", "bob")}
+    client = http.client.HTTPConnection(HOST, s.front, timeout=30)
+    try:
+        for _ in range(rounds):
+            for user in ("alice", "bob"):
+                r, body = http_request(s.front, f"{HOSTS[app]}:{s.front}", path, headers={"Cookie": cookies[user]},
+                                       conn=client)
+                assert (r.status, body) == (200, f"user={principal(user)}\n".encode()), (user, r.status, body)
+    finally:
+        client.close()
+
+
 def test_signed_in_users_reach_the_back_end_as_themselves(stack, kdc):
     """alice and bob sign in; Apache (Negotiate only) sees REMOTE_USER alice@EXAMPLE.TEST and
     bob@EXAMPLE.TEST, also alternating on one client keep-alive connection; the mutual-auth reply
@@ -140,16 +155,7 @@ def test_signed_in_users_reach_the_back_end_as_themselves(stack, kdc):
     for user in ("alice", "bob"):
         page = s.get(user)
         assert (page.status, page.body) == (200, f"user={principal(user)}\n".encode()), page.text[:300]
-    cookies = {user: s.browsers[user].cookie_header(HOSTS["wiki"], "/whoami") for user in ("alice", "bob")}
-    client = http.client.HTTPConnection(HOST, s.front, timeout=30)
-    try:
-        for _ in range(3):
-            for user in ("alice", "bob"):
-                r, body = http_request(s.front, f"{HOSTS['wiki']}:{s.front}", "/whoami",
-                                       headers={"Cookie": cookies[user]}, conn=client)
-                assert (r.status, body) == (200, f"user={principal(user)}\n".encode())
-    finally:
-        client.close()
+    alternate_on_one_connection(s, "wiki", "/whoami", rounds=3)
     with kdc.kdc_stopped():
         assert s.get("alice").body == f"user={principal('alice')}\n".encode()
 
@@ -160,16 +166,7 @@ def test_connections_authenticated_once_are_never_shared_between_users(stack):
     bob off alice's authenticated connection; alternating on one client connection, each sees
     their own name."""
     s = stack()
-    cookies = {user: s.browser(user, "bound").cookie_header(HOSTS["bound"], "/") for user in ("alice", "bob")}
-    client = http.client.HTTPConnection(HOST, s.front, timeout=30)
-    try:
-        for _ in range(4):
-            for user in ("alice", "bob"):
-                r, body = http_request(s.front, f"{HOSTS['bound']}:{s.front}", "/bound-whoami",
-                                       headers={"Cookie": cookies[user]}, conn=client)
-                assert (r.status, body) == (200, f"user={principal(user)}\n".encode()), (user, r.status, body)
-    finally:
-        client.close()
+    alternate_on_one_connection(s, "bound", "/bound-whoami", rounds=4)
     # Most of those requests carried no token: the back end challenged each user's connection once.
     challenges = re.findall(r'"GET /bound-whoami HTTP/1.1" 401', (s.apache.root / "logs" / "access.log").read_text())
     assert len(challenges) <= 4, challenges
