@@ -289,3 +289,30 @@ def test_private_smb_app_through_gateway_access_names_the_user(setup, gw, tmp_pa
     lines = wait_until(decided, 30, "two session records of the private app")
     assert "(user alice) spliced" in lines[0] and "dialect=3.1.1" in lines[0], lines[0]
     assert "(user alice) refused" in lines[1] and "code=smb1" in lines[1], lines[1]
+
+
+def test_rdp_server_that_selects_no_nla_is_refused(gw, backends):
+    """A server that answers a client offering TLS and CredSSP by selecting TLS is refused under
+    require_nla: its Connection Confirm never reaches the client, which gets the Negotiation
+    Failure and FIN instead (the server side here is a socket that answers like that)."""
+    from gateway_rdp.codec import PROTOCOL_HYBRID, PROTOCOL_SSL, encode_connection_confirm, \
+        encode_connection_request, negotiation_failure
+
+    request = encode_connection_request("carol", requested=PROTOCOL_SSL | PROTOCOL_HYBRID)
+
+    def tls_only(conn, backend):
+        got = b""
+        while len(got) < len(request) and (chunk := conn.recv(4096)):
+            got += chunk
+        backend.record(got)
+        conn.sendall(encode_connection_confirm(PROTOCOL_SSL))
+        conn.recv(1)   # until the connector closes
+
+    server = backends(tls_only)
+    svc = gw.service([{"name": "desktop", "destination": server.destination, "protocol": "rdp"}])
+    conn = gw.connector(svc)
+    assert closed_after(svc.app_port("desktop"), request) == negotiation_failure()
+    assert server.wait_results(1, 30) == [request]
+    line = wait_until(lambda: [x for x in conn.log().splitlines() if "app desktop (rdp)" in x], 30,
+                      "the session record")[0]
+    assert "refused" in line and "code=nla_not_selected" in line and "the server selected tls" in line, line
