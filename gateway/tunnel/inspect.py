@@ -147,7 +147,11 @@ class Inspection:
 
     def _record(self, decision: str, reason: str, code: str = "") -> None:
         stream, app = self.stream, self.app
-        facts = dict(self.facts(self.inspector))
+        try:
+            facts = dict(self.facts(self.inspector))
+        except Exception as e:   # inside the tunnel's dataReceived too: see _feed
+            log.failure("app {app}: the {protocol} plugin's facts failed", app=app.name, protocol=app.protocol)
+            facts = {"facts_error": repr(e)}
         facts["decision"] = decision
         facts["reason"] = reason
         if code:

@@ -164,7 +164,8 @@ def test_the_connection_ending_during_the_handshake_is_recorded():
 
 
 def test_an_inspector_that_raises_costs_its_stream_only():
-    """An exception inside an inspector is a refusal of that stream (logged), not a broken tunnel."""
+    """An exception inside an inspector (or its facts) is a refusal of that stream (logged), not a
+    broken tunnel."""
     class Broken:
         def feed_client(self, data):
             raise ValueError("bug")
@@ -173,9 +174,10 @@ def test_an_inspector_that_raises_costs_its_stream_only():
 
     pair, user, received, backend, inspection, stream = inspected(SMBHandler())
     inspection.inspector = Broken()
-    inspection.facts = lambda inspector: {}
+    inspection.facts = lambda inspector: {}["no such fact"]
     other = pair.open({"kind": "app", "app": "app1"})
     user.write(b"\x00\x00\x00\x04\xfeSMB")
     pair.pump.flush()
-    assert stream.session_facts["code"] == "internal" and "ValueError('bug')" in stream.session_facts["reason"]
+    facts = stream.session_facts
+    assert facts["code"] == "internal" and "ValueError('bug')" in facts["reason"] and "KeyError" in facts["facts_error"]
     assert received.eof and not other.closed and pair.client.streams
