@@ -749,6 +749,15 @@ def read_to_eof(sock: socket.socket) -> bytes:
         out += data
 
 
+def connection_ends(sock: socket.socket, timeout: float) -> bool:
+    """Whether the peer ends the connection (FIN or reset) within ``timeout`` without sending more."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(64) == b""
+    except ConnectionResetError:
+        return True
+
+
 def wait_echo(port: int, timeout: float = 30.0, payload: bytes = b"ping") -> None:
     """Poll until the echo app on `port` answers `payload` correctly."""
     wait_until(lambda: echo_once(port, payload, timeout=5.0) == payload, timeout,

@@ -11,7 +11,8 @@ import signal
 import socket
 
 from components import needs
-from gateway_harness import GATEWAY, HOST, echo_handler, free_port, http_request, port_is_free, read_head, wait_until
+from gateway_harness import (GATEWAY, HOST, connection_ends, echo_handler, free_port, http_request, port_is_free,
+                             read_head, wait_until)
 from test_access_private import publish, sign_in_with_token
 
 pytestmark = needs(modules=["gateway_http"])
@@ -184,11 +185,6 @@ def test_private_app_from_the_store_serves_its_assigned_users(gw, tmp_path, back
     assert sock.recv(64) == b"open"
     result = apps(gw, svc, "set", "echo", "--allow-user", "bob")
     assert result.returncode == 0, result.stderr
-    sock.settimeout(30)
-    try:
-        rest = sock.recv(64)
-    except ConnectionResetError:
-        rest = b""
-    assert rest == b""
+    assert connection_ends(sock, 30)
     sock.close()
     assert not _echoes(port, b"again")
