@@ -519,6 +519,17 @@ NO_PREAUTH = "none"
 ASSIGNMENT_KEYS = ("allowed_users", "allowed_groups")
 
 
+SMB_PROTOCOL = "smb"
+SMB_PORT = 445
+
+
+def smb_only(segments: Any) -> bool:
+    """Whether every TCP segment allows port 445 alone (and there is one): a private app of file
+    shares, which gets ``protocol = "smb"`` unless it names a protocol."""
+    tcp = [s for s in segments if s.protocol == "tcp"]
+    return bool(tcp) and all(len(s.ports) == 1 and s.ports[0].first == s.ports[0].last == SMB_PORT for s in tcp)
+
+
 def overlapping_app(app: AppConfig, others: list[AppConfig]) -> tuple[AppConfig, int, int] | None:
     """The first of ``others`` in another connector group with a segment overlapping one of
     ``app``'s: (that app, index in app.segments, index in its segments); else None. Apps of one
@@ -794,6 +805,8 @@ class _Parser:
                              "expected options.allowed_users or options.allowed_groups with at least one entry: "
                              "a private app is reachable only by the users assigned to it")
         segments = parse_segments(t.data["segments"], Where(self.file, t.key("segments")))
+        if "protocol" not in t.data and smb_only(segments):
+            protocol = SMB_PROTOCOL   # file shares: the smb plugin checks the handshake (SMB1 refused...)
         return AppConfig(name=name, listen="", destination="", host="", port=0, group=group, protocol=protocol,
                          connect_timeout=connect_timeout, options=options, segments=segments)
 

@@ -243,3 +243,15 @@ def test_access_needs_a_service():
     """[access] in a connector-only file is refused."""
     e = error_for({"connector": {"state_dir": "/c"}, "access": {}})
     assert e.key == "access" and "[service]" in e.expected
+
+
+def test_a_private_app_of_port_445_alone_gets_the_smb_plugin():
+    """File-share segments (445 alone) default to protocol smb; other ports, or a named protocol, keep theirs."""
+    base = {"name": "files", "options": {"allowed_users": ["alice"]}}
+    assert parse_app({**base, "segments": [{"destination": "10.0.0.5", "ports": 445},
+                                           {"destination": "10.0.0.0/24", "ports": "445", "protocol": "tcp"},
+                                           {"destination": "10.0.0.53", "ports": 53, "protocol": "udp"}]}).protocol == "smb"
+    assert parse_app({**base, "segments": [{"destination": "10.0.0.5", "ports": "445,3389"}]}).protocol == "tcp"
+    assert parse_app({**base, "segments": [{"destination": "10.0.0.5", "ports": "444-445"}]}).protocol == "tcp"
+    assert parse_app({**base, "protocol": "tcp", "segments": [{"destination": "10.0.0.5", "ports": 445}]}).protocol == "tcp"
+    assert parse_app({**base, "segments": [{"destination": "10.0.0.53", "ports": 445, "protocol": "udp"}]}).protocol == "tcp"
