@@ -57,6 +57,8 @@ RENEW_CHECK_INTERVAL = 60.0
 UDP_IDLE_TIMEOUT = 60.0
 MAX_FLOWS = 256                      # UDP flows of one association
 FLOW_QUEUE = (256, 256 * 1024)       # datagrams, bytes waiting per flow while its stream cannot take more
+# The relay socket reads whole datagrams: Twisted's default (8192) would cut larger ones short.
+MAX_UDP_PACKET = 65535
 
 
 class AccessError(GatewayError):
@@ -501,7 +503,8 @@ class SocksConnection(SocketSide):
         # RFC 1928: the request names where the client will send from; 0 means "not known yet".
         client_port = request.port or None
         self.association = UdpAssociation(self.tunnel, client_host, client_port, self.udp_idle_timeout)
-        port = self.tunnel.reactor.listenUDP(0, self.association, interface=self.transport.getHost().host)
+        port = self.tunnel.reactor.listenUDP(0, self.association, interface=self.transport.getHost().host,
+                                             maxPacketSize=MAX_UDP_PACKET)
         self.transport.write(self.socks.reply(socks5.Reply.SUCCEEDED, port.getHost().host, port.getHost().port).send)
 
     def readConnectionLost(self) -> None:
