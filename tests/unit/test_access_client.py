@@ -340,10 +340,12 @@ def test_closing_the_socks_connection_ends_the_udp_association():
     conn = SocksConnection(svc.tunnel)
     local = connect_local(conn)
     relay_transport = FakeUDP()
-    svc.pair.clock.listenUDP = lambda port, proto, interface: (setattr(proto, "transport", relay_transport),
-                                                               _Port(interface))[1]
+    listened = []
+    svc.pair.clock.listenUDP = lambda port, proto, interface, maxPacketSize=8192: (
+        listened.append(maxPacketSize), setattr(proto, "transport", relay_transport), _Port(interface))[2]
     conn.dataReceived(socks5.encode_greeting() + socks5.encode_request(socks5.Command.UDP_ASSOCIATE, "0.0.0.0", 0))
     assert socks5.decode_reply(local.value()[2:]) == (0, "127.0.0.1", 4444)
+    assert listened == [65535]   # whole datagrams: Twisted's default of 8192 would cut larger ones
     conn.association.datagramReceived(socks5.encode_udp("10.0.0.1", 53, b"q"), ("127.0.0.1", 5555))
     svc.flush()
     conn.connectionLost(Failure(ConnectionError()))
