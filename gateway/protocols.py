@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 from zope.interface import Attribute, Interface
 
 
@@ -89,3 +89,6 @@ class StreamInfo:
     bytes_down: int = 0
     duration: float | None = None
     result: str = ""
+    # What the app's protocol plugin read on the connector (SMB dialect, signing, user, share;
+    # RDP cookie user and protocol...), when it reported any (control message session_facts).
+    facts: dict[str, Any] = field(factory=dict, hash=False)

@@ -392,6 +392,12 @@ class TunnelClient:
         if self.control is not None:
             self.control.send({"type": m.HEARTBEAT, **self.node.load()})
 
+    def report_session_facts(self, stream: Stream, facts: dict[str, Any]) -> None:
+        """What a protocol plugin read of a stream's session (SMB dialect, RDP protocol...), sent
+        to the service before the stream ends so its session record carries them."""
+        if self.control is not None:
+            self.control.send({"type": m.SESSION_FACTS, "stream_id": stream.id, "facts": facts})
+
     def pull_config(self) -> None:
         if self.control is not None:
             self.control.send({"type": m.CONFIG_REQUEST, "have_version": self.node.config_version})

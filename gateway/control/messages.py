@@ -22,6 +22,7 @@ ENROL_REQUEST = "enrol_request"
 ENROL_RESULT = "enrol_result"
 RENEW_REQUEST = "renew_request"
 RENEW_RESULT = "renew_result"
+SESSION_FACTS = "session_facts"
 
 CAPABILITIES = ("tcp", "go_away_drain", "config_push", "window_autotune")
 

@@ -520,13 +520,16 @@ class ServiceNode(MultiService):
             why = "done" if reason is None or reason.check(ConnectionDone) else describe_failure(reason)
             # The session record: what went each way and for how long, as the service saw it.
             record = attrs.evolve(info, bytes_up=stream.bytes_out, bytes_down=stream.bytes_in,
-                                  duration=max(0.0, self.reactor.seconds() - info.opened_at), result=why)
+                                  duration=max(0.0, self.reactor.seconds() - info.opened_at), result=why,
+                                  facts=getattr(stream, "session_facts", None) or {})
             plugins.notify(self.pm, "gateway_stream_closed", stream=record, reason=why)
-            if record.segment:   # a Private Access stream: its session record in the log, until the session log
+            if record.segment or record.facts:   # its session record in the log, until the session log
                 self.log.info(
-                    "session: user {user} app {app} {transport} {destination} (segment {segment}) via connector"
-                    " {connector_id}: {bytes_up} bytes up, {bytes_down} down, {duration:.1f}s, {result}",
-                    event="session", user=record.user, app=record.app, transport=record.transport,
+                    "session: user {user} app {app} {transport} {where} via connector"
+                    " {connector_id}: {bytes_up} bytes up, {bytes_down} down, {duration:.1f}s, {result}{summary}",
+                    facts=record.facts, summary="".join(f"; {k}={v}" for k, v in record.facts.items()),
+                    where=f"{record.destination} (segment {record.segment})" if record.segment else record.destination,
+                    event="session", user=record.user or "-", app=record.app, transport=record.transport,
                     destination=record.destination, segment=record.segment, connector_id=record.connector_id,
                     bytes_up=record.bytes_up, bytes_down=record.bytes_down, duration=record.duration,
                     result=record.result, request_id=record.request_id)

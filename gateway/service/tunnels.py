@@ -36,6 +36,8 @@ MAX_STREAMS_BEFORE_HELLO = 4
 MAX_CAPACITY = 1000.0
 # Streams a user's client may open while the store checks its credential; they wait for it.
 MAX_STREAMS_WHILE_CHECKING = 64
+# What a connector may report of one stream's session (session_facts): keys kept, each small.
+MAX_SESSION_FACTS = 32
 
 _REFUSALS = {
     "unknown": "this client certificate was not issued to a known connector; register the connector again",
@@ -367,6 +369,8 @@ class TunnelHandler:
             self.send_config(force=True)
         elif kind == m.HEARTBEAT:
             self._heartbeat(message)
+        elif kind == m.SESSION_FACTS:
+            self._session_facts(message)
         elif kind in self.node.control_handlers:
             # Further control messages (certificate renewal, ...) live in their own modules.
             self.node.control_handlers[kind](self, message)
@@ -421,6 +425,22 @@ class TunnelHandler:
         if self.entry is not None:
             self.entry.load = {k: v for k, v in message.items() if k != "type"}
         self.node.heartbeat(self.identity.connector_id)
+
+    def _session_facts(self, message: dict) -> None:
+        """A plugin's facts about one of this tunnel's streams, kept for its session record.
+
+        Only for an app stream still open on this tunnel, only flat values, and bounded: the
+        connector may not grow the node's memory through it."""
+        stream = self.session.streams.get(message.get("stream_id"))
+        facts = message.get("facts")
+        if stream is None or getattr(stream, "log_info", None) is None or not isinstance(facts, dict):
+            return
+        kept = {}
+        for key, value in list(facts.items())[:MAX_SESSION_FACTS]:
+            if isinstance(key, str) and len(key) <= 64 and (
+                    value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 256)):
+                kept[key] = value
+        stream.session_facts = kept
 
     def _control_lost(self) -> None:
         if self.session.connected and self.state == "up":

@@ -157,6 +157,9 @@ class Inspection:
         if code:
             facts["code"] = code
         stream.session_facts = facts
+        report = getattr(stream.session.owner, "report_session_facts", None)
+        if report is not None:   # to the service, for the stream's session record
+            report(stream, facts)
         meta = stream.metadata
         summary = " ".join(f"{k}={v}" for k, v in facts.items() if k not in ("decision", "reason") and v not in (None, ""))
         fields = dict(event="session_facts", app=app.name, protocol=app.protocol, user=meta.get("user"),

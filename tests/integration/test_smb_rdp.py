@@ -45,6 +45,14 @@ class Setup:
         """Where the connector's log ends now: facts() reads only what comes after."""
         return len(self.connector.log())
 
+    def service_record(self, app: str, *words: str) -> str:
+        """The service's session record of ``app`` carrying every one of ``words`` (the facts the
+        connector reported), waited for."""
+        def line() -> str | None:
+            return next((l for l in self.service.log().splitlines()
+                         if "session: user" in l and f" app {app} " in l and all(w in l for w in words)), None)
+        return wait_until(line, 30, f"the service's session record of app {app} with {words}")
+
     def facts(self, since: int, app: str, count: int = 1) -> list[str]:
         """The connector's session_facts lines for ``app`` logged after ``since`` (waits for ``count``)."""
         def lines() -> list[str]:
@@ -93,6 +101,7 @@ def test_smb_put_get_list_through_the_connector(setup, tmp_path):
     assert "spliced" in line and "dialect=3.1.1" in line, line
     assert f"user={setup.samba.user}" in line and "domain=TESTGROUP" in line, line
     assert r"share=\\127.0.0.1\share" in line and "authenticated=True" in line, line
+    setup.service_record("files", "dialect=3.1.1", f"user={setup.samba.user}", r"share=\\127.0.0.1\share")
 
 
 def test_smb3_encryption_keeps_working(setup, tmp_path):
@@ -228,6 +237,7 @@ def test_rdp_full_session_passes_with_cookie_user_and_protocol(setup, tmp_path):
     assert code is None, output[-3000:]
     line = setup.facts(since, "desktop")[0]
     assert "spliced" in line and f"cookie_user={RDP_USER}" in line and "selected_protocol=credssp" in line, line
+    setup.service_record("desktop", f"cookie_user={RDP_USER}", "selected_protocol=credssp")
 
 
 def test_malformed_rdp_closed_with_a_reason(setup):
@@ -289,6 +299,10 @@ def test_private_smb_app_through_gateway_access_names_the_user(setup, gw, tmp_pa
     lines = wait_until(decided, 30, "two session records of the private app")
     assert "(user alice) spliced" in lines[0] and "dialect=3.1.1" in lines[0], lines[0]
     assert "(user alice) refused" in lines[1] and "code=smb1" in lines[1], lines[1]
+    # the service's session record: who, what, and what the smb plugin read on the connector
+    record = wait_until(lambda: next((l for l in svc.log().splitlines() if "session: user alice app files-private"
+                                      in l and "dialect=3.1.1" in l), None), 30, "the service's session record")
+    assert "share=" in record and "decision=spliced" in record, record
 
 
 def test_rdp_server_that_selects_no_nla_is_refused(gw, backends):

@@ -272,3 +272,25 @@ def test_relay_backpressure_bounds_what_waits_on_the_service():
     # At most what the user's window let in beyond the queue's high-water mark waits here.
     assert before <= service_user_side.target_window + 256 * 1024 + 64 * 1024
     assert stream.pending_bytes >= 4 * 1024 * 1024   # the user's own end holds the rest
+
+
+def test_session_facts_from_a_connector_are_kept_flat_and_bounded():
+    """Facts for an open app stream are kept (flat values only, at most 32 keys, short strings);
+    facts for an unknown stream or in the wrong shape change nothing."""
+    from types import SimpleNamespace
+
+    from gateway.service.tunnels import MAX_SESSION_FACTS, TunnelHandler
+
+    stream = SimpleNamespace(log_info=object())
+    other = SimpleNamespace()   # not an app stream of ours
+    handler = SimpleNamespace(session=SimpleNamespace(streams={2: stream, 4: other}))
+    facts = {"dialect": "3.1.1", "signed": True, "nested": {"a": 1}, "long": "x" * 300, "n": 7,
+             **{f"k{i}": i for i in range(100)}}
+    TunnelHandler._session_facts(handler, {"stream_id": 2, "facts": facts})
+    assert stream.session_facts["dialect"] == "3.1.1" and stream.session_facts["signed"] is True
+    assert "nested" not in stream.session_facts and "long" not in stream.session_facts
+    assert len(stream.session_facts) <= MAX_SESSION_FACTS
+    TunnelHandler._session_facts(handler, {"stream_id": 4, "facts": facts})
+    TunnelHandler._session_facts(handler, {"stream_id": 9, "facts": facts})
+    TunnelHandler._session_facts(handler, {"stream_id": 2, "facts": ["not", "a", "dict"]})
+    assert not hasattr(other, "session_facts") and stream.session_facts["n"] == 7
