@@ -235,17 +235,21 @@ class Exchange(Protocol):
         except HTTPError as e:
             self._fail(ResetCode.INTERNAL_ERROR, f"the service sent a bad request head: {e.message} ({e.status})")
             return
-        ids = rules.get(request.headers, rules.REQUEST_ID_HEADER)
+        # Names are looked up in the parsed head's index (lower-case, built once), not by
+        # lowering every field again: this runs for every request.
+        ids = rules.values(request, rules.REQUEST_ID_HEADER)
         if ids:
             self.request_id = ids[-1].decode("latin-1")   # this request's, when the stream carries several
-        connection = {t.strip().lower() for v in rules.get(request.headers, b"connection") for t in v.split(b",")}
-        self.upgrade = b"upgrade" in connection and bool(rules.get(request.headers, b"upgrade"))
-        # Older services send Connection: close; back-end connections are ours to keep alive.
-        headers = [(k, v) for k, v in request.headers
-                   if k.lower() != b"connection" and (self.upgrade or k.lower() != b"upgrade")]
-        if self.upgrade:
-            headers.append((b"Connection", b"Upgrade"))
-        self.request = rules.Request(request.method, request.target, request.version, headers)
+        connection = {t.strip().lower() for v in rules.values(request, b"connection") for t in v.split(b",")}
+        self.upgrade = b"upgrade" in connection and bool(rules.values(request, b"upgrade"))
+        if b"connection" in request.index or (not self.upgrade and b"upgrade" in request.index):
+            # Older services send Connection: close; back-end connections are ours to keep alive.
+            headers = [(k, v) for name, (k, v) in zip(request.names, request.headers)
+                       if name != b"connection" and (self.upgrade or name != b"upgrade")]
+            if self.upgrade:
+                headers.append((b"Connection", b"Upgrade"))
+            request = rules.Request(request.method, request.target, request.version, headers)
+        self.request = request
         if self.body_length is None:
             self.req_decoder = ChunkDecoder(400)
         else:
@@ -296,18 +300,20 @@ class Exchange(Protocol):
         self._sso_call = None
         if self.stream.closed or self.over:
             return
-        strip = {name.lower() for name in getattr(self.provider, "strip_headers", ())}
-        try:
-            headers = _with_credentials([(k, v) for k, v in self.request.headers if k.lower() not in strip],
-                                        credentials)
-        except ValueError as e:
-            self._fail(ResetCode.INTERNAL_ERROR, f"SSO provider {self.app.options.get('sso')!r}: {e}")
-            return
-        self.sso_sent = credentials
         request = self.request
-        self.head_bytes = b"\r\n".join(
-            [b" ".join((request.method, request.target, request.version)), *(k + b": " + v for k, v in headers)]
-        ) + b"\r\n\r\n"
+        if self.provider is None:
+            headers = request.headers   # nothing to strip or add (and nothing to copy)
+        else:
+            strip = {name.lower() for name in getattr(self.provider, "strip_headers", ())}
+            try:
+                headers = _with_credentials(
+                    [(k, v) for name, (k, v) in zip(request.names, request.headers) if name not in strip],
+                    credentials)
+            except ValueError as e:
+                self._fail(ResetCode.INTERNAL_ERROR, f"SSO provider {self.app.options.get('sso')!r}: {e}")
+                return
+        self.sso_sent = credentials
+        self.head_bytes = rules.head_bytes(b" ".join((request.method, request.target, request.version)), headers)
         if self.conn is not None and self.conn.usable:
             self._write_request()
         else:
@@ -464,7 +470,7 @@ class Exchange(Protocol):
             return b""
         self.resp_status = response.status
         self.resp_framing = rules.response_body_length(response, self.request.method)
-        connection = {t.strip().lower() for v in rules.get(response.headers, b"connection") for t in v.split(b",")}
+        connection = {t.strip().lower() for v in rules.values(response, b"connection") for t in v.split(b",")}
         self.resp_keep_alive = response.version == b"HTTP/1.1" and b"close" not in connection
         self._relay(head)
         self.resp = "body"

@@ -380,7 +380,7 @@ def backend_request_head(request: Request, body_length: int | None, external: Or
         append((b"Content-Length", str(body_length).encode()))
     if upgrade is not None:
         headers += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade)]
-    return _head(b" ".join((request.method, target, b"HTTP/1.1")), headers)
+    return head_bytes(b" ".join((request.method, target, b"HTTP/1.1")), headers)
 
 
 def rewrite_location(value: bytes, external: Origin, internal: Origin) -> bytes:
@@ -448,7 +448,7 @@ def client_response_head(response: Response, body_length: int | None, chunked_to
     if response.status == 101:
         headers = strip_hop_by_hop(response)
         headers += [(b"Connection", b"Upgrade")] + [(b"Upgrade", v) for v in get(response.headers, b"upgrade")]
-        return _head(b"HTTP/1.1 101 %s" % (response.reason or b"Switching Protocols"), headers)
+        return head_bytes(b"HTTP/1.1 101 %s" % (response.reason or b"Switching Protocols"), headers)
     headers = []
     drop = hop_by_hop(response)
     for name, (k, v) in zip(response.names, response.headers):
@@ -473,13 +473,14 @@ def client_response_head(response: Response, body_length: int | None, chunked_to
     if not 100 <= response.status < 200:
         headers.append((b"Connection", b"keep-alive" if keep_alive else b"close"))
     reason = response.reason or b"-"
-    return _head(b"HTTP/1.1 %d %s" % (response.status, reason), headers)
+    return head_bytes(b"HTTP/1.1 %d %s" % (response.status, reason), headers)
 
 
 _FIELD = b": ".join   # (name, value) -> name: value, mapped over a head's fields in C
 
 
-def _head(first_line: bytes, headers: Headers) -> bytes:
+def head_bytes(first_line: bytes, headers: Headers) -> bytes:
+    """A head on the wire: the first line, ``name: value`` fields, CRLF line ends, the blank line."""
     if not headers:
         return first_line + b"\r\n\r\n"
     return first_line + b"\r\n" + b"\r\n".join(map(_FIELD, headers)) + b"\r\n\r\n"
@@ -499,7 +500,7 @@ def own_response(status: int, headers: Headers, body: bytes, keep_alive: bool, h
                                                                 b"transfer-encoding")]
     headers += [(b"Content-Length", str(len(body)).encode()),
                 (b"Connection", b"keep-alive" if keep_alive else b"close")]
-    return _head(b"HTTP/1.1 %d %s" % (status, reason.encode()), headers) + (b"" if head_only else body)
+    return head_bytes(b"HTTP/1.1 %d %s" % (status, reason.encode()), headers) + (b"" if head_only else body)
 
 
 def error_page(status: int, message: str, request_id: str, extra_headers: Headers = ()) -> bytes:
@@ -517,7 +518,7 @@ def error_page(status: int, message: str, request_id: str, extra_headers: Header
         (b"Cache-Control", b"no-store"), (b"X-Request-Id", request_id.encode()), *extra_headers,
         (b"Connection", b"close"),
     ]
-    return _head(b"HTTP/1.1 %d %s" % (status, reason.encode()), headers) + body
+    return head_bytes(b"HTTP/1.1 %d %s" % (status, reason.encode()), headers) + body
 
 
 class ChunkDecoder:
