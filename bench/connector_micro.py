@@ -11,11 +11,7 @@ costs are on the path).
 
 from __future__ import annotations
 
-import argparse
-import cProfile
-import pstats
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,10 +21,8 @@ from twisted.internet.defer import succeed  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
-from frontdoor_micro import RESPONSE  # noqa: E402
-from gateway import logs  # noqa: E402
+from frontdoor_micro import RESPONSE, arguments, measure  # noqa: E402
 from gateway.config import AppConfig  # noqa: E402
-from gateway_http import rules  # noqa: E402
 from gateway_http.backend import Backends  # noqa: E402
 
 # what the front door sends for wrk's GET (rules.backend_request_head's output for it)
@@ -93,12 +87,7 @@ class Pool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--log-level", default="warn", help="the connector's level (info logs every request)")
-    parser.add_argument("--profile", action="store_true", help="cProfile one more loop, top 25 by own time")
-    args = parser.parse_args()
-    logs.configure("text", args.log_level)
+    args = arguments(__doc__)
 
     app = AppConfig(name="bench-web", listen="", destination="127.0.0.1:8080", host="127.0.0.1", port=8080,
                     protocol="http", options={"preauth": "passthrough"}, internal_url="http://127.0.0.1:8080/")
@@ -108,7 +97,6 @@ def main() -> None:
     stream = Stream()
     backends.serve(stream, app)
     exchange = stream.protocol
-    rules.parse_response_head(RESPONSE.split(b"\r\n\r\n")[0])   # the parser's caches warm
 
     def loop(n: int) -> None:
         for _ in range(n):
@@ -120,15 +108,7 @@ def main() -> None:
             raise SystemExit("the connector did not relay the last exchange; the module has changed")
 
     loop(10)
-    started = time.process_time()   # CPU time: what other processes take of a busy machine is not counted
-    loop(args.requests)
-    elapsed = time.process_time() - started
-    print(f"connector: {elapsed / args.requests * 1e6:.1f} µs of CPU per request "
-          f"({args.requests} keep-alive GETs, log level {args.log_level})")
-    if args.profile:
-        profile = cProfile.Profile()
-        profile.runcall(loop, args.requests)
-        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    measure("connector", loop, args)
 
 
 if __name__ == "__main__":
