@@ -30,8 +30,9 @@ def start_private(gw, tmp_path, *apps: dict) -> dict:
     return svc, sign_in_with_token(gw, svc, tmp_path / "home")
 
 
-# Replies larger than this are summarised: the connector's UDP socket reads at most 8192 bytes (see udp_answer).
-ECHO_WHOLE = 8000
+# Every reply here is whole: both UDP sockets on the path (the client's relay, the connector's
+# flow) read datagrams up to 64 KiB, not Twisted's default 8 KiB.
+ECHO_WHOLE = 65000
 
 
 def udp_answer(data: bytes) -> bytes:

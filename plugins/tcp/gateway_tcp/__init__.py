@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.errors import GatewayError
+from gateway.tunnel.datagrams import MAX_DATAGRAM
 from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
 from gateway.tunnel.datagrams import DatagramDecoder, DatagramError, DatagramQueue, encode_datagram
@@ -180,7 +181,7 @@ class UDPFlow(DatagramProtocol):
     def start(self) -> None:
         """Bind an ephemeral port of the destination's family, connect it, accept the stream."""
         interface = "::" if isIPv6Address(self.app.host) else "0.0.0.0"
-        self.port = self.reactor.listenUDP(0, self, interface=interface)
+        self.port = self.reactor.listenUDP(0, self, interface=interface, maxPacketSize=MAX_DATAGRAM)
         self.transport.connect(self.app.host, self.app.port)
         self.stream.accept()
         self.stream.attach(_DatagramStreamSide(self))
