@@ -215,6 +215,17 @@ def test_connection_close_from_service_is_not_passed_on():
     assert w.pool.idle_count() == 1
 
 
+def test_upgrade_header_without_connection_upgrade_is_not_passed_on():
+    """An Upgrade header that Connection does not name is dropped; a plain head is sent as it came."""
+    w = World()
+    request = b"GET / HTTP/1.1\r\nHost: wiki.corp:8080\r\nUpgrade: h2c\r\nAccept: */*\r\n\r\n"
+    side, conn = w.exchange(request=request)
+    assert conn.transport.value() == b"GET / HTTP/1.1\r\nHost: wiki.corp:8080\r\nAccept: */*\r\n\r\n"
+    plain = b"GET /b HTTP/1.1\r\nHost: wiki.corp:8080\r\nX-Gateway-Request-Id: 0123456789abcdef\r\n\r\n"
+    side, conn = World().exchange(request=plain)
+    assert conn.transport.value() == plain
+
+
 def test_chunked_both_ways():
     """A chunked request body goes through verbatim; a chunked response ends at its last chunk."""
     w = World()
