@@ -34,25 +34,39 @@ def table():
         t[int(d)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))
     return t
 
-def tree_ticks(t, root):
+def tree(t, root):
+    """root and its descendants that are in table t (a set of pids)."""
     kids = {}
     for pid, (ppid, _) in t.items():
         kids.setdefault(ppid, []).append(pid)
-    total, stack, seen = 0, [root], set()
+    stack, seen = [root], set()
     while stack:
         p = stack.pop()
         if p in seen or p not in t:
             continue
         seen.add(p)
-        total += t[p][1]
         stack.extend(kids.get(p, []))
-    return total
+    return seen
+
+def tree_ticks(t, root):
+    return sum(t[p][1] for p in tree(t, root))
 
 def busy():
     """Machine-wide non-idle jiffies (all CPUs) from /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
+    v = _cpu_line()
     return sum(v) - v[3] - v[4]          # minus idle, iowait
+
+
+def interrupts():
+    """Machine-wide irq + softirq jiffies: the kernel's work not charged to any process (on
+    loopback, much of the TCP receive path)."""
+    v = _cpu_line()
+    return v[5] + v[6]
+
+
+def _cpu_line():
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
 
 
 def wait_quiet(pct, maxsecs):

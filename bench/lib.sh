@@ -85,10 +85,14 @@ install_missing() {  # what scripts/packages.txt lists for bench, and asyncssh (
 }
 
 make_assets() {  # www files, throwaway ssh keys
-  mkdir -p "$T/www" "$T/logs" "$T/ssh"
+  mkdir -p "$T/www" "$T/logs"
   chmod 755 "$T" "$T/www"   # nginx workers run as nobody when started as root
   head -c 768 /dev/urandom | base64 -w 64 | head -c 1024 > "$T/www/1k.html"
   head -c $((256 * 1024 * 1024)) /dev/urandom > "$T/www/256m.bin"
+  make_ssh_keys
+}
+make_ssh_keys() {  # sshd host key, client key, authorized_keys under $T/ssh
+  mkdir -p "$T/ssh"
   ssh-keygen -q -t ed25519 -N '' -f "$T/ssh/hostkey"
   ssh-keygen -q -t ed25519 -N '' -f "$T/ssh/clientkey"
   cp "$T/ssh/clientkey.pub" "$T/ssh/authorized_keys"; chmod 600 "$T/ssh/authorized_keys"
@@ -151,7 +155,16 @@ path_alive() {  # all PIDs of the current path still running?
 # the targets' `ssh -R`; sshRaes is sshRnd with AES-GCM, the cipher our tunnel negotiates.
 SSH_AES_CIPHER=aes128-gcm@openssh.com
 SSH_CIPHER=$SSH_AES_CIPHER   # what sshd accepts: both, so the client picks
-start_ssh() {  # OpenSSH sshd relay + `ssh -R` connector
+start_ssh() {  # OpenSSH sshd relay + `ssh -R` connector publishing nginx and iperf3
+  start_sshd "$1" || return 1
+  ssh_reverse "$1" "127.0.0.1:$P_SSHR:127.0.0.1:$P_NGINX" "127.0.0.1:$P_SSHR_I:127.0.0.1:$P_IPERF"
+  wait_port "$P_SSHR" 15 "$LAST_PID" || return 1
+  wait_port "$P_SSHR_I" 5 "$LAST_PID" || return 1
+  HTTP_PORT=$P_SSHR; IPERF_PORT=$P_SSHR_I
+  wait_http "$HTTP_PORT" 10
+}
+
+start_sshd() {  # NAME: the private sshd on 127.0.0.1:$P_SSHD (keys from make_ssh_keys)
   local d=$T/ssh
   mkdir -p /run/sshd 2>/dev/null
   cat > "$d/sshd_config" <<SC
@@ -172,23 +185,26 @@ SC
   PATH_LOGS=("$T/logs/sshd-$1.err" "$T/logs/ssh-$1.err")
   bg /usr/sbin/sshd -D -e -f "$d/sshd_config" >/dev/null 2>"$T/logs/sshd-$1.err"
   CPU_LABELS="sshd=$LAST_PID"
-  wait_port "$P_SSHD" 10 "$LAST_PID" || return 1
+  wait_port "$P_SSHD" 10 "$LAST_PID"
+}
+
+# NAME FORWARD...: the `ssh -R` connector of path NAME to start_sshd's sshd, one -R per FORWARD
+# ("127.0.0.1:PORT:127.0.0.1:DEST"); LAST_PID is ssh's. The caller waits for the forwards.
+ssh_reverse() {
+  local d=$T/ssh name=$1 f forwards=()
+  shift
+  for f in "$@"; do forwards+=(-R "$f"); done
   # sshR: -N (no session): Nagle stays on. sshRnd: interactive session (-tt +
   # remote sleep): OpenSSH then sets TCP_NODELAY on the connection.
   local mode=(-N -T) cmd=()
-  [ "$1" != sshR ] && { mode=(-tt); cmd=(sleep 86400); }
+  [ "$name" != sshR ] && { mode=(-tt); cmd=(sleep 86400); }
   local cipher=(-c chacha20-poly1305@openssh.com)
-  [ "$1" = sshRaes ] && cipher=(-c "$SSH_AES_CIPHER")
+  [ "$name" = sshRaes ] && cipher=(-c "$SSH_AES_CIPHER")
   bg ssh "${mode[@]}" -i "$d/clientkey" -p "$P_SSHD" "${cipher[@]}" \
     -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
     -o ExitOnForwardFailure=yes -o LogLevel=ERROR \
-    -R "127.0.0.1:$P_SSHR:127.0.0.1:$P_NGINX" -R "127.0.0.1:$P_SSHR_I:127.0.0.1:$P_IPERF" \
-    "$(id -un)@127.0.0.1" "${cmd[@]}" </dev/null >/dev/null 2>"$T/logs/ssh-$1.err"
+    "${forwards[@]}" "$(id -un)@127.0.0.1" "${cmd[@]}" </dev/null >/dev/null 2>"$T/logs/ssh-$name.err"
   CPU_LABELS+=" ssh=$LAST_PID"
-  wait_port "$P_SSHR" 15 "$LAST_PID" || return 1
-  wait_port "$P_SSHR_I" 5 "$LAST_PID" || return 1
-  HTTP_PORT=$P_SSHR; IPERF_PORT=$P_SSHR_I
-  wait_http "$HTTP_PORT" 10
 }
 
 start_assh() {  # asyncssh relay + connector (pure Python)

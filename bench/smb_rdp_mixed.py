@@ -38,26 +38,24 @@ sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT / "tests" / "suppo
 from gateway_harness import HOST, Gateway, free_port, wait_until  # noqa: E402
 from nginx_harness import Nginx  # noqa: E402
 from smb_rdp_harness import RdpServer, Samba  # noqa: E402
+from smb_transfer import MIB, CopyFailed, copy, gbit_per_s, make_file  # noqa: E402
 
 
 def smb_copy(samba: Samba, port: int, work: Path, mib: int) -> dict[str, float]:
     """Gbit/s of one smbclient put and one get of a ``mib`` MiB file through ``port``."""
     source = work / "bench.bin"
     if not source.exists():
-        with open(source, "wb") as f:
-            for _ in range(mib):
-                f.write(os.urandom(1024 * 1024))
+        make_file(source, mib)
     back = work / f"back-{port}.bin"
+    remote = f"bench-{port}.bin"
     rates = {}
-    for what, command in (("put", f"put {source} bench-{port}.bin"), ("get", f"get bench-{port}.bin {back}")):
-        start = time.monotonic()
-        result = samba.client(port, command=command, timeout=600)
-        elapsed = time.monotonic() - start
-        if result.returncode != 0:
-            raise SystemExit(f"smbclient {what} through {port} failed: {result.stdout}{result.stderr}")
-        rates[what] = mib * 8 * 1024 * 1024 / elapsed / 1e9
+    for what, local in (("put", source), ("get", back)):
+        try:
+            rates[what] = gbit_per_s(mib * MIB, copy(samba, port, what, local, remote, timeout=600))
+        except CopyFailed as e:
+            raise SystemExit(str(e)) from None
     back.unlink()
-    (samba.share / f"bench-{port}.bin").unlink()
+    (samba.share / remote).unlink()
     return rates
 
 
