@@ -25,6 +25,7 @@ import attrs
 from attrs import field, frozen
 
 from gateway.errors import ConfigError
+from gateway.segments import host_port
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -847,7 +848,7 @@ class _Parser:
                 raise self.error(t.key("tunnel"), f"expected {expected}, got nothing (service.listen "
                                                   f"{json.dumps(service.listen)} has no TCP port to default to)")
             host = service.names[0]
-            return f"[{host}]:{identity[1]}" if ":" in host else f"{host}:{identity[1]}"
+            return host_port(host, identity[1])
         value = t.string("tunnel", None, what=expected)
         parsed = _parse_destination(value)
         if parsed is None:
@@ -874,7 +875,7 @@ class _Parser:
                 raise self.error(t.key(key), f"expected {problem}, got {_describe(value)}")
             urls[key] = value
         scheme, host, port = _split_origin(urls["internal_url"])
-        destination = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        destination = host_port(host, port)
         return AppConfig(name=name, listen="", destination=destination, host=host, port=port, group=group,
                          protocol=protocol, connect_timeout=connect_timeout, options=options,
                          external_url=urls["external_url"], internal_url=urls["internal_url"])

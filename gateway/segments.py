@@ -49,6 +49,7 @@ __all__ = [
     "parse_ports",
     "parse_segment",
     "parse_segments",
+    "host_port",
     "segment_table",
 ]
 
@@ -378,6 +379,11 @@ def parse_segment(raw: Any, where: Where) -> Segment:
     if protocol not in PROTOCOLS or not isinstance(protocol, str):
         raise where.at("protocol").error('"tcp" or "udp"', protocol)
     return Segment(parsed, ports, protocol)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets: how a destination is written everywhere."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def segment_table(segment: Segment) -> dict[str, str]:

@@ -10,6 +10,7 @@ import sys
 from typing import Any, Callable
 
 from gateway.errors import GatewayError
+from gateway.segments import host_port
 
 DEFAULT_SOCKS_LISTEN = "127.0.0.1:1080"
 
@@ -114,7 +115,7 @@ def _serve(service: str | None, host: str, port: int, factory: Callable[[Any], A
     except CannotListenError as e:
         raise GatewayError(f"cannot listen on {host}:{port}: {e.socketError}; choose another --listen port") from None
     bound = listening.getHost()
-    listen = f"[{bound.host}]:{bound.port}" if ":" in bound.host else f"{bound.host}:{bound.port}"
+    listen = host_port(bound.host, bound.port)
     _say(f"gateway access: {what.format(listen=listen)} through {creds.tunnel} as {creds.describe()}; "
          "Ctrl-C to stop")
     tunnel.start()

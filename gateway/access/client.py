@@ -35,7 +35,9 @@ from gateway.connector.node import jittered_backoff
 from gateway.connector.register import parse_service
 from gateway.errors import EnrolmentError, GatewayError, describe_failure
 from gateway.pki.tls import client_options
-from gateway.tunnel.datagrams import DatagramDecoder, DatagramError, DatagramQueue, encode_datagram
+from gateway.segments import host_port
+from gateway.tunnel.datagram_flow import DatagramSender, IdleTimer
+from gateway.tunnel.datagrams import DatagramDecoder, DatagramError
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.session import TunnelClosed, TunnelSession, TunnelSettings
 from gateway.tunnel.splice import QuietFactory, SocketSide, tune_socket
@@ -56,7 +58,6 @@ HURRY = 1.0
 RENEW_CHECK_INTERVAL = 60.0
 UDP_IDLE_TIMEOUT = 60.0
 MAX_FLOWS = 256                      # UDP flows of one association
-FLOW_QUEUE = (256, 256 * 1024)       # datagrams, bytes waiting per flow while its stream cannot take more
 # The relay socket reads whole datagrams: Twisted's default (8192) would cut larger ones short.
 MAX_UDP_PACKET = 65535
 
@@ -539,9 +540,9 @@ class SocksFactory(QuietFactory):
 class UdpFlow(Protocol):
     """One (client address, destination) flow: one stream of length-prefixed datagrams.
 
-    Datagrams wait in a bounded queue that drops the oldest while the stream is not open yet
-    or cannot take more (its producer is paused); the flow ends after ``idle`` seconds
-    without a datagram either way.
+    Datagrams go out through a DatagramSender (held in its bounded drop-oldest queue while the
+    stream is not open yet or cannot take more); the flow ends after ``idle`` seconds without a
+    datagram either way.
     """
 
     def __init__(self, association: UdpAssociation, key: tuple[Any, ...], host: str, port: int) -> None:
@@ -550,28 +551,28 @@ class UdpFlow(Protocol):
         self.host = host
         self.port = port
         self.stream: Any = None
-        self.queue = DatagramQueue(*FLOW_QUEUE)
+        self.sender = DatagramSender()
         self.decoder = DatagramDecoder()
-        self.paused = True      # until the stream is open
         self.ended = False
         self.refused_drops = 0   # datagrams to a destination the service refused
         tunnel = association.tunnel
-        self._idle = tunnel.reactor.callLater(association.idle, self._idle_out)
+        self.timer = IdleTimer(tunnel.reactor, association.idle, self.end)
         tunnel.open(access_metadata("udp", host, port)).addCallbacks(self._opened, self._refused)
 
     @property
+    def queue(self) -> Any:
+        return self.sender.queue
+
+    @property
     def where(self) -> str:
-        return f"[{self.host}]:{self.port}/udp" if ":" in self.host else f"{self.host}:{self.port}/udp"
+        return f"{host_port(self.host, self.port)}/udp"
 
     def send(self, datagram: bytes) -> None:
-        self._touch()
+        self.timer.touch()
         if self.ended:
             self.refused_drops += 1
             return
-        if self.paused:
-            self.queue.push(datagram)
-        else:
-            self.stream.write(encode_datagram(datagram))
+        self.sender.send(datagram)
 
     def _opened(self, stream: Any) -> None:
         if self.ended:
@@ -579,29 +580,16 @@ class UdpFlow(Protocol):
             return
         self.stream = stream
         stream.attach(self)
-        stream.registerProducer(self, True)
-        self.resumeProducing()
+        self.sender.attach(stream)
 
     def _refused(self, failure: Failure) -> None:
         self.association.tunnel.reporter.refused(failure, self.where)
         self.ended = True     # datagrams are dropped until the flow idles out; then a new one may try again
-        self.queue.clear()
-
-    # the stream's producer interface: it pauses us when it holds a window's worth
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while self.queue and not self.paused and self.stream is not None and not self.stream.closed:
-            self.stream.write(encode_datagram(self.queue.pop()))
-
-    def stopProducing(self) -> None:
-        self.paused = True
+        self.sender.close()
 
     # the stream's protocol: datagrams back to the client
     def dataReceived(self, data: bytes) -> None:
-        self._touch()
+        self.timer.touch()
         try:
             datagrams = self.decoder.feed(data)
         except DatagramError as e:
@@ -615,19 +603,11 @@ class UdpFlow(Protocol):
             self.association.tunnel.reporter.refused(reason, self.where)
         self.end()
 
-    def _touch(self) -> None:
-        if self._idle.active():
-            self._idle.reset(self.association.idle)
-
-    def _idle_out(self) -> None:
-        self.end()
-
     def end(self) -> None:
         """Close the stream and forget the flow; what was dropped is logged."""
-        if self._idle.active():
-            self._idle.cancel()
+        self.timer.cancel()
         self.ended = True
-        self.queue.clear()
+        self.sender.close()
         if self.stream is not None and not self.stream.closed:
             self.stream.loseConnection()
         self.association.forget(self)

@@ -28,9 +28,9 @@ from twisted.internet.interfaces import IResolutionReceiver
 from zope.interface import implementer
 
 from gateway.errors import GatewayError
-from gateway.segments import DestinationError, Segment, allows_address, match_destination, normalise_host
+from gateway.segments import DestinationError, Segment, allows_address, host_port, match_destination, normalise_host
 
-__all__ = ["TRANSPORTS", "DestinationRefused", "NoAddress", "choose_address", "dial_target", "format_destination",
+__all__ = ["TRANSPORTS", "DestinationRefused", "NoAddress", "choose_address", "dial_target",
            "parse_host_port", "requested", "resolve"]
 
 TRANSPORTS = ("tcp", "udp")
@@ -42,11 +42,6 @@ class DestinationRefused(GatewayError):
 
 class NoAddress(GatewayError):
     """The connector's resolver found no address for a name the segments allow."""
-
-
-def format_destination(host: str, port: int) -> str:
-    """``host:port``, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_host_port(text: Any) -> tuple[str, int]:
@@ -106,7 +101,7 @@ def choose_address(app: Any, host: str, addresses: Iterable[str], port: int, tra
             return address, segment
     if not addresses:
         raise NoAddress(f"the connector could not resolve {host}: no address found")
-    where = format_destination(host, port)
+    where = host_port(host, port)
     resolved = "" if name is None else f" resolved to {', '.join(addresses)}, which"
     raise DestinationRefused(
         f"{where}/{transport}{resolved} is outside the segments of app {app.name} ({_segment_list(app.segments)});"
@@ -115,7 +110,7 @@ def choose_address(app: Any, host: str, addresses: Iterable[str], port: int, tra
 
 def dial_target(app: Any, address: str, port: int) -> Any:
     """Step 3: the app as a plugin dials it: exactly this address and port."""
-    return evolve(app, host=address, port=port, destination=format_destination(address, port))
+    return evolve(app, host=address, port=port, destination=host_port(address, port))
 
 
 @implementer(IResolutionReceiver)

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from gateway.assignment import is_assigned
 from gateway.errors import GatewayError, describe_failure
-from gateway.segments import DestinationError, HostName, Network, Segment, match_destination
+from gateway.segments import DestinationError, HostName, Network, Segment, host_port, match_destination
 from gateway.service.registry import NoConnector
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.splice import splice_streams
@@ -51,7 +51,7 @@ class Grant:
 
     @property
     def destination(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 def user_name(identity: dict[str, Any]) -> str:
@@ -103,7 +103,7 @@ def authorize(apps: Iterable[Any], identity: dict[str, Any], host: str | None, p
             host, port = only
     if host is None or port is None:
         raise AccessRefused(ResetCode.REFUSED, "an access stream needs a host and a port (or an app with one destination)")
-    where = f"{host}:{port}/{transport}" if ":" not in host else f"[{host}]:{port}/{transport}"
+    where = f"{host_port(host, port)}/{transport}"
     refused_by: list[str] = []
     for app in private:
         try:

@@ -17,10 +17,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.errors import GatewayError
-from gateway.tunnel.datagrams import MAX_DATAGRAM
 from gateway.hookspecs import hookimpl
 from gateway.protocols import IProtocolHandler
-from gateway.tunnel.datagrams import DatagramDecoder, DatagramError, DatagramQueue, encode_datagram
+from gateway.tunnel.datagram_flow import QUEUE_BYTES, QUEUE_DATAGRAMS, DatagramSender, IdleTimer
+from gateway.tunnel.datagrams import MAX_DATAGRAM, DatagramDecoder, DatagramError
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import QuietFactory, SocketSide, dial_and_splice
 
@@ -127,8 +127,8 @@ class TCPHandler:
 DEFAULT_UDP_IDLE_TIMEOUT = 60.0
 # What one flow holds while its stream cannot take more (the user's side reads slowly): the
 # oldest datagrams are dropped beyond either bound, and counted.
-UDP_QUEUE_DATAGRAMS = 256
-UDP_QUEUE_BYTES = 256 * 1024
+UDP_QUEUE_DATAGRAMS = QUEUE_DATAGRAMS
+UDP_QUEUE_BYTES = QUEUE_BYTES
 
 
 def udp_idle_timeout(app: Any) -> float:
@@ -152,9 +152,9 @@ class UDPFlow(DatagramProtocol):
     """One UDP flow on the connector: a UDP socket connected to app.host:app.port and a stream
     whose bytes are length-prefixed datagrams (gateway.tunnel.datagrams).
 
-    Datagrams from the app go onto the stream while it takes them; while the stream says it
-    cannot take more (it paused us, its producer), they wait in a bounded DatagramQueue that
-    drops the oldest. Datagrams from the stream are sent as they come: a UDP send does not wait.
+    Datagrams from the app go onto the stream through a DatagramSender (bounded, drop-oldest
+    while the stream cannot take more); datagrams from the stream are sent as they come: a UDP
+    send does not wait.
     """
 
     def __init__(self, stream: Any, app: Any, reactor: Any, idle: float,
@@ -163,16 +163,21 @@ class UDPFlow(DatagramProtocol):
         self.app = app
         self.reactor = reactor
         self.idle = idle
-        self.queue = DatagramQueue(max_datagrams, max_bytes)
+        self.sender = DatagramSender(max_datagrams, max_bytes, on_stop=lambda: self.close("the stream stopped"))
         self.decoder = DatagramDecoder()
-        self.paused = False
         self.closed = False
         self.port: Any = None
         self.datagrams_in = 0
-        self.datagrams_out = 0
         self.unsent = 0  # datagrams from the stream the UDP socket would not send
-        self._active_at = reactor.seconds()
-        self._idle_call: Any = None
+        self.timer: IdleTimer | None = None
+
+    @property
+    def queue(self) -> Any:
+        return self.sender.queue
+
+    @property
+    def paused(self) -> bool:
+        return self.sender.paused
 
     @property
     def request_id(self) -> Any:
@@ -185,38 +190,21 @@ class UDPFlow(DatagramProtocol):
         self.transport.connect(self.app.host, self.app.port)
         self.stream.accept()
         self.stream.attach(_DatagramStreamSide(self))
-        self.stream.registerProducer(self, True)
-        self._idle_call = self.reactor.callLater(self.idle, self._check_idle)
+        self.sender.attach(self.stream)
+        self.timer = IdleTimer(self.reactor, self.idle,
+                               lambda: self.close(f"idle for {self.idle:g}s (options.udp_idle_timeout)"))
 
     # -- from the app to the stream --------------------------------------------------------
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if self.closed:
             return
-        self._active_at = self.reactor.seconds()
-        if self.paused:
-            self.queue.push(datagram)
-        else:
-            self._send(datagram)
-
-    def _send(self, datagram: bytes) -> None:
-        self.datagrams_out += 1
-        self.stream.write(encode_datagram(datagram))
+        self.timer.touch()
+        self.sender.send(datagram)
 
     def connectionRefused(self) -> None:
         # ICMP port unreachable from the app: UDP promises nothing, the flow stays until idle.
         pass
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while self.queue and not self.paused and not self.closed:
-            self._send(self.queue.pop())
-
-    def stopProducing(self) -> None:
-        self.close("the stream stopped")
 
     # -- from the stream to the app --------------------------------------------------------
 
@@ -229,7 +217,7 @@ class UDPFlow(DatagramProtocol):
             self.stream.reset(ResetCode.REFUSED, f"udp flow to {self.app.destination}: {e}")
             return
         if datagrams:
-            self._active_at = self.reactor.seconds()
+            self.timer.touch()
         for datagram in datagrams:
             self.datagrams_in += 1
             try:
@@ -241,35 +229,25 @@ class UDPFlow(DatagramProtocol):
 
     # -- ending ----------------------------------------------------------------------------
 
-    def _check_idle(self) -> None:
-        """Close the flow after ``idle`` seconds without a datagram either way; otherwise look
-        again when that would next be the case (one timer per flow, none per datagram)."""
-        left = self._active_at + self.idle - self.reactor.seconds()
-        if left > 0:
-            self._idle_call = self.reactor.callLater(left, self._check_idle)
-            return
-        self._idle_call = None
-        self.close(f"idle for {self.idle:g}s (options.udp_idle_timeout)")
-
     def close(self, why: str) -> None:
         """End the flow: FIN on the stream (if still open), the socket closed, the drops logged."""
         if self.closed:
             return
         self.closed = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self.stream.unregisterProducer()
+        if self.timer is not None:
+            self.timer.cancel()
+        dropped, dropped_bytes = self.queue.dropped, self.queue.dropped_bytes
+        self.sender.close()
         if not self.stream.closed:
             self.stream.loseConnection()
-        self.queue.clear()
         if self.port is not None:
             self.port.stopListening()
         log.info("request {request_id} for app {app}: udp flow to {destination} closed ({why}): {sent} datagrams"
                  " sent ({unsent} refused by the socket), {received} received,"
                  " {dropped} dropped ({dropped_bytes} bytes) while the stream was full",
                  request_id=self.request_id, app=self.app.name, destination=self.app.destination, why=why,
-                 sent=self.datagrams_in, unsent=self.unsent, received=self.datagrams_out,
-                 dropped=self.queue.dropped, dropped_bytes=self.queue.dropped_bytes)
+                 sent=self.datagrams_in, unsent=self.unsent, received=self.sender.sent,
+                 dropped=dropped, dropped_bytes=dropped_bytes)
 
 
 @implementer(IHalfCloseableProtocol)
