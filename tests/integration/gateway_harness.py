@@ -718,6 +718,19 @@ def read_all(sock: socket.socket, limit: int | None = None) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
+def upload_to_sink(port: int, total: int, seed: int, sink: Backend, timeout: float) -> None:
+    """Send ``total`` bytes of ``chunks(total, seed)`` to ``port``, half-close, and assert the sink
+    behind it received exactly those bytes (count and sha256)."""
+    digest = hashlib.sha256()
+    with connect(port, timeout=60) as s:
+        for chunk in chunks(total, seed=seed):
+            s.sendall(chunk)
+            digest.update(chunk)
+        s.shutdown(socket.SHUT_WR)
+        [(n, received)] = sink.wait_results(1, timeout)
+    assert (n, received) == (total, digest.hexdigest())
+
+
 def read_exact(sock: socket.socket, total: int) -> tuple[int, str]:
     """Read exactly `total` bytes (or up to EOF if it comes first); return (count, sha256 hex)."""
     h = hashlib.sha256()

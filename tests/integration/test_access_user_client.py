@@ -5,7 +5,6 @@ address off loopback, signed out), each with its sentence."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 import stat
@@ -14,8 +13,8 @@ import textwrap
 
 import pytest
 
-from gateway_harness import (GATEWAY, HOST, chunks, connect, free_port, port_is_free, read_exact, sized_sink_handler,
-                             source_handler, subprocess_env, echo_handler, wait_echo, wait_until)
+from gateway_harness import (GATEWAY, HOST, connect, free_port, port_is_free, read_exact, sized_sink_handler,
+                             source_handler, subprocess_env, echo_handler, upload_to_sink, wait_echo, wait_until)
 from test_access_private import CONNECT, publish, sign_in_with_token, socks_open
 
 MiB = 1024 * 1024
@@ -63,14 +62,7 @@ def test_token_login_then_access_tcp_carries_256_mib_each_way(gw, backends, tmp_
 
     up, _ = access(gw, svc, env, "tcp", "--app", "up", name="up")
     down, _ = access(gw, svc, env, "tcp", "--app", "down", name="down")
-    h = hashlib.sha256()
-    with connect(up, timeout=60) as s:
-        for chunk in chunks(total, seed=5):
-            s.sendall(chunk)
-            h.update(chunk)
-        s.shutdown(socket.SHUT_WR)
-        [(n, digest)] = sink.wait_results(1, 240)
-    assert (n, digest) == (total, h.hexdigest())
+    upload_to_sink(up, total, 5, sink, 240)
     with connect(down, timeout=60) as s:
         got = read_exact(s, total)
     [sent] = source.wait_results(1, 60)

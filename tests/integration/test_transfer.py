@@ -17,6 +17,7 @@ from gateway_harness import (
     connect,
     echo_handler,
     read_exact,
+    upload_to_sink,
     read_to_eof,
     sink_handler,
     sized_sink_handler,
@@ -52,14 +53,7 @@ def test_enrol_connect_and_move_200_mib_each_way(gw, backends):
     ])
     gw.connector(svc, tunnels=1)
     # Upload.
-    h = hashlib.sha256()
-    with connect(svc.app_port("up"), timeout=60) as s:
-        for chunk in chunks(total, seed=3):
-            s.sendall(chunk)
-            h.update(chunk)
-        s.shutdown(socket.SHUT_WR)
-        [(n, digest)] = sink.wait_results(1, 120)
-    assert (n, digest) == (total, h.hexdigest())
+    upload_to_sink(svc.app_port("up"), total, 3, sink, 120)
 
     # Download.
     with connect(svc.app_port("down"), timeout=60) as s:
