@@ -14,20 +14,24 @@ NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 BLOG = ["--external-url", "http://blog.example.test/", "--internal-url", "http://10.0.0.6:8080/"]
 
 
-@pytest.fixture
-def service(tmp_path):
-    """A service config with a web app (wiki) and a tcp app (ssh, group lab); the store knows group 'office'."""
+def service_config(tmp_path, apps_toml: str):
+    """svc.toml with a [service] and ``apps_toml``; its store exists and knows group 'office'."""
     config = tmp_path / "svc.toml"
-    config.write_text(
-        '[service]\nstate_dir = "state"\nconfig_interval = 30\n\n'
-        '[[apps]]\nname = "wiki"\nexternal_url = "http://wiki.example.test/"\ninternal_url = "http://10.0.0.5/"\n\n'
-        '[[apps]]\nname = "ssh"\ngroup = "lab"\nlisten = "tcp:2222"\ndestination = "10.0.0.9:22"\noptions.preauth = "none"\n'
-    )
+    config.write_text('[service]\nstate_dir = "state"\nconfig_interval = 30\n\n' + apps_toml)
     (tmp_path / "state").mkdir()
     store = SQLiteStore(tmp_path / "state" / "gateway.db")
     store.create_group("office", NOW)
     store.close()
     return config
+
+
+@pytest.fixture
+def service(tmp_path):
+    """A service config with a web app (wiki) and a tcp app (ssh, group lab); the store knows group 'office'."""
+    return service_config(
+        tmp_path,
+        '[[apps]]\nname = "wiki"\nexternal_url = "http://wiki.example.test/"\ninternal_url = "http://10.0.0.5/"\n\n'
+        '[[apps]]\nname = "ssh"\ngroup = "lab"\nlisten = "tcp:2222"\ndestination = "10.0.0.9:22"\noptions.preauth = "none"\n')
 
 
 def run(capsys, *argv):

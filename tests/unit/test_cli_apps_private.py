@@ -11,7 +11,7 @@ from gateway.config import load_config
 from gateway.service import store_apps
 from gateway.store.sqlite import SQLiteStore
 
-from test_cli_apps import apps, stored
+from test_cli_apps import apps, service_config, stored
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SSH = ["--segment", "tcp 10.1.0.0/16:22", "--allow-user", "alice@example.test"]
@@ -20,17 +20,10 @@ SSH = ["--segment", "tcp 10.1.0.0/16:22", "--allow-user", "alice@example.test"]
 @pytest.fixture
 def service(tmp_path):
     """A service config with a private app (lab-ssh, group lab, 10.9.0.0/16:22); the store knows 'office'."""
-    config = tmp_path / "svc.toml"
-    config.write_text(
-        '[service]\nstate_dir = "state"\nconfig_interval = 30\n\n'
+    return service_config(
+        tmp_path,
         '[[apps]]\nname = "lab-ssh"\ngroup = "lab"\noptions.allowed_groups = ["lab"]\n'
-        '[[apps.segments]]\ndestination = "10.9.0.0/16"\nports = "22"\n'
-    )
-    (tmp_path / "state").mkdir()
-    store = SQLiteStore(tmp_path / "state" / "gateway.db")
-    store.create_group("office", NOW)
-    store.close()
-    return config
+        '[[apps.segments]]\ndestination = "10.9.0.0/16"\nports = "22"\n')
 
 
 def served(service):
