@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import pytest
 
@@ -13,7 +12,6 @@ from gateway.store.sqlite import SQLiteStore
 
 from test_cli_apps import apps, service_config, stored
 
-NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SSH = ["--segment", "tcp 10.1.0.0/16:22", "--allow-user", "alice@example.test"]
 
 
