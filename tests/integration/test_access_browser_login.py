@@ -8,6 +8,8 @@ import json
 import shlex
 import shutil
 import stat
+import subprocess
+import sys
 
 from components import needs
 from gateway_harness import GATEWAY, HOST, echo_handler, free_port, subprocess_env, toml_table, wait_echo, wait_until
@@ -22,6 +24,26 @@ def private_app_toml(name: str, destination: str, ports: str, protocol: str = "t
         "name": name, "options": options,
         "segments": [{"destination": destination, "ports": ports, "protocol": protocol}],
     }, array=True)
+
+
+RENEW = """
+import sys
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from gateway.access import credentials, login
+
+
+async def main(reactor):
+    creds = credentials.load(sys.argv[1])
+    credentials.save(await login.renew(reactor, creds))
+
+task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+"""
+
+
+def renew_cached(service: str, env: dict) -> subprocess.CompletedProcess:
+    """Renew the cached certificate with its refresh secret, as the client does, in a process of its own."""
+    return subprocess.run([sys.executable, "-c", RENEW, service], capture_output=True, text=True, env=env, timeout=60)
 
 
 def test_browser_sign_in_then_access_through_a_connector(gw, backends, tmp_path):
@@ -77,6 +99,19 @@ def test_browser_sign_in_then_access_through_a_connector(gw, backends, tmp_path)
                             "--listen", f"{HOST}:{port}"], env=env)
         wait_echo(port)
         wait_until(lambda: "session: user alice app echo" in svc.log(), 20, "the session record")
+
+        # The refresh secret the sign-in left buys a new certificate without the browser (as the
+        # client does when less than a third of the certificate's life is left) until the user
+        # is revoked.
+        first = json.loads(cached[0].read_text())["certificate"]
+        renewed = renew_cached(portal, env)
+        assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+        assert json.loads(cached[0].read_text())["certificate"] != first
+        assert "user alice got a certificate for credential" in svc.log()
+        revoked = gw.cli("users", "revoke", "--config", str(svc.config_path), "--user", "alice")
+        assert revoked.returncode == 0, revoked.stderr
+        refused = renew_cached(portal, env)
+        assert refused.returncode != 0 and "revoked" in refused.stdout + refused.stderr
         for value in json.loads(cached[0].read_text()).values():
             if isinstance(value, dict) and "secret" in value:
                 gw.secrets.append(value["secret"])

@@ -19,9 +19,9 @@ from gateway_harness import (GATEWAY, HOST, connection_ends, echo_handler, free_
 CONNECT, UDP_ASSOCIATE = 1, 3
 
 
-def publish(svc, *apps: dict) -> None:
-    """Append [access] and private apps to the service's config file."""
-    text = svc.config_path.read_text() + "\n" + toml_table("access", {"tunnel": svc.address})
+def publish(svc, *apps: dict, **access) -> None:
+    """Append [access] (with ``access`` keys) and private apps to the service's config file."""
+    text = svc.config_path.read_text() + "\n" + toml_table("access", {"tunnel": svc.address, **access})
     for app in apps:
         text += "\n" + toml_table("apps", app, array=True)
     svc.config_path.write_text(text)
@@ -207,3 +207,33 @@ def test_a_udp_flood_keeps_client_and_connector_memory_bounded(gw, tmp_path):
     assert after[0] - before[0] < 48 * 1024 * 1024, (before, after)
     assert after[1] - before[1] < 48 * 1024 * 1024, (before, after)
     control.close()
+
+
+def test_a_user_over_max_tunnels_per_user_is_refused_with_the_reason(gw, tmp_path, backends):
+    """With max_tunnels_per_user = 1 a second gateway access of the same user gets no tunnel (and says
+    why) while the first keeps working."""
+    echo = backends(echo_handler)
+    svc = gw.service(start=False, service={"config_interval": 1})
+    publish(svc, {"name": "echo", "options": {"allowed_users": ["alice"]},
+                  "segments": [{"destination": HOST, "ports": str(echo.port)}]}, max_tunnels_per_user=1)
+    svc.start()
+    gw.connector(svc)
+    env = sign_in_with_token(gw, svc, tmp_path / "home")
+    def start(name: str) -> int:
+        port = free_port()
+        gw.spawn(name, [GATEWAY, "access", "tcp", "--service", svc.address, "--app", "echo",
+                        "--listen", f"{HOST}:{port}"], env=env)
+        wait_until(lambda: _accepts(port), 30, f"gateway access ({name}) to listen")
+        return port
+
+    sock = socket.create_connection((HOST, start("first")), timeout=20)
+    sock.sendall(b"one")
+    assert sock.recv(64) == b"one"   # the first client's tunnel is up before the second starts
+    second_port = start("second")
+    second = next(p for p in gw.procs if p.name == "second")
+    other = socket.create_connection((HOST, second_port), timeout=20)
+    other.sendall(b"two")
+    wait_until(lambda: "max_tunnels_per_user" in second.log(), 30, "the second client to say why it has no tunnel")
+    assert connection_ends(other, 40)
+    sock.sendall(b"still")
+    assert sock.recv(64) == b"still"
