@@ -179,6 +179,15 @@ class AccessTunnel:
         if grant.transport == "udp":
             extra["protocol"] = "udp"
         d = self.node.open_app_stream(grant.app, extra)
+
+        def no_connector_yet(failure: Failure) -> Any:
+            # Right after a node restart the user's client is often back before the connectors
+            # are: wait for one (up to the app's connect_timeout), then try once more.
+            failure.trap(NoConnector)
+            waited = self.node.connector_up(grant.app.group, grant.app.connect_timeout)
+            return waited.addCallback(lambda _: self.node.open_app_stream(grant.app, extra))
+
+        d.addErrback(no_connector_yet)
         d.addCallbacks(lambda app_stream: self._opened(stream, app_stream, grant),
                        lambda failure: self._failed(stream, grant, failure))
 

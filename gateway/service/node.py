@@ -121,6 +121,8 @@ class ServiceNode(MultiService):
         # Private Access: sign-in codes and user certificates; the users' live tunnels.
         self.users = UserAuthority(self)
         self.user_tunnels: set[TunnelHandler] = set()
+        # group -> Deferreds of streams waiting for a connector of that group to come up
+        self._connector_waiters: dict[str, list[Deferred]] = {}
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -424,6 +426,9 @@ class ServiceNode(MultiService):
 
     def tunnel_up(self, handler: TunnelHandler) -> None:
         self.registry.add(handler.entry)
+        for waiter in self._connector_waiters.pop(handler.group, []):
+            if not waiter.called:
+                waiter.callback(None)
         self.log.info(
             "connector {connector_id} (group {group}) up on tunnel {tunnel_id} from {address} with certificate {serial}",
             group=handler.group, address=handler.address, serial=handler.identity.serial_hex, **handler.ctx,
@@ -432,6 +437,23 @@ class ServiceNode(MultiService):
         connector_id = handler.identity.connector_id
         handler.session.on_go_away.append(lambda *_: self.lifecycle.changed(connector_id))
         self.lifecycle.changed(connector_id)
+
+    def connector_up(self, group: str, timeout: float) -> Deferred:
+        """Fires once a connector of ``group`` has a tunnel up (at once if one has), or fails with
+        NoConnector after ``timeout`` seconds: after a node restart connectors come back within
+        their backoff, and a stream asked for meanwhile can wait for them instead of failing."""
+        if any(t.healthy and t.group == group for ts in self.registry.connectors().values() for t in ts):
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        self._connector_waiters.setdefault(group, []).append(waiter)
+
+        def expire() -> None:
+            if not waiter.called:
+                self._connector_waiters.get(group, []).remove(waiter)
+                waiter.errback(NoConnector(f"no healthy connector of group {group!r} came up within {timeout:g}s"))
+
+        call = self.reactor.callLater(timeout, expire)
+        return waiter.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
 
     def tunnel_lost(self, handler: TunnelHandler, reason: Failure) -> None:
         self.registry.remove(handler.session)

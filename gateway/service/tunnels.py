@@ -409,8 +409,10 @@ class TunnelHandler:
             session=self.session, connector_id=self.identity.connector_id, group=self.group,
             address=self.address, software_version=str(message.get("software_version", "?")),
         )
-        self.node.tunnel_up(self)
+        # The config goes first: a stream routed here the moment the tunnel is up (one waiting
+        # for a connector, say) must not reach the connector before the apps it names.
         self.send_config(force=True)
+        self.node.tunnel_up(self)
 
     def send_config(self, force: bool = False) -> None:
         if self.control is None or self.state != "up":

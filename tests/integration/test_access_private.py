@@ -237,3 +237,25 @@ def test_a_user_over_max_tunnels_per_user_is_refused_with_the_reason(gw, tmp_pat
     assert connection_ends(other, 40)
     sock.sendall(b"still")
     assert sock.recv(64) == b"still"
+
+
+def test_a_stream_waits_for_a_connector_that_is_coming_up(gw, tmp_path, backends):
+    """A user's connection made while the app's group has no connector yet is carried once one comes
+    up within the app's connect_timeout (as after a node restart, when users are back first)."""
+    echo = backends(echo_handler)
+    svc = gw.service(start=False, service={"config_interval": 1})
+    publish(svc, {"name": "echo", "options": {"allowed_users": ["alice"]}, "connect_timeout": 20,
+                  "segments": [{"destination": HOST, "ports": str(echo.port)}]})
+    svc.start()
+    conn = gw.connector(svc, start=False)
+    env = sign_in_with_token(gw, svc, tmp_path / "home")
+    port = free_port()
+    gw.spawn("access", [GATEWAY, "access", "tcp", "--service", svc.address, "--app", "echo",
+                        "--listen", f"{HOST}:{port}"], env=env)
+    wait_until(lambda: _accepts(port), 30, "gateway access tcp to listen")
+    sock = socket.create_connection((HOST, port), timeout=30)
+    sock.sendall(b"early")
+    wait_until(lambda: "user alice connected" in svc.log(), 20, "the user's tunnel")
+    conn.start()
+    assert sock.recv(64) == b"early"
+    sock.close()
