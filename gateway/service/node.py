@@ -28,6 +28,7 @@ from gateway.pki.ca import CertificateAuthority
 from gateway.pki.tls import server_options
 from gateway.protocols import StreamInfo
 from gateway.segments import segment_table
+from gateway.service.admin_events import AdminEvents
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.listeners import SwappableFactory
 from gateway.service.registry import NoConnector, Registry
@@ -123,6 +124,8 @@ class ServiceNode(MultiService):
         self.user_tunnels: set[TunnelHandler] = set()
         # group -> Deferreds of streams waiting for a connector of that group to come up
         self._connector_waiters: dict[str, list[Deferred]] = {}
+        # The recent admin events of this node ("node") and of each connector (its id), bounded.
+        self.admin_events = AdminEvents()
 
     # -- start and stop ------------------------------------------------------------------
 

@@ -1,0 +1,62 @@
+"""The recent admin events a service node keeps: its own and those its connectors send.
+
+Bounded twice: the newest ``per_source`` events of each source, and at most ``max_sources``
+sources (the one heard from least recently is forgotten first), so neither a chatty connector
+nor many short-lived ones can grow the node's memory. The status page and the admin API read
+them with :meth:`AdminEvents.recent`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict, deque
+
+from attrs import define, field, frozen
+
+NODE = "node"
+LEVELS = ("info", "warn", "error", "critical")
+DEFAULT_PER_SOURCE = 200
+DEFAULT_MAX_SOURCES = 1000
+
+
+@frozen
+class AdminEvent:
+    """One admin event: when (epoch seconds), who ("node" or a connector id), how bad, what."""
+
+    time: float
+    source: str
+    level: str
+    text: str
+
+
+@define
+class AdminEvents:
+    """The recent admin events per source, newest kept, oldest dropped."""
+
+    per_source: int = DEFAULT_PER_SOURCE
+    max_sources: int = DEFAULT_MAX_SOURCES
+    _by_source: OrderedDict[str, deque[AdminEvent]] = field(factory=OrderedDict, init=False)
+
+    def add(self, event: AdminEvent) -> None:
+        events = self._by_source.pop(event.source, None)
+        if events is None:
+            events = deque(maxlen=self.per_source)
+            while len(self._by_source) >= self.max_sources:
+                self._by_source.popitem(last=False)
+        self._by_source[event.source] = events   # most recently heard from last
+        events.append(event)
+
+    def recent(self, limit: int = 100, source: str | None = None) -> list[AdminEvent]:
+        """The newest ``limit`` events (of ``source`` only, if given), newest first."""
+        if limit <= 0:
+            return []
+        if source is not None:
+            return list(itertools.islice(reversed(self._by_source.get(source, ())), limit))
+        newest_first = heapq.merge(*(reversed(events) for events in self._by_source.values()),
+                                   key=lambda e: e.time, reverse=True)
+        return list(itertools.islice(newest_first, limit))
+
+    def sources(self) -> list[str]:
+        """The sources with events kept, the one heard from most recently first."""
+        return list(reversed(self._by_source))

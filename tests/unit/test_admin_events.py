@@ -1,0 +1,47 @@
+"""The service node's recent admin events: bounded, newest first, per source."""
+
+from gateway.service.admin_events import AdminEvent, AdminEvents
+
+
+def event(time: float, source: str = "node", text: str = "x") -> AdminEvent:
+    return AdminEvent(time=time, source=source, level="info", text=text)
+
+
+def test_recent_is_newest_first_across_sources():
+    """recent() merges the sources by time, newest first, and stops at limit."""
+    events = AdminEvents()
+    for t, source in [(1, "node"), (2, "c1"), (3, "node"), (4, "c2"), (5, "c1")]:
+        events.add(event(t, source))
+    assert [e.time for e in events.recent()] == [5, 4, 3, 2, 1]
+    assert [e.time for e in events.recent(limit=2)] == [5, 4]
+    assert events.recent(limit=0) == []
+
+
+def test_recent_of_one_source():
+    """recent(source=...) gives that source's events only, newest first; an unknown one none."""
+    events = AdminEvents()
+    for t, source in [(1, "node"), (2, "c1"), (3, "c1")]:
+        events.add(event(t, source))
+    assert [e.time for e in events.recent(source="c1")] == [3, 2]
+    assert events.recent(source="nobody") == []
+
+
+def test_each_source_keeps_only_its_newest_events():
+    """A chatty source keeps per_source events and does not push another source's out."""
+    events = AdminEvents(per_source=3)
+    events.add(event(0, "quiet"))
+    for t in range(1, 11):
+        events.add(event(t, "chatty"))
+    assert [e.time for e in events.recent(source="chatty")] == [10, 9, 8]
+    assert [e.time for e in events.recent(source="quiet")] == [0]
+
+
+def test_the_source_heard_from_least_recently_is_forgotten_first():
+    """Past max_sources, the source that sent nothing for longest goes."""
+    events = AdminEvents(max_sources=2)
+    events.add(event(1, "a"))
+    events.add(event(2, "b"))
+    events.add(event(3, "a"))
+    events.add(event(4, "c"))
+    assert events.sources() == ["c", "a"]
+    assert events.recent(source="b") == []
