@@ -137,6 +137,22 @@ class AccessConfig:
     max_tunnels_per_user: int = 16
 
 
+DEFAULT_ADMIN_LISTEN = "tcp:8444:interface=127.0.0.1"
+
+
+@frozen
+class AdminConfig:
+    """The ``[admin]`` table: the admin API and status page of a service node (docs/operations.md)."""
+
+    listen: str = DEFAULT_ADMIN_LISTEN
+    # HTTPS with a certificate from the gateway's CA (names = service.names), as the tunnel port.
+    tls: bool = True
+    # How long a status page sign-in lasts (the admin token is re-checked on every request).
+    session_lifetime: int = 28800
+    # Seconds between the status page's reloads (a <meta refresh>; no JavaScript).
+    page_refresh: int = 10
+
+
 @frozen
 class ConnectorConfig:
     """The ``[connector]`` table: a connector keeping tunnels open to the service."""
@@ -179,6 +195,8 @@ class GatewayConfig:
     logging: LoggingConfig = field(factory=LoggingConfig)
     # Private Access users ([access]); None when the service has no such table.
     access: AccessConfig | None = None
+    # The admin API and status page ([admin]); None when the service has no such table.
+    admin: AdminConfig | None = None
     # Tables that plugins added through the gateway_config_sections hook, parsed by them.
     sections: dict[str, Any] = field(factory=dict, hash=False)
 
@@ -285,6 +303,21 @@ def _endpoint_identity(description: str) -> tuple | None:
     if isinstance(endpoint, UNIXServerEndpoint):
         return ("unix", os.path.abspath(endpoint._address))
     return ("raw", description)
+
+
+def _loopback_endpoint(description: str) -> bool:
+    """Whether a server endpoint string listens on a loopback address only (a UNIX socket counts)."""
+    from twisted.internet.endpoints import UNIXServerEndpoint, _TCPServerEndpoint
+
+    endpoint = _build_endpoint(description)
+    if isinstance(endpoint, UNIXServerEndpoint):
+        return True
+    if not isinstance(endpoint, _TCPServerEndpoint):
+        return False
+    try:
+        return ipaddress.ip_address(endpoint._interface).is_loopback
+    except ValueError:
+        return False
 
 
 def _endpoints_conflict(a: tuple | None, b: tuple | None) -> bool:
@@ -575,7 +608,7 @@ def _names_cover(names: tuple[str, ...], host: str) -> bool:
 
 
 class _Parser:
-    TOP = ["service", "connector", "apps", "access", "tunnel", "logging"]
+    TOP = ["service", "connector", "apps", "access", "admin", "tunnel", "logging"]
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
                "certificate_lifetime_days", "token_lifetime", "max_handshakes", "certificate_lifetime_seconds",
                "inactive_after", "remove_inactive_after", "sweep_interval", "handshake_timeout",
@@ -584,6 +617,7 @@ class _Parser:
            "external_url", "internal_url", "affinity", "segments"]
     ACCESS = ["url", "tunnel", "certificate_lifetime", "login_lifetime", "udp_idle_timeout",
               "max_tunnels_per_user"]
+    ADMIN = ["listen", "tls", "session_lifetime", "page_refresh"]
     CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max"]
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
     LOGGING = ["format", "level"]
@@ -618,6 +652,8 @@ class _Parser:
         apps = self.apps(data, service)
         access_data = self.table(data, "access")
         access = self.access(access_data, service) if access_data is not None else None
+        admin_data = self.table(data, "admin")
+        admin = self.admin(admin_data, service) if admin_data is not None else None
         tunnel_data = self.table(data, "tunnel")
         tunnel = self.tunnel(tunnel_data if tunnel_data is not None else {})
         logging_data = self.table(data, "logging")
@@ -628,7 +664,7 @@ class _Parser:
             extra[name] = parse(table if table is not None else {},
                                 lambda key, expected, _n=name: self.error(f"{_n}.{key}", expected))
         return GatewayConfig(path=self.abs_path, service=service, connector=connector, apps=apps,
-                             tunnel=tunnel, logging=logging, access=access, sections=extra)
+                             tunnel=tunnel, logging=logging, access=access, admin=admin, sections=extra)
 
     def service(self, data: Mapping[str, Any]) -> ServiceConfig:
         t = _Table(self, "service", data, self.SERVICE)
@@ -837,6 +873,27 @@ class _Parser:
             login_lifetime=t.integer("login_lifetime", 43200, MIN_CERTIFICATE_LIFETIME, 366 * 86400),
             udp_idle_timeout=t.number("udp_idle_timeout", 60, positive=True),
             max_tunnels_per_user=t.integer("max_tunnels_per_user", 16, 1, 1024),
+        )
+
+    def admin(self, data: Mapping[str, Any], service: ServiceConfig | None) -> AdminConfig:
+        t = _Table(self, "admin", data, self.ADMIN)
+        if service is None:
+            raise self.error("admin", "expected [admin] only together with a [service] table (the admin API is"
+                                      " served by a service node), got no [service]")
+        listen = t.endpoint("listen", DEFAULT_ADMIN_LISTEN)
+        if _endpoints_conflict(_endpoint_identity(listen), _endpoint_identity(service.listen)):
+            raise t.fail("listen", f"an endpoint other than service.listen ({service.listen})", listen)
+        tls = t.get("tls", True, False)
+        if not isinstance(tls, bool):
+            raise t.fail("tls", "true or false", tls)
+        if not tls and not _loopback_endpoint(listen):
+            # Tokens and session cookies would cross the network in the clear.
+            raise t.fail("tls", 'true when admin.listen is not on loopback (add interface=127.0.0.1 to listen,'
+                                ' or keep tls = true)', tls)
+        return AdminConfig(
+            listen=listen, tls=tls,
+            session_lifetime=t.integer("session_lifetime", 28800, 60, 7 * 86400),
+            page_refresh=t.integer("page_refresh", 10, 1, 3600),
         )
 
     def access_tunnel(self, t: _Table, service: ServiceConfig) -> str:

@@ -30,6 +30,14 @@ class UserCredentialError(GatewayError):
         super().__init__(message)
 
 
+class AdminTokenError(GatewayError):
+    """An admin API token cannot be used; ``code`` says why: "unknown", "revoked" or "expired"."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
 class ProtocolError(GatewayError):
     """The peer broke the tunnel protocol; `code` is a GO_AWAY / RST code (docs/protocol.md)."""
 

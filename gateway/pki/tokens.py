@@ -12,7 +12,7 @@ from typing import ClassVar, Self
 import attrs
 from attrs import frozen
 
-from gateway.errors import EnrolmentError, UserCredentialError
+from gateway.errors import AdminTokenError, EnrolmentError, UserCredentialError
 from gateway.pki.keys import FINGERPRINT_PREFIX
 
 TOKEN_PREFIX = "gw1"
@@ -26,10 +26,12 @@ _ADVICE = "copy the whole token again, or create a new one on the service"
 
 
 USER_TOKEN_PREFIX = "gwu1"
+ADMIN_TOKEN_PREFIX = "gwa1"
 _USER_ADVICE = "copy the whole token again, or ask your administrator for a new one (gateway users token create)"
 # What a token of the other kind is, when one is given for the other.
 _KINDS = {TOKEN_PREFIX: "that is a connector enrolment token",
-          USER_TOKEN_PREFIX: "that is a Private Access personal token, for gateway login"}
+          USER_TOKEN_PREFIX: "that is a Private Access personal token, for gateway login",
+          ADMIN_TOKEN_PREFIX: "that is an admin API token, for the admin API and the status page"}
 
 
 @frozen
@@ -102,6 +104,19 @@ class UserToken(_Token):
     @classmethod
     def _malformed(cls, what: str) -> UserCredentialError:
         return UserCredentialError("unknown", f"malformed personal token: {what}: {_USER_ADVICE}")
+
+
+@frozen
+class AdminToken(_Token):
+    """A token for the admin API and the status page (`gateway admin token create`): which admin
+    token record, its secret, and which CA signs the admin listener's certificate."""
+
+    PREFIX: ClassVar[str] = ADMIN_TOKEN_PREFIX
+
+    @classmethod
+    def _malformed(cls, what: str) -> AdminTokenError:
+        return AdminTokenError("unknown", f"malformed admin token: {what}: copy the whole token again, or create"
+                                          " one on the service with `gateway admin token create`")
 
 
 def hash_secret(secret: str) -> str:

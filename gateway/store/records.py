@@ -115,3 +115,16 @@ class UserCredentialRecord:
     expires_at: datetime
     revoked_at: datetime | None = None
     name: str = ""  # what the admin called it (tokens)
+
+
+@frozen
+class AdminTokenRecord:
+    """A token for the admin API and the status page (`gateway admin token create`); only the
+    hash of its secret is stored."""
+
+    token_id: str
+    name: str  # what the admin called it: who or what holds it
+    secret_hash: str
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None

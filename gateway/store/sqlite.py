@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 
 from attrs import define, field
 
-from gateway.errors import EnrolmentError, GatewayError, UserCredentialError
+from gateway.errors import AdminTokenError, EnrolmentError, GatewayError, UserCredentialError
 from gateway.pki.tokens import secret_matches
 from gateway.store.records import (
+    AdminTokenRecord,
     AppRecord,
     CertificateRecord,
     ConnectorRecord,
@@ -100,6 +101,17 @@ MIGRATIONS: tuple[str, ...] = (
         name TEXT NOT NULL DEFAULT ''
     );
     CREATE INDEX user_credentials_by_user ON user_credentials(user);
+    """,
+    # Admin API tokens (`gateway admin token create`); only the secret's hash is kept.
+    """
+    CREATE TABLE admin_tokens (
+        token_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
     """,
 )
 DEFAULT_GROUP = "default"
@@ -343,6 +355,54 @@ class SQLiteStore:
                                                  " personal token")
         return record
 
+    # admin API tokens
+
+    def create_admin_token(self, record: AdminTokenRecord) -> AdminTokenRecord:
+        """Store a new admin token (its secret already hashed)."""
+        with self._write() as db:
+            db.execute(f"INSERT INTO admin_tokens ({_ADMIN_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                       (record.token_id, record.name, record.secret_hash, _to_text(record.created_at),
+                        _to_text(record.expires_at), _opt_text(record.revoked_at)))
+        return record
+
+    def get_admin_token(self, token_id: str) -> AdminTokenRecord | None:
+        """The admin token with this id, revoked or expired ones too; None if there is none."""
+        row = self._db.execute(f"SELECT {_ADMIN_TOKEN_COLUMNS} FROM admin_tokens WHERE token_id = ?",
+                               (token_id,)).fetchone()
+        return None if row is None else _admin_token(row)
+
+    def list_admin_tokens(self) -> list[AdminTokenRecord]:
+        """Every admin token, revoked and expired ones too, oldest first."""
+        rows = self._db.execute(f"SELECT {_ADMIN_TOKEN_COLUMNS} FROM admin_tokens ORDER BY created_at, token_id")
+        return [_admin_token(r) for r in rows]
+
+    def revoke_admin_token(self, token_id: str, now: datetime) -> bool:
+        """Mark one admin token revoked; False if there is none by that id or it was revoked already."""
+        with self._write() as db:
+            return db.execute("UPDATE admin_tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
+                              (_to_text(now), token_id)).rowcount == 1
+
+    def check_admin_token(self, token_id: str, secret: str, now: datetime) -> AdminTokenRecord:
+        """The admin token if `secret` is its secret and it is neither revoked nor expired at `now`;
+        AdminTokenError otherwise, saying which and what to do."""
+        record = self.get_admin_token(token_id)
+        # A wrong secret looks exactly like a missing token, so guessing ids teaches nothing.
+        if record is None or not secret_matches(secret, record.secret_hash):
+            raise AdminTokenError("unknown", "unknown admin token: copy the whole token again, or create one on"
+                                             " the service with `gateway admin token create`")
+        return self.usable_admin_token(record, now)
+
+    @staticmethod
+    def usable_admin_token(record: AdminTokenRecord, now: datetime) -> AdminTokenRecord:
+        """`record` if it is neither revoked nor expired at `now`; AdminTokenError otherwise."""
+        if record.revoked_at is not None:
+            raise AdminTokenError("revoked", f"this admin token was revoked at {record.revoked_at.isoformat()}:"
+                                             " create a new one with `gateway admin token create`")
+        if now >= record.expires_at:
+            raise AdminTokenError("expired", f"this admin token expired at {record.expires_at.isoformat()}:"
+                                             " create a new one with `gateway admin token create`")
+        return record
+
     # connectors and certificates
 
     def get_connector(self, connector_id: str) -> ConnectorRecord | None:
@@ -568,6 +628,7 @@ _APP_COLUMNS = "name, group_name, definition, created_at, updated_at"
 _USER_CREDENTIAL_COLUMNS = (
     "credential_id, user, kind, identity, secret_hash, created_at, expires_at, revoked_at, name"
 )
+_ADMIN_TOKEN_COLUMNS = "token_id, name, secret_hash, created_at, expires_at, revoked_at"
 _TOKEN_COLUMNS = "token_id, secret_hash, group_name, created_at, expires_at, used_at, used_by"
 _CONNECTOR_COLUMNS = (
     "connector_id, name, group_name, created_at, last_seen, deleted_at, state, state_since,"
@@ -633,3 +694,8 @@ def _user_credential(row: Any) -> UserCredentialRecord:
     credential_id, user, kind, identity, secret_hash, created, expires, revoked, name = row
     return UserCredentialRecord(credential_id, user, kind, json.loads(identity), secret_hash, _from_text(created),
                                 _from_text(expires), _from_text(revoked), name)
+
+
+def _admin_token(row: Any) -> AdminTokenRecord:
+    token_id, name, secret_hash, created, expires, revoked = row
+    return AdminTokenRecord(token_id, name, secret_hash, _from_text(created), _from_text(expires), _from_text(revoked))

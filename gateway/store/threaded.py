@@ -68,6 +68,12 @@ class ThreadedStore:
     def get_connector(self, connector_id) -> Deferred:
         return self._call(self.store.get_connector, connector_id)
 
+    def create_group(self, name, now) -> Deferred:
+        return self._call(self.store.create_group, name, now)
+
+    def move_connector(self, connector_id, group) -> Deferred:
+        return self._call(self.store.move_connector, connector_id, group)
+
     def list_connectors(self, *args, **kwargs) -> Deferred:
         return self._call(self.store.list_connectors, *args, **kwargs)
 
@@ -107,6 +113,15 @@ class ThreadedStore:
 
     def redeem_user_secret(self, credential_id, secret, now) -> Deferred:
         return self._call(self.store.redeem_user_secret, credential_id, secret, now)
+
+    def check_admin_token(self, token_id, secret, now) -> Deferred:
+        return self._call(self.store.check_admin_token, token_id, secret, now)
+
+    def get_admin_token(self, token_id) -> Deferred:
+        return self._call(self.store.get_admin_token, token_id)
+
+    def list_admin_tokens(self) -> Deferred:
+        return self._call(self.store.list_admin_tokens)
 
     def close(self) -> Deferred:
         """Close the store after the calls already queued, then stop the thread; safe to call twice."""
