@@ -14,10 +14,11 @@ done
 wanted=",demo,"
 [ $want_tests = 1 ] && wanted+="tests,"
 [ $want_bench = 1 ] && wanted+="bench,"
-present() {  # present PROBE: an absolute path, a command name, file:PATH, or py:MODULE[,MODULE...]
+present() {  # present PROBE: an absolute path, a command name, file:PATH, glob:PATTERN, or py:MODULE[,MODULE...]
   case $1 in
     py:*) python3 -c "import ${1#py:}" 2>/dev/null ;;
     file:*) [ -f "${1#file:}" ] ;;
+    glob:*) compgen -G "${1#glob:}" >/dev/null ;;
     /*) [ -x "$1" ] ;;
     *) command -v "$1" >/dev/null ;;
   esac

@@ -21,8 +21,10 @@ to this. The root tests/conftest.py wires the marker and prints the skips after 
 from __future__ import annotations
 
 import importlib
+import glob
 import importlib.util
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -58,9 +60,17 @@ class Component:
         if self.probe.startswith("file:"):
             path = self.probe.removeprefix("file:")
             return path if os.path.isfile(path) else None
+        if self.probe.startswith("glob:"):
+            found = [p for p in glob.glob(self.probe.removeprefix("glob:")) if os.access(p, os.X_OK)]
+            return max(found, key=_version_key) if found else None
         if self.probe.startswith("/"):
             return self.probe if os.access(self.probe, os.X_OK) else None
         return shutil.which(self.probe)
+
+
+def _version_key(path: str) -> list[tuple[int, int | str]]:
+    # Numbers compare as numbers, so /usr/lib/postgresql/16 beats /usr/lib/postgresql/9.6.
+    return [(1, int(part)) if part.isdigit() else (0, part) for part in re.split(r"(\d+)", path)]
 
 
 def read_packages(path: Path) -> dict[str, Component]:

@@ -148,6 +148,21 @@ def test_a_file_probe_needs_the_file_not_the_execute_bit(tmp_path, monkeypatch):
         components.require("nginx", fake_packages(tmp_path, f"file:{tmp_path / 'absent.so'}"))
 
 
+def test_a_glob_probe_finds_the_highest_version(tmp_path, monkeypatch):
+    """A glob:PATTERN probe (a server under /usr/lib/postgresql/<major>/bin) picks the highest
+    version numerically and misses when nothing matches."""
+    monkeypatch.setenv("CI", "true")
+    for major in ("9", "15", "16"):
+        program = tmp_path / major / "initdb"
+        program.parent.mkdir()
+        program.write_bytes(b"")
+        program.chmod(0o755)
+    found = components.require("nginx", fake_packages(tmp_path, f"glob:{tmp_path}/*/initdb"))
+    assert found == str(tmp_path / "16" / "initdb")
+    with pytest.raises(pytest.fail.Exception, match="nginx-light"):
+        components.require("nginx", fake_packages(tmp_path, f"glob:{tmp_path}/*/absent"))
+
+
 def test_a_malformed_packages_line_is_refused(tmp_path):
     """A line without the four columns is an error naming the file and line."""
     path = tmp_path / "packages.txt"

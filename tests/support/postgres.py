@@ -1,0 +1,100 @@
+"""A throwaway PostgreSQL cluster for the tests: initdb + pg_ctl in a temporary directory,
+listening on a free high port of 127.0.0.1 only, one per test session.
+
+initdb refuses to run as root, and CI runs as root: then the cluster belongs to the
+`postgres` system user (the Debian package makes it) and every server command runs through
+``runuser -u postgres --`` in a directory that user owns; otherwise it runs as the current
+user. Tests get a fresh database each (``cluster.new_database()``), so they never see each
+other's rows. The server binaries are found through scripts/packages.txt's ``postgresql``
+component (require("postgresql")), whatever the installed major version.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+from attrs import define, field
+
+from components import require
+
+SUPERUSER = "gateway_test"
+SERVER_USER = "postgres"  # who runs the cluster when the tests run as root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@define
+class PostgresCluster:
+    """One running cluster; `url(database)` is what `[service] store` would say."""
+
+    bin_dir: Path
+    root: Path
+    port: int
+    _run_as: list[str] = field(factory=list)
+
+    @classmethod
+    def start(cls) -> "PostgresCluster":
+        """initdb and start a cluster in a new temporary directory; stop() removes it."""
+        bin_dir = Path(require("postgresql")).parent
+        root = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
+        run_as: list[str] = []
+        if os.geteuid() == 0:
+            server = pwd.getpwnam(SERVER_USER)
+            os.chown(root, server.pw_uid, server.pw_gid)
+            run_as = ["runuser", "-u", SERVER_USER, "--"]
+        cluster = cls(bin_dir, root, _free_port(), run_as)
+        cluster._initdb()
+        cluster._pg_ctl("start", "-w", "-t", "60", "-l", str(root / "server.log"),
+                        "-o", f"-c listen_addresses=127.0.0.1 -c port={cluster.port} -c unix_socket_directories="
+                              f"{root} -c fsync=off -c full_page_writes=off -c max_connections=100")
+        return cluster
+
+    def url(self, database: str = "postgres") -> str:
+        """A password-less postgresql:// URL of `database` (the test superuser trusts 127.0.0.1)."""
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A new empty database's URL."""
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        self.sql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def sql(self, statement: str, database: str = "postgres") -> None:
+        """Run one statement as the superuser, outside a transaction (CREATE DATABASE needs that)."""
+        import psycopg
+
+        with psycopg.connect(self.url(database), autocommit=True) as conn:
+            conn.execute(statement)
+
+    def stop(self) -> None:
+        """Stop the server at once and remove its directory."""
+        try:
+            self._pg_ctl("stop", "-m", "immediate", "-w")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _initdb(self) -> None:
+        self._run(str(self.bin_dir / "initdb"), "-D", str(self.root / "data"), "-U", SUPERUSER,
+                  "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync")
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), *args)
+
+    def _run(self, *command: str) -> None:
+        done = subprocess.run([*self._run_as, *command], cwd=self.root, capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            log = self.root / "server.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}\n{tail}")
