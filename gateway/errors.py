@@ -38,6 +38,10 @@ class AdminTokenError(GatewayError):
         super().__init__(message)
 
 
+class StoreUnavailable(GatewayError):
+    """The store (PostgreSQL) cannot be reached or refused the connection; says where and why."""
+
+
 class ProtocolError(GatewayError):
     """The peer broke the tunnel protocol; `code` is a GO_AWAY / RST code (docs/protocol.md)."""
 

@@ -1,4 +1,11 @@
-"""The synchronous SQLite store: one connection, WAL, schema migrated on open."""
+"""The store's queries in SQL that SQLite and PostgreSQL both speak (SQLStore), and the
+embedded SQLite store on them: one connection, WAL, schema migrated on open.
+
+gateway.store.postgresql runs the same SQLStore methods on PostgreSQL, so a method added here
+works on both: write it with ``?`` placeholders, ``self._db`` for reads and ``self._write()``
+for changes, and only SQL both databases accept (``INSERT ... ON CONFLICT DO NOTHING``, not
+``INSERT OR IGNORE``; quote the column "user").
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from attrs import define, field
 
 from gateway.errors import AdminTokenError, EnrolmentError, GatewayError, UserCredentialError
 from gateway.pki.tokens import secret_matches
+from gateway.store import schema
 from gateway.store.records import (
     AdminTokenRecord,
     AppRecord,
@@ -91,7 +99,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE user_credentials (
         credential_id TEXT PRIMARY KEY,
-        user TEXT NOT NULL,
+        "user" TEXT NOT NULL,
         kind TEXT NOT NULL,
         identity TEXT NOT NULL,
         secret_hash TEXT NOT NULL,
@@ -100,7 +108,7 @@ MIGRATIONS: tuple[str, ...] = (
         revoked_at TEXT,
         name TEXT NOT NULL DEFAULT ''
     );
-    CREATE INDEX user_credentials_by_user ON user_credentials(user);
+    CREATE INDEX user_credentials_by_user ON user_credentials("user");
     """,
     # Admin API tokens (`gateway admin token create`); only the secret's hash is kept.
     """
@@ -120,21 +128,20 @@ BUSY_TIMEOUT_MS = 5000
 
 
 @define
-class SQLiteStore:
-    """Gateway state in one SQLite file, shared with the `gateway` CLI while the service runs."""
+class SQLStore:
+    """The gateway store's operations; a subclass owns the database connection.
 
-    path: Path = field(converter=Path)
-    _db: sqlite3.Connection = field(init=False, repr=False)
+    A subclass provides ``_db`` (runs a statement: inside the transaction this thread has open,
+    else on its own), ``_write(serialised=True)`` (a transaction; serialised, it is the only
+    writing transaction at a time, which check-then-write methods such as add_app rely on),
+    ``close()`` and ``migrated`` (the schema versions before and after the open).
+    """
 
-    def __attrs_post_init__(self) -> None:
-        # check_same_thread=False: ThreadedStore uses this from its one pool thread.
-        # isolation_level=None: we issue BEGIN ourselves, so every transaction is explicit.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        # WAL lets the CLI read while the service writes (and vice versa).
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._migrate()
+    # Appended to a SELECT of the rows a transaction is about to consume (a token): PostgreSQL
+    # locks them so a second node's transaction waits and then sees them used. SQLite's writers
+    # are serialised anyway.
+    _row_lock: ClassVar[str] = ""
+    dialect: ClassVar[str] = "sqlite"  # which schema.statements() to migrate with
 
     # groups
 
@@ -142,7 +149,7 @@ class SQLiteStore:
         """The group called `name`, created now if it does not exist yet."""
         with self._write() as db:
             db.execute(
-                "INSERT OR IGNORE INTO groups (name, created_at) VALUES (?, ?)", (name, _to_text(now))
+                "INSERT INTO groups (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, _to_text(now))
             )
             row = db.execute("SELECT name, created_at FROM groups WHERE name = ?", (name,)).fetchone()
         return _group(row)
@@ -288,8 +295,12 @@ class SQLiteStore:
     def enrol(
         self, token_id: str, secret: str, now: datetime, issue: Callable[[TokenRecord], IssueResult[R]]
     ) -> tuple[ConnectorRecord, R]:
-        """Redeem a token once: check it, mark it used, store what `issue` made; all or nothing."""
-        with self._write() as db:
+        """Redeem a token once: check it, mark it used, store what `issue` made; all or nothing.
+
+        Not serialised with other writes: the token's row lock is what makes two nodes racing
+        on one token redeem it once (the second waits, then reads it used).
+        """
+        with self._write(serialised=False) as db:
             token = self._redeemable_token(db, token_id, secret, now)
             connector, certificate, result = issue(token)
             self._insert_connector(db, connector)
@@ -321,7 +332,7 @@ class SQLiteStore:
 
     def list_user_credentials(self, user: str | None = None) -> list[UserCredentialRecord]:
         """Every credential (of `user` only, if given), oldest first."""
-        where, args = ("WHERE user = ?", (user,)) if user is not None else ("", ())
+        where, args = ('WHERE "user" = ?', (user,)) if user is not None else ("", ())
         rows = self._db.execute(f"SELECT {_USER_CREDENTIAL_COLUMNS} FROM user_credentials {where}"
                                 " ORDER BY created_at, credential_id", args)
         return [_user_credential(r) for r in rows]
@@ -335,7 +346,7 @@ class SQLiteStore:
     def revoke_user(self, user: str, now: datetime) -> int:
         """Revoke every credential of `user` not revoked yet (tokens and sign-ins); how many."""
         with self._write() as db:
-            return db.execute("UPDATE user_credentials SET revoked_at = ? WHERE user = ? AND revoked_at IS NULL",
+            return db.execute('UPDATE user_credentials SET revoked_at = ? WHERE "user" = ? AND revoked_at IS NULL',
                               (_to_text(now), user)).rowcount
 
     def redeem_user_secret(self, credential_id: str, secret: str, now: datetime) -> UserCredentialRecord:
@@ -529,38 +540,24 @@ class SQLiteStore:
                 "UPDATE connectors SET last_seen = ? WHERE connector_id = ?", (_to_text(now), connector_id)
             )
 
-    def close(self) -> None:
-        """Close the connection; the store is unusable afterwards."""
-        self._db.close()
-
     # internals
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front, so two processes that both read
-        # "token unused" cannot both go on to redeem it: the second waits, then sees it used.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    def _migrate(self) -> None:
+    def _migrate(self) -> tuple[int, int]:
+        """Bring the schema to SCHEMA_VERSION in one transaction; the versions before and after."""
         with self._write() as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT version FROM schema_version").fetchone()
             version = 0 if row is None else row[0]
             if version > SCHEMA_VERSION:
                 raise GatewayError(
-                    f"{self.path}: database schema version {version} is newer than this gateway "
+                    f"{self.location}: database schema version {version} is newer than this gateway "
                     f"understands ({SCHEMA_VERSION}): upgrade gateway"
                 )
-            for script in MIGRATIONS[version:]:
-                _run_script(db, script)
+            for statement in schema.statements(self.dialect, version):
+                db.execute(statement)
             db.execute("DELETE FROM schema_version")
             db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        return version, SCHEMA_VERSION
 
     @staticmethod
     def _move_rows(db: sqlite3.Connection, old: str, new: str) -> int:
@@ -574,9 +571,9 @@ class SQLiteStore:
         if db.execute("SELECT 1 FROM groups WHERE name = ?", (group,)).fetchone() is None:
             raise GatewayError(f"no group named {group!r}: create the group first")
 
-    @staticmethod
-    def _redeemable_token(db: sqlite3.Connection, token_id: str, secret: str, now: datetime) -> TokenRecord:
-        row = db.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
+    def _redeemable_token(self, db: Any, token_id: str, secret: str, now: datetime) -> TokenRecord:
+        row = db.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?{self._row_lock}",
+                         (token_id,)).fetchone()
         # A wrong secret looks exactly like a missing token, so guessing ids teaches nothing.
         if row is None or not secret_matches(secret, row[1]):
             raise EnrolmentError(
@@ -624,9 +621,48 @@ class SQLiteStore:
         )
 
 
+@define
+class SQLiteStore(SQLStore):
+    """Gateway state in one SQLite file, shared with the `gateway` CLI while the service runs."""
+
+    path: Path = field(converter=Path)
+    _db: sqlite3.Connection = field(init=False, repr=False)
+    migrated: tuple[int, int] = field(init=False, default=(0, 0))
+
+    def __attrs_post_init__(self) -> None:
+        # check_same_thread=False: ThreadedStore uses this from its one pool thread.
+        # isolation_level=None: we issue BEGIN ourselves, so every transaction is explicit.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # WAL lets the CLI read while the service writes (and vice versa).
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self.migrated = self._migrate()
+
+    def close(self) -> None:
+        """Close the connection; the store is unusable afterwards."""
+        self._db.close()
+
+    @contextmanager
+    def _write(self, serialised: bool = True) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so two processes that both read
+        # "token unused" cannot both go on to redeem it: the second waits, then sees it used.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+
 _APP_COLUMNS = "name, group_name, definition, created_at, updated_at"
 _USER_CREDENTIAL_COLUMNS = (
-    "credential_id, user, kind, identity, secret_hash, created_at, expires_at, revoked_at, name"
+    'credential_id, "user", kind, identity, secret_hash, created_at, expires_at, revoked_at, name'
 )
 _ADMIN_TOKEN_COLUMNS = "token_id, name, secret_hash, created_at, expires_at, revoked_at"
 _TOKEN_COLUMNS = "token_id, secret_hash, group_name, created_at, expires_at, used_at, used_by"
@@ -634,13 +670,6 @@ _CONNECTOR_COLUMNS = (
     "connector_id, name, group_name, created_at, last_seen, deleted_at, state, state_since,"
     " software_version, address, tunnels, open_streams, node_id, cert_serial, cert_not_after"
 )
-
-
-def _run_script(db: sqlite3.Connection, script: str) -> None:
-    # executescript() would COMMIT our open transaction first; run statement by statement instead.
-    for statement in script.split(";"):
-        if statement.strip():
-            db.execute(statement)
 
 
 def _to_text(when: datetime) -> str:
@@ -654,8 +683,11 @@ def _opt_text(when: datetime | None) -> str | None:
     return None if when is None else _to_text(when)
 
 
-def _from_text(text: str | None) -> datetime | None:
-    return None if text is None else datetime.fromisoformat(text)
+def _from_text(text: str | datetime | None) -> datetime | None:
+    # PostgreSQL's timestamptz columns come back as datetimes, SQLite's as our ISO text.
+    if text is None or isinstance(text, datetime):
+        return None if text is None else text.astimezone(UTC)
+    return datetime.fromisoformat(text)
 
 
 def _group(row: Any) -> GroupRecord:

@@ -5,7 +5,7 @@ initdb refuses to run as root, and CI runs as root: then the cluster belongs to 
 `postgres` system user (the Debian package makes it) and every server command runs through
 ``runuser -u postgres --`` in a directory that user owns; otherwise it runs as the current
 user. Tests get a fresh database each (``cluster.new_database()``), so they never see each
-other's rows. The server binaries are found through scripts/packages.txt's ``postgresql``
+other's rows; ``store_backend`` runs a store test once on SQLite and once on PostgreSQL. The server binaries are found through scripts/packages.txt's ``postgresql``
 component (require("postgresql")), whatever the installed major version.
 """
 
@@ -20,9 +20,10 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from attrs import define, field
+import pytest
+from attrs import define, field, frozen
 
-from components import require
+from components import require, require_module
 
 SUPERUSER = "gateway_test"
 SERVER_USER = "postgres"  # who runs the cluster when the tests run as root
@@ -42,6 +43,7 @@ class PostgresCluster:
     root: Path
     port: int
     _run_as: list[str] = field(factory=list)
+    _shared_database: str = ""
 
     @classmethod
     def start(cls) -> "PostgresCluster":
@@ -69,6 +71,15 @@ class PostgresCluster:
         name = f"t_{uuid.uuid4().hex[:16]}"
         self.sql(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def new_schema(self) -> str:
+        """The URL of a new empty schema in one shared database: as good as a new database for a
+        store (its tables go in the first schema of search_path) and ten times quicker to make."""
+        if not self._shared_database:
+            self._shared_database = self.new_database()
+        name = f"s_{uuid.uuid4().hex[:16]}"
+        self.sql(f'CREATE SCHEMA "{name}"', self._shared_database.rpartition("/")[2])
+        return f"{self._shared_database}?options=-csearch_path%3D{name}"
 
     def sql(self, statement: str, database: str = "postgres") -> None:
         """Run one statement as the superuser, outside a transaction (CREATE DATABASE needs that)."""
@@ -98,3 +109,37 @@ class PostgresCluster:
             log = self.root / "server.log"
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}\n{tail}")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """The session's PostgreSQL cluster, started on first use and removed at the end."""
+    require_module("psycopg")
+    cluster = PostgresCluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@frozen
+class StoreBackend:
+    """One database of one backend; open() makes another store object on it (another node)."""
+
+    name: str
+    target: str  # a SQLite file's path or a postgresql:// URL
+
+    def open(self):
+        if self.name == "sqlite":
+            from gateway.store.sqlite import SQLiteStore
+
+            return SQLiteStore(self.target)
+        from gateway.store.postgresql import PostgreSQLStore
+
+        return PostgreSQLStore(self.target)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request, tmp_path) -> StoreBackend:
+    """A fresh empty database on each store backend in turn: the store tests run on both."""
+    if request.param == "sqlite":
+        return StoreBackend("sqlite", str(tmp_path / "gateway.db"))
+    return StoreBackend("postgresql", request.getfixturevalue("postgres_cluster").new_schema())

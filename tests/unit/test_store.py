@@ -1,4 +1,4 @@
-"""Tests for gateway.store: the SQLite store and its thread-pool wrapper."""
+"""Tests for gateway.store: the store on SQLite and on PostgreSQL (store_backend), and its thread-pool wrapper."""
 
 from __future__ import annotations
 
@@ -29,7 +29,14 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def store(db_path):
+def store(store_backend):
+    s = store_backend.open()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(db_path):
     s = SQLiteStore(db_path)
     yield s
     s.close()
@@ -76,9 +83,9 @@ def enrolled(store, connector_id="conn-1", token_id="tok1", **kwargs):
 # schema and settings
 
 
-def test_open_uses_wal_and_foreign_keys(store):
+def test_open_uses_wal_and_foreign_keys(sqlite_store):
     """The connection runs in WAL mode with foreign keys and a 5 s busy timeout."""
-    db = store._db
+    db = sqlite_store._db
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
@@ -86,33 +93,34 @@ def test_open_uses_wal_and_foreign_keys(store):
 
 def test_schema_has_the_contract_tables(store):
     """All five tables exist and the schema version is recorded."""
-    names = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"schema_version", "groups", "tokens", "connectors", "certificates"} <= names
+    for table in ("schema_version", "groups", "tokens", "connectors", "certificates"):
+        assert store._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] >= 0
     assert store._db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert store.migrated == (0, SCHEMA_VERSION)
 
 
-def test_reopening_keeps_data_and_does_not_remigrate(db_path):
-    """A second open of the same file sees the data and still has one version row."""
-    first = SQLiteStore(db_path)
+def test_reopening_keeps_data_and_does_not_remigrate(store_backend):
+    """A second open of the same database sees the data, migrates nothing and has one version row."""
+    first = store_backend.open()
     first.ensure_group("office", NOW)
     first.close()
-    second = SQLiteStore(db_path)
+    second = store_backend.open()
     try:
         assert second.list_groups() == [GroupRecord("office", NOW)]
+        assert second.migrated == (SCHEMA_VERSION, SCHEMA_VERSION)
         assert second._db.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
     finally:
         second.close()
 
 
-def test_newer_schema_is_refused(db_path):
+def test_newer_schema_is_refused(store_backend):
     """A database written by a newer gateway is refused with advice to upgrade."""
-    SQLiteStore(db_path).close()
-    raw = sqlite3.connect(db_path)
-    raw.execute("UPDATE schema_version SET version = 99")
-    raw.commit()
-    raw.close()
+    store = store_backend.open()
+    with store._write() as db:
+        db.execute("UPDATE schema_version SET version = 99")
+    store.close()
     with pytest.raises(GatewayError, match="version 99 is newer.*upgrade gateway"):
-        SQLiteStore(db_path)
+        store_backend.open()
 
 
 # groups and tokens
@@ -138,10 +146,10 @@ def test_tokens_round_trip_with_aware_utc_times(store):
     assert back.created_at.utcoffset() == timedelta(0)
 
 
-def test_times_are_stored_as_iso8601_utc_text(store):
+def test_times_are_stored_as_iso8601_utc_text(sqlite_store):
     """The file holds ISO-8601 UTC text, so the CLI and humans can read it."""
-    store.ensure_group("office", NOW.astimezone(timezone(timedelta(hours=-5))))
-    raw = store._db.execute("SELECT created_at FROM groups").fetchone()[0]
+    sqlite_store.ensure_group("office", NOW.astimezone(timezone(timedelta(hours=-5))))
+    raw = sqlite_store._db.execute("SELECT created_at FROM groups").fetchone()[0]
     assert raw == "2025-03-01T12:00:00.000000+00:00"
 
 
@@ -222,19 +230,19 @@ def test_enrol_is_all_or_nothing_when_issue_fails(store):
     assert store.list_tokens()[0].used_at is None
 
 
-def test_concurrent_enrol_from_two_stores_redeems_once(db_path):
-    """Two processes' stores racing on one token: exactly one wins, the other hears 'already used'."""
-    first, second = SQLiteStore(db_path), SQLiteStore(db_path)
+def test_concurrent_enrol_from_two_stores_redeems_once(store_backend):
+    """Two nodes' stores racing on one token: exactly one wins, the other hears 'already used'."""
+    first, second = store_backend.open(), store_backend.open()
     add_token(first)
     barrier = threading.Barrier(2)
     outcomes: dict[str, object] = {}
 
     def slow_issue(connector_id):
-        plain = issuer(connector_id)
-
         def issue(token):
             time.sleep(0.2)  # hold the transaction open so the other thread overlaps it
-            return plain(token)
+            # A serial of its own: only the token may stop the second redemption.
+            return (ConnectorRecord(connector_id, "laptop", token.group, NOW),
+                    CertificateRecord(f"{connector_id}ab", connector_id, NOW + timedelta(days=30)), "result")
 
         return issue
 

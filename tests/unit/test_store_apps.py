@@ -25,8 +25,8 @@ BLOG = {"external_url": "http://blog.example.test/", "internal_url": "http://10.
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(tmp_path / "gateway.db")
+def store(store_backend):
+    s = store_backend.open()
     s.ensure_group("default", NOW)
     yield s
     s.close()

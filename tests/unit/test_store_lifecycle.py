@@ -20,8 +20,8 @@ STATUS = ConnectorStatus(
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(tmp_path / "gateway.db")
+def store(store_backend):
+    s = store_backend.open()
     yield s
     s.close()
 

@@ -22,8 +22,8 @@ ALICE = {"sub": "alice-sub", "name": "Alice", "email": "alice@example.test", "em
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(tmp_path / "gateway.db")
+def store(store_backend):
+    s = store_backend.open()
     yield s
     s.close()
 

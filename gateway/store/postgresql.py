@@ -1,0 +1,218 @@
+"""The gateway store on PostgreSQL: SQLStore's queries over a psycopg 3 connection pool.
+
+Chosen by ``[service] store = "postgresql://user@host:port/db"``; the password comes from
+``store_password_file`` or from libpq itself (PGPASSWORD, ~/.pgpass), never from the URL.
+Like the SQLite store it is synchronous and ThreadedStore runs it off the reactor thread.
+
+Concurrency is PostgreSQL's, not one file's lock: every write transaction that checks
+before it writes (add an app, rename a group, renew a certificate) first takes one
+transaction-scoped advisory lock, so those are serialised across every node as SQLite's
+BEGIN IMMEDIATE serialises them across processes; enrolment instead locks the token's row
+(SELECT ... FOR UPDATE), so two nodes redeeming one token at once accept it once, and
+enrolments of different tokens do not wait for each other.
+
+psycopg and psycopg_pool are the optional extra ``postgresql``
+(``pip install 'gateway[postgresql]'``); the SQLite default needs neither.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+from attrs import define, field
+
+from gateway.errors import GatewayError, StoreUnavailable
+from gateway.store.sqlite import SQLStore
+
+try:
+    import psycopg
+    from psycopg_pool import ConnectionPool, PoolTimeout
+except ImportError as e:  # the optional extra is not installed
+    psycopg = None
+    _MISSING = str(e)
+
+EXTRA_HINT = "install gateway with its postgresql extra: pip install 'gateway[postgresql]'"
+URL_SCHEMES = ("postgresql", "postgres")
+# pg_advisory_xact_lock key of the serialised write transactions: "gateway" in ASCII.
+WRITE_LOCK_KEY = 0x67617465776179
+CONNECT_TIMEOUT = 10  # seconds, for a new connection and for a free one from the pool
+POOL_MAX = 4
+
+
+def is_postgresql_url(text: str) -> bool:
+    """Whether a `store` setting names PostgreSQL (postgresql:// or postgres://)."""
+    return urlsplit(text).scheme in URL_SCHEMES
+
+
+def url_problem(text: str) -> str | None:
+    """Why `text` is not a usable store URL (a password in it, no database), or None."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        return f"a postgresql://user@host:port/database URL ({e})"
+    if parts.scheme not in URL_SCHEMES:
+        return "a postgresql://user@host:port/database URL"
+    if parts.password is not None or re.search(r"(^|&)password=", parts.query):
+        return ("a URL without a password (it would sit in the config file): put the password in"
+                " store_password_file, or in PGPASSWORD or ~/.pgpass")
+    if not parts.path.strip("/"):
+        return "a URL that names the database: postgresql://user@host:port/DATABASE"
+    return None
+
+
+def read_password_file(path: Path) -> str:
+    """The password in `path`: its first line, without the line break."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise GatewayError(f"store_password_file {path}: cannot read it ({e.strerror}):"
+                           " check the path and that the gateway's user may read it") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise GatewayError(f"store_password_file {path}: the file is empty: write the store user's password in it")
+    return password
+
+
+@define
+class PostgreSQLStore(SQLStore):
+    """Gateway state in a PostgreSQL database, shared by every node and the `gateway` CLI."""
+
+    url: str
+    password: str | None = field(default=None, repr=False)
+    pool_max: int = POOL_MAX
+    migrated: tuple[int, int] = field(init=False, default=(0, 0))
+    _pool: Any = field(init=False, repr=False, default=None)
+    # The connection of the transaction this thread has open, if any: reads inside a
+    # transaction (renew_certificate's status check) must see and lock what it does.
+    _local: threading.local = field(init=False, repr=False, factory=threading.local)
+
+    dialect: ClassVar[str] = "postgresql"
+    _row_lock: ClassVar[str] = " FOR UPDATE"
+
+    def __attrs_post_init__(self) -> None:
+        if psycopg is None:
+            raise GatewayError(f"[service] store is a PostgreSQL URL, but psycopg is not installed"
+                               f" ({_MISSING}): {EXTRA_HINT}")
+        kwargs = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}
+        if self.password is not None:
+            kwargs["password"] = self.password
+        self._check_reachable(kwargs)
+        self._pool = ConnectionPool(self.url, kwargs=kwargs, min_size=1, max_size=self.pool_max,
+                                    timeout=CONNECT_TIMEOUT, name="gateway-store", open=False,
+                                    check=ConnectionPool.check_connection)
+        self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        try:
+            self.migrated = self._migrate()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    @property
+    def location(self) -> str:
+        """The URL without any secret, for messages."""
+        parts = urlsplit(self.url)
+        netloc = parts.netloc.rpartition("@")[2]
+        user = parts.username
+        return urlunsplit(parts._replace(netloc=f"{user}@{netloc}" if user else netloc, query=""))
+
+    @property
+    def _db(self) -> "_Statements":
+        conn = getattr(self._local, "conn", None)
+        return _Statements(self, conn)
+
+    def close(self) -> None:
+        """Close every pooled connection; the store is unusable afterwards."""
+        self._pool.close()
+
+    @contextmanager
+    def _write(self, serialised: bool = True) -> Iterator["_Statements"]:
+        with self._connection() as conn, self._unavailable_as_error(), conn.transaction():
+            self._local.conn = conn
+            try:
+                if serialised:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+                yield _Statements(self, conn)
+            finally:
+                self._local.conn = None
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout as e:
+            raise StoreUnavailable(f"the store {self.location} is unreachable: no connection within"
+                                   f" {CONNECT_TIMEOUT} s ({e}): check that PostgreSQL is up") from None
+
+    @contextmanager
+    def _unavailable_as_error(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable(f"the store {self.location} failed: {_first_line(e)}") from None
+
+    def _check_reachable(self, kwargs: dict[str, Any]) -> None:
+        # The pool only says "no connection in time"; one direct attempt says why (a wrong
+        # password, no such database, connection refused) before the service goes on.
+        try:
+            psycopg.connect(self.url, **kwargs).close()
+        except psycopg.Error as e:
+            raise StoreUnavailable(f"cannot open the store {self.location}: {_first_line(e)}: check the"
+                                   " URL in [service] store, the password (store_password_file,"
+                                   " PGPASSWORD or ~/.pgpass) and that PostgreSQL is up") from None
+
+
+@define
+class _Statements:
+    """What SQLStore calls ``db``: ``execute(sql, params)`` with ``?`` placeholders, returning the
+    whole result (a pooled connection goes back to the pool at once outside a transaction)."""
+
+    store: PostgreSQLStore
+    conn: Any  # the open transaction's connection, or None: borrow one per statement
+
+    def execute(self, sql: str, params: tuple | list = ()) -> "_Result":
+        if self.conn is not None:
+            return _Result.of(self.conn.execute(_to_psycopg(sql), params))
+        with self.store._connection() as conn, self.store._unavailable_as_error():
+            return _Result.of(conn.execute(_to_psycopg(sql), params))
+
+
+@define
+class _Result:
+    """A statement's rows and rowcount, read to the end (sqlite3's cursor interface)."""
+
+    rows: list[tuple]
+    rowcount: int
+
+    @classmethod
+    def of(cls, cursor: Any) -> "_Result":
+        return cls(cursor.fetchall() if cursor.description is not None else [], cursor.rowcount)
+
+    def fetchone(self) -> tuple | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[tuple]:
+        return list(self.rows)
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self.rows)
+
+
+@lru_cache(maxsize=512)
+def _to_psycopg(sql: str) -> str:
+    # SQLStore's statements hold no literal "?" or "%" of their own (a rule in its module
+    # docstring), so the placeholders translate one for one.
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
