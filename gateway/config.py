@@ -183,6 +183,17 @@ class LoggingConfig:
     level: str = "info"
 
 
+DEFAULT_METRICS_LISTEN = "tcp:9464:interface=127.0.0.1"
+
+
+@frozen
+class MetricsConfig:
+    """The ``[metrics]`` table: the Prometheus endpoint of a node or connector (docs/operations.md)."""
+
+    enabled: bool = False
+    listen: str = DEFAULT_METRICS_LISTEN
+
+
 @frozen
 class GatewayConfig:
     """A whole validated configuration file."""
@@ -197,6 +208,7 @@ class GatewayConfig:
     access: AccessConfig | None = None
     # The admin API and status page ([admin]); None when the service has no such table.
     admin: AdminConfig | None = None
+    metrics: MetricsConfig = field(factory=MetricsConfig)
     # Tables that plugins added through the gateway_config_sections hook, parsed by them.
     sections: dict[str, Any] = field(factory=dict, hash=False)
 
@@ -608,7 +620,7 @@ def _names_cover(names: tuple[str, ...], host: str) -> bool:
 
 
 class _Parser:
-    TOP = ["service", "connector", "apps", "access", "admin", "tunnel", "logging"]
+    TOP = ["service", "connector", "apps", "access", "admin", "tunnel", "logging", "metrics"]
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
                "certificate_lifetime_days", "token_lifetime", "max_handshakes", "certificate_lifetime_seconds",
                "inactive_after", "remove_inactive_after", "sweep_interval", "handshake_timeout",
@@ -618,6 +630,7 @@ class _Parser:
     ACCESS = ["url", "tunnel", "certificate_lifetime", "login_lifetime", "udp_idle_timeout",
               "max_tunnels_per_user"]
     ADMIN = ["listen", "tls", "session_lifetime", "page_refresh"]
+    METRICS = ["enabled", "listen"]
     CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max"]
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
     LOGGING = ["format", "level"]
@@ -663,8 +676,11 @@ class _Parser:
             table = self.table(data, name)
             extra[name] = parse(table if table is not None else {},
                                 lambda key, expected, _n=name: self.error(f"{_n}.{key}", expected))
+        metrics_data = self.table(data, "metrics")
+        metrics = self.metrics(metrics_data if metrics_data is not None else {}, service, admin)
         return GatewayConfig(path=self.abs_path, service=service, connector=connector, apps=apps,
-                             tunnel=tunnel, logging=logging, access=access, admin=admin, sections=extra)
+                             tunnel=tunnel, logging=logging, access=access, admin=admin,
+                             metrics=metrics, sections=extra)
 
     def service(self, data: Mapping[str, Any]) -> ServiceConfig:
         t = _Table(self, "service", data, self.SERVICE)
@@ -895,6 +911,20 @@ class _Parser:
             session_lifetime=t.integer("session_lifetime", 28800, 60, 7 * 86400),
             page_refresh=t.integer("page_refresh", 10, 1, 3600),
         )
+
+    def metrics(self, data: Mapping[str, Any], service: ServiceConfig | None,
+                admin: AdminConfig | None) -> MetricsConfig:
+        t = _Table(self, "metrics", data, self.METRICS)
+        enabled = t.get("enabled", False, False)
+        if not isinstance(enabled, bool):
+            raise t.fail("enabled", "true or false", enabled)
+        listen = t.endpoint("listen", DEFAULT_METRICS_LISTEN)
+        taken = [("service.listen", service.listen if service else None),
+                 ("admin.listen", admin.listen if admin else None)]
+        for key, other in taken:
+            if other and _endpoints_conflict(_endpoint_identity(listen), _endpoint_identity(other)):
+                raise t.fail("listen", f"an endpoint other than {key} ({other})", listen)
+        return MetricsConfig(enabled=enabled, listen=listen)
 
     def access_tunnel(self, t: _Table, service: ServiceConfig) -> str:
         """``access.tunnel``, or service.names[0] with service.listen's port."""

@@ -82,6 +82,21 @@ def gateway_service_listeners(register: Callable[[str, str, Any], None], config:
     """
 
 
+@hookspec
+def gateway_register_metrics(metrics: Any) -> None:
+    """Add metrics to this process's Prometheus endpoint; called once at start, only with ``[metrics] enabled``.
+
+    ``metrics`` is a :class:`gateway.metrics.PluginMetrics`: ``counter``, ``gauge`` and
+    ``histogram(name, documentation, labelnames)`` return prometheus-client instruments in the
+    process's registry; ``collect(function)`` has ``function()`` called at each scrape for
+    metric families built from numbers the plugin keeps anyway (no cost per event).
+    ``metrics.roles`` says which roles this process runs (``"node"``, ``"connector"``). Names
+    start with ``gateway_``; labels are limited to ``gateway.metrics.ALLOWED_LABELS``, whose
+    values come from the config or a closed set (never a user or an address). Without the call
+    (metrics off) a plugin's instruments do not exist: check before using them.
+    """
+
+
 # -- lifecycle observers -----------------------------------------------------------------
 
 

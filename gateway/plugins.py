@@ -128,6 +128,17 @@ def config_sections(pm: pluggy.PluginManager) -> dict[str, Callable]:
     return found
 
 
+def register_metrics(pm: pluggy.PluginManager, metrics: Any) -> None:
+    """Call gateway_register_metrics, giving each plugin instruments named after it in errors."""
+    for impl in reversed(pm.hook.gateway_register_metrics.get_hookimpls()):
+        try:
+            impl.function(metrics=metrics.for_plugin(impl.plugin_name))
+        except GatewayError:
+            raise
+        except Exception as e:
+            raise PluginError(f"plugin {impl.plugin_name} failed while registering metrics: {e!r}") from e
+
+
 def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
     """Call an observer hook; one plugin's exception is logged and never reaches the caller."""
     caller = getattr(pm.hook, hook_name)

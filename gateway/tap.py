@@ -129,15 +129,37 @@ def build(config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any]
 
     top = MultiService()
     service = connector = None
+    metrics = start_metrics(config, reactor, pm, top)
     if config.service is not None:
-        service = ServiceNode(config, reactor, pm, handlers)
+        service = ServiceNode(config, reactor, pm, handlers, metrics=metrics)
         service.setServiceParent(top)
     if config.connector is not None:
-        connector = ConnectorNode(config, reactor, pm, handlers, identity)
+        connector = ConnectorNode(config, reactor, pm, handlers, identity, metrics=metrics)
         connector.setServiceParent(top)
     if config_path is not None:
         install_reload(reactor, config_path, pm, handlers, service, connector)
     return top
+
+
+def start_metrics(config: GatewayConfig, reactor: Any, pm: Any, parent: MultiService) -> Any:
+    """With ``[metrics] enabled``: the process's registry, the plugins' metrics in it, and its
+    ``/metrics`` listener under ``parent``; None otherwise."""
+    if not config.metrics.enabled:
+        return None
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet.endpoints import serverFromString
+
+    from gateway.metrics import Metrics, metrics_site
+
+    roles = [role for role, table in (("node", config.service), ("connector", config.connector)) if table]
+    metrics = Metrics(roles)
+    plugins.register_metrics(pm, metrics)
+    listener = StreamServerEndpointService(serverFromString(reactor, config.metrics.listen), metrics_site(metrics))
+    listener._raiseSynchronously = True   # a port already taken stops the start, naming it
+    listener.setName("metrics")
+    listener.setServiceParent(parent)
+    _log.info("metrics endpoint on {listen} (path /metrics)", listen=config.metrics.listen)
+    return metrics
 
 
 def install_reload(reactor: Any, path: str, pm: Any, handlers: dict[str, Any], service: Any, connector: Any) -> None:

@@ -11,6 +11,7 @@ from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
+from prometheus_client.core import GaugeMetricFamily
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -23,6 +24,7 @@ from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
 from gateway.segments import Where, parse_segments
 from gateway.errors import ConfigError, GatewayError, describe_failure
+from gateway.metrics import result_of, role_metrics
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.session import TunnelSession, TunnelSettings
 from gateway.tunnel.splice import QuietFactory
@@ -64,11 +66,15 @@ class ConnectorNode(MultiService):
     log = Logger()
 
     def __init__(
-        self, config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any], identity: ConnectorIdentity
+        self, config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any], identity: ConnectorIdentity,
+        metrics: Any = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        # gateway.metrics.Metrics with [metrics] enabled, else None; connector_metrics does nothing then.
+        self.metrics = metrics
+        self.connector_metrics = role_metrics(metrics, "connector")
         self.pm = pm
         self.handlers = handlers
         self.identity = identity
@@ -114,6 +120,8 @@ class ConnectorNode(MultiService):
             client.setName(f"tunnel-{i + 1}")
             client.setServiceParent(self)
             self._clients.append(client)
+        if self.metrics is not None:
+            self.metrics.collect(self._state_metrics, "the connector")
         super().startService()
         self.log.info(
             "connector {connector_id} ({name}, group {group}) keeping {n} tunnels to {host}:{port}",
@@ -156,6 +164,7 @@ class ConnectorNode(MultiService):
         session = TunnelSession(self.reactor, self.settings, is_client=True, on_stream=self.dispatch,
                                 tunnel_id=tunnel_id)
         session.log_context.update(self.ctx)
+        session.on_stream_closed = self.stream_closed
         TunnelClient(self, session)
         return session
 
@@ -242,6 +251,7 @@ class ConnectorNode(MultiService):
         if handler is None:
             stream.reset(ResetCode.UNKNOWN_PROTOCOL, f"no plugin on this connector handles protocol {protocol!r}")
             return
+        stream.metrics_series = self.connector_metrics.opened(app.name, app.group, protocol)
         try:
             handler.connector_stream(stream, app, self.reactor)
         except Exception as e:
@@ -292,6 +302,29 @@ class ConnectorNode(MultiService):
         self.log.warn("stream {stream_id} for app {app} (user {user}, request {request_id}) refused: {reason}",
                       reason=reason, event="destination_refused", **ctx)
         stream.reset(ResetCode.DESTINATION_REFUSED, reason)
+
+    def stream_closed(self, stream: Stream, reason: Failure) -> None:
+        """Count a stream's end; one refused before a plugin had it counts as not opened, and why."""
+        series = getattr(stream, "metrics_series", None)
+        if series is not None:
+            series.closed(result_of(reason), stream.bytes_in, stream.bytes_out)
+            return
+        meta = stream.metadata
+        if meta.get("kind") == "app":
+            # Labels from our own config only: an app name the service sent that we do not know is "".
+            app = self.apps.get(meta.get("app"))
+            self.connector_metrics.refused(app.name if app else "", app.group if app else self.identity.group,
+                                           app.protocol if app else "", result_of(reason))
+
+    def _state_metrics(self) -> list:
+        """Tunnels up and the config version, read at each scrape."""
+        group = next(iter(self.apps.values())).group if self.apps else self.identity.group
+        version = GaugeMetricFamily("gateway_connector_config_info", "Always 1: the config version this connector"
+                                    " runs (from the service's config push).", labels=("group", "version"))
+        if self.config_version is not None:
+            version.add_metric((group, self.config_version), 1)
+        return [GaugeMetricFamily("gateway_connector_tunnels", "Tunnels to the service up (hello done).",
+                                  value=len(self.tunnels)), version]
 
     def pull_config(self) -> None:
         """Ask the service for the current config now (SIGHUP on a connector)."""
@@ -373,6 +406,7 @@ class TunnelClient:
         self._every(float(message.get("config_interval", 300)), self.pull_config)
         self.log.info("tunnel {tunnel_id} up to node {node_id}", node_id=message.get("node_id"),
                       **self.session.log_context)
+        self.node.connector_metrics.handshake("ok")
         self.node.tunnel_up(self)
         if not self.ready.called:
             self.ready.callback(self.session)
@@ -409,6 +443,7 @@ class TunnelClient:
         if not self.ready.called:
             self.log.error("tunnel {tunnel_id} to the service failed: {reason}",
                            reason=describe_failure(failure), **self.session.log_context)
+            self.node.connector_metrics.handshake("refused" if failure.check(TunnelRefused) else "failed")
             self.ready.errback(failure)
         if self.session.connected:
             self.session.transport.abortConnection()
@@ -425,6 +460,7 @@ class TunnelClient:
         if not self.ready.called:
             self.log.error("tunnel {tunnel_id} to the service failed: {reason}", reason=why,
                            **self.session.log_context)
+            self.node.connector_metrics.handshake("refused" if session.go_away_reason is not None else "failed")
             self.ready.errback(Failure(TunnelRefused(why)))
         else:
             self.log.warn("tunnel {tunnel_id} lost: {reason}", reason=why, **self.session.log_context)

@@ -16,6 +16,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import serverFromString
+from prometheus_client.core import GaugeMetricFamily
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -23,6 +24,7 @@ from gateway import plugins
 from gateway.config import AppConfig, GatewayConfig
 from gateway.control import messages as m
 from gateway.errors import EnrolmentError, GatewayError, describe_failure
+from gateway.metrics import result_of, role_metrics
 from gateway.pki import keys
 from gateway.pki.ca import CertificateAuthority
 from gateway.pki.tls import server_options
@@ -91,12 +93,16 @@ def affinity_key(app: AppConfig, extra: dict[str, Any]) -> str | None:
 class ServiceNode(MultiService):
     log = Logger()
 
-    def __init__(self, config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any]) -> None:
+    def __init__(self, config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any],
+                 metrics: Any = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.pm = pm
         self.handlers = handlers
+        # gateway.metrics.Metrics with [metrics] enabled, else None; node_metrics does nothing then.
+        self.metrics = metrics
+        self.node_metrics = role_metrics(metrics, "node")
         self.settings = TunnelSettings.from_config(config.tunnel)
         self.registry = Registry()
         self.store: Any = None
@@ -169,6 +175,8 @@ class ServiceNode(MultiService):
         sweeper = Sweeper(self.store, self.reactor, lambda cid: bool(self.registry.tunnels_of(cid)),
                           service.inactive_after, service.remove_inactive_after)
         SweeperService(sweeper, service.sweep_interval, self.reactor).setServiceParent(self)
+        if self.metrics is not None:
+            self.metrics.collect(self._state_metrics, "the service node")
         super().startService()
         self.log.info(
             "service node {node_id} listening for tunnels on {listen}; CA {fingerprint}; apps: {apps}",
@@ -485,6 +493,7 @@ class ServiceNode(MultiService):
             if not tried:
                 self.log.warn("app {app} request {request_id}: {error}", app=app.name, request_id=request_id,
                               error=str(e))
+                self.node_metrics.refused(app.name, app.group, app.protocol, "no_connector")
             return fail(e)
         # A private app's stream goes where its user asked (the access check matched a segment);
         # any other app's goes to the app's one destination, whatever a plugin put in extra.
@@ -496,6 +505,7 @@ class ServiceNode(MultiService):
             **extra, "kind": "app", "app": app.name, "protocol": protocol,
             "destination": destination, "request_id": request_id,
         }
+        sent = self.reactor.seconds()
         try:
             # The connector answers once the back end connected or failed to: allow it that long.
             d = tunnel.session.open_stream(metadata, timeout=app.connect_timeout + OPEN_GRACE)
@@ -511,6 +521,8 @@ class ServiceNode(MultiService):
                 opened_at=self.reactor.seconds(),
             )
             plugins.notify(self.pm, "gateway_stream_opened", stream=stream.log_info)
+            stream.metrics_series = self.node_metrics.opened(app.name, app.group, protocol)
+            stream.metrics_series.setup(self.reactor.seconds() - sent)
             return stream
 
         def failed(failure: Failure) -> Any:
@@ -535,11 +547,15 @@ class ServiceNode(MultiService):
                 app=app.name, request_id=request_id, connector_id=tunnel.connector_id,
                 error=failure.getErrorMessage(),
             )
+            self.node_metrics.refused(app.name, app.group, protocol, result_of(failure))
             return failure
 
         return d.addCallbacks(opened, failed)
 
     def stream_closed(self, stream: Stream, reason: Failure) -> None:
+        series = getattr(stream, "metrics_series", None)
+        if series is not None:
+            series.closed(result_of(reason), stream.bytes_out, stream.bytes_in)
         info = getattr(stream, "log_info", None)
         if info is not None:
             why = "done" if reason is None or reason.check(ConnectionDone) else describe_failure(reason)
@@ -558,6 +574,30 @@ class ServiceNode(MultiService):
                     destination=record.destination, segment=record.segment, connector_id=record.connector_id,
                     bytes_up=record.bytes_up, bytes_down=record.bytes_down, duration=record.duration,
                     result=record.result, request_id=record.request_id)
+
+    def _state_metrics(self) -> list:
+        """Tunnels, connectors and config versions per group, read at each scrape."""
+        tunnels = GaugeMetricFamily("gateway_node_tunnels", "Connector tunnels up, by the connector's group.",
+                                    labels=("group",))
+        connectors = GaugeMetricFamily("gateway_node_connectors", "Connectors with a tunnel up, by group.",
+                                       labels=("group",))
+        per_group: dict[str, list[int]] = {group: [0, 0] for group in {a.group for a in self.apps.values()}}
+        for entries in self.registry.connectors().values():
+            if entries:
+                counts = per_group.setdefault(entries[0].group, [0, 0])
+                counts[0] += len(entries)
+                counts[1] += 1
+        for group, (n_tunnels, n_connectors) in sorted(per_group.items()):
+            tunnels.add_metric((group,), n_tunnels)
+            connectors.add_metric((group,), n_connectors)
+        users = GaugeMetricFamily("gateway_node_user_tunnels", "Private Access users' tunnels up.",
+                                  value=len(self.user_tunnels))
+        versions = GaugeMetricFamily("gateway_node_config_info", "Always 1: the config version each group's"
+                                     " connectors get (the version label changes with the group's apps).",
+                                     labels=("group", "version"))
+        for group in sorted({a.group for a in self.apps.values()}):
+            versions.add_metric((group, self.group_config(group)["version"]), 1)
+        return [tunnels, connectors, users, versions]
 
     # -- enrolment -----------------------------------------------------------------------
 

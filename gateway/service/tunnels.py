@@ -87,11 +87,13 @@ class ServiceTunnelFactory(Factory):
         if not self.unauthenticated.acquire(key):
             # One address (or IPv6 /64) must not hold every handshake slot: refuse it, not the others.
             self._address_log.emit(address=key, limit=self.unauthenticated.limit)
+            self.node.node_metrics.handshake("address_limit")
             return False
         if self.handshaking >= service.max_handshakes:
             # Shed load during a reconnect storm: the connector's jittered backoff retries later.
             self.unauthenticated.release(key)
             self._shed_log.emit(n=self.handshaking)
+            self.node.node_metrics.handshake("shed")
             return False
         return True
 
@@ -175,6 +177,7 @@ class TunnelHandler:
         if self.state != "handshaking" or self.session.transport is None:
             return
         self.state = "timed out"
+        self.node.node_metrics.handshake("timeout")
         if self._admission is not None:
             self._admission.slow_handshake_log.emit(address=self.address, timeout=self._handshake_timeout)
         # Before TLS there is no way to say why: just close, and free the handshake slot now.
@@ -220,6 +223,7 @@ class TunnelHandler:
                 self.refuse(GoAwayCode.NOT_AUTHORIZED, problem)
                 return
             self.state = "user"
+            self.node.node_metrics.handshake("user_ok")
             self._deadline.cancel()
             self._authentication_over()
             self.access = AccessTunnel(self.node, self, record)
@@ -262,6 +266,8 @@ class TunnelHandler:
             self.on_control(message)
 
     def refuse(self, code: int, message: str) -> None:
+        if self.state not in ("up", "user"):
+            self.node.node_metrics.handshake("refused")
         if self.state == "enrolling" and self._admission is not None:
             # Anyone without a certificate can get here, as often as they can connect: a flood
             # is one line a second. (A refused certificate, revoked say, is worth a line each.)
@@ -391,6 +397,7 @@ class TunnelHandler:
             self.refuse(GoAwayCode.PROTOCOL_ERROR, "hello repeated")
             return
         self.state = "up"
+        self.node.node_metrics.handshake("ok")
         self._deadline.cancel()
         self._authentication_over()
         service = self.node.config.service
@@ -459,6 +466,7 @@ class TunnelHandler:
             self.access.lost()
             self.node.user_tunnel_lost(self)
         elif self.state == "handshaking" and self._admission is not None:
+            self.node.node_metrics.handshake("failed")
             self._admission.no_handshake_log.emit(address=self.address, reason=describe_failure(reason), **self.ctx)
 
 

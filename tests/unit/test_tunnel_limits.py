@@ -14,6 +14,7 @@ from gateway import boundedjson
 from gateway.config import parse_config
 from gateway.control import messages as m
 from gateway.errors import GatewayError, ProtocolError
+from gateway.metrics import NULL_ROLE
 from gateway.service.admission import AddressCounter, RateLimiter, ThrottledLog, address_key
 from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler, capacity_problem
 from gateway.tap import raise_open_files_limit
@@ -128,7 +129,8 @@ def test_throttled_log_by_key_keeps_one_line_per_key_and_a_bounded_memory():
 
 def make_factory(tmp_path, **service):
     config = parse_config({"service": {"state_dir": str(tmp_path), "max_handshakes": 4, **service}}, "s.toml")
-    node = SimpleNamespace(config=config, reactor=Clock(), settings=TunnelSettings(), stream_closed=None)
+    node = SimpleNamespace(config=config, reactor=Clock(), settings=TunnelSettings(), stream_closed=None,
+                           node_metrics=NULL_ROLE)
     return ServiceTunnelFactory(node)
 
 

@@ -25,6 +25,7 @@ from gateway.protocols import IProtocolHandler
 from gateway.tunnel.splice import QuietFactory
 
 from . import auth, backend, https, limits, links, pool, portal, routing, rules
+from . import metrics as request_metrics
 from .frontdoor import BACKEND_TIMEOUTS, DEFAULT_TIMEOUTS, FrontDoor, Timeouts
 
 log = Logger(namespace="gateway_http")
@@ -158,6 +159,11 @@ def front_door_factory(apps: list[Any], open_stream: Any, reactor: Any = None,
 @hookimpl
 def gateway_register_protocols(register: Any) -> None:
     register(HTTPHandler())
+
+
+@hookimpl
+def gateway_register_metrics(metrics: Any) -> None:
+    request_metrics.register(metrics)
 
 
 @hookimpl

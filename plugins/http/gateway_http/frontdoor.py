@@ -37,6 +37,7 @@ from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import tune_socket
 
 from . import auth, links, routing, rules
+from . import metrics as request_metrics
 from .rules import LAST_CHUNK, ChunkDecoder, HTTPError, Origin, chunk
 
 log = Logger(namespace="gateway_http")
@@ -336,6 +337,7 @@ class FrontDoor(Protocol):
         self._writer = _ResponseProducer(self)
         self._send_deadline = Deadline(reactor)   # the client taking response bytes again
         self._idle: tuple[Any, Any, dict | None] | None = None   # (stream, app, identity) kept for the next request
+        self._request_started = 0.0   # request_metrics' clock when this request's head was read
 
     # -- the client socket -------------------------------------------------------------
 
@@ -585,6 +587,8 @@ class FrontDoor(Protocol):
         return True
 
     def _start(self, head: bytes) -> None:
+        if request_metrics.RECORDER is not None:
+            self._request_started = request_metrics.RECORDER.clock()
         request_id = new_request_id()
         self._request_id = request_id
         request = rules.parse_request_head(head)
@@ -671,6 +675,7 @@ class FrontDoor(Protocol):
                  status=answer.status)
         self.transport.write(rules.own_response(answer.status, answer.headers, answer.body, keep_alive,
                                                 ex.request.method == b"HEAD"))
+        self._count_request(ex.app, answer.status)
         ex.keep_alive = keep_alive
         ex.request_done = True
         ex.response_state = "done"
@@ -840,6 +845,7 @@ class FrontDoor(Protocol):
         ex.response_state = "upgraded"
         ex.keep_alive = False
         self.transport.write(rules.client_response_head(response, 0, False, False, ex.external, ex.internal))
+        self._count_request(ex.app, 101)
         log.info("request {request_id} {target} for app {app}: 101, switched to {protocol}",
                  request_id=ex.request_id, target=ex.request.target.decode("latin-1")[:200], app=ex.app.name,
                  protocol=b", ".join(rules.get(response.headers, b"upgrade")).decode("latin-1")[:60])
@@ -919,6 +925,7 @@ class FrontDoor(Protocol):
             self._end_body(ex)
         self._write_response(ex, b"")   # a body-less answer's head
         ex.response_state = "done"
+        self._count_request(ex.app, ex.response.status)
         self._cancel_backend_timer()
         if logs.enabled(LogLevel.info):   # the access log line; not even built when it would be dropped
             info = getattr(ex.stream, "log_info", None)
@@ -1011,4 +1018,11 @@ class FrontDoor(Protocol):
             return
         self._unregister()
         self.transport.write(rules.error_page(status, message, request_id, headers))
+        self._count_request(ex.app if ex is not None else None, status)
         self.transport.loseConnection()
+
+    def _count_request(self, app: Any, status: int) -> None:
+        if request_metrics.RECORDER is not None:
+            # 0.0: an answer to a head that never started a request (too large, say): no duration
+            request_metrics.RECORDER.observe(app, status, self._request_started)
+            self._request_started = 0.0

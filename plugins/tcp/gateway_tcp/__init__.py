@@ -26,6 +26,9 @@ from gateway.tunnel.splice import QuietFactory, SocketSide, dial_and_splice
 
 log = Logger(namespace="gateway_tcp")
 
+# gateway_udp_datagrams_dropped{app, group, direction}, made when [metrics] is on (gateway_register_metrics).
+UDP_DROPPED: Any = None
+
 # Like a typical NAT or firewall: a connection with no byte either way for two hours is gone.
 DEFAULT_IDLE_TIMEOUT = 7200.0
 # Idleness is checked this many times per idle_timeout (so a connection is closed after
@@ -237,6 +240,8 @@ class UDPFlow(DatagramProtocol):
         if self.timer is not None:
             self.timer.cancel()
         dropped, dropped_bytes = self.queue.dropped, self.queue.dropped_bytes
+        if UDP_DROPPED is not None:
+            count_drops(self.app, dropped, self.unsent)
         self.sender.close()
         if not self.stream.closed:
             self.stream.loseConnection()
@@ -286,6 +291,24 @@ class UDPHandler:
 
     def connector_stream(self, stream: Any, app: Any, reactor: Any) -> None:
         UDPFlow(stream, app, reactor, udp_idle_timeout(app)).start()
+
+
+def count_drops(app: Any, to_user: int, to_app: int) -> None:
+    """Add a UDP flow's drops to the metric when it ends (a flow's drops are in its log line too)."""
+    if to_user:
+        UDP_DROPPED.labels(app.name, app.group, "to_user").inc(to_user)
+    if to_app:
+        UDP_DROPPED.labels(app.name, app.group, "to_app").inc(to_app)
+
+
+@hookimpl
+def gateway_register_metrics(metrics: Any) -> None:
+    global UDP_DROPPED
+    if "connector" in metrics.roles:
+        UDP_DROPPED = metrics.counter(
+            "gateway_udp_datagrams_dropped", "UDP datagrams of private apps' flows dropped on the connector,"
+            " counted when the flow ends: to_user while the stream was full (oldest first), to_app refused"
+            " by the UDP socket.", ("app", "group", "direction"))
 
 
 @hookimpl
