@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from gateway import __version__, plugins
 from gateway.access import cli as access_cli
+from gateway.store import cli as store_cli
 from gateway.config import DEFAULT_CONFIG_PATH, load_config
 from gateway.errors import GatewayError
 
@@ -105,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a TOML file and exit")
     check.add_argument("config")
     access_cli.add_parsers(sub)
+    store_cli.add_parsers(sub)
     return p
 
 
@@ -170,7 +172,7 @@ def _service_store(config_path: str) -> Iterator[tuple[Any, Any]]:
     config = load_config(config_path, plugins.config_sections(plugins.make_plugin_manager()))
     if config.service is None:
         raise GatewayError(f"{config_path} has no [service] table; give the service's config file")
-    store = open_store(config.service.state_dir)
+    store = open_store(config.service)
     try:
         yield config, store
     finally:
@@ -912,6 +914,7 @@ COMMANDS = {
     ("plugins", None): list_plugins,
     ("check-config", None): check_config,
     **access_cli.COMMANDS,
+    **store_cli.COMMANDS,
 }
 
 if __name__ == "__main__":

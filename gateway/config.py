@@ -20,6 +20,7 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 from attrs import field, frozen
@@ -83,6 +84,10 @@ class ServiceConfig:
     inactive_after: float = 600.0
     remove_inactive_after: float = 864000.0
     sweep_interval: float = 60.0
+    # Where the state lives: "" is the embedded SQLite file in state_dir; a postgresql:// URL
+    # (no password in it) a PostgreSQL database that several nodes can share.
+    store: str = ""
+    store_password_file: Path | None = None
 
     @property
     def certificate_lifetime(self) -> timedelta:
@@ -619,12 +624,47 @@ def _names_cover(names: tuple[str, ...], host: str) -> bool:
     return False
 
 
+STORE_URL_SCHEMES = ("postgresql", "postgres")
+
+
+def store_url_problem(url: str) -> str | None:
+    """Why `url` is not a usable [service] store (not PostgreSQL, a password in it, no
+    database), or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        return f"a postgresql://user@host:port/database URL ({e})"
+    if parts.scheme not in STORE_URL_SCHEMES:
+        return ("a postgresql://user@host:port/database URL (leave store out for the embedded SQLite"
+                " store in state_dir)")
+    if parts.password is not None or "password=" in parts.query:
+        return ("a URL without a password, which would sit in the config file: put the password in"
+                " the file store_password_file names, or in PGPASSWORD or ~/.pgpass")
+    if not parts.path.strip("/"):
+        return "a URL that names the database: postgresql://user@host:port/DATABASE"
+    return None
+
+
+def _redacted_url(url: str) -> str:
+    # An error message must not repeat a password someone put in the URL.
+    try:
+        parts = urlsplit(url)
+        if parts.password is None and "password=" not in parts.query:
+            return url
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}", query="..."))
+    except ValueError:
+        return "(a malformed URL)"
+
+
 class _Parser:
     TOP = ["service", "connector", "apps", "access", "admin", "tunnel", "logging", "metrics"]
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
                "certificate_lifetime_days", "token_lifetime", "max_handshakes", "certificate_lifetime_seconds",
                "inactive_after", "remove_inactive_after", "sweep_interval", "handshake_timeout",
-               "max_unauthenticated_per_address", "enrolments_per_minute", "renewal_min_interval"]
+               "max_unauthenticated_per_address", "enrolments_per_minute", "renewal_min_interval",
+               "store", "store_password_file"]
     APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options",
            "external_url", "internal_url", "affinity", "segments"]
     ACCESS = ["url", "tunnel", "certificate_lifetime", "login_lifetime", "udp_idle_timeout",
@@ -717,7 +757,27 @@ class _Parser:
             inactive_after=t.number("inactive_after", 600, positive=True),
             remove_inactive_after=t.number("remove_inactive_after", 864000, positive=True),
             sweep_interval=t.number("sweep_interval", 60, positive=True),
+            **self.store(t, data),
         )
+
+    def store(self, t: "_Table", data: Mapping[str, Any]) -> dict[str, Any]:
+        """[service] store and store_password_file: the SQLite default, or a PostgreSQL URL
+        that holds no password (the file, PGPASSWORD or ~/.pgpass does)."""
+        if "store" not in data:
+            if "store_password_file" in data:
+                raise t.fail("store_password_file", "no store_password_file without a postgresql:// store"
+                             " (the embedded SQLite store has no password)", data["store_password_file"])
+            return {}
+        url = t.string("store", None, what="a postgresql://user@host:port/database URL")
+        problem = store_url_problem(url)
+        if problem:
+            raise t.fail("store", problem, _redacted_url(url))
+        password_file = None
+        if "store_password_file" in data:
+            value = t.string("store_password_file", None, what="a file path (a non-empty string)")
+            p = Path(value).expanduser()
+            password_file = Path(os.path.normpath(p if p.is_absolute() else self.base_dir / p))
+        return {"store": url, "store_password_file": password_file}
 
     def connector(self, data: Mapping[str, Any]) -> ConnectorConfig:
         t = _Table(self, "connector", data, self.CONNECTOR)

@@ -55,7 +55,8 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
   echo "setup: gateway needs Python 3.11 or newer; python3 is $(python3 -V)" >&2; exit 1; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
 extras=""
-[ $want_tests = 1 ] && extras="test,kerberos"   # the tests run the kerberos_sso plugin for real
+# the tests run the kerberos_sso plugin and the PostgreSQL store for real
+[ $want_tests = 1 ] && extras="test,kerberos,postgresql"
 [ $want_bench = 1 ] && extras="${extras:+$extras,}bench"
 if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" > .venv/pip.log 2>&1; then
   tail -n 30 .venv/pip.log >&2; echo "setup: pip install failed (full log: .venv/pip.log)" >&2; exit 1

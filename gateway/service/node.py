@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway import plugins
-from gateway.config import AppConfig, GatewayConfig
+from gateway.config import AppConfig, GatewayConfig, ServiceConfig
 from gateway.control import messages as m
 from gateway.errors import EnrolmentError, GatewayError, describe_failure
 from gateway.metrics import result_of, role_metrics
@@ -39,7 +39,7 @@ from gateway.service.users import LoginPortal, UserAuthority
 from gateway.service import store_apps
 from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler, TunnelTLSFactory
 from gateway.store.records import CertificateRecord, ConnectorRecord
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.sqlite import SQLiteStore, SQLStore
 from gateway.store.threaded import ThreadedStore
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.session import TunnelClosed, TunnelSettings
@@ -62,9 +62,15 @@ def prepare_state_dir(state_dir: Path) -> None:
     os.chmod(state_dir, 0o700)
 
 
-def open_store(state_dir: Path) -> SQLiteStore:
-    prepare_state_dir(state_dir)
-    return SQLiteStore(state_dir / STORE_FILE)
+def open_store(service: ServiceConfig) -> SQLStore:
+    """The node's store, its schema migrated: the SQLite file in state_dir, or the PostgreSQL
+    database that [service] store names."""
+    if service.store:
+        from gateway.store.postgresql import open_postgresql
+
+        return open_postgresql(service.store, service.store_password_file)
+    prepare_state_dir(service.state_dir)
+    return SQLiteStore(service.state_dir / STORE_FILE)
 
 
 DEFAULT_BACKLOG = 1024
@@ -143,7 +149,7 @@ class ServiceNode(MultiService):
         node_cert, node_key = self.ca.issue_node_certificate(list(service.names), now)
         keys.write_public(service.state_dir / NODE_CERT_FILE, keys.cert_pem(node_cert))
         keys.write_private(service.state_dir / NODE_KEY_FILE, keys.key_pem(node_key))
-        sync_store = open_store(service.state_dir)
+        sync_store = open_store(service)
         for group in sorted({a.group for a in self.apps.values()} | {"default"}):
             sync_store.ensure_group(group, now)
         # Read before anything binds, so stored apps are served from the start.

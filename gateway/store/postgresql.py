@@ -17,7 +17,6 @@ psycopg and psycopg_pool are the optional extra ``postgresql``
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from attrs import define, field
 from gateway.errors import GatewayError, StoreUnavailable
 from gateway.store.sqlite import SQLStore
 
+_MISSING = "No module named 'psycopg'"
 try:
     import psycopg
     from psycopg_pool import ConnectionPool, PoolTimeout
@@ -39,33 +39,16 @@ except ImportError as e:  # the optional extra is not installed
     _MISSING = str(e)
 
 EXTRA_HINT = "install gateway with its postgresql extra: pip install 'gateway[postgresql]'"
-URL_SCHEMES = ("postgresql", "postgres")
 # pg_advisory_xact_lock key of the serialised write transactions: "gateway" in ASCII.
 WRITE_LOCK_KEY = 0x67617465776179
 CONNECT_TIMEOUT = 10  # seconds, for a new connection and for a free one from the pool
 POOL_MAX = 4
 
 
-def is_postgresql_url(text: str) -> bool:
-    """Whether a `store` setting names PostgreSQL (postgresql:// or postgres://)."""
-    return urlsplit(text).scheme in URL_SCHEMES
-
-
-def url_problem(text: str) -> str | None:
-    """Why `text` is not a usable store URL (a password in it, no database), or None."""
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as e:
-        return f"a postgresql://user@host:port/database URL ({e})"
-    if parts.scheme not in URL_SCHEMES:
-        return "a postgresql://user@host:port/database URL"
-    if parts.password is not None or re.search(r"(^|&)password=", parts.query):
-        return ("a URL without a password (it would sit in the config file): put the password in"
-                " store_password_file, or in PGPASSWORD or ~/.pgpass")
-    if not parts.path.strip("/"):
-        return "a URL that names the database: postgresql://user@host:port/DATABASE"
-    return None
+def open_postgresql(url: str, password_file: Path | None = None) -> "PostgreSQLStore":
+    """The store at `url` ([service] store), with the password from `password_file` if given
+    (else libpq's own: PGPASSWORD, ~/.pgpass); its schema migrated."""
+    return PostgreSQLStore(url, None if password_file is None else read_password_file(password_file))
 
 
 def read_password_file(path: Path) -> str:

@@ -88,6 +88,14 @@ class PostgresCluster:
         with psycopg.connect(self.url(database), autocommit=True) as conn:
             conn.execute(statement)
 
+    def require_passwords_for(self, role: str) -> None:
+        """Make `role` log in with its password over TCP (everyone else stays trusted)."""
+        hba = self.root / "data" / "pg_hba.conf"
+        owner = hba.stat()
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        os.chown(hba, owner.st_uid, owner.st_gid)  # the server's user must still read it
+        self._pg_ctl("reload")
+
     def stop(self) -> None:
         """Stop the server at once and remove its directory."""
         try:
