@@ -167,6 +167,9 @@ class ConnectorConfig:
     drain_timeout: float = 30.0
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+    # An HTTP CONNECT forward proxy to the service: None follows HTTPS_PROXY/NO_PROXY, "" is none.
+    proxy: str | None = None
+    proxy_password_file: Path | None = None
 
 
 @frozen
@@ -671,7 +674,8 @@ class _Parser:
               "max_tunnels_per_user"]
     ADMIN = ["listen", "tls", "session_lifetime", "page_refresh"]
     METRICS = ["enabled", "listen"]
-    CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max"]
+    CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max", "proxy",
+                 "proxy_password_file"]
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
     LOGGING = ["format", "level"]
 
@@ -789,8 +793,34 @@ class _Parser:
         if backoff_max < backoff_initial:
             raise t.fail("backoff_max", f"a number of seconds >= backoff_initial ({backoff_initial:g})",
                          data.get("backoff_max", 60.0))
+        proxy, password_file = self.connector_proxy(t, data)
         return ConnectorConfig(state_dir=state_dir, tunnels=tunnels, drain_timeout=drain_timeout,
-                               backoff_initial=backoff_initial, backoff_max=backoff_max)
+                               backoff_initial=backoff_initial, backoff_max=backoff_max, proxy=proxy,
+                               proxy_password_file=password_file)
+
+    def connector_proxy(self, t: _Table, data: Mapping[str, Any]) -> tuple[str | None, Path | None]:
+        """``proxy`` (None: from the environment; "": none) and ``proxy_password_file``."""
+        from gateway.connector.proxy import parse_proxy_url
+
+        proxy = data.get("proxy")
+        if proxy is not None:
+            if not isinstance(proxy, str):
+                raise t.fail("proxy", 'an http://[USER@]HOST:PORT proxy URL, or "" for none', proxy)
+            if proxy:
+                try:
+                    parse_proxy_url(proxy)
+                except ValueError as e:
+                    # never the value itself: it may hold a password
+                    raise self.error(t.key("proxy"), f"expected {e}") from None
+        password_file = None
+        if "proxy_password_file" in data:
+            value = t.string("proxy_password_file", None, what="a file path (a non-empty string)")
+            password_file = Path(os.path.normpath(self.base_dir / Path(value).expanduser()))
+            if proxy is not None and (not proxy or not parse_proxy_url(proxy).username):
+                raise self.error(t.key("proxy_password_file"),
+                                 "expected only with a user in proxy (http://USER@HOST:PORT), whose password the"
+                                 f" file holds; got proxy = {json.dumps(proxy)}")
+        return proxy, password_file
 
     def apps(self, data: Mapping[str, Any], service: ServiceConfig | None) -> tuple[AppConfig, ...]:
         if "apps" not in data:

@@ -37,6 +37,13 @@ class Options(usage.Options):
             self.identity = (
                 ConnectorIdentity.load(self.config.connector.state_dir) if self.config.connector else None
             )
+            if self.identity is not None:
+                # An unusable HTTPS_PROXY or proxy password file stops the start with its reason.
+                from gateway.connector.proxy import choose_proxy
+
+                connector = self.config.connector
+                choose_proxy(connector.proxy, connector.proxy_password_file, self.identity.service_host,
+                             self.identity.service_port)
         except GatewayError as e:
             raise usage.UsageError(str(e)) from None
         parent = getattr(self, "parent", None)

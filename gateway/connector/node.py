@@ -19,6 +19,7 @@ from gateway import PROTOCOL_VERSION, __version__, plugins
 from gateway.config import AppConfig, GatewayConfig
 from gateway.connector import destinations
 from gateway.connector.identity import ConnectorIdentity
+from gateway.connector.proxy import choose_proxy
 from gateway.connector.renewal import CertificateRenewer, IdentityEndpoint
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
@@ -97,6 +98,9 @@ class ConnectorNode(MultiService):
         self.bytes_in = 0
         self.bytes_out = 0
         self.ctx = {"connector_id": identity.connector_id}
+        # ProxyError (a GatewayError) at start for an unusable HTTPS_PROXY or password file.
+        self.proxy = choose_proxy(config.connector.proxy, config.connector.proxy_password_file,
+                                  identity.service_host, identity.service_port)
         self.renewer = CertificateRenewer(self, reactor)
         self.renewer.setServiceParent(self)
         self.control_handlers[m.RENEW_RESULT] = self.renewer.on_result
@@ -107,7 +111,7 @@ class ConnectorNode(MultiService):
     def startService(self) -> None:
         ident = self.identity
         # Built from the current identity at each connect: new tunnels get a renewed certificate.
-        endpoint = IdentityEndpoint(self, self.reactor)
+        endpoint = IdentityEndpoint(self, self.reactor, proxy=self.proxy)
         connector = self.config.connector
         for i in range(connector.tunnels):
             client = ClientService(
@@ -128,6 +132,9 @@ class ConnectorNode(MultiService):
             name=ident.name, group=ident.group, n=connector.tunnels,
             host=ident.service_host, port=ident.service_port, **self.ctx,
         )
+        if self.proxy is not None:
+            self.log.info("reaching the service through the proxy at {proxy} ({source})",
+                          proxy=self.proxy.address, source=self.proxy.source, **self.ctx)
 
     def stopService(self) -> Deferred:
         """Drain: GO_AWAY on every tunnel, let open streams finish (bounded), then disconnect."""

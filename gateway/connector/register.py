@@ -7,14 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import connectProtocol, wrapClientTLS
 
 from gateway.connector.identity import CA_FILE, CERT_FILE, KEY_FILE, write_settings
+from gateway.connector.proxy import ProxySettings, service_endpoint, untrusted_certificate_message
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
 from gateway.errors import EnrolmentError
 from gateway.pki import keys
-from gateway.pki.tls import enrolment_client_options, verify_enrolment_peer
+from gateway.pki.tls import enrolment_client_options, presents_ca, verify_enrolment_peer
 from gateway.pki.tokens import EnrolmentToken
 from gateway.tunnel.session import TunnelSession, TunnelSettings
 
@@ -31,9 +32,10 @@ def parse_service(text: str) -> tuple[str, int]:
 
 async def register(
     reactor: Any, service: str, token_text: str, state_dir: Path, server_name: str | None = None,
-    name: str | None = None,
+    name: str | None = None, proxy: ProxySettings | None = None,
 ) -> dict[str, Any]:
-    """Enrol with the service and write the connector's state directory; returns the result."""
+    """Enrol with the service (through ``proxy`` if set) and write the connector's state
+    directory; returns the result."""
     token = EnrolmentToken.parse(token_text)
     host, port = parse_service(service)
     server_name = server_name or host
@@ -45,6 +47,7 @@ async def register(
         reactor, host, port, server_name, token.ca_fingerprint, {"kind": "enrol"},
         {"type": m.ENROL_REQUEST, "token_id": token.token_id, "secret": token.secret,
          "csr": csr.decode(), "name": name},
+        proxy=proxy,
     )
     if result.get("type") != m.ENROL_RESULT:
         raise EnrolmentError(f"the service refused the enrolment: {result.get('message', result)}")
@@ -69,6 +72,7 @@ async def register(
 async def pinned_request(
     reactor: Any, host: str, port: int, server_name: str, ca_fingerprint: str,
     metadata: dict[str, Any], message: dict[str, Any], timeout: float = ENROL_TIMEOUT,
+    proxy: ProxySettings | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """One request and its answer on a stream of a tunnel-port connection without a client
     certificate, once the service proved it holds the CA ``ca_fingerprint`` pins.
@@ -80,7 +84,7 @@ async def pinned_request(
     handshake: Deferred = Deferred()
     session.on_handshake = lambda s: handshake.callback(s)
     session.on_lost.append(lambda s, reason: handshake.called or handshake.errback(reason))
-    endpoint = wrapClientTLS(enrolment_client_options(), HostnameEndpoint(reactor, host, port, timeout=10))
+    endpoint = wrapClientTLS(enrolment_client_options(), service_endpoint(reactor, host, port, proxy))
     timeout_call = reactor.callLater(timeout, lambda: session.transport and session.transport.abortConnection())
     try:
         try:
@@ -90,7 +94,15 @@ async def pinned_request(
             raise
         except Exception as e:
             raise EnrolmentError(f"could not reach the service at {host}:{port}: {_describe(e)}") from None
-        ca_cert = verify_enrolment_peer(session.transport, ca_fingerprint, server_name)
+        try:
+            ca_cert = verify_enrolment_peer(session.transport, ca_fingerprint, server_name)
+        except EnrolmentError as e:
+            if proxy is None or presents_ca(session.transport, ca_fingerprint):
+                raise
+            # Through a proxy, a certificate without the pinned CA is most likely the proxy's own.
+            leaf = session.transport.getPeerCertificate()
+            leaf = leaf.to_cryptography() if leaf is not None else None
+            raise EnrolmentError(f"{untrusted_certificate_message(leaf, proxy, f'{host}:{port}')} ({e})") from None
         # Only now, with the service proven to hold the pinned CA, does the secret leave.
         stream = await session.open_stream(metadata)
         reply: Deferred = Deferred()

@@ -12,12 +12,20 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 from cryptography.x509.oid import NameOID
 from twisted.application.service import Service
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.defer import CancelledError
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.connector.identity import ConnectorIdentity, install_certificate
+from gateway.connector.proxy import (
+    ProxySettings,
+    UntrustedPeerRecorder,
+    service_endpoint,
+    untrusted_certificate_message,
+)
 from gateway.control import messages as m
+from gateway.errors import describe_failure
 from gateway.pki import keys
 from gateway.pki.tls import client_options
 
@@ -55,11 +63,13 @@ def _clock_now(clock: Any) -> datetime:
 @define
 class IdentityEndpoint:
     """A client endpoint that builds its TLS options from the node's identity at each connect,
-    so tunnels dialled after a renewal present the new certificate."""
+    so tunnels dialled after a renewal present the new certificate; through ``proxy`` when set
+    (TLS inside the CONNECT tunnel, so mutual TLS is end to end)."""
 
     node: ConnectorNode
     reactor: Any
     timeout: float = 10.0
+    proxy: ProxySettings | None = None
     _last_serial: str | None = field(default=None, init=False)
     log = Logger()
 
@@ -70,9 +80,23 @@ class IdentityEndpoint:
             self._last_serial = serial
             self.log.info("dialling new tunnels with certificate serial {serial} (valid until {not_after})",
                           serial=serial, not_after=ident.not_after.isoformat(), connector_id=ident.connector_id)
-        tls = client_options(ident.ca_cert, ident.cert, ident.key, ident.server_name)
-        inner = HostnameEndpoint(self.reactor, ident.service_host, ident.service_port, timeout=self.timeout)
-        return wrapClientTLS(tls, inner).connect(factory)
+        tls = UntrustedPeerRecorder(client_options(ident.ca_cert, ident.cert, ident.key, ident.server_name),
+                                    self._untrusted)
+        inner = service_endpoint(self.reactor, ident.service_host, ident.service_port, self.proxy, self.timeout)
+        return wrapClientTLS(tls, inner).connect(factory).addErrback(self._unreachable)
+
+    def _unreachable(self, failure: Failure) -> Failure:
+        # ClientService only says it retries; the admin needs the reason (the proxy's above all).
+        if not failure.check(CancelledError):
+            self.log.warn("could not reach the service: {reason}", reason=describe_failure(failure),
+                          connector_id=self.node.identity.connector_id)
+        return failure
+
+    def _untrusted(self, leaf: Any) -> None:
+        ident = self.node.identity
+        self.log.error("tunnel to the service refused: {reason}", event="untrusted_certificate",
+                       reason=untrusted_certificate_message(leaf, self.proxy, f"{ident.service_host}:{ident.service_port}"),
+                       connector_id=ident.connector_id)
 
 
 class CertificateRenewer(Service):

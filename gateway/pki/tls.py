@@ -70,6 +70,17 @@ def server_options(ca_cert: x509.Certificate, node_cert: x509.Certificate, node_
     )
 
 
+def https_server_options(ca_cert: x509.Certificate, node_cert: x509.Certificate, node_key) -> CertificateOptions:
+    """Plain HTTPS with the node's certificate (the admin listener): no client certificate asked."""
+    return CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(node_key),
+        certificate=_x509(node_cert),
+        # Admin clients pin the CA by the fingerprint in their token, so it travels in the chain.
+        extraCertChain=[_x509(ca_cert)],
+        **_COMMON_OPTIONS,
+    )
+
+
 def client_options(ca_cert: x509.Certificate, client_cert: x509.Certificate, client_key, server_name: str):
     """Client side of the tunnel: trusts only our CA, presents the connector certificate."""
     # optionsForClientTLS checks an IP literal against IP SANs and anything else against DNS SANs.
@@ -101,6 +112,13 @@ def verify_enrolment_peer(
     _check_dates(leaf, "the service's certificate", now)
     _check_name(leaf, server_name)
     return ca
+
+
+def presents_ca(transport, ca_fingerprint: str) -> bool:
+    """Whether the TLS peer's chain holds the CA ``ca_fingerprint`` pins (a TLS-inspecting proxy's does not)."""
+    chain = transport.getHandle().get_peer_cert_chain() or []
+    wanted = _normalise_fingerprint(ca_fingerprint)
+    return any(keys.fingerprint(c.to_cryptography()) == wanted for c in chain)
 
 
 def peer_identity(transport) -> PeerIdentity | None:
