@@ -18,6 +18,8 @@ from twisted.python.failure import Failure
 from gateway import __version__, plugins
 from gateway.access import cli as access_cli
 from gateway.store import cli as store_cli
+from gateway.admin.client import TOKEN_ENV as ADMIN_TOKEN_ENV
+from gateway.admin.summary import jsonable, when as _when
 from gateway.config import DEFAULT_CONFIG_PATH, load_config
 from gateway.errors import GatewayError
 
@@ -27,6 +29,12 @@ TOKEN_ENV = "GATEWAY_ENROL_TOKEN"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="Manage a gateway service and its connectors.")
     p.add_argument("--version", action="version", version=f"gateway {__version__}")
+    p.add_argument("--service", dest="remote", metavar="URL",
+                   help="use the admin API at URL (https://HOST:PORT/, [admin] listen) instead of the local store;"
+                        f" for: {_remote_commands()}")
+    p.add_argument("--admin-token-file", metavar="FILE",
+                   help=f"with --service: the file holding the admin token, or - for standard input"
+                        f" (or set {ADMIN_TOKEN_ENV})")
     sub = p.add_subparsers(dest="command", required=True)
 
     token = sub.add_parser("token", help="enrolment tokens").add_subparsers(dest="action", required=True)
@@ -45,9 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--state-dir", required=True, help="where the connector keeps its key and certificates")
     reg.add_argument("--server-name", help="name to check in the service's certificate (default: the HOST)")
     reg.add_argument("--name", help="a name for this connector (default: the host name)")
-    reg.add_argument("--proxy", metavar="URL", help="enrol through this HTTP CONNECT proxy, http://[USER@]HOST:PORT"
-                     " (default: HTTPS_PROXY unless NO_PROXY names the service; \"\" for none)")
-    reg.add_argument("--proxy-password-file", metavar="FILE", help="file holding the proxy user's password")
 
     conns = sub.add_parser("connectors", help="connectors known to the service").add_subparsers(
         dest="action", required=True)
@@ -102,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     aremove.add_argument("name")
 
     _users_parsers(sub)
+    _admin_parsers(sub)
 
     status = sub.add_parser("status", help="per connector group: its apps, connectors and how streams are spread")
     status.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="the service's TOML file")
@@ -138,6 +144,25 @@ def _users_parsers(sub: Any) -> None:
     revoke.add_argument("--user", required=True, help="the user's subject")
 
 
+def _admin_parsers(sub: Any) -> None:
+    admin = sub.add_parser("admin", help="the admin API and status page ([admin])").add_subparsers(
+        dest="action", required=True)
+    tokens = admin.add_parser("token", help="admin tokens (only their hashes are kept)").add_subparsers(
+        dest="token_action", required=True)
+    create = tokens.add_parser("create", help="issue an admin token (printed once)")
+    create.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="the service's TOML file")
+    create.add_argument("--name", required=True, help="who or what holds it, e.g. alice or monitoring")
+    create.add_argument("--expires", default="90d", metavar="DURATION", help="how long it is valid: 30d, 12h or 90m"
+                                                                           " (default 90d)")
+    create.add_argument("--output", help="write the token to this file (mode 0600) instead of standard output")
+    tlist = tokens.add_parser("list", help="list admin tokens (never their secrets)")
+    tlist.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    trevoke = tokens.add_parser("revoke", help="revoke an admin token: API calls and status page sessions with it"
+                                               " are refused at once")
+    trevoke.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
+    trevoke.add_argument("token_id", metavar="ID")
+
+
 def _app_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", help="the connector group that reaches it (default: default)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -158,7 +183,7 @@ def _app_flags(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     action = getattr(args, "action", None)
-    if args.command == "users" and action == "token":
+    if args.command in ("users", "admin") and action == "token":
         action = f"token {args.token_action}"
     try:
         return COMMANDS[(args.command, action)](args)
@@ -167,11 +192,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# The commands that work against a remote service's admin API (`gateway --service URL ...`).
+REMOTE_COMMANDS = {("connectors", "list"), ("connectors", "delete"), ("connectors", "move"), ("groups", "list"),
+                   ("groups", "create"), ("status", None)}
+
+
+def _remote_commands() -> str:
+    return ", ".join(sorted(" ".join(filter(None, c)) for c in REMOTE_COMMANDS))
+
+
 @contextmanager
-def _service_store(config_path: str) -> Iterator[tuple[Any, Any]]:
-    """The service's config and its store, closed when the command is done with it."""
+def _service_store(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
+    """The service's config and its store, closed when the command is done with it: the local
+    store of --config, or with --service URL the admin API standing in for both."""
     from gateway.service.node import open_store
 
+    if getattr(args, "remote", None):
+        yield _remote_store(args)
+        return
+    config_path = args.config
     config = load_config(config_path, plugins.config_sections(plugins.make_plugin_manager()))
     if config.service is None:
         raise GatewayError(f"{config_path} has no [service] table; give the service's config file")
@@ -182,12 +221,23 @@ def _service_store(config_path: str) -> Iterator[tuple[Any, Any]]:
         store.close()
 
 
+def _remote_store(args: argparse.Namespace) -> tuple[Any, Any]:
+    from gateway.admin.client import AdminClient, RemoteStore, read_admin_token
+
+    command = (args.command, getattr(args, "action", None))
+    if command not in REMOTE_COMMANDS:
+        raise GatewayError(f"`gateway {' '.join(filter(None, command))}` works on the service machine only (with"
+                           f" --config); with --service: {_remote_commands()}")
+    store = RemoteStore(AdminClient(args.remote, read_admin_token(args.admin_token_file)))
+    return store.config(), store
+
+
 def token_create(args: argparse.Namespace) -> int:
     from gateway.pki.ca import CertificateAuthority
     from gateway.pki.tokens import EnrolmentToken, hash_secret
     from gateway.store.records import TokenRecord
 
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         known = {g.name for g in store.list_groups()} | {a.group for a in config.apps} | {"default"}
         if args.group not in known:
             raise GatewayError(
@@ -221,7 +271,7 @@ def token_create(args: argparse.Namespace) -> int:
 def token_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     rows = [("TOKEN", "GROUP", "EXPIRES", "STATE")]
-    with _service_store(args.config) as (_, store):
+    with _service_store(args) as (_, store):
         for t in store.list_tokens():
             state = f"used by {t.used_by[:12]}" if t.used_at else ("expired" if t.expires_at <= now else "unused")
             rows.append((t.token_id, t.group, f"{t.expires_at:%Y-%m-%d %H:%M}", state))
@@ -255,17 +305,13 @@ def run_on_reactor(work: Any, what: str) -> Any:
 
 
 def connector_register(args: argparse.Namespace) -> int:
-    from gateway.connector.proxy import choose_proxy
-    from gateway.connector.register import parse_service, register
+    from gateway.connector.register import register
 
     text = _read_token(args.token_file)
-    host, port = parse_service(args.service)
-    password_file = Path(args.proxy_password_file) if args.proxy_password_file else None
-    proxy = choose_proxy(args.proxy, password_file, host, port, source="--proxy")
 
     async def run(reactor: Any) -> Any:
         return await register(reactor, args.service, text, Path(args.state_dir).absolute(), args.server_name,
-                              args.name, proxy=proxy)
+                              args.name)
 
     result = run_on_reactor(run, "registration")
     print(f"registered connector {result['connector_id']} ({result.get('name')}) in group {result['group']!r};"
@@ -292,10 +338,10 @@ ID_WIDTH = 12
 
 
 def connectors_list(args: argparse.Namespace) -> int:
-    with _service_store(args.config) as (_, store):
+    with _service_store(args) as (_, store):
         connectors = store.list_connectors(include_deleted=args.all)
     if args.json:
-        print(json.dumps([_jsonable(attrs.asdict(c)) for c in connectors], indent=2))
+        print(json.dumps([jsonable(c) for c in connectors], indent=2))
         return 0
     rows = [("ID", "NAME", "GROUP", "STATE", "VERSION", "ADDRESS", "TUNNELS", "STREAMS", "LAST HEARTBEAT",
              "CERT EXPIRES")]
@@ -311,35 +357,24 @@ def connectors_list(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Groups with their apps and connectors, and each connector's share of the open streams."""
-    with _service_store(args.config) as (config, store):
+    from gateway.admin.summary import summarise
+
+    with _service_store(args) as (config, store):
         connectors = store.list_connectors()
         groups = [g.name for g in store.list_groups()]
         config = _with_store_apps(config, store)
-    for name in sorted(set(groups) | {a.group for a in config.apps} | {c.group for c in connectors}):
-        apps = sorted(a.name for a in config.apps if a.group == name)
-        members = [c for c in connectors if c.group == name]
-        active = [c for c in members if c.state == "active"]
-        total = sum(c.open_streams for c in active)
-        health = "ok" if active else ("NO ACTIVE CONNECTOR" if apps else "idle")
-        print(f"group {name}: {len(active)}/{len(members)} connectors active, {total} open streams, {health}")
-        print(f"  apps: {', '.join(apps) or '-'}")
+    for group in summarise(groups, config.apps, connectors):
+        print(f"group {group.name}: {len(group.active)}/{len(group.connectors)} connectors active,"
+              f" {group.open_streams} open streams, {group.health}")
+        print(f"  apps: {', '.join(group.apps) or '-'}")
         rows = [("  CONNECTOR", "NAME", "STATE", "TUNNELS", "STREAMS", "SHARE", "LAST HEARTBEAT")]
-        for c in sorted(members, key=lambda c: (c.state != "active", -c.open_streams, c.name)):
-            share = f"{100 * c.open_streams / total:.0f}%" if total and c.state == "active" else "-"
+        for c in group.connectors:
             rows.append((f"  {c.connector_id[:ID_WIDTH]}", c.name, c.state, str(c.tunnels), str(c.open_streams),
-                         share, _when(c.last_seen, "never")))
-        if members:
+                         group.share(c), _when(c.last_seen, "never")))
+        if group.connectors:
             _table(rows)
         print()
     return 0
-
-
-def _when(value: datetime | None, missing: str) -> str:
-    return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}" if value else missing
-
-
-def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in record.items()}
 
 
 def _find_connector(store: Any, text: str) -> Any:
@@ -356,7 +391,7 @@ def _find_connector(store: Any, text: str) -> Any:
 
 
 def connectors_delete(args: argparse.Namespace) -> int:
-    with _service_store(args.config) as (_, store):
+    with _service_store(args) as (_, store):
         connector = _find_connector(store, args.connector_id)
         store.delete_connector(connector.connector_id, datetime.now(UTC))
     print(f"connector {connector.connector_id} deleted; its certificate is revoked")
@@ -364,7 +399,7 @@ def connectors_delete(args: argparse.Namespace) -> int:
 
 
 def connectors_move(args: argparse.Namespace) -> int:
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         connector = _find_connector(store, args.connector_id)
         if args.group in _app_groups(config):
             store.ensure_group(args.group, datetime.now(UTC))
@@ -403,7 +438,7 @@ def _check_group_name(name: str) -> None:
 
 
 def groups_list(args: argparse.Namespace) -> int:
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         stored = {g.name: g for g in store.list_groups()}
         counts: dict[str, int] = {}
         for c in store.list_connectors():
@@ -419,7 +454,7 @@ def groups_list(args: argparse.Namespace) -> int:
 
 def groups_create(args: argparse.Namespace) -> int:
     _check_group_name(args.name)
-    with _service_store(args.config) as (_, store):
+    with _service_store(args) as (_, store):
         store.create_group(args.name, datetime.now(UTC))
     print(f"group {args.name!r} created")
     return 0
@@ -427,7 +462,7 @@ def groups_create(args: argparse.Namespace) -> int:
 
 def groups_rename(args: argparse.Namespace) -> int:
     _check_group_name(args.new)
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         _refuse_if_apps_use(config, args.old, "rename")
         moved = store.rename_group(args.old, args.new)
     print(f"group {args.old!r} renamed to {args.new!r} ({moved} connectors)")
@@ -435,7 +470,7 @@ def groups_rename(args: argparse.Namespace) -> int:
 
 
 def groups_delete(args: argparse.Namespace) -> int:
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         _refuse_if_apps_use(config, args.name, "delete")
         target = args.move_connectors_to
         if target is not None and target in _app_groups(config):
@@ -619,7 +654,7 @@ def _applied_note(config: Any) -> str:
 def apps_list(args: argparse.Namespace) -> int:
     from gateway.service import store_apps
 
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         records = store.list_apps()
     parsed, problems = store_apps.parse_records(records)
     _, left_out = store_apps.merge(config, parsed, _served_protocols())
@@ -665,7 +700,7 @@ def apps_add(args: argparse.Namespace) -> int:
     group = args.group or "default"
     definition = _definition(args)
     app = _parse_cli_app(args.name, group, definition)
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         if any(a.name == app.name for a in config.apps):
             raise GatewayError(
                 f"NAME: app {app.name!r} is in {config.path}, and the config file's apps win over the store's;"
@@ -709,7 +744,7 @@ def _refuse_kind_change(args: argparse.Namespace, record: Any) -> None:
 
 
 def apps_set(args: argparse.Namespace) -> int:
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         record = _stored_app(config, store, args.name, "change")
         group = args.group or record.group
         _refuse_kind_change(args, record)
@@ -729,7 +764,7 @@ def apps_set(args: argparse.Namespace) -> int:
 
 
 def apps_remove(args: argparse.Namespace) -> int:
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         _stored_app(config, store, args.name, "remove")
         store.remove_app(args.name)
     print(f"app {args.name!r} removed from the store; the running service stops serving it within"
@@ -781,7 +816,7 @@ def users_token_create(args: argparse.Namespace) -> int:
 
     identity = _token_identity(args)
     lifetime = parse_duration(args.expires)
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         if config.access is None:
             print(f"gateway: warning: {args.config} has no [access] table: the service accepts the token only"
                   " once it has one (see docs/configuration.md)", file=sys.stderr)
@@ -810,7 +845,7 @@ def users_token_create(args: argparse.Namespace) -> int:
 def users_token_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     rows = [("ID", "USER", "KIND", "NAME", "CREATED", "EXPIRES", "REVOKED")]
-    with _service_store(args.config) as (_, store):
+    with _service_store(args) as (_, store):
         for c in store.list_user_credentials(args.user):
             expires = f"{c.expires_at:%Y-%m-%d %H:%M}" + (" (expired)" if c.expires_at <= now else "")
             rows.append((c.credential_id, c.user, c.kind, c.name or "-", f"{c.created_at:%Y-%m-%d %H:%M}", expires,
@@ -825,7 +860,7 @@ def _revocation_note(config: Any) -> str:
 
 
 def users_token_revoke(args: argparse.Namespace) -> int:
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         found = store.get_user_credential(args.credential_id)
         if found is None:
             raise GatewayError(f"no user credential {args.credential_id!r}; see `gateway users token list`")
@@ -840,7 +875,7 @@ def users_token_revoke(args: argparse.Namespace) -> int:
 
 def users_revoke(args: argparse.Namespace) -> int:
     user = _user_text("--user", args.user)
-    with _service_store(args.config) as (config, store):
+    with _service_store(args) as (config, store):
         if not store.list_user_credentials(user):
             raise GatewayError(f"--user: no credentials of user {user!r}; see `gateway users token list`"
                                " (users are named by their subject)")
@@ -850,6 +885,60 @@ def users_revoke(args: argparse.Namespace) -> int:
         return 0
     print(f"{count} credential{'' if count == 1 else 's'} of user {user!r} revoked (personal tokens and sign-ins);"
           f" {_revocation_note(config)}")
+    return 0
+
+
+def admin_token_create(args: argparse.Namespace) -> int:
+    from gateway.pki.ca import CertificateAuthority
+    from gateway.pki.tokens import AdminToken, hash_secret
+    from gateway.store.records import AdminTokenRecord
+
+    name = _user_text("--name", args.name)
+    lifetime = parse_duration(args.expires)
+    with _service_store(args) as (config, store):
+        if config.admin is None:
+            print(f"gateway: warning: {args.config} has no [admin] table: the service serves no admin API until it"
+                  " has one (see docs/operations.md)", file=sys.stderr)
+        ca = CertificateAuthority.load_or_create(config.service.state_dir)
+        token = AdminToken.generate(ca.fingerprint)
+        now = datetime.now(UTC)
+        record = store.create_admin_token(AdminTokenRecord(token.token_id, name, hash_secret(token.secret), now,
+                                                           now + lifetime))
+    about = (f"admin token {record.token_id} ({name}), expires {record.expires_at:%Y-%m-%d %H:%M:%S UTC}; give it to"
+             f" `gateway --service URL --admin-token-file FILE` or the status page's sign-in (revoke it with"
+             f" `gateway admin token revoke {record.token_id}`)")
+    if args.output:
+        from gateway.pki.keys import write_private
+
+        write_private(Path(args.output), (token.encode() + "\n").encode())
+        print(f"{about}; written to {args.output}", file=sys.stderr)
+    else:
+        print(token.encode())
+        print(about, file=sys.stderr)
+    return 0
+
+
+def admin_token_list(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    rows = [("ID", "NAME", "CREATED", "EXPIRES", "REVOKED")]
+    with _service_store(args) as (_, store):
+        for t in store.list_admin_tokens():
+            expires = f"{t.expires_at:%Y-%m-%d %H:%M}" + (" (expired)" if t.expires_at <= now else "")
+            rows.append((t.token_id, t.name, f"{t.created_at:%Y-%m-%d %H:%M}", expires, _when(t.revoked_at, "-")))
+    _table(rows)
+    return 0
+
+
+def admin_token_revoke(args: argparse.Namespace) -> int:
+    with _service_store(args) as (_, store):
+        found = store.get_admin_token(args.token_id)
+        if found is None:
+            raise GatewayError(f"no admin token {args.token_id!r}; see `gateway admin token list`")
+        if not store.revoke_admin_token(found.token_id, datetime.now(UTC)):
+            print(f"admin token {found.token_id} ({found.name}) was revoked already ({_when(found.revoked_at, '-')})")
+            return 0
+    print(f"admin token {found.token_id} ({found.name}) revoked; the admin API refuses it and its status page"
+          " sessions end at their next request")
     return 0
 
 
@@ -917,6 +1006,9 @@ COMMANDS = {
     ("users", "token list"): users_token_list,
     ("users", "token revoke"): users_token_revoke,
     ("users", "revoke"): users_revoke,
+    ("admin", "token create"): admin_token_create,
+    ("admin", "token list"): admin_token_list,
+    ("admin", "token revoke"): admin_token_revoke,
     ("status", None): status,
     ("plugins", None): list_plugins,
     ("check-config", None): check_config,

@@ -114,13 +114,6 @@ def verify_enrolment_peer(
     return ca
 
 
-def presents_ca(transport, ca_fingerprint: str) -> bool:
-    """Whether the TLS peer's chain holds the CA ``ca_fingerprint`` pins (a TLS-inspecting proxy's does not)."""
-    chain = transport.getHandle().get_peer_cert_chain() or []
-    wanted = _normalise_fingerprint(ca_fingerprint)
-    return any(keys.fingerprint(c.to_cryptography()) == wanted for c in chain)
-
-
 def peer_identity(transport) -> PeerIdentity | None:
     """The connector a TLS peer proved to be, or None if it sent no certificate (enrolment)."""
     peer = transport.getPeerCertificate()
