@@ -6,7 +6,11 @@ table schema_version and applies the missing ones at open, in one transaction (s
 these marks a dialect fills in:
 
 - ``{time}``: a point in time (SQLite: fixed-width ISO-8601 UTC TEXT, whose text order is
-  time order; PostgreSQL: TIMESTAMPTZ);
+  time order; PostgreSQL: TIMESTAMPTZ). The store passes times as that text either way
+  (PostgreSQL casts it) and reads both back as aware UTC datetimes.
+
+Other types are written as both accept them: TEXT, INTEGER (0/1 for a flag), a column named
+"user" quoted.
 
 Never edit a migration that has shipped: append a new one.
 """
@@ -14,6 +18,102 @@ Never edit a migration that has shipped: append a new one.
 from __future__ import annotations
 
 from collections.abc import Iterator
+
+# Script i takes the schema from version i to i + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE groups (
+        name TEXT PRIMARY KEY,
+        created_at {time} NOT NULL
+    );
+    CREATE TABLE tokens (
+        token_id TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        group_name TEXT NOT NULL REFERENCES groups(name),
+        created_at {time} NOT NULL,
+        expires_at {time} NOT NULL,
+        used_at {time},
+        used_by TEXT
+    );
+    CREATE TABLE connectors (
+        connector_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        group_name TEXT NOT NULL REFERENCES groups(name),
+        created_at {time} NOT NULL,
+        last_seen {time},
+        deleted_at {time}
+    );
+    CREATE TABLE certificates (
+        serial_hex TEXT PRIMARY KEY,
+        connector_id TEXT NOT NULL REFERENCES connectors(connector_id),
+        not_after {time} NOT NULL,
+        revoked_at {time}
+    );
+    CREATE INDEX certificates_by_connector ON certificates(connector_id);
+    """,
+    # 1 -> 2: connector status and lifecycle (what the node last saw; the sweeper's tag).
+    """
+    ALTER TABLE connectors ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
+    ALTER TABLE connectors ADD COLUMN state_since {time};
+    ALTER TABLE connectors ADD COLUMN software_version TEXT;
+    ALTER TABLE connectors ADD COLUMN address TEXT;
+    ALTER TABLE connectors ADD COLUMN tunnels INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE connectors ADD COLUMN open_streams INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE connectors ADD COLUMN node_id TEXT;
+    ALTER TABLE connectors ADD COLUMN cert_serial TEXT;
+    ALTER TABLE connectors ADD COLUMN cert_not_after {time};
+    """,
+    # 2 -> 3: apps published with `gateway apps add`; definition is the [[apps]] table as JSON.
+    """
+    CREATE TABLE apps (
+        name TEXT PRIMARY KEY,
+        group_name TEXT NOT NULL REFERENCES groups(name),
+        definition TEXT NOT NULL,
+        created_at {time} NOT NULL,
+        updated_at {time} NOT NULL
+    );
+    CREATE INDEX apps_by_group ON apps(group_name);
+    """,
+    # 3 -> 4: Private Access users' credentials (personal tokens, browser sign-ins); identity is
+    # the user as signed in, as JSON; only the secret's hash is kept.
+    """
+    CREATE TABLE user_credentials (
+        credential_id TEXT PRIMARY KEY,
+        "user" TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        identity TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        created_at {time} NOT NULL,
+        expires_at {time} NOT NULL,
+        revoked_at {time},
+        name TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX user_credentials_by_user ON user_credentials("user");
+    """,
+    # Admin API tokens (`gateway admin token create`); only the secret's hash is kept.
+    """
+    CREATE TABLE admin_tokens (
+        token_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        secret_hash TEXT NOT NULL,
+        created_at {time} NOT NULL,
+        expires_at {time} NOT NULL,
+        revoked_at {time}
+    );
+    """,
+    # Session log switches (`gateway logs session on|off`): per group or per connector, the
+    # connector's own one winning; no row means off.
+    """
+    CREATE TABLE session_log_switches (
+        scope TEXT NOT NULL CHECK (scope IN ('group', 'connector')),
+        name TEXT NOT NULL,
+        enabled INTEGER NOT NULL,
+        updated_at {time} NOT NULL,
+        PRIMARY KEY (scope, name)
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 DIALECTS = ("sqlite", "postgresql")
 _TYPES = {
@@ -30,12 +130,10 @@ def render(script: str, dialect: str) -> str:
     return text
 
 
-def statements(dialect: str, version: int) -> Iterator[str]:
-    """The statements that take a database of `version` to the newest, one at a time
-    (sqlite3's executescript would COMMIT the open transaction first)."""
-    from gateway.store.sqlite import MIGRATIONS
-
-    for script in MIGRATIONS[version:]:
+def statements(dialect: str, version: int, target: int = SCHEMA_VERSION) -> Iterator[str]:
+    """The statements that take a database of `version` to `target` (the newest), one at a
+    time (sqlite3's executescript would COMMIT the open transaction first)."""
+    for script in MIGRATIONS[version:target]:
         for statement in render(script, dialect).split(";"):
             if statement.strip():
                 yield statement

@@ -4,7 +4,8 @@ embedded SQLite store on them: one connection, WAL, schema migrated on open.
 gateway.store.postgresql runs the same SQLStore methods on PostgreSQL, so a method added here
 works on both: write it with ``?`` placeholders, ``self._db`` for reads and ``self._write()``
 for changes, and only SQL both databases accept (``INSERT ... ON CONFLICT DO NOTHING``, not
-``INSERT OR IGNORE``; quote the column "user").
+``INSERT OR IGNORE``; quote the column "user"). A new table or column is a migration
+appended to gateway.store.schema.MIGRATIONS (one list for both databases).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from attrs import define, field
 from gateway.errors import AdminTokenError, EnrolmentError, GatewayError, UserCredentialError
 from gateway.pki.tokens import secret_matches
 from gateway.store import schema
+from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION  # noqa: F401 - re-exported
 from gateway.store.records import (
     AdminTokenRecord,
     AppRecord,
@@ -39,91 +41,8 @@ IssueResult = tuple[ConnectorRecord, CertificateRecord, R]
 # Called inside the write transaction with the other stored apps; raises to refuse the change.
 AppCheck = Callable[[list[AppRecord]], None]
 
-# Index i holds the script that takes the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE groups (
-        name TEXT PRIMARY KEY,
-        created_at TEXT NOT NULL
-    );
-    CREATE TABLE tokens (
-        token_id TEXT PRIMARY KEY,
-        secret_hash TEXT NOT NULL,
-        group_name TEXT NOT NULL REFERENCES groups(name),
-        created_at TEXT NOT NULL,
-        expires_at TEXT NOT NULL,
-        used_at TEXT,
-        used_by TEXT
-    );
-    CREATE TABLE connectors (
-        connector_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        group_name TEXT NOT NULL REFERENCES groups(name),
-        created_at TEXT NOT NULL,
-        last_seen TEXT,
-        deleted_at TEXT
-    );
-    CREATE TABLE certificates (
-        serial_hex TEXT PRIMARY KEY,
-        connector_id TEXT NOT NULL REFERENCES connectors(connector_id),
-        not_after TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    CREATE INDEX certificates_by_connector ON certificates(connector_id);
-    """,
-    # 1 -> 2: connector status and lifecycle (what the node last saw; the sweeper's tag).
-    """
-    ALTER TABLE connectors ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
-    ALTER TABLE connectors ADD COLUMN state_since TEXT;
-    ALTER TABLE connectors ADD COLUMN software_version TEXT;
-    ALTER TABLE connectors ADD COLUMN address TEXT;
-    ALTER TABLE connectors ADD COLUMN tunnels INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE connectors ADD COLUMN open_streams INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE connectors ADD COLUMN node_id TEXT;
-    ALTER TABLE connectors ADD COLUMN cert_serial TEXT;
-    ALTER TABLE connectors ADD COLUMN cert_not_after TEXT;
-    """,
-    # 2 -> 3: apps published with `gateway apps add`; definition is the [[apps]] table as JSON.
-    """
-    CREATE TABLE apps (
-        name TEXT PRIMARY KEY,
-        group_name TEXT NOT NULL REFERENCES groups(name),
-        definition TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
-    );
-    CREATE INDEX apps_by_group ON apps(group_name);
-    """,
-    # 3 -> 4: Private Access users' credentials (personal tokens, browser sign-ins); identity is
-    # the user as signed in, as JSON; only the secret's hash is kept.
-    """
-    CREATE TABLE user_credentials (
-        credential_id TEXT PRIMARY KEY,
-        "user" TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        identity TEXT NOT NULL,
-        secret_hash TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        expires_at TEXT NOT NULL,
-        revoked_at TEXT,
-        name TEXT NOT NULL DEFAULT ''
-    );
-    CREATE INDEX user_credentials_by_user ON user_credentials("user");
-    """,
-    # Admin API tokens (`gateway admin token create`); only the secret's hash is kept.
-    """
-    CREATE TABLE admin_tokens (
-        token_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        secret_hash TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        expires_at TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    """,
-)
+
 DEFAULT_GROUP = "default"
-SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
 
 

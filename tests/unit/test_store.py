@@ -15,6 +15,7 @@ from twisted.python.threadpool import ThreadPool
 
 from gateway.errors import EnrolmentError, GatewayError
 from gateway.pki.tokens import hash_secret
+from gateway.store import schema
 from gateway.store.records import CertificateRecord, ConnectorRecord, GroupRecord, TokenRecord
 from gateway.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from gateway.store.threaded import ThreadedStore
@@ -44,17 +45,30 @@ def sqlite_store(db_path):
 
 def database_at_version(path, version: int, group: str = "lab"):
     """A database file as a gateway of schema `version` left it, holding one group."""
-    from gateway.store.sqlite import MIGRATIONS
-
     raw = sqlite3.connect(path)
-    for script in MIGRATIONS[:version]:
-        raw.executescript(script)
-    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    raw.execute("INSERT INTO schema_version VALUES (?)", (version,))
-    raw.execute("INSERT INTO groups VALUES (?, '2025-01-01T00:00:00.000000+00:00')", (group,))
+    _build_at_version(raw, "sqlite", "?", version, group)
     raw.commit()
     raw.close()
     return path
+
+
+def _build_at_version(raw, dialect: str, mark: str, version: int, group: str) -> None:
+    for statement in schema.statements(dialect, 0, version):
+        raw.execute(statement)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute(f"INSERT INTO schema_version VALUES ({mark})", (version,))
+    raw.execute(f"INSERT INTO groups VALUES ({mark}, '2025-01-01T00:00:00.000000+00:00')", (group,))
+
+
+def backend_at_version(store_backend, version: int, group: str = "lab") -> None:
+    """The backend's database as a gateway of schema `version` left it, holding one group."""
+    if store_backend.name == "sqlite":
+        database_at_version(store_backend.target, version, group)
+        return
+    import psycopg
+
+    with psycopg.connect(store_backend.target, autocommit=True) as raw:
+        _build_at_version(raw, "postgresql", "%s", version, group)
 
 
 def add_token(store, token_id="tok1", expires_at=NOW + timedelta(hours=1), group="office"):
@@ -111,6 +125,37 @@ def test_reopening_keeps_data_and_does_not_remigrate(store_backend):
         assert second._db.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("version", range(1, SCHEMA_VERSION))
+def test_every_older_schema_is_migrated_keeping_its_rows(store_backend, version):
+    """A database any older gateway left (every schema version) is brought to the newest at open, rows kept."""
+    backend_at_version(store_backend, version)
+    store = store_backend.open()
+    try:
+        assert store.migrated == (version, SCHEMA_VERSION)
+        assert store.list_groups() == [GroupRecord("lab", datetime(2025, 1, 1, tzinfo=UTC))]
+        assert store._db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    finally:
+        store.close()
+
+
+def test_times_are_timestamptz_on_postgresql(postgres_cluster):
+    """On PostgreSQL the {time} columns are TIMESTAMPTZ (SQL can compare them), read back as aware UTC."""
+    from gateway.store.postgresql import PostgreSQLStore
+
+    store = PostgreSQLStore(postgres_cluster.new_schema())
+    try:
+        store.ensure_group("office", NOW.astimezone(timezone(timedelta(hours=-5))))
+        types = dict(store._db.execute(
+            "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND column_name IN ('created_at', 'name')").fetchall())
+        assert types["groups.created_at"] == types["tokens.created_at"] == "timestamp with time zone"
+        assert types["groups.name"] == "text"
+        [(later,)] = store._db.execute("SELECT created_at > ? FROM groups", (NOW - timedelta(seconds=1),)).fetchall()
+        assert later is True and store.list_groups() == [GroupRecord("office", NOW)]
+    finally:
+        store.close()
 
 
 def test_newer_schema_is_refused(store_backend):

@@ -10,6 +10,7 @@ import pytest
 from gateway.errors import GatewayError
 from gateway.pki.tokens import hash_secret
 from gateway.store.records import CertificateRecord, ConnectorRecord, ConnectorStatus, TokenRecord
+from gateway.store import schema
 from gateway.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -43,7 +44,7 @@ def test_old_database_is_upgraded_and_keeps_its_connectors(tmp_path):
     """A version-1 database gains the status columns; its connectors read back as active."""
     path = tmp_path / "old.db"
     raw = sqlite3.connect(path)
-    raw.executescript(MIGRATIONS[0])
+    raw.executescript(schema.render(MIGRATIONS[0], "sqlite"))
     raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
     raw.execute("INSERT INTO schema_version VALUES (1)")
     raw.execute("INSERT INTO groups VALUES ('default', '2025-01-01T00:00:00.000000+00:00')")
