@@ -253,3 +253,18 @@ def test_connector_counts_refusals_with_its_own_labels_only():
                                                     ("result", "ok"))): 30,
         ("gateway_connector_streams_open", (("app", "web"), ("group", "default"), ("protocol", "tcp"))): 30,
     }
+
+
+def test_histogram_buckets_are_cumulative_with_bounds_inclusive():
+    """A value equal to a bound counts in that bucket; buckets add up to +Inf; count and sum are exposed."""
+    metrics = Metrics(["node"])
+    h = metrics.for_plugin("example").histogram("gateway_example_seconds", "Seconds.", ("app",),
+                                                 buckets=(0.001, 0.0025, 0.005))
+    child = h.labels("web")
+    for v in (0.001, 0.003, 100.0):
+        child.observe(v)
+    values = samples(metrics, "gateway_example_seconds")
+    le = {dict(k[1])["le"]: v for k, v in values.items() if k[0].endswith("_bucket")}
+    assert le == {"0.001": 1, "0.0025": 1, "0.005": 2, "+Inf": 3}
+    assert values[("gateway_example_seconds_count", (("app", "web"),))] == 3
+    assert values[("gateway_example_seconds_sum", (("app", "web"),))] == pytest.approx(100.004)
