@@ -454,11 +454,25 @@ class TunnelSession(Protocol):
         self._ping_call = self.clock.callLater(interval / 2, self._keepalive)
 
     def go_away(self, code: int = GoAwayCode.NORMAL, message: str = "draining") -> None:
-        """Tell the peer to open no more streams here; open ones carry on."""
+        """Tell the peer to open no more streams here; open ones carry on.
+
+        A stream's protocol may define ``tunnel_draining()``: it is called here, after the
+        GO_AWAY is written, so a protocol that sits between requests (an HTTP stream kept for a
+        client connection's next request) ends its stream now rather than hold the drain open.
+        """
         if self.going_away:
             return
         self.going_away = True
         self.write_frame(frame.go_away(code, message))
+        for stream in list(self.streams.values()):
+            draining = getattr(stream.protocol, "tunnel_draining", None)
+            if draining is None or stream.closed:
+                continue
+            try:
+                draining()
+            except Exception:
+                self.log.failure("stream {stream_id}: its protocol failed to drain", stream_id=stream.id,
+                                 **self.log_context)
 
     @property
     def open_streams(self) -> int:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import ipaddress
+import itertools
 import socket
 import sys
 import threading
@@ -41,6 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 ID_HEADER = "X-Loadgen-Id"
+_generators = itertools.count(1)
 
 
 def _loopback(host: str) -> str:
@@ -180,6 +182,7 @@ class LoadGen:
         self.max_requests, self.max_seconds, self.timeout = max_requests, max_seconds, timeout
         self.post_body = post_body
         self.pause = pause   # an HTTP worker's think time between requests: its connection sits idle
+        self.label = f"g{next(_generators)}"   # in every id, so two generators' ids never meet
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.ok: Counter[str] = Counter()
@@ -237,7 +240,7 @@ class LoadGen:
             if self.stopping.is_set() or self._issued >= self.max_requests or time.monotonic() >= self._deadline:
                 return None
             self._issued += 1
-            return f"{kind}{self._issued}"
+            return f"{self.label}{kind}{self._issued}"
 
     def _record(self, kind: str, request_id: str, started: float, error: str | None) -> None:
         with self.lock:

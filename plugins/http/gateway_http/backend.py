@@ -403,12 +403,31 @@ class Exchange(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
+    def tunnel_draining(self) -> None:
+        """The connector drains (GO_AWAY sent): a stream between requests takes no next one.
+
+        Held open it would hold the drain until drain_timeout. It is reset with GOING_AWAY,
+        which promises the service that no request on it was forwarded (a request head may
+        be on its way: it is dropped), so the front door can send that request elsewhere.
+        """
+        if self.phase != "head" or self.over or self.stream.closed:
+            return
+        self.over = True
+        self.phase = "drained"
+        conn = self._let_go()
+        if conn is not None:
+            self.backends.pool.release(conn)
+        self.stream.reset(ResetCode.GOING_AWAY, "the connector is draining: no request on this stream was"
+                                                " forwarded to the back end")
+
     def connectionLost(self, reason: Failure = None) -> None:
         """The stream ended: cleanly after the exchange, or reset (client gone, service timeout)."""
         if self._sso_call is not None:
             call, self._sso_call = self._sso_call, None
             call.cancel()
         clean = reason is None or reason.check(ConnectionDone)
+        if self.phase == "drained":
+            return   # our own reset (tunnel_draining): nothing was in flight
         if self.resp == "tunnel" and clean:
             conn = self._let_go()
             if conn is not None and not conn.lost:
@@ -545,9 +564,12 @@ class Exchange(Protocol):
                      address=self.target.address, status=self.resp_status)
         reusable = (self.phase == "sent" and self.resp_keep_alive and not extra and not self.extra_sent
                     and self.request.version == b"HTTP/1.1")
-        if self.phase == "sent" and not self.stream.closed and not self.stream.disconnecting:
+        if (self.phase == "sent" and not self.stream.closed and not self.stream.disconnecting
+                and not _draining(self.stream)):
             # The stream may carry the client connection's next request: keep a reusable back-end
             # connection paired with it (no pool round trip), else dial when that request comes.
+            # (Not while the connector drains: the service, told by the GO_AWAY that went before
+            # this response's end, sends no next request here.)
             if not reusable:
                 conn = self._let_go()
                 if conn is not None and not conn.lost:
@@ -644,6 +666,11 @@ class Exchange(Protocol):
             conn.transport.loseWriteConnection()
         else:
             conn.transport.loseConnection()
+
+
+def _draining(stream: Any) -> bool:
+    """This end of the stream's tunnel said GO_AWAY (the connector drains)."""
+    return bool(getattr(getattr(stream, "session", None), "going_away", False))
 
 
 def _with_credentials(headers: rules.Headers, credentials: Any) -> rules.Headers:

@@ -33,7 +33,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway import logs
+from gateway.oplogs import session as sessionlog
 from gateway.tunnel.frame import ResetCode
+from gateway.tunnel.stream import StreamReset
 from gateway.tunnel.splice import tune_socket
 
 from . import auth, links, routing, rules
@@ -44,6 +46,11 @@ log = Logger(namespace="gateway_http")
 
 NOT_FOUND = "There is no application at this address."
 UNREACHABLE = "The application cannot be reached right now. Try again later."
+# A request a draining connector refused unforwarded is sent again through another connector,
+# if the front door still holds all of it: its head and up to this much of its body...
+REPLAY_LIMIT = 64 * 1024
+# ...and at most this many times in all (a group whose every connector drains at once).
+MAX_ATTEMPTS = 3
 BAD_ANSWER = "The application did not send a complete answer."
 
 
@@ -181,6 +188,13 @@ class Exchange:
         self.external = external
         self.internal = internal
         self.stream: Any = None
+        self.extra: dict[str, Any] = {}   # what the stream was opened with (the user, the client)
+        self.body_length = body_length
+        # The request as written to its stream, until the response starts (None once it is larger
+        # than REPLAY_LIMIT): what is sent again should a draining connector refuse it unforwarded.
+        self.replay: list[bytes] | None = []
+        self.replay_body = 0
+        self.attempts = 1
         self.identity: auth.Identity | None = None
         self.added: rules.Headers = ()    # the gate's headers for the back end (the signed assertion)
         self.stream_identity: dict | None = None
@@ -653,6 +667,7 @@ class FrontDoor(Protocol):
             ex.identity = decision.identity
             extra["user"] = decision.identity.subject
             extra["identity"] = decision.identity.to_metadata()
+        ex.extra = extra
         kept = self._take_idle(ex.app, extra.get("identity"))
         if kept is not None:
             self._opened(kept, ex, body_length)
@@ -690,6 +705,9 @@ class FrontDoor(Protocol):
             return
         ex.stream = stream
         ex.stream_identity = ex.identity.to_metadata() if ex.identity is not None else None
+        if ex.attempts > 1:
+            self._resend(stream, ex)
+            return
         try:
             if translate_links(ex.app) and self.link_map is not None and not self.link_map.empty:
                 # ask for a coding we can undo, so the body can be translated
@@ -714,7 +732,7 @@ class FrontDoor(Protocol):
             self.transport.registerProducer(self._writer, True)
             self._streaming = True
             stream.registerProducer(self._reader, True)
-            stream.write(head)
+            self._send(ex, head)
         except Exception:
             log.failure("request {request_id}: the http plugin failed sending a request", request_id=ex.request_id)
             self._fail(502, UNREACHABLE)
@@ -725,6 +743,65 @@ class FrontDoor(Protocol):
             self._arm_body()
         self._advance()
 
+    def _send(self, ex: Exchange, data: bytes) -> None:
+        """Request bytes to the stream, kept for a resend while the body is small enough."""
+        ex.stream.write(data)
+        replay = ex.replay
+        if replay is not None:
+            if replay:   # the head is always kept; the body up to REPLAY_LIMIT
+                ex.replay_body += len(data)
+                if ex.replay_body > REPLAY_LIMIT:
+                    ex.replay = None
+                    return
+            replay.append(data)
+
+    def _resend(self, stream: Any, ex: Exchange) -> None:
+        """A new stream for a request a draining connector refused: the same bytes again, then
+        on as if the first stream had taken them."""
+        try:
+            stream.attach(ResponseSide(self, ex))
+            self._writer.stream = stream
+            self.transport.registerProducer(self._writer, True)
+            self._streaming = True
+            stream.registerProducer(self._reader, True)
+            stream.writeSequence(ex.replay)
+        except Exception:
+            log.failure("request {request_id}: the http plugin failed sending a request", request_id=ex.request_id)
+            self._fail(502, UNREACHABLE)
+            return
+        self._release("stream")
+        if ex.request_done:
+            self._request_sent(ex)
+            return
+        self.state = "body"
+        self._arm_body()
+        self._advance()
+
+    def _unforwarded(self, ex: Exchange, reason: Failure | None) -> bool:
+        """The connector reset the stream with GOING_AWAY before any answer: it drains and
+        promises that it forwarded nothing of this request (docs/protocol.md), so the request
+        may go to another connector, whatever its method, if the front door still has all of it."""
+        return (reason is not None and reason.check(StreamReset) is not None
+                and reason.value.code == ResetCode.GOING_AWAY and ex.response_state == "head"
+                and not ex.response_buf and ex.replay is not None and ex.attempts < MAX_ATTEMPTS)
+
+    def _send_elsewhere(self, ex: Exchange) -> None:
+        """Open a new stream for ``ex``; the service routes no new stream to a draining tunnel."""
+        info = getattr(ex.stream, "log_info", None)
+        log.info("request {request_id} from {client} for app {app}: connector {connector} is draining and did not"
+                 " forward it; sending it through another connector", request_id=ex.request_id,
+                 client=self._client, app=ex.app.name, connector=info.connector_id if info else "?")
+        ex.attempts += 1
+        ex.stream = None
+        self._unregister()
+        self._cancel_backend_timer()
+        self._cancel_body_timer()
+        self._release("tunnel")
+        self.state = "opening"
+        self._hold("stream")
+        d = self.open_stream(ex.app, ex.extra)
+        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(ex, ex.body_length), errbackArgs=(ex,))
+
     def _open_failed(self, failure: Failure, ex: Exchange) -> None:
         log.warn("request {request_id} from {client} for app {app}: 502, no stream: {reason}",
                  request_id=ex.request_id, client=self._client, app=ex.app.name, reason=failure.getErrorMessage())
@@ -733,19 +810,18 @@ class FrontDoor(Protocol):
 
     def _relay_body(self) -> None:
         ex = self.exchange
-        stream = ex.stream
         if ex.body_decoder is not None:
             pieces, rest = ex.body_decoder.feed(self.buf)
             self.buf = rest
             if pieces:
-                stream.writeSequence([chunk(p) for p in pieces])
+                self._send(ex, b"".join([chunk(p) for p in pieces]))
             if ex.body_decoder.done:
-                stream.write(LAST_CHUNK)
+                self._send(ex, LAST_CHUNK)
                 self._request_sent(ex)
         else:
             n = min(ex.body_left, len(self.buf))
             if n:
-                stream.write(self.buf[:n])
+                self._send(ex, self.buf[:n])
                 self.buf = self.buf[n:]
                 ex.body_left -= n
             if ex.body_left == 0:
@@ -770,6 +846,7 @@ class FrontDoor(Protocol):
         if ex.response_state == "upgraded":
             self.transport.write(data)
             return
+        ex.replay = None   # the connector forwarded the request: it is never sent again
         if ex.request_done:
             self._arm_backend(ex)
         if ex.response_state == "head":
@@ -920,6 +997,14 @@ class FrontDoor(Protocol):
                 tail = chunk(tail)
         self._write_response(ex, tail + (LAST_CHUNK if ex.chunked_to_client else b""))
 
+    def _session_record(self, ex: Exchange) -> None:
+        """The request's line in the service's session log."""
+        info = getattr(ex.stream, "log_info", None)
+        sessionlog.http_request(sessionlog.SERVICE, request_id=ex.request_id, method=ex.request.method,
+                                target=ex.request.target, status=ex.response.status, app=ex.app.name,
+                                user=ex.extra.get("user"), client=self._client,
+                                connector_id=info.connector_id if info else None, bytes_down=ex.bytes_out)
+
     def _response_done(self, ex: Exchange) -> None:
         if ex.response_state == "body":
             self._end_body(ex)
@@ -934,6 +1019,9 @@ class FrontDoor(Protocol):
                      request_id=ex.request_id, method=ex.request.method.decode("latin-1"),
                      target=ex.request.target.decode("latin-1")[:200], app=ex.app.name,
                      connector=info.connector_id if info else "?", status=ex.response.status, size=ex.bytes_out)
+        session_log = sessionlog.current
+        if session_log is not None and session_log.on[sessionlog.SERVICE]:
+            self._session_record(ex)
         self._unregister()
         if not ex.request_done:
             # The back end answered before the whole request body came: this connection's
@@ -974,6 +1062,9 @@ class FrontDoor(Protocol):
                 self.transport.loseConnection()
             return
         if ex.response_state == "done" or self.state == "closed" or self.exchange is not ex:
+            return
+        if self._unforwarded(ex, reason):
+            self._send_elsewhere(ex)
             return
         clean = reason is None or reason.check(ConnectionDone)
         if clean and ex.response_state == "body" and ex.response_framing == -1:
