@@ -16,6 +16,7 @@ import attrs
 from twisted.python.failure import Failure
 
 from gateway import __version__, plugins
+from gateway import logs_cli
 from gateway.access import cli as access_cli
 from gateway.store import cli as store_cli
 from gateway.admin.client import TOKEN_ENV as ADMIN_TOKEN_ENV
@@ -121,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _users_parsers(sub: Any) -> None:
     users = sub.add_parser("users", help="Private Access users' credentials: personal tokens and sign-ins"
+    logs_cli.add_parsers(sub)
                            ).add_subparsers(dest="action", required=True)
     tokens = users.add_parser("token", help="personal tokens for headless machines").add_subparsers(
         dest="token_action", required=True)
@@ -1018,3 +1020,4 @@ COMMANDS = {
 
 if __name__ == "__main__":
     sys.exit(main())
+    **logs_cli.COMMANDS,

@@ -48,6 +48,7 @@ MIB = 1024 * 1024
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+DEFAULT_JOURNALD_SOCKET = "/run/systemd/journal/socket"
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
 _PROTOCOL_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}\Z")
@@ -189,6 +190,16 @@ class LoggingConfig:
 
     format: str = "text"
     level: str = "info"
+    # The admin log (JSON lines); None when the admin turned it off (admin_log = "").
+    admin_log: Path | None = None
+    # The service node's own session log (a connector's is switched by its service).
+    session_log: bool = False
+    session_log_file: Path | None = None
+    # Each log rotates at max_bytes and keeps max_files files: the bound on disk per log.
+    max_bytes: int = 10 * 1024 * 1024
+    max_files: int = 5
+    journald: bool = False
+    journald_socket: str = DEFAULT_JOURNALD_SOCKET
 
 
 DEFAULT_METRICS_LISTEN = "tcp:9464:interface=127.0.0.1"
@@ -677,7 +688,8 @@ class _Parser:
     CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max", "proxy",
                  "proxy_password_file"]
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
-    LOGGING = ["format", "level"]
+    LOGGING = ["format", "level", "admin_log", "session_log", "session_log_file", "max_bytes", "max_files",
+               "journald", "journald_socket"]
 
     def __init__(self, file: str, sections: Mapping[str, Callable] | None = None) -> None:
         self.file = file
@@ -714,7 +726,8 @@ class _Parser:
         tunnel_data = self.table(data, "tunnel")
         tunnel = self.tunnel(tunnel_data if tunnel_data is not None else {})
         logging_data = self.table(data, "logging")
-        logging = self.logging(logging_data if logging_data is not None else {})
+        logging = self.logging(logging_data if logging_data is not None else {},
+                               service.state_dir if service is not None else connector.state_dir)
         extra = {}
         for name, parse in self.sections.items():
             table = self.table(data, name)
@@ -1073,10 +1086,29 @@ class _Parser:
             max_streams=t.integer("max_streams", 20000, 1, 2**31 - 1),
         )
 
-    def logging(self, data: Mapping[str, Any]) -> LoggingConfig:
+    def logging(self, data: Mapping[str, Any], state_dir: Path) -> LoggingConfig:
         t = _Table(self, "logging", data, self.LOGGING)
-        return LoggingConfig(format=t.choice("format", "text", LOG_FORMATS),
-                             level=t.choice("level", "info", LOG_LEVELS))
+        flags = {}
+        for key in ("session_log", "journald"):
+            flags[key] = t.get(key, False, False)
+            if not isinstance(flags[key], bool):
+                raise t.fail(key, "true or false", flags[key])
+        admin_log = t.get("admin_log", None, False)
+        if admin_log is not None and not isinstance(admin_log, str):
+            raise t.fail("admin_log", 'a file path, or "" to turn the admin log off', admin_log)
+        journald_socket = t.string("journald_socket", DEFAULT_JOURNALD_SOCKET, what="a UNIX socket path")
+        if not journald_socket.startswith("/"):
+            raise t.fail("journald_socket", "an absolute UNIX socket path", journald_socket)
+        return LoggingConfig(
+            format=t.choice("format", "text", LOG_FORMATS), level=t.choice("level", "info", LOG_LEVELS),
+            admin_log=(None if admin_log == "" else
+                       t.path("admin_log") if admin_log is not None else state_dir / "admin.log"),
+            session_log=flags["session_log"],
+            session_log_file=t.path("session_log_file") if "session_log_file" in data else state_dir / "session.log",
+            max_bytes=t.integer("max_bytes", 10 * MIB, 16 * KIB, 1024 * MIB),
+            max_files=t.integer("max_files", 5, 1, 100),
+            journald=flags["journald"], journald_socket=journald_socket,
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from gateway import logs, plugins
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, load_config
 from gateway.connector.identity import ConnectorIdentity
 from gateway.errors import GatewayError
+from gateway.oplogs.service import OpLogs
+from gateway.service.admin_events import NODE, AdminEvent
 
 
 class Options(usage.Options):
@@ -73,7 +75,10 @@ def makeService(options: Options) -> IService:
     reactor.addSystemEventTrigger("after", "shutdown", _clean_exit, reactor)
     _tune_gc(reactor)
     raise_open_files_limit(resource, _log)
-    return build(options.config, reactor, options.pm, options.handlers, options.identity, config_path=options["config"])
+    from twisted.logger import globalLogPublisher
+
+    return build(options.config, reactor, options.pm, options.handlers, options.identity, config_path=options["config"],
+                 log_publisher=globalLogPublisher)
 
 
 def _tune_gc(reactor: Any) -> None:
@@ -130,21 +135,30 @@ def _clean_exit(reactor: Any) -> None:
 
 
 def build(config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any],
-          identity: ConnectorIdentity | None, config_path: str | None = None) -> IService:
+          identity: ConnectorIdentity | None, config_path: str | None = None, log_publisher: Any = None) -> IService:
     from gateway.connector.node import ConnectorNode
     from gateway.service.node import ServiceNode
 
     top = MultiService()
     service = connector = None
+    # First child: started first, so the node's and connector's start-up events are in the admin log.
+    oplogs = OpLogs(config.logging, reactor, "node" if config.service is not None or identity is None
+                    else identity.connector_id, log_publisher)
+    oplogs.setServiceParent(top)
     metrics = start_metrics(config, reactor, pm, top)
     if config.service is not None:
         service = ServiceNode(config, reactor, pm, handlers, metrics=metrics)
         service.setServiceParent(top)
+        service.oplogs = oplogs
+        oplogs.admin.listeners.append(lambda record: service.admin_events.add(AdminEvent(
+            time=record["time"], source=NODE, level=record["level"], text=record["text"])))
     if config.connector is not None:
         connector = ConnectorNode(config, reactor, pm, handlers, identity, metrics=metrics)
         connector.setServiceParent(top)
+        if service is None:   # a node and connector in one process: the node keeps its events itself
+            oplogs.admin.listeners.append(connector.admin_forwarder.report)
     if config_path is not None:
-        install_reload(reactor, config_path, pm, handlers, service, connector)
+        install_reload(reactor, config_path, pm, handlers, service, connector, oplogs)
     return top
 
 
@@ -169,7 +183,8 @@ def start_metrics(config: GatewayConfig, reactor: Any, pm: Any, parent: MultiSer
     return metrics
 
 
-def install_reload(reactor: Any, path: str, pm: Any, handlers: dict[str, Any], service: Any, connector: Any) -> None:
+def install_reload(reactor: Any, path: str, pm: Any, handlers: dict[str, Any], service: Any, connector: Any,
+                   oplogs: Any = None) -> None:
     """SIGHUP: a service re-reads its file (a bad file is logged, the running config kept);
     a connector pulls its configuration from the service at once."""
 
@@ -184,6 +199,8 @@ def install_reload(reactor: Any, path: str, pm: Any, handlers: dict[str, Any], s
         except GatewayError as e:
             service.log.error("config reload refused, keeping the running config: {error}", error=str(e))
             return
+        if oplogs is not None:
+            oplogs.reconfigure(config.logging)
         service.reload(config)
 
     def on_signal(signum: int, frame: Any) -> None:

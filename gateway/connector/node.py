@@ -10,6 +10,7 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import LoopingCall
 from prometheus_client.core import GaugeMetricFamily
 from twisted.logger import Logger
@@ -25,6 +26,8 @@ from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
 from gateway.segments import Where, parse_segments
 from gateway.errors import ConfigError, GatewayError, describe_failure
+from gateway.oplogs import session as sessionlog
+from gateway.oplogs.forward import AdminEventForwarder
 from gateway.metrics import result_of, role_metrics
 from gateway.tunnel.frame import GoAwayCode, ResetCode
 from gateway.tunnel.session import TunnelSession, TunnelSettings
@@ -98,6 +101,9 @@ class ConnectorNode(MultiService):
         self.bytes_in = 0
         self.bytes_out = 0
         self.ctx = {"connector_id": identity.connector_id}
+        # This connector's admin events, sent to the service over a live tunnel (rate-bounded);
+        # gateway.tap makes it a listener of the admin log.
+        self.admin_forwarder = AdminEventForwarder(reactor, self._send_control)
         # ProxyError (a GatewayError) at start for an unusable HTTPS_PROXY or password file.
         self.proxy = choose_proxy(config.connector.proxy, config.connector.proxy_password_file,
                                   identity.service_host, identity.service_port)
@@ -129,7 +135,7 @@ class ConnectorNode(MultiService):
         super().startService()
         self.log.info(
             "connector {connector_id} ({name}, group {group}) keeping {n} tunnels to {host}:{port}",
-            name=ident.name, group=ident.group, n=connector.tunnels,
+            event="connector_started", name=ident.name, group=ident.group, n=connector.tunnels,
             host=ident.service_host, port=ident.service_port, **self.ctx,
         )
         if self.proxy is not None:
@@ -144,7 +150,7 @@ class ConnectorNode(MultiService):
         open_streams = sum(s.open_streams for s in live)
         self.log.info(
             "connector {connector_id} draining {n} open streams (up to {timeout}s)",
-            n=open_streams, timeout=self.config.connector.drain_timeout, **self.ctx,
+            event="drain", n=open_streams, timeout=self.config.connector.drain_timeout, **self.ctx,
         )
         drained = gatherResults([s.wait_idle() for s in live])
         timeout = self.reactor.callLater(self.config.connector.drain_timeout, drained.cancel)
@@ -181,6 +187,15 @@ class ConnectorNode(MultiService):
     def tunnel_up(self, client: TunnelClient) -> None:
         self.tunnels[client.session.tunnel_id] = client
         plugins.notify(self.pm, "gateway_connector_up", connector=client)
+        self.admin_forwarder.flush()
+
+    def _send_control(self, message: dict[str, Any]) -> bool:
+        """Put a control message on one live tunnel; False if none is up."""
+        for client in self.tunnels.values():
+            if client.control is not None and client.session.connected:
+                client.control.send(message)
+                return True
+        return False
 
     def tunnel_lost(self, client: TunnelClient, reason: str) -> None:
         if self.tunnels.pop(client.session.tunnel_id, None) is not None:
@@ -189,6 +204,7 @@ class ConnectorNode(MultiService):
     # -- config --------------------------------------------------------------------------
 
     def apply_config(self, message: dict[str, Any]) -> None:
+        self._switch_session_log(message.get("session_log"))
         version = message.get("version")
         if version == self.config_version:
             return
@@ -222,13 +238,23 @@ class ConnectorNode(MultiService):
                     self.log.error("config error: {problem}", problem=problem, **self.ctx)
         self.apps = apps
         self.config_version = version
-        self.log.info("config {version}: apps {apps}", version=version,
+        self.log.info("config {version}: apps {apps}", event="config_applied", version=version,
                       apps=", ".join(f"{a.name}→{_reaches(a)}" for a in apps.values()) or "none", **self.ctx)
+
+    def _switch_session_log(self, on: Any) -> None:
+        """The session log switch the service sent with the config (gateway logs session)."""
+        log = sessionlog.current
+        if not isinstance(on, bool) or log is None:
+            return
+        if log.switch(sessionlog.CONNECTOR, on):
+            self.log.info("session log switched {state} by the service", state="on" if on else "off",
+                          event="session_log_switched", **self.ctx)
 
     # -- streams -------------------------------------------------------------------------
 
     def dispatch(self, stream: Stream) -> None:
         meta = stream.metadata
+        stream.opened_at = self.reactor.seconds()
         ctx = {**stream.session.log_context, "stream_id": stream.id, "app": meta.get("app"),
                "request_id": meta.get("request_id")}
         if meta.get("kind") != "app":
@@ -312,6 +338,9 @@ class ConnectorNode(MultiService):
 
     def stream_closed(self, stream: Stream, reason: Failure) -> None:
         """Count a stream's end; one refused before a plugin had it counts as not opened, and why."""
+        session_log = sessionlog.current
+        if session_log is not None and session_log.on[sessionlog.CONNECTOR]:
+            self._session_record(session_log, stream, reason)
         series = getattr(stream, "metrics_series", None)
         if series is not None:
             series.closed(result_of(reason), stream.bytes_in, stream.bytes_out)
@@ -322,6 +351,21 @@ class ConnectorNode(MultiService):
             app = self.apps.get(meta.get("app"))
             self.connector_metrics.refused(app.name if app else "", app.group if app else self.identity.group,
                                            app.protocol if app else "", result_of(reason))
+
+    def _session_record(self, session_log: Any, stream: Stream, reason: Failure) -> None:
+        meta = stream.metadata
+        if meta.get("kind") != "app":
+            return
+        opened = getattr(stream, "opened_at", None)
+        session_log.write(sessionlog.CONNECTOR, {
+            "type": "stream", "request_id": meta.get("request_id"), "app": meta.get("app"),
+            "protocol": meta.get("protocol"), "user": meta.get("user"), "client": meta.get("client"),
+            "connector_id": self.identity.connector_id, "tunnel_id": stream.session.tunnel_id,
+            "transport": meta.get("transport", "tcp"), "destination": meta.get("destination"),
+            "segment": meta.get("segment", ""), "bytes_up": stream.bytes_in, "bytes_down": stream.bytes_out,
+            "duration": round(self.reactor.seconds() - opened, 3) if opened is not None else None,
+            "result": "done" if reason is None or reason.check(ConnectionDone) else describe_failure(reason),
+        })
 
     def _state_metrics(self) -> list:
         """Tunnels up and the config version, read at each scrape."""
@@ -411,7 +455,7 @@ class TunnelClient:
             self._deadline.cancel()
         self._every(float(message.get("heartbeat_interval", 15)), self._heartbeat)
         self._every(float(message.get("config_interval", 300)), self.pull_config)
-        self.log.info("tunnel {tunnel_id} up to node {node_id}", node_id=message.get("node_id"),
+        self.log.info("tunnel {tunnel_id} up to node {node_id}", event="tunnel_up", node_id=message.get("node_id"),
                       **self.session.log_context)
         self.node.connector_metrics.handshake("ok")
         self.node.tunnel_up(self)
@@ -470,5 +514,6 @@ class TunnelClient:
             self.node.connector_metrics.handshake("refused" if session.go_away_reason is not None else "failed")
             self.ready.errback(Failure(TunnelRefused(why)))
         else:
-            self.log.warn("tunnel {tunnel_id} lost: {reason}", reason=why, **self.session.log_context)
+            self.log.warn("tunnel {tunnel_id} lost: {reason}", event="tunnel_lost", reason=why,
+                          **self.session.log_context)
             self.node.tunnel_lost(self, why)

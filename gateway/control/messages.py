@@ -23,6 +23,7 @@ ENROL_RESULT = "enrol_result"
 RENEW_REQUEST = "renew_request"
 RENEW_RESULT = "renew_result"
 SESSION_FACTS = "session_facts"
+ADMIN_EVENT = "admin_event"
 
 CAPABILITIES = ("tcp", "go_away_drain", "config_push", "window_autotune")
 

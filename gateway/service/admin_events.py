@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import OrderedDict, deque
+from typing import Any
 
 from attrs import define, field, frozen
 
@@ -60,3 +62,34 @@ class AdminEvents:
     def sources(self) -> list[str]:
         """The sources with events kept, the one heard from most recently first."""
         return list(reversed(self._by_source))
+
+
+# What a connector's admin_event may put in the node's memory: the text cut to this, the
+# level one of LEVELS; its source is the connector's certificate identity, never the message.
+MAX_TEXT = 1000
+MAX_EVENT_NAME = 64
+
+
+def event_from_message(connector_id: str, message: dict[str, Any], now: float) -> AdminEvent:
+    """A connector's admin_event control message as an AdminEvent, bounded and normalised."""
+    level = message.get("level")
+    text = message.get("text")
+    when = message.get("time")
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+        when = now
+    return AdminEvent(
+        time=float(min(when, now)),   # a connector's clock ahead of ours must not sort it first forever
+        source=connector_id,
+        level=level if level in LEVELS else "info",
+        text=(text if isinstance(text, str) else repr(text))[:MAX_TEXT],
+    )
+
+
+def handle_admin_event(handler: Any, message: dict[str, Any]) -> None:
+    """Control message admin_event from a connector: kept with the node's recent events and
+    written to the node's admin log with the connector as its source."""
+    node = handler.node
+    event = event_from_message(handler.identity.connector_id, message, node.reactor.seconds())
+    node.admin_events.add(event)
+    name = message.get("event")
+    node.connector_admin_event(event, name[:MAX_EVENT_NAME] if isinstance(name, str) else "")

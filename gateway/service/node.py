@@ -30,7 +30,8 @@ from gateway.pki.ca import CertificateAuthority
 from gateway.pki.tls import server_options
 from gateway.protocols import StreamInfo
 from gateway.segments import segment_table
-from gateway.service.admin_events import AdminEvents
+from gateway.oplogs import session as sessionlog
+from gateway.service.admin_events import AdminEvent, AdminEvents, handle_admin_event
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.listeners import SwappableFactory
 from gateway.service.registry import NoConnector, Registry
@@ -141,6 +142,11 @@ class ServiceNode(MultiService):
 
     # -- start and stop ------------------------------------------------------------------
 
+        self.control_handlers[m.ADMIN_EVENT] = handle_admin_event
+        # The process's logs (gateway.oplogs.OpLogs), when tap built them; the session log
+        # switches from the store: {(scope, name): on}, pushed to connectors with their config.
+        self.oplogs: Any = None
+        self.session_switches: dict[tuple[str, str], bool] = {}
     def startService(self) -> None:
         service = self.config.service
         now = datetime.now(UTC)
@@ -159,6 +165,7 @@ class ServiceNode(MultiService):
         self.store = ThreadedStore(sync_store, self.reactor)
 
         tls_factory = TunnelTLSFactory(
+        self.session_switches = sync_store.session_log_switches()
             server_options(self.ca.cert, node_cert, node_key), False, ServiceTunnelFactory(self)
         )
         tunnel_listener = StreamServerEndpointService(listen_endpoint(self.reactor, service.listen), tls_factory)
@@ -186,12 +193,16 @@ class ServiceNode(MultiService):
         sweeper = Sweeper(self.store, self.reactor, lambda cid: bool(self.registry.tunnels_of(cid)),
                           service.inactive_after, service.remove_inactive_after)
         SweeperService(sweeper, service.sweep_interval, self.reactor).setServiceParent(self)
+        switches = TimerService(service.config_interval, self.refresh_session_switches)
+        switches.clock = self.reactor
+        switches.setName("session-log-switches")
+        switches.setServiceParent(self)
         if self.metrics is not None:
             self.metrics.collect(self._state_metrics, "the service node")
         super().startService()
         self.log.info(
             "service node {node_id} listening for tunnels on {listen}; CA {fingerprint}; apps: {apps}",
-            node_id=service.node_id, listen=service.listen, fingerprint=self.ca.fingerprint,
+            event="node_started", node_id=service.node_id, listen=service.listen, fingerprint=self.ca.fingerprint,
             apps=", ".join(sorted(self.apps)) or "none",
         )
 
@@ -388,7 +399,7 @@ class ServiceNode(MultiService):
                     handler.send_config()
                 for handler in self.user_tunnels:   # an app or assignment gone cuts its streams now
                     handler.access.recheck_flows()
-                self.log.info("{what}; apps: {apps}", what=what, apps=", ".join(sorted(self.apps)) or "none")
+                self.log.info("{what}; apps: {apps}", event="config_applied", what=what, apps=", ".join(sorted(self.apps)) or "none")
 
             return d.addErrback(refused).addCallback(done)
 
@@ -453,7 +464,7 @@ class ServiceNode(MultiService):
                 waiter.callback(None)
         self.log.info(
             "connector {connector_id} (group {group}) up on tunnel {tunnel_id} from {address} with certificate {serial}",
-            group=handler.group, address=handler.address, serial=handler.identity.serial_hex, **handler.ctx,
+            event="tunnel_up", group=handler.group, address=handler.address, serial=handler.identity.serial_hex, **handler.ctx,
         )
         plugins.notify(self.pm, "gateway_connector_up", connector=handler.entry)
         connector_id = handler.identity.connector_id
@@ -481,7 +492,8 @@ class ServiceNode(MultiService):
         self.registry.remove(handler.session)
         self.lifecycle.changed(handler.entry.connector_id)
         why = describe_failure(reason)
-        self.log.info("connector {connector_id} tunnel {tunnel_id} lost: {reason}", reason=why, **handler.ctx)
+        self.log.info("connector {connector_id} tunnel {tunnel_id} lost: {reason}", event="tunnel_lost", reason=why,
+                      **handler.ctx)
         plugins.notify(self.pm, "gateway_connector_lost", connector=handler.entry, reason=why)
 
     def revalidate_tunnels(self) -> Deferred:
@@ -494,6 +506,38 @@ class ServiceNode(MultiService):
         self.lifecycle.heartbeat(connector_id)
 
     # -- routing -------------------------------------------------------------------------
+    # -- the session log switches and connectors' admin events -----------------------------
+
+    def session_log_for(self, connector_id: str, group: str) -> bool:
+        """Whether a connector keeps a session log: its own switch, else its group's, else off."""
+        return sessionlog.switched_on(self.session_switches, connector_id, group)
+
+    def refresh_session_switches(self) -> Deferred:
+        """Every config_interval: read the switches `gateway logs session` keeps in the store; a
+        connector whose switch changed gets its config again, so it takes effect without a restart."""
+        if self.store is None or self.store.closed or not self.running:
+            return succeed(None)
+
+        def got(switches: dict[tuple[str, str], bool]) -> None:
+            if switches == self.session_switches:
+                return
+            before = {h: self.session_log_for(h.identity.connector_id, h.group) for h in self._handlers()}
+            self.session_switches = switches
+            for handler, was in before.items():
+                if self.session_log_for(handler.identity.connector_id, handler.group) != was:
+                    handler.send_config()
+
+        return self.store.session_log_switches().addCallbacks(got, self._switches_unreadable)
+
+    def _switches_unreadable(self, failure: Failure) -> None:
+        self.log.error("cannot read the session log switches in the store ({error}); keeping the ones read before",
+                       error=failure.getErrorMessage())
+
+    def connector_admin_event(self, event: AdminEvent, name: str) -> None:
+        """A connector's admin event in this node's admin log, with the connector as its source."""
+        if self.oplogs is not None:
+            self.oplogs.admin_record(event.source, event.level, event.text, event.time, name)
+
 
     def open_app_stream(self, app: AppConfig, extra: dict[str, Any], tried: frozenset[str] = frozenset()) -> Deferred:
         """Open a stream for `app` on the best connector of its group; retry only what never left."""
@@ -580,6 +624,9 @@ class ServiceNode(MultiService):
                     "session: user {user} app {app} {transport} {where} via connector"
                     " {connector_id}: {bytes_up} bytes up, {bytes_down} down, {duration:.1f}s, {result}{summary}",
                     facts=record.facts, summary="".join(f"; {k}={v}" for k, v in record.facts.items()),
+            session_log = sessionlog.current
+            if session_log is not None and session_log.on[sessionlog.SERVICE]:
+                session_log.write(sessionlog.SERVICE, sessionlog.stream_record(record))
                     where=f"{record.destination} (segment {record.segment})" if record.segment else record.destination,
                     event="session", user=record.user or "-", app=record.app, transport=record.transport,
                     destination=record.destination, segment=record.segment, connector_id=record.connector_id,
@@ -642,7 +689,7 @@ class ServiceNode(MultiService):
             record, cert = result
             self.log.info(
                 "enrolled connector {connector_id} ({name}) in group {group} from {address}",
-                connector_id=record.connector_id, name=record.name, group=record.group, address=address,
+                event="enrolled", connector_id=record.connector_id, name=record.name, group=record.group, address=address,
             )
             return {
                 "type": m.ENROL_RESULT, "connector_id": record.connector_id, "group": record.group,

@@ -424,7 +424,10 @@ class TunnelHandler:
     def send_config(self, force: bool = False) -> None:
         if self.control is None or self.state != "up":
             return
-        self.control.send(self.node.group_config(self.group))
+        # session_log: this connector's switch (gateway logs session), outside the apps' version
+        # so flipping it reaches a connector whose apps did not change.
+        self.control.send({**self.node.group_config(self.group),
+                           "session_log": self.node.session_log_for(self.identity.connector_id, self.group)})
 
     def _heartbeat(self, message: dict) -> None:
         problem = capacity_problem(message.get("capacity", 1.0))

@@ -461,6 +461,28 @@ class SQLStore:
 
     # internals
 
+    # session log switches
+
+    def set_session_log(self, scope: str, name: str, enabled: bool, now: datetime) -> None:
+        """Switch the session log of a group or a connector (scope "group" or "connector")."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO session_log_switches (scope, name, enabled, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (scope, name) DO UPDATE SET enabled = excluded.enabled, updated_at = excluded.updated_at",
+                (scope, name, int(enabled), _to_text(now)),
+            )
+
+    def clear_session_log(self, scope: str, name: str) -> bool:
+        """Forget a switch (a connector then follows its group); whether there was one."""
+        with self._write() as db:
+            return db.execute("DELETE FROM session_log_switches WHERE scope = ? AND name = ?",
+                              (scope, name)).rowcount > 0
+
+    def session_log_switches(self) -> dict[tuple[str, str], bool]:
+        """Every switch: {(scope, name): enabled}."""
+        rows = self._db.execute("SELECT scope, name, enabled FROM session_log_switches")
+        return {(scope, name): bool(enabled) for scope, name, enabled in rows}
+
     def _migrate(self) -> tuple[int, int]:
         """Bring the schema to SCHEMA_VERSION in one transaction; the versions before and after."""
         with self._write() as db:

@@ -52,6 +52,9 @@ class ThreadedStore:
     def list_apps(self) -> Deferred:
         return self._call(self.store.list_apps)
 
+    def session_log_switches(self) -> Deferred:
+        return self._call(self.store.session_log_switches)
+
     def get_app(self, name) -> Deferred:
         return self._call(self.store.get_app, name)
 

@@ -326,7 +326,8 @@ class Connector:
 
     def configure(self, tunnels: int = 1, backoff_initial: float = 0.2, backoff_max: float = 1.0,
                   drain_timeout: float | None = None, ping_interval: float | None = None,
-                  log_format: str = "text", log_level: str = "info", **tunnel: Any) -> None:
+                  log_format: str = "text", log_level: str = "info", logging: dict[str, Any] | None = None,
+                  **tunnel: Any) -> None:
         self.tunnels = tunnels
         values: dict[str, Any] = {"state_dir": str(self.state_dir), "tunnels": tunnels,
                                   "backoff_initial": backoff_initial, "backoff_max": backoff_max}
@@ -337,7 +338,7 @@ class Connector:
             tunnel["ping_interval"] = ping_interval
         if tunnel:
             text += "\n" + toml_table("tunnel", tunnel)
-        text += "\n" + toml_table("logging", {"format": log_format, "level": log_level})
+        text += "\n" + toml_table("logging", {"format": log_format, "level": log_level, **(logging or {})})
         self.config_path.write_text(text)
 
     def start(self, wait: bool = True) -> Proc:

@@ -45,3 +45,13 @@ def test_the_source_heard_from_least_recently_is_forgotten_first():
     events.add(event(4, "c"))
     assert events.sources() == ["c", "a"]
     assert events.recent(source="b") == []
+
+
+def test_a_connectors_event_is_bounded_and_names_the_connector():
+    """admin_event from a connector: its certificate's id as source, text cut, unknown level info,
+    a time ahead of the node's clock brought back to now."""
+    from gateway.service.admin_events import MAX_TEXT, event_from_message
+
+    event = event_from_message("c1", {"source": "node", "level": "root", "text": "x" * 10_000, "time": 1e12}, 100.0)
+    assert (event.source, event.level, len(event.text), event.time) == ("c1", "info", MAX_TEXT, 100.0)
+    assert event_from_message("c1", {"text": ["not text"], "time": "soon"}, 5.0).time == 5.0

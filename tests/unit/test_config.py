@@ -116,7 +116,26 @@ def test_tunnel_and_logging_defaults():
     cfg = parse_config({"connector": {"state_dir": "/c"}}, FILE)
     assert cfg.tunnel == TunnelConfig(ping_interval=10, initial_window=262144, max_window=16777216,
                                       max_frame=65536, max_streams=20000)
-    assert cfg.logging == LoggingConfig(format="text", level="info")
+    assert cfg.logging == LoggingConfig(format="text", level="info", admin_log=Path("/c/admin.log"),
+                                        session_log_file=Path("/c/session.log"))
+    assert (cfg.logging.session_log, cfg.logging.journald, cfg.logging.max_bytes, cfg.logging.max_files) == (
+        False, False, 10 * 1024 * 1024, 5)
+
+
+def test_logging_keys():
+    """[logging] takes the log paths (relative to the file, "" turns the admin log off), the bound
+    and the switches; wrong types and out-of-range bounds name the key."""
+    cfg = parse_config({"service": service(), "logging": {
+        "admin_log": "", "session_log": True, "session_log_file": "logs/s.log", "max_bytes": 65536,
+        "max_files": 2, "journald": True, "journald_socket": "/tmp/j.sock"}}, FILE).logging
+    assert cfg.admin_log is None and cfg.session_log and cfg.journald
+    assert cfg.session_log_file == Path(FILE).absolute().parent / "logs/s.log"
+    assert (cfg.max_bytes, cfg.max_files, cfg.journald_socket) == (65536, 2, "/tmp/j.sock")
+    for key, value, expected in [("session_log", "yes", "true or false"), ("max_bytes", 100, "16384"),
+                                 ("max_files", 0, "1..100"), ("admin_log", 3, "a file path"),
+                                 ("journald_socket", "j.sock", "absolute")]:
+        with pytest.raises(ConfigError, match=f"logging.{key}: .*{expected}"):
+            parse_config({"service": service(), "logging": {key: value}}, FILE)
 
 
 def test_app_defaults():

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway import logs
+from gateway.oplogs import session as sessionlog
 from gateway.errors import GatewayError
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.stream import is_reset
@@ -562,6 +563,12 @@ class Exchange(Protocol):
                      request_id=self.request_id, method=self.request.method.decode("latin-1"),
                      target=self.request.target.decode("latin-1")[:200], app=self.app.name,
                      address=self.target.address, status=self.resp_status)
+        session_log = sessionlog.current
+        if session_log is not None and session_log.on[sessionlog.CONNECTOR]:
+            meta = self.stream.metadata
+            sessionlog.http_request(sessionlog.CONNECTOR, request_id=self.request_id, method=self.request.method,
+                                    target=self.request.target, status=self.resp_status, app=self.app.name,
+                                    user=meta.get("user"), backend=self.target.address)
         reusable = (self.phase == "sent" and self.resp_keep_alive and not extra and not self.extra_sent
                     and self.request.version == b"HTTP/1.1")
         if (self.phase == "sent" and not self.stream.closed and not self.stream.disconnecting

@@ -1,0 +1,121 @@
+"""JSON-lines log files with size-based rotation, and reading them back (rotated ones too).
+
+A log ``admin.log`` rotates to ``admin.log.1`` (the newest old one) .. ``admin.log.{max_files-1}``;
+the oldest is deleted, so the files of one log never take more than ``max_bytes * max_files``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from attrs import define, field
+
+# One record longer than this is cut (its text fields), so one line can never blow the bound.
+MAX_RECORD = 16 * 1024
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """One JSON line; a record too long for MAX_RECORD has its longest strings shortened."""
+    line = json.dumps(record, separators=(",", ":"), default=str, ensure_ascii=False).encode() + b"\n"
+    if len(line) <= MAX_RECORD:
+        return line
+    cut = {k: (v[:MAX_RECORD // 8] + "…" if isinstance(v, str) and len(v) > MAX_RECORD // 8 else v)
+           for k, v in record.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    cut["truncated"] = True
+    return json.dumps(cut, separators=(",", ":"), ensure_ascii=False).encode()[:MAX_RECORD - 1] + b"\n"
+
+
+@define
+class RotatingLog:
+    """Appends JSON lines to ``path``, rotating before a line would take it past ``max_bytes``."""
+
+    path: Path = field(converter=Path)
+    max_bytes: int
+    max_files: int
+    _file: Any = field(default=None, init=False, repr=False)
+    _size: int = field(default=0, init=False)
+    # Why the last write failed, kept so a full disk is reported once, not on every line.
+    failing: str | None = field(default=None, init=False)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = encode_record(record)
+        try:
+            if self._file is None:
+                self._open()
+            if self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+            self._file.write(line)
+            self._file.flush()
+            self._size += len(line)
+            self.failing = None
+        except OSError as e:
+            # A log must not take the node down: drop the line, reopen next time.
+            self.failing = f"{self.path}: {e.strerror or e}"
+            self.close()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._file = os.fdopen(fd, "ab")
+        self._size = os.fstat(fd).st_size
+
+    def _rotate(self) -> None:
+        self.close()
+        oldest = rotated_path(self.path, self.max_files - 1)
+        if self.max_files == 1:
+            self.path.unlink(missing_ok=True)
+        else:
+            oldest.unlink(missing_ok=True)
+            for n in range(self.max_files - 2, 0, -1):
+                older = rotated_path(self.path, n)
+                if older.exists():
+                    older.rename(rotated_path(self.path, n + 1))
+            self.path.rename(rotated_path(self.path, 1))
+        self._open()
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+
+
+def rotated_path(path: Path, n: int) -> Path:
+    return path.with_name(f"{path.name}.{n}")
+
+
+def log_files(path: Path) -> list[Path]:
+    """The files of one log, oldest first: the rotated ones by number, then the current one."""
+    rotated = []
+    for p in path.parent.glob(f"{path.name}.*"):
+        suffix = p.name[len(path.name) + 1:]
+        if suffix.isdigit():
+            rotated.append((int(suffix), p))
+    return [p for _, p in sorted(rotated, reverse=True)] + ([path] if path.exists() else [])
+
+
+def parse_line(line: bytes) -> dict[str, Any] | None:
+    """A record from one line, or None for a line that is not one (cut by a crash, say)."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Every record of a log, oldest first, across its rotated files."""
+    for p in log_files(path):
+        try:
+            with open(p, "rb") as f:
+                for line in f:
+                    record = parse_line(line)
+                    if record is not None:
+                        yield record
+        except FileNotFoundError:
+            continue   # rotated away while we read

@@ -1,0 +1,139 @@
+"""The operations logs without the network: rotation, the admin log's choice of events,
+journald's datagrams, the session log switches and the connector's admin event forwarder."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogPublisher
+
+from gateway.oplogs import journald
+from gateway.oplogs.admin import AdminLog
+from gateway.oplogs.files import MAX_RECORD, RotatingLog, encode_record, log_files, read_records
+from gateway.oplogs.forward import AdminEventForwarder
+from gateway.oplogs.session import SessionLog, switched_on, url_path
+
+
+def test_rotation_keeps_the_files_within_max_bytes_times_max_files(tmp_path):
+    """Past max_bytes a log rotates; never more than max_files files, none over max_bytes, newest kept."""
+    log = RotatingLog(tmp_path / "s.log", max_bytes=1000, max_files=3)
+    for i in range(200):
+        log.write({"n": i, "pad": "x" * 50})
+    log.close()
+    files = log_files(tmp_path / "s.log")
+    assert [p.name for p in files] == ["s.log.2", "s.log.1", "s.log"]
+    assert all(p.stat().st_size <= 1000 for p in files)
+    numbers = [r["n"] for r in read_records(tmp_path / "s.log")]
+    assert numbers == sorted(numbers) and numbers[-1] == 199 and len(numbers) < 200
+
+
+def test_one_file_only_is_truncated_in_place(tmp_path):
+    """max_files = 1: the log starts again instead of keeping an old file."""
+    log = RotatingLog(tmp_path / "a.log", max_bytes=200, max_files=1)
+    for i in range(20):
+        log.write({"n": i, "pad": "y" * 40})
+    assert [p.name for p in log_files(tmp_path / "a.log")] == ["a.log"]
+    assert (tmp_path / "a.log").stat().st_size <= 200
+
+
+def test_a_huge_record_is_cut_to_one_bounded_line():
+    """A record longer than MAX_RECORD is shortened, marked, and still one JSON line."""
+    line = encode_record({"text": "z" * (10 * MAX_RECORD), "n": 1})
+    assert len(line) <= MAX_RECORD and line.endswith(b"\n") and line.count(b"\n") == 1
+    record = json.loads(line)
+    assert record["truncated"] is True and record["n"] == 1
+
+
+def test_log_files_are_private(tmp_path):
+    """The log files are created 0600: they name users and addresses."""
+    RotatingLog(tmp_path / "p.log", 1000, 2).write({"a": 1})
+    assert (tmp_path / "p.log").stat().st_mode & 0o777 == 0o600
+
+
+def test_admin_log_takes_key_events_and_warnings_only(tmp_path):
+    """Info lines go to the admin log only with a key event name; warnings and errors always."""
+    publisher = LogPublisher()
+    admin = AdminLog("node", RotatingLog(tmp_path / "admin.log", 100_000, 2))
+    seen: list[dict] = []
+    admin.listeners.append(seen.append)
+    publisher.addObserver(admin)
+    log = Logger(namespace="t", observer=publisher)
+    log.info("chatter {n}", n=1)
+    log.info("tunnel {tunnel_id} up", event="tunnel_up", tunnel_id="t1")
+    log.warn("disk {what}", what="slow")
+    records = list(read_records(tmp_path / "admin.log"))
+    assert [(r["level"], r["event"], r["text"]) for r in records] == [
+        ("info", "tunnel_up", "tunnel t1 up"), ("warn", "", "disk slow")]
+    assert records[0]["tunnel_id"] == "t1" and records[0]["source"] == "node"
+    assert seen == records
+
+
+def test_a_listener_that_logs_does_not_loop(tmp_path):
+    """A listener logging a warning from inside the admin log is not fed back into it."""
+    publisher = LogPublisher()
+    admin = AdminLog("node", RotatingLog(tmp_path / "admin.log", 100_000, 2))
+    log = Logger(namespace="t", observer=publisher)
+    admin.listeners.append(lambda record: log.warn("again"))
+    publisher.addObserver(admin)
+    log.warn("once")
+    assert [r["text"] for r in read_records(tmp_path / "admin.log")] == ["once"]
+
+
+def test_journald_datagram_follows_the_native_protocol():
+    """Fields are KEY=value lines; a value with a newline is KEY, a little-endian length, the bytes."""
+    data = journald.encode({"MESSAGE": "two\nlines", "priority": 4, "gateway-app": "web"})
+    assert data == (b"MESSAGE\n" + struct.pack("<Q", 9) + b"two\nlines\n" + b"PRIORITY=4\n"
+                    + b"GATEWAY_APP=web\n")
+    fields = journald.journal_fields({"time": 1.0, "level": "error", "text": "x", "app": "web"})
+    assert fields["PRIORITY"] == 3 and fields["SYSLOG_IDENTIFIER"] == "gateway" and fields["GATEWAY_APP"] == "web"
+
+
+def test_session_log_writes_only_for_a_role_switched_on(tmp_path):
+    """Each role has its own switch; records of a role switched off are not written."""
+    log = SessionLog(RotatingLog(tmp_path / "s.log", 100_000, 2), clock=Clock())
+    log.write("connector", {"app": "a"})
+    assert log.switch("connector", True) and not log.switch("connector", True)
+    log.write("connector", {"app": "b"})
+    log.write("service", {"app": "c"})
+    assert [(r["role"], r["app"]) for r in read_records(tmp_path / "s.log")] == [("connector", "b")]
+
+
+def test_a_connectors_own_switch_wins_over_its_groups():
+    """A connector's switch, else its group's, else off."""
+    switches = {("group", "g"): True, ("connector", "c2"): False}
+    assert switched_on(switches, "c1", "g") is True
+    assert switched_on(switches, "c2", "g") is False
+    assert switched_on(switches, "c3", "other") is False
+
+
+def test_the_session_log_never_keeps_a_query_string():
+    """Only the path of a request target is logged: a query may carry a secret."""
+    assert url_path(b"/a/b?token=secret") == "/a/b"
+    assert url_path("http://h/x?y=1") == "/x"
+
+
+def test_forwarder_bounds_the_rate_and_says_how_many_it_dropped():
+    """Past the burst, events are dropped and counted; once the bucket refills one event says how many."""
+    clock, sent = Clock(), []
+    forwarder = AdminEventForwarder(clock, lambda m: sent.append(m) or True, rate=1.0, burst=3)
+    for i in range(10):
+        forwarder.report({"time": 0, "level": "warn", "text": f"e{i}"})
+    assert [m["text"] for m in sent] == ["e0", "e1", "e2"] and forwarder.dropped == 7
+    clock.advance(1)
+    forwarder.report({"time": 1, "level": "info", "text": "later"})
+    assert "7 admin events" in sent[3]["text"] and sent[4]["text"] == "later"
+
+
+def test_forwarder_keeps_events_until_a_tunnel_is_up():
+    """Events made with no tunnel up wait (bounded, newest kept) and go at the next flush."""
+    clock, sent, up = Clock(), [], [False]
+    forwarder = AdminEventForwarder(clock, lambda m: up[0] and (sent.append(m) or True), rate=1000, burst=1000)
+    for i in range(80):
+        forwarder.report({"time": 0, "level": "warn", "text": f"e{i}"})
+        clock.advance(1)
+    assert sent == [] and len(forwarder.waiting) == 50
+    up[0] = True
+    forwarder.flush()
+    assert [m["text"] for m in sent] == [f"e{i}" for i in range(30, 80)]
