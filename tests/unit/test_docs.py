@@ -40,9 +40,10 @@ def test_every_cli_subcommand_is_in_operations_md():
 
 
 def test_every_config_key_is_in_configuration_md():
-    """Each key the config parser accepts (TOP, SERVICE, APP, CONNECTOR, TUNNEL, LOGGING) is in docs/configuration.md."""
+    """Each key the config parser accepts (TOP, SERVICE, APP, CONNECTOR, TUNNEL, LOGGING, METRICS) is in docs/configuration.md."""
     text = _read("configuration.md")
-    lists = {name: getattr(_Parser, name) for name in ("TOP", "SERVICE", "APP", "CONNECTOR", "TUNNEL", "LOGGING")}
+    lists = {name: getattr(_Parser, name)
+             for name in ("TOP", "SERVICE", "APP", "CONNECTOR", "TUNNEL", "LOGGING", "METRICS")}
     missing = [
         f"{where}.{key}" for where, keys in lists.items() for key in keys
         if not re.search(rf"(?<![\w-]){re.escape(key)}(?![\w-])", text)
