@@ -117,12 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     access_cli.add_parsers(sub)
     store_cli.add_parsers(sub)
+    logs_cli.add_parsers(sub)
     return p
 
 
 def _users_parsers(sub: Any) -> None:
     users = sub.add_parser("users", help="Private Access users' credentials: personal tokens and sign-ins"
-    logs_cli.add_parsers(sub)
                            ).add_subparsers(dest="action", required=True)
     tokens = users.add_parser("token", help="personal tokens for headless machines").add_subparsers(
         dest="token_action", required=True)
