@@ -1016,8 +1016,8 @@ COMMANDS = {
     ("check-config", None): check_config,
     **access_cli.COMMANDS,
     **store_cli.COMMANDS,
+    **logs_cli.COMMANDS,
 }
 
 if __name__ == "__main__":
     sys.exit(main())
-    **logs_cli.COMMANDS,
