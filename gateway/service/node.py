@@ -139,14 +139,14 @@ class ServiceNode(MultiService):
         self._connector_waiters: dict[str, list[Deferred]] = {}
         # The recent admin events of this node ("node") and of each connector (its id), bounded.
         self.admin_events = AdminEvents()
-
-    # -- start and stop ------------------------------------------------------------------
-
         self.control_handlers[m.ADMIN_EVENT] = handle_admin_event
         # The process's logs (gateway.oplogs.OpLogs), when tap built them; the session log
         # switches from the store: {(scope, name): on}, pushed to connectors with their config.
         self.oplogs: Any = None
         self.session_switches: dict[tuple[str, str], bool] = {}
+
+    # -- start and stop ------------------------------------------------------------------
+
     def startService(self) -> None:
         service = self.config.service
         now = datetime.now(UTC)
@@ -160,12 +160,12 @@ class ServiceNode(MultiService):
             sync_store.ensure_group(group, now)
         # Read before anything binds, so stored apps are served from the start.
         self._take_store_apps(sync_store.list_apps())
+        self.session_switches = sync_store.session_log_switches()
         self.config = self._merged()
         self.apps = {a.name: a for a in self.config.apps}
         self.store = ThreadedStore(sync_store, self.reactor)
 
         tls_factory = TunnelTLSFactory(
-        self.session_switches = sync_store.session_log_switches()
             server_options(self.ca.cert, node_cert, node_key), False, ServiceTunnelFactory(self)
         )
         tunnel_listener = StreamServerEndpointService(listen_endpoint(self.reactor, service.listen), tls_factory)
@@ -188,15 +188,15 @@ class ServiceNode(MultiService):
         refresh.clock = self.reactor
         refresh.setName("store-apps")
         refresh.setServiceParent(self)
+        switches = TimerService(service.config_interval, self.refresh_session_switches)
+        switches.clock = self.reactor
+        switches.setName("session-log-switches")
+        switches.setServiceParent(self)
         self.lifecycle = StatusRecorder(self.store, self.registry, self.reactor, service.node_id,
                                         service.heartbeat_interval)
         sweeper = Sweeper(self.store, self.reactor, lambda cid: bool(self.registry.tunnels_of(cid)),
                           service.inactive_after, service.remove_inactive_after)
         SweeperService(sweeper, service.sweep_interval, self.reactor).setServiceParent(self)
-        switches = TimerService(service.config_interval, self.refresh_session_switches)
-        switches.clock = self.reactor
-        switches.setName("session-log-switches")
-        switches.setServiceParent(self)
         if self.metrics is not None:
             self.metrics.collect(self._state_metrics, "the service node")
         super().startService()
@@ -501,11 +501,6 @@ class ServiceNode(MultiService):
         checks = [handler.recheck() for handler in [*self._handlers(), *self.user_tunnels]]
         return gatherResults(checks, consumeErrors=True) if checks else succeed(None)
 
-    def heartbeat(self, connector_id: str) -> None:
-        # Coalesced: at most one store write per connector per heartbeat interval.
-        self.lifecycle.heartbeat(connector_id)
-
-    # -- routing -------------------------------------------------------------------------
     # -- the session log switches and connectors' admin events -----------------------------
 
     def session_log_for(self, connector_id: str, group: str) -> bool:
@@ -538,6 +533,11 @@ class ServiceNode(MultiService):
         if self.oplogs is not None:
             self.oplogs.admin_record(event.source, event.level, event.text, event.time, name)
 
+    def heartbeat(self, connector_id: str) -> None:
+        # Coalesced: at most one store write per connector per heartbeat interval.
+        self.lifecycle.heartbeat(connector_id)
+
+    # -- routing -------------------------------------------------------------------------
 
     def open_app_stream(self, app: AppConfig, extra: dict[str, Any], tried: frozenset[str] = frozenset()) -> Deferred:
         """Open a stream for `app` on the best connector of its group; retry only what never left."""
@@ -619,14 +619,14 @@ class ServiceNode(MultiService):
                                   duration=max(0.0, self.reactor.seconds() - info.opened_at), result=why,
                                   facts=getattr(stream, "session_facts", None) or {})
             plugins.notify(self.pm, "gateway_stream_closed", stream=record, reason=why)
+            session_log = sessionlog.current
+            if session_log is not None and session_log.on[sessionlog.SERVICE]:
+                session_log.write(sessionlog.SERVICE, sessionlog.stream_record(record))
             if record.segment or record.facts:   # its session record in the log, until the session log
                 self.log.info(
                     "session: user {user} app {app} {transport} {where} via connector"
                     " {connector_id}: {bytes_up} bytes up, {bytes_down} down, {duration:.1f}s, {result}{summary}",
                     facts=record.facts, summary="".join(f"; {k}={v}" for k, v in record.facts.items()),
-            session_log = sessionlog.current
-            if session_log is not None and session_log.on[sessionlog.SERVICE]:
-                session_log.write(sessionlog.SERVICE, sessionlog.stream_record(record))
                     where=f"{record.destination} (segment {record.segment})" if record.segment else record.destination,
                     event="session", user=record.user or "-", app=record.app, transport=record.transport,
                     destination=record.destination, segment=record.segment, connector_id=record.connector_id,
