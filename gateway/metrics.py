@@ -31,7 +31,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError, ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -437,3 +439,20 @@ def metrics_site(metrics: Metrics) -> Site:
     site.noisy = False
     site.log = lambda request: None   # a scrape every few seconds is not worth a log line each
     return site
+
+
+class MetricsListener(StreamServerEndpointService):
+    """The ``/metrics`` listener; a port it cannot bind stops the start with the key to change."""
+
+    def __init__(self, reactor: Any, listen: str, metrics: Metrics) -> None:
+        super().__init__(serverFromString(reactor, listen), metrics_site(metrics))
+        self.listen = listen
+        self._raiseSynchronously = True
+        self.setName("metrics")
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise GatewayError(f"metrics.listen: cannot listen on {self.listen} ({e.socketError}): choose a free"
+                               f" port there, or set metrics.enabled = false") from None

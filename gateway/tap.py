@@ -167,18 +167,12 @@ def start_metrics(config: GatewayConfig, reactor: Any, pm: Any, parent: MultiSer
     ``/metrics`` listener under ``parent``; None otherwise."""
     if not config.metrics.enabled:
         return None
-    from twisted.application.internet import StreamServerEndpointService
-    from twisted.internet.endpoints import serverFromString
-
-    from gateway.metrics import Metrics, metrics_site
+    from gateway.metrics import Metrics, MetricsListener
 
     roles = [role for role, table in (("node", config.service), ("connector", config.connector)) if table]
     metrics = Metrics(roles)
     plugins.register_metrics(pm, metrics)
-    listener = StreamServerEndpointService(serverFromString(reactor, config.metrics.listen), metrics_site(metrics))
-    listener._raiseSynchronously = True   # a port already taken stops the start, naming it
-    listener.setName("metrics")
-    listener.setServiceParent(parent)
+    MetricsListener(reactor, config.metrics.listen, metrics).setServiceParent(parent)
     _log.info("metrics endpoint on {listen} (path /metrics)", listen=config.metrics.listen)
     return metrics
 

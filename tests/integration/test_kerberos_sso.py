@@ -40,7 +40,7 @@ EXTRA_USERS[SERVICE_NAMED] = {"name": "Service", "email": "svc@example.test", "g
 
 
 class Stack:
-    def __init__(self, gw, tmp_path, kdc, apache, account: str = CONNECTOR) -> None:
+    def __init__(self, gw, tmp_path, kdc, apache, account: str = CONNECTOR, metrics_port: int | None = None) -> None:
         self.apache = apache
         self.front = free_port()
         self.base = {name: f"http://{host}:{self.front}" for name, host in HOSTS.items()}
@@ -75,6 +75,8 @@ class Stack:
         with open(self.conn.config_path, "a") as f:
             f.write("\n" + toml_table("kerberos", {"keytab": str(kdc.keytab(account)), "principal": principal(account),
                                                    "krb5_conf": str(kdc.krb5_conf), "check_user": "alice"}))
+            if metrics_port is not None:
+                f.write("\n" + toml_table("metrics", {"enabled": True, "listen": f"tcp:{metrics_port}:interface={HOST}"}))
         # The connector finds the realm through [kerberos] krb5_conf only, not this process's KRB5_CONFIG.
         env = {k: v for k, v in subprocess_env().items() if k not in KRB5_VARIABLES}
         self.conn.starts += 1
@@ -158,6 +160,27 @@ def test_signed_in_users_reach_the_back_end_as_themselves(stack, kdc):
     alternate_on_one_connection(s, "wiki", "/whoami", rounds=3)
     with kdc.kdc_stopped():
         assert s.get("alice").body == f"user={principal('alice')}\n".encode()
+
+
+def test_kdc_round_trips_and_cache_hits_are_in_the_connectors_metrics(stack):
+    """The connector's /metrics counts a KDC exchange for each new user and a cache hit for each later request."""
+    from test_metrics_scrape import scrape, value
+
+    port = free_port()
+    s = stack(metrics_port=port)
+    assert s.get("alice").status == 200   # signed in; her credentials for the wiki's SPN are cached
+    before = scrape(port)
+    for _ in range(3):
+        assert s.get("alice").status == 200
+    after = scrape(port)
+    assert value(after, "gateway_kerberos_cache_hits_total") - value(before, "gateway_kerberos_cache_hits_total") == 3
+    assert value(after, "gateway_kerberos_kdc_round_trips_total") == value(before, "gateway_kerberos_kdc_round_trips_total")
+    assert s.get("bob").status == 200
+    bob = scrape(port)
+    assert value(bob, "gateway_kerberos_kdc_round_trips_total") - value(after, "gateway_kerberos_kdc_round_trips_total") == 1
+    assert value(bob, "gateway_kerberos_cached_credentials") == 2
+    assert value(bob, "gateway_http_responses_total", app="wiki", group="default", code_class="2xx") == 0, \
+        "the front door's metrics are the node's, not the connector's"
 
 
 def test_connections_authenticated_once_are_never_shared_between_users(stack):

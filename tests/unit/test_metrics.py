@@ -268,3 +268,23 @@ def test_histogram_buckets_are_cumulative_with_bounds_inclusive():
     assert le == {"0.001": 1, "0.0025": 1, "0.005": 2, "+Inf": 3}
     assert values[("gateway_example_seconds_count", (("app", "web"),))] == 3
     assert values[("gateway_example_seconds_sum", (("app", "web"),))] == pytest.approx(100.004)
+
+
+def test_udp_drops_are_counted_per_app_when_a_flow_ends(monkeypatch):
+    """The tcp plugin's metric adds a flow's drops both ways to its app's series when the flow closes."""
+    import gateway_tcp
+
+    monkeypatch.setattr(gateway_tcp, "UDP_DROPPED", None)
+    metrics = Metrics(["connector"])
+    gateway_tcp.gateway_register_metrics(metrics.for_plugin("tcp"))
+    app = SimpleNamespace(name="dns", group="dc1", destination="10.0.0.53:53", host="10.0.0.53", port=53)
+    stream = SimpleNamespace(metadata={"request_id": "r1"}, closed=False, loseConnection=lambda: None)
+    for _ in range(2):
+        flow = gateway_tcp.UDPFlow(stream, app, Clock(), idle=30)
+        flow.queue.dropped, flow.unsent = 3, 1
+        flow.close("the test ended it")
+    values = {k: v for k, v in samples(metrics, "gateway_udp").items()}
+    assert values == {
+        ("gateway_udp_datagrams_dropped_total", (("app", "dns"), ("direction", "to_user"), ("group", "dc1"))): 6,
+        ("gateway_udp_datagrams_dropped_total", (("app", "dns"), ("direction", "to_app"), ("group", "dc1"))): 2,
+    }
