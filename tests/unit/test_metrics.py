@@ -9,17 +9,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.test.iosim import FakeTransport, connect
 from twisted.web.test.requesthelper import DummyRequest
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics, MetricsError, MetricsPage, result_of
 from gateway.service.node import ServiceNode
-from gateway.service.registry import ConnectorTunnel, NoConnector
+from gateway.service.registry import NoConnector
 from gateway.tunnel.frame import ResetCode
-from gateway.tunnel.session import TunnelSession, TunnelSettings
 from gateway.tunnel.stream import StreamReset
+from test_connector import _NoPlugins, tunnel_to
+from test_routing import node_with, open_web
 
 
 def samples(metrics: Metrics, prefix: str = "gateway_") -> dict[tuple, float]:
@@ -32,44 +32,26 @@ def samples(metrics: Metrics, prefix: str = "gateway_") -> dict[tuple, float]:
     return found
 
 
-def node_with_metrics(behaviour, clock=None):
-    """A service node with metrics on whose registry holds one in-memory tunnel to a connector."""
-    config = parse_config({
-        "service": {"state_dir": "/tmp/unused"},
-        "apps": [{"name": "web", "listen": "tcp:0", "destination": "10.0.0.5:80", "options": {"preauth": "none"}}],
-    }, "svc.toml")
+def node_with_metrics(behaviour):
+    """A service node with metrics on and one in-memory tunnel to a connector doing behaviour(stream)."""
     metrics = Metrics(["node"])
-    node = ServiceNode(config, clock or Clock(), pm=None, handlers={}, metrics=metrics)
-    tunnel_clock = Clock()
-    service = TunnelSession(tunnel_clock, TunnelSettings(), is_client=False)
-    service.on_stream_closed = node.stream_closed
-    connector = TunnelSession(tunnel_clock, TunnelSettings(), is_client=True, on_stream=behaviour)
-    pump = connect(service, FakeTransport(service, True), connector, FakeTransport(connector, False), greet=False)
-    node.registry.add(ConnectorTunnel(session=service, connector_id="c0", group="default", address="x"))
-    return node, metrics, pump
-
-
-def open_stream(node, pump, extra):
-    d = node.open_app_stream(node.apps["web"], extra)
-    pump.flush()
-    result = []
-    d.addBoth(result.append)
-    assert result, "the open did not finish"
-    return result[0]
+    node, pumps = node_with(behaviour, metrics=metrics)
+    return node, metrics, pumps
 
 
 def test_fifty_users_and_source_ports_make_no_new_series(monkeypatch):
     """After one stream of an app, 50 more from other users and client ports, ending in various ways, add no series."""
     monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
-    node, metrics, pump = node_with_metrics(lambda stream: stream.accept())
-    first = open_stream(node, pump, {"user": "alice@example.test", "client": "192.0.2.1:40000"})
+    node, metrics, pumps = node_with_metrics(lambda stream: stream.accept())
+    first = open_web(node, pumps, monkeypatch, {"user": "alice@example.test", "client": "192.0.2.1:40000"})
     first.write(b"hello")
     first.loseConnection()
-    pump.flush()
+    pumps[0].flush()
     node.stream_closed(first, Failure(ConnectionDone()))   # the peer's FIN never comes here: end it as done
     after_one = set(samples(metrics))
     for i in range(50):
-        stream = open_stream(node, pump, {"user": f"user{i}@example.test", "client": f"198.51.100.{i}:{50000 + i}"})
+        stream = open_web(node, pumps, monkeypatch,
+                          {"user": f"user{i}@example.test", "client": f"198.51.100.{i}:{50000 + i}"})
         stream.write(b"x" * i)
         node.stream_closed(stream, Failure(ConnectionDone()))
     assert set(samples(metrics)) == after_one, "users or client addresses became series"
@@ -94,11 +76,11 @@ def test_failure_reasons_with_free_text_map_to_one_result_each(monkeypatch):
         n = len(seen)
         stream.reset(ResetCode.REFUSED, f"user{n} may not reach 10.0.{n}.1:{n}")
 
-    node, metrics, pump = node_with_metrics(refuse)
-    assert open_stream(node, pump, {"user": "user0", "client": "192.0.2.1:1000"}).check(StreamReset)
+    node, metrics, pumps = node_with_metrics(refuse)
+    assert open_web(node, pumps, monkeypatch, {"user": "user0", "client": "192.0.2.1:1000"}).check(StreamReset)
     after_one = set(samples(metrics))
     for i in range(1, 20):
-        assert open_stream(node, pump, {"user": f"user{i}", "client": f"192.0.2.{i}:1{i}"}).check(StreamReset)
+        assert open_web(node, pumps, monkeypatch, {"user": f"user{i}", "client": f"192.0.2.{i}:1{i}"}).check(StreamReset)
     values = samples(metrics)
     assert set(values) == after_one
     assert values[("gateway_node_streams_opened_total", (("app", "web"), ("group", "default"), ("protocol", "tcp"),
@@ -208,13 +190,6 @@ def test_bad_metrics_keys_are_refused_naming_them(table, key, expected):
     assert e.value.key == key and expected in str(e.value)
 
 
-class _NoPlugins:
-    class hook:
-        @staticmethod
-        def gateway_register_sso_providers(register):
-            pass
-
-
 def test_connector_counts_refusals_with_its_own_labels_only():
     """Streams naming unknown apps count under app "" (never the name the peer sent); accepted ones per app."""
     from gateway.connector.node import ConnectorNode
@@ -233,11 +208,8 @@ def test_connector_counts_refusals_with_its_own_labels_only():
                          metrics=metrics)
     node.apply_config({"type": "config", "version": "v1", "group": "default", "apps": [
         {"name": "web", "protocol": "tcp", "destination": "10.1.2.3:80", "host": "10.1.2.3", "port": 80}]})
-    clock = Clock()
-    service = TunnelSession(clock, TunnelSettings(), is_client=False)
-    connector = TunnelSession(clock, TunnelSettings(), is_client=True, on_stream=node.dispatch)
-    connector.on_stream_closed = node.stream_closed
-    pump = connect(service, FakeTransport(service, True), connector, FakeTransport(connector, False), greet=False)
+    service, pump = tunnel_to(node)
+    pump.client.on_stream_closed = node.stream_closed   # as ConnectorNode._build_session does
     refused = []
     for i in range(30):
         service.open_stream({"kind": "app", "app": f"guess-{i}", "destination": "10.1.2.3:80"}).addErrback(

@@ -11,13 +11,14 @@ from gateway.tunnel.session import TunnelSession, TunnelSettings
 from gateway.tunnel.stream import StreamReset
 
 
-def node_with(*behaviours):
-    """A service node whose registry holds one in-memory tunnel per behaviour(stream)."""
+def node_with(*behaviours, metrics=None):
+    """A service node (with ``metrics``, a gateway.metrics.Metrics, if given) whose registry holds
+    one in-memory tunnel per behaviour(stream)."""
     config = parse_config({
         "service": {"state_dir": "/tmp/unused"},
         "apps": [{"name": "web", "listen": "tcp:0", "destination": "10.0.0.5:80", "options": {"preauth": "none"}}],
     }, "svc.toml")
-    node = ServiceNode(config, Clock(), pm=None, handlers={})
+    node = ServiceNode(config, Clock(), pm=None, handlers={}, metrics=metrics)
     pumps = []
     for i, behaviour in enumerate(behaviours):
         clock = Clock()
@@ -41,9 +42,9 @@ def accept(stream):
     stream.accept()
 
 
-def open_web(node, pumps, monkeypatch):
+def open_web(node, pumps, monkeypatch, extra=None):
     monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
-    d = node.open_app_stream(node.apps["web"], {})
+    d = node.open_app_stream(node.apps["web"], extra or {})
     for _ in range(4):
         for p in pumps:
             p.flush()
