@@ -198,7 +198,7 @@ class CertificateRenewer(Service):
             "certificate renewed: serial {old_serial} -> {serial}, valid until {not_after}; new tunnels use it,"
             " open tunnels keep the old one until they close; next renewal at {due}",
             old_serial=keys.serial_hex(ident.cert), serial=keys.serial_hex(cert),
-            not_after=new.not_after.isoformat(), due=due.isoformat(), **self.ctx,
+            not_after=new.not_after.isoformat(), due=due.isoformat(), event="certificate_renewed", **self.ctx,
         )
         self._schedule(max(MIN_INTERVAL, (due - now).total_seconds()))
 

@@ -80,7 +80,8 @@ def handle_renew_request(handler: TunnelHandler, message: dict[str, Any], now: d
             "renewed the certificate of connector {connector_id}: serial {serial} valid until {not_after};"
             " the old serial {old_serial} stays valid until {old_not_after}; older ones are revoked",
             serial=keys.serial_hex(cert), not_after=cert.not_valid_after_utc.isoformat(),
-            old_serial=identity.serial_hex, old_not_after=identity.not_after.isoformat(), **ctx,
+            old_serial=identity.serial_hex, old_not_after=identity.not_after.isoformat(), event="certificate_renewed",
+            **ctx,
         )
         if handler.control is not None:
             handler.control.send({"type": m.RENEW_RESULT, "certificate": keys.cert_pem(cert).decode()})
