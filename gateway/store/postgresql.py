@@ -117,6 +117,10 @@ class PostgreSQLStore(SQLStore):
 
     @contextmanager
     def _write(self, serialised: bool = True) -> Iterator["_Statements"]:
+        if getattr(self._local, "conn", None) is not None:
+            # A second pooled connection would wait for the advisory lock this thread holds:
+            # refuse at once, as SQLite refuses a BEGIN inside a transaction.
+            raise RuntimeError("a store write transaction inside another one on the same thread")
         with self._connection() as conn, self._unavailable_as_error(), conn.transaction():
             self._local.conn = conn
             try:

@@ -158,6 +158,16 @@ def test_times_are_timestamptz_on_postgresql(postgres_cluster):
         store.close()
 
 
+def test_a_write_inside_a_write_fails_at_once(store):
+    """A write transaction opened inside another on the same thread fails rather than waiting on itself."""
+    with store._write() as db:
+        with pytest.raises((RuntimeError, sqlite3.OperationalError), match="transaction"):
+            with store._write():
+                pass
+        db.execute("INSERT INTO groups (name, created_at) VALUES (?, ?)", ("office", NOW.isoformat()))
+    assert [g.name for g in store.list_groups()] == ["office"]
+
+
 def test_newer_schema_is_refused(store_backend):
     """A database written by a newer gateway is refused with advice to upgrade."""
     store = store_backend.open()
