@@ -1,7 +1,7 @@
 """The admin listener's one resource: a route table of API calls, status page and documents.
 
 Every path the listener answers is a row of ROUTES (method, path template, handler, who may
-call it), and gateway/admin/openapi.py documents each row; tests/unit/test_admin_api.py fails
+call it), and gateway/admin/openapi.py documents each row; tests/unit/test_admin_routes.py fails
 when a row is not documented. Anything else is a 404 in JSON.
 """
 
@@ -89,6 +89,7 @@ class AdminRequest(Request):
 
     too_large = False
     _received = 0
+    admin_token = None  # the AdminTokenRecord of an API call, once checked
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_BODY:
@@ -141,7 +142,7 @@ class AdminResource(Resource):
         handler = getattr(self, route.handler)
         if route.access == "token":
             try:
-                await self._token_of(request)
+                request.admin_token = await self._token_of(request)
                 return self._json(request, 200, await handler(request, **params))
             except AdminTokenError as e:
                 return self._refuse(request, auth.token_refusal(e))
@@ -212,7 +213,8 @@ class AdminResource(Resource):
     async def api_delete_connector(self, request: Request, connector_id: str) -> dict[str, Any]:
         await self._live_connector(connector_id)
         deleted = await self.node.store.delete_connector(connector_id, datetime.now(UTC))
-        self.log.info("admin API: connector {connector_id} deleted", connector_id=connector_id)
+        self.log.info("admin API: connector {connector_id} deleted by admin token {token_id} ({by})",
+                      connector_id=connector_id, **_who(request))
         return {"connector_id": connector_id, "deleted": bool(deleted)}
 
     async def api_move_connector(self, request: Request, connector_id: str) -> dict[str, Any]:
@@ -226,8 +228,8 @@ class AdminResource(Resource):
             record = await self.node.store.move_connector(connector_id, group)
         except GatewayError as e:
             raise ApiError(409, "conflict", str(e)) from None
-        self.log.info("admin API: connector {connector_id} moved to group {group}", connector_id=connector_id,
-                      group=group)
+        self.log.info("admin API: connector {connector_id} moved to group {group} by admin token {token_id} ({by})",
+                      connector_id=connector_id, group=group, **_who(request))
         return {"connector": jsonable(record)}
 
     async def api_groups(self, request: Request) -> dict[str, Any]:
@@ -244,6 +246,8 @@ class AdminResource(Resource):
             record = await self.node.store.create_group(name, datetime.now(UTC))
         except GatewayError as e:
             raise ApiError(409, "conflict", str(e)) from None
+        self.log.info("admin API: group {group} created by admin token {token_id} ({by})", group=name,
+                      **_who(request))
         return {"group": jsonable(record)}
 
     async def api_apps(self, request: Request) -> dict[str, Any]:
@@ -264,8 +268,7 @@ class AdminResource(Resource):
         return {"events": [jsonable(e) for e in self._events(limit, _query(request, "source"))]}
 
     def _events(self, limit: int, source: str | None = None) -> list[Any]:
-        events = getattr(self.node, "admin_events", None)
-        return events.recent(limit, source) if events is not None else []
+        return self.node.admin_events.recent(limit, source)
 
     async def _live_connector(self, connector_id: str) -> None:
         record = await self.node.store.get_connector(connector_id)
@@ -308,7 +311,8 @@ class AdminResource(Resource):
         try:
             record = await self._check_token(_form(request, "token"))
         except AdminTokenError as e:
-            self.log.info("status page sign-in refused: {reason}", reason=str(e))
+            self.log.info("status page sign-in from {address} refused: {reason}", event="refused", reason=str(e),
+                          address=_address(request))
             return await self.signin_form(request, str(e), 401)
         session = self.sessions.create(record.token_id)
         self.log.info("status page: admin token {token_id} ({name}) signed in", token_id=record.token_id,
@@ -347,13 +351,15 @@ class AdminResource(Resource):
         request.finish()
 
     def _refuse(self, request: Request, refusal: auth.Refusal) -> None:
-        self.log.info("admin API {method} {path} refused: {code}", method=request.method.decode("ascii", "replace"),
-                      path=request.path.decode("latin-1"), code=refusal.code)
+        self.log.info("admin API {method} {path} from {address} refused: {code}", event="refused",
+                      method=request.method.decode("ascii", "replace"), path=request.path.decode("latin-1"),
+                      code=refusal.code, address=_address(request))
         request.setHeader(b"WWW-Authenticate", b'Bearer realm="gateway admin"')
         self._json(request, refusal.status, refusal.body())
 
     def _forbidden(self, request: Request, why: str) -> None:
-        self.log.info("status page {path} refused: {reason}", path=request.path.decode("latin-1"), reason=why)
+        self.log.info("status page {path} from {address} refused: {reason}", event="refused",
+                      path=request.path.decode("latin-1"), reason=why, address=_address(request))
         request.setResponseCode(403)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.write(f"refused: {why}\n".encode())
@@ -378,6 +384,17 @@ class AdminResource(Resource):
     def _cookie(self, request: Request, name: bytes, value: str, max_age: int) -> None:
         request.addCookie(name, value.encode(), path=b"/", max_age=str(max_age).encode(), httpOnly=True,
                           secure=self.tls, sameSite=b"strict")
+
+
+def _who(request: Request) -> dict[str, str]:
+    """The admin token behind an API call, for the log: its id and name (never its secret)."""
+    record = request.admin_token
+    return {"token_id": record.token_id, "by": record.name}
+
+
+def _address(request: Request) -> str:
+    peer = request.getClientAddress()
+    return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
 
 def _cookie(request: Request, name: bytes) -> str | None:
