@@ -51,6 +51,11 @@ OPEN_GRACE = 5.0
 NODE_CERT_FILE = "node.pem"
 NODE_KEY_FILE = "node.key"
 
+# After a connector of a group said GO_AWAY NORMAL (it drains: a restart, an update), a stream
+# that finds no healthy connector in the group for this long waits for one to come back (up to
+# the app's connect_timeout) instead of failing: the group of one being restarted.
+RESTART_GRACE = 300.0
+
 # Resets that prove the back end was never reached, so the stream can go to another connector.
 _RETRYABLE = {
     ResetCode.GOING_AWAY, ResetCode.TOO_MANY_STREAMS, ResetCode.CONNECT_FAILED,
@@ -137,6 +142,8 @@ class ServiceNode(MultiService):
         self.user_tunnels: set[TunnelHandler] = set()
         # group -> Deferreds of streams waiting for a connector of that group to come up
         self._connector_waiters: dict[str, list[Deferred]] = {}
+        # group -> when (reactor seconds) a connector of it last drained (GO_AWAY NORMAL)
+        self._drained_at: dict[str, float] = {}
         # The recent admin events of this node ("node") and of each connector (its id), bounded.
         self.admin_events = AdminEvents()
         self.control_handlers[m.ADMIN_EVENT] = handle_admin_event
@@ -469,6 +476,7 @@ class ServiceNode(MultiService):
         plugins.notify(self.pm, "gateway_connector_up", connector=handler.entry)
         connector_id = handler.identity.connector_id
         handler.session.on_go_away.append(lambda *_: self.lifecycle.changed(connector_id))
+        handler.session.on_go_away.append(lambda _session, code, _message: self._draining(handler, code))
         self.lifecycle.changed(connector_id)
 
     def connector_up(self, group: str, timeout: float) -> Deferred:
@@ -539,12 +547,35 @@ class ServiceNode(MultiService):
 
     # -- routing -------------------------------------------------------------------------
 
-    def open_app_stream(self, app: AppConfig, extra: dict[str, Any], tried: frozenset[str] = frozenset()) -> Deferred:
+    def _draining(self, handler: TunnelHandler, code: int) -> None:
+        """A connector's tunnel said GO_AWAY: a NORMAL one (a drain) starts its group's restart grace."""
+        if code == GoAwayCode.NORMAL and handler.group is not None:
+            self._drained_at[handler.group] = self.reactor.seconds()
+
+    def _restarting(self, group: str) -> bool:
+        """A connector of ``group`` drained within RESTART_GRACE: one is likely on its way back."""
+        drained = self._drained_at.get(group)
+        return drained is not None and self.reactor.seconds() - drained < RESTART_GRACE
+
+    def _wait_for_restart(self, app: AppConfig, extra: dict[str, Any], request_id: str) -> Deferred:
+        """No connector of the app's group takes streams, but one drained lately: wait for a
+        connector to come up (up to connect_timeout), then route again, once. Connectors that
+        refused this stream before are tried again: they refused before dialling anything."""
+        self.log.info("app {app} request {request_id}: every connector of group {group} is draining or"
+                      " restarting; waiting up to {timeout:g}s for one", app=app.name, request_id=request_id,
+                      group=app.group, timeout=app.connect_timeout)
+        d = self.connector_up(app.group, app.connect_timeout)
+        return d.addCallback(lambda _: self.open_app_stream(app, {**extra, "request_id": request_id}, waited=True))
+
+    def open_app_stream(self, app: AppConfig, extra: dict[str, Any], tried: frozenset[str] = frozenset(),
+                        waited: bool = False) -> Deferred:
         """Open a stream for `app` on the best connector of its group; retry only what never left."""
         request_id = extra.get("request_id") or uuid.uuid4().hex[:16]
         try:
             tunnel = self.registry.pick(app.group, exclude=tried, affinity=affinity_key(app, extra))
         except NoConnector as e:
+            if not waited and self._restarting(app.group):
+                return self._wait_for_restart(app, extra, request_id)
             if not tried:
                 self.log.warn("app {app} request {request_id}: {error}", app=app.name, request_id=request_id,
                               error=str(e))
@@ -565,7 +596,8 @@ class ServiceNode(MultiService):
             # The connector answers once the back end connected or failed to: allow it that long.
             d = tunnel.session.open_stream(metadata, timeout=app.connect_timeout + OPEN_GRACE)
         except TunnelClosed:
-            return self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id})
+            return self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id},
+                                        waited)
 
         def opened(stream: Stream) -> Stream:
             stream.log_info = StreamInfo(
@@ -591,7 +623,8 @@ class ServiceNode(MultiService):
                     app=app.name, request_id=request_id, connector_id=tunnel.connector_id,
                     error=failure.getErrorMessage(), group=app.group,
                 )
-                again = self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id})
+                again = self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id},
+                                             waited)
                 # Out of connectors: the last real reason says more than "no connector left".
                 return again.addErrback(lambda f: give_up(failure) if f.check(NoConnector) else f)
             return give_up(failure)

@@ -18,15 +18,15 @@ DRAIN_TIMEOUT = 3.0
 THINK = DRAIN_TIMEOUT + 1
 
 
-def group_of_two(gw, backends, web_backend, tcp_seen, **connector_options):
-    """A service with a web app (front door) and a TCP app, both in one group of two connectors."""
+def group_of(n, gw, backends, web_backend, tcp_seen, **connector_options):
+    """A service with a web app (front door) and a TCP app, both in one group of `n` connectors."""
     tcp_backend = backends(tcp_handler(tcp_seen, delay=0.005))
     front = free_port()
     svc = gw.service(apps=[{"name": "tcp", "destination": tcp_backend.destination}], start=False)
     svc.add_front_door(front, [{"name": "web", "external_url": f"http://{WEB}:{front}/",
                                 "internal_url": web_backend.url}])
     svc.start()
-    connectors = [gw.connector(svc, name=f"c{i}", tunnels=2, **connector_options) for i in range(2)]
+    connectors = [gw.connector(svc, name=f"c{i}", tunnels=2, **connector_options) for i in range(n)]
     wait_until(lambda: get(front, f"{WEB}:{front}", "/")[0].status == 200, 30, "the web app to answer")
     return svc, front, connectors
 
@@ -51,7 +51,7 @@ def test_connectors_restarted_in_turn_under_load_fail_no_request(gw, backends):
     keep-alive and TCP load: not one request fails, none reaches the back end twice, no drain cuts a stream."""
     web_backend = HttpBackend(delay=0.005)
     tcp_seen = Seen()
-    svc, front, connectors = group_of_two(gw, backends, web_backend, tcp_seen, drain_timeout=DRAIN_TIMEOUT)
+    svc, front, connectors = group_of(2, gw, backends, web_backend, tcp_seen, drain_timeout=DRAIN_TIMEOUT)
     busy = LoadGen(http_port=front, http_host=f"{WEB}:{front}", tcp_port=svc.app_port("tcp"),
                    http_workers=4, tcp_workers=2, max_requests=200_000, max_seconds=240)
     idle = LoadGen(http_port=front, http_host=f"{WEB}:{front}", http_workers=8, max_requests=200_000,
@@ -77,3 +77,27 @@ def test_connectors_restarted_in_turn_under_load_fail_no_request(gw, backends):
     assert web_backend.seen.twice() == [] and tcp_seen.twice() == []
     cut = [line for log in drained_logs for line in log.splitlines() if "drain deadline passed" in line]
     assert cut == [], f"{len(cut)} of {len(drained_logs)} drains ran out of time (idle kept-alive streams held them): {cut[:2]}"
+
+
+@pytest.mark.timeout(300)
+def test_a_group_of_one_restarted_under_load_holds_new_requests_until_it_is_back(gw, backends):
+    """The only connector of a group restarted three times under HTTP and TCP load: requests made while it
+    is away wait for it (up to the app's connect_timeout) instead of failing; none fails."""
+    web_backend = HttpBackend(delay=0.005)
+    tcp_seen = Seen()
+    svc, front, (connector,) = group_of(1, gw, backends, web_backend, tcp_seen, drain_timeout=DRAIN_TIMEOUT)
+    load = LoadGen(http_port=front, http_host=f"{WEB}:{front}", tcp_port=svc.app_port("tcp"),
+                   http_workers=3, tcp_workers=3, max_requests=100_000, max_seconds=200)
+    try:
+        with load:
+            for _ in range(RESTARTS):
+                done = load.done
+                wait_until(lambda d=done: load.done > d + 100, 30, "load through the connector")
+                restart(connector, DRAIN_TIMEOUT)
+            done = load.done
+            wait_until(lambda d=done: load.done > d + 100, 30, "load through the connector")
+    finally:
+        web_backend.close()
+    assert load.failures == [], f"{load.summary()}; first: {load.failures[:5]}"
+    assert load.succeeded("tcp") > 50 and load.succeeded("http-post") > 30, load.summary()
+    assert web_backend.seen.twice() == [] and tcp_seen.twice() == []

@@ -5,7 +5,7 @@ from twisted.test.iosim import FakeTransport, connect
 
 from gateway.config import parse_config
 from gateway.service.node import ServiceNode
-from gateway.service.registry import ConnectorTunnel
+from gateway.service.registry import ConnectorTunnel, NoConnector
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.session import TunnelSession, TunnelSettings
 from gateway.tunnel.stream import StreamReset
@@ -77,3 +77,67 @@ def test_all_connectors_failing_reports_the_real_reason(monkeypatch):
                             refuse(ResetCode.CONNECT_FAILED, "connection refused by 10.0.0.5:80"))
     result = open_web(node, pumps, monkeypatch)
     assert result.check(StreamReset) and "10.0.0.5:80" in result.value.reason
+
+
+# -- a group whose connectors are all restarting ------------------------------------------------
+
+
+class _Lifecycle:
+    def changed(self, connector_id):
+        pass
+
+
+def tunnel_up(node, connector_id, behaviour):
+    """A connector tunnel (connector end serving with ``behaviour``) brought up the way TunnelHandler
+    does (node.tunnel_up); returns (service session, connector session, pump)."""
+    from types import SimpleNamespace
+    service = TunnelSession(node.reactor, TunnelSettings(), is_client=False)
+    connector = TunnelSession(node.reactor, TunnelSettings(), is_client=True, on_stream=behaviour)
+    pump = connect(service, FakeTransport(service, True), connector, FakeTransport(connector, False), greet=False)
+    entry = ConnectorTunnel(session=service, connector_id=connector_id, group="default", address="x")
+    node.tunnel_up(SimpleNamespace(entry=entry, group="default", address="x", session=service,
+                                   identity=SimpleNamespace(serial_hex="00", connector_id=connector_id),
+                                   ctx={"connector_id": connector_id, "tunnel_id": service.tunnel_id}))
+    return service, connector, pump
+
+
+def test_a_stream_while_the_only_connector_restarts_waits_for_it_and_goes_to_the_new_tunnel(monkeypatch):
+    """The group's only connector drains (GO_AWAY NORMAL): a new stream waits, and opens once a tunnel is up again."""
+    monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
+    node, _ = node_with()
+    node.lifecycle = _Lifecycle()
+    _, old, pump = tunnel_up(node, "c0", accept)
+    old.go_away()
+    pump.flush()
+    result = []
+    node.open_app_stream(node.apps["web"], {}).addBoth(result.append)
+    assert result == []   # waiting, not failed
+    service, _, pump = tunnel_up(node, "c0", accept)
+    for _ in range(3):
+        pump.flush()
+    assert len(result) == 1 and not hasattr(result[0], "check"), result
+    assert result[0].session is service
+
+
+def test_the_wait_for_a_restarting_connector_ends_after_connect_timeout(monkeypatch):
+    """No connector back within the app's connect_timeout: the stream fails with NoConnector."""
+    monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
+    node, _ = node_with()
+    node.lifecycle = _Lifecycle()
+    _, old, pump = tunnel_up(node, "c0", accept)
+    old.go_away()
+    pump.flush()
+    result = []
+    node.open_app_stream(node.apps["web"], {}).addBoth(result.append)
+    node.reactor.advance(node.apps["web"].connect_timeout)
+    assert len(result) == 1 and result[0].check(NoConnector), result
+
+
+def test_a_group_that_never_drained_fails_at_once_without_waiting(monkeypatch):
+    """A group with no connector and no drain is dark for real: NoConnector at once, nothing waits."""
+    monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
+    node, _ = node_with()
+    result = []
+    node.open_app_stream(node.apps["web"], {}).addBoth(result.append)
+    assert len(result) == 1 and result[0].check(NoConnector), result
+    assert node._connector_waiters == {}
