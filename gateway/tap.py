@@ -36,6 +36,12 @@ class Options(usage.Options):
             if self.config.service is not None:
                 # what plugins refuse (per-app options, certificates) stops us before anything starts
                 plugins.check_service_listeners(self.pm, self.config)
+                if self.config.service.store:
+                    # A PostgreSQL store that cannot be opened (no driver, a wrong password, down)
+                    # stops us here with its reason; opening it applies the migrations.
+                    from gateway.service.node import open_store
+
+                    open_store(self.config.service).close()
             self.identity = (
                 ConnectorIdentity.load(self.config.connector.state_dir) if self.config.connector else None
             )

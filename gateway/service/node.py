@@ -163,6 +163,8 @@ class ServiceNode(MultiService):
         keys.write_public(service.state_dir / NODE_CERT_FILE, keys.cert_pem(node_cert))
         keys.write_private(service.state_dir / NODE_KEY_FILE, keys.key_pem(node_key))
         sync_store = open_store(service)
+        self.log.info("store {store} at schema version {version} (was {before})", store=sync_store.location,
+                      version=sync_store.migrated[1], before=sync_store.migrated[0])
         for group in sorted({a.group for a in self.apps.values()} | {"default"}):
             sync_store.ensure_group(group, now)
         # Read before anything binds, so stored apps are served from the start.
