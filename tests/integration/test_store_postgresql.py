@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway_harness import echo_handler, echo_once, wait_echo, wait_until
+from gateway_harness import HOST, echo_handler, echo_once, free_port, port_is_free, wait_echo, wait_until
 
 
 @pytest.mark.timeout(180)
@@ -43,3 +43,20 @@ def test_a_service_on_postgresql_enrols_carries_and_carries_again_after_a_restar
     assert listed.returncode == 0 and conn.name in listed.stdout, listed.stderr
     gw.assert_no_secret_in_logs()
     assert "it-pass" not in svc.log()
+
+
+@pytest.mark.timeout(60)
+def test_a_postgresql_store_that_refuses_stops_twistd_before_binding_with_the_reason(gw, postgres_cluster):
+    """twistd with a PostgreSQL store that refuses the login exits non-zero with the reason and what to
+    check, no traceback, binding nothing."""
+    port = free_port()
+    config = gw.tmp / "svc.toml"
+    url = f"postgresql://no_such_role@127.0.0.1:{postgres_cluster.port}/postgres"
+    config.write_text(f'[service]\nstate_dir = "{gw.tmp / "state"}"\nlisten = "tcp:{port}:interface={HOST}"\n'
+                      f'store = "{url}"\n')
+    result = gw.twistd(config)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert f"cannot open the store {url}" in out and 'role "no_such_role" does not exist' in out, out
+    assert "check the URL in [service] store" in out and "Traceback" not in out, out
+    assert port_is_free(port)
