@@ -70,12 +70,14 @@ def start_gateway(gw: Gateway, name: str, nginx: Nginx, metrics: bool, session: 
         node_metrics, conn_metrics = free_port(), free_port()
         svc.config_path.write_text(svc.config_path.read_text() + "\n" + toml_table(
             "metrics", {"enabled": True, "listen": f"tcp:{node_metrics}:interface={HOST}"}))
-    svc.start(wait=False)   # at level warn it never logs "listening": wait for the tunnel port instead
-    wait_until(lambda: port_open(svc.port), 30, f"{name}: the service's tunnel port")
     switched = None
     if session:
+        # Before the node starts: it reads the switches at start, then only every config_interval.
+        gw.cli("groups", "create", "default", "--config", str(svc.config_path))
         result = gw.cli("logs", "session", "on", "--group", "default", "--config", str(svc.config_path))
         switched = result.returncode == 0 or f"`gateway logs session on` failed: {result.stdout}{result.stderr}"
+    svc.start(wait=False)   # at level warn it never logs "listening": wait for the tunnel port instead
+    wait_until(lambda: port_open(svc.port), 30, f"{name}: the service's tunnel port")
     conn = gw.connector(svc, name=f"{name}-conn", start=False, log_level="warn")
     if metrics:
         conn.config_path.write_text(conn.config_path.read_text() + "\n" + toml_table(
