@@ -11,6 +11,11 @@ BEGIN IMMEDIATE serialises them across processes; enrolment instead locks the to
 (SELECT ... FOR UPDATE), so two nodes redeeming one token at once accept it once, and
 enrolments of different tokens do not wait for each other.
 
+For several nodes (issue 15, parts 2-5) this is the base: a write can NOTIFY in its own
+transaction (delivered on commit only), a LISTEN needs a connection of its own outside the
+pool, and a database that goes away surfaces as StoreUnavailable while the pool replaces
+broken connections on the next checkout.
+
 psycopg and psycopg_pool are the optional extra ``postgresql``
 (``pip install 'gateway[postgresql]'``); the SQLite default needs neither.
 """
