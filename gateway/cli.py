@@ -833,15 +833,20 @@ def users_token_create(args: argparse.Namespace) -> int:
     about = (f"personal token {record.credential_id} for user {record.user!r}, expires"
              f" {record.expires_at:%Y-%m-%d %H:%M:%S UTC}; give it to gateway login --token-file"
              f" (revoke it with `gateway users token revoke {record.credential_id}`)")
-    if args.output:
+    _hand_over(token.encode(), about, args.output)
+    return 0
+
+
+def _hand_over(text: str, about: str, output: str | None) -> None:
+    """Show a new token once: on standard output, or into `output` (mode 0600); what it is on stderr."""
+    if output:
         from gateway.pki.keys import write_private
 
-        write_private(Path(args.output), (token.encode() + "\n").encode())
-        print(f"{about}; written to {args.output}", file=sys.stderr)
+        write_private(Path(output), (text + "\n").encode())
+        print(f"{about}; written to {output}", file=sys.stderr)
     else:
-        print(token.encode())
+        print(text)
         print(about, file=sys.stderr)
-    return 0
 
 
 def users_token_list(args: argparse.Namespace) -> int:
@@ -909,14 +914,7 @@ def admin_token_create(args: argparse.Namespace) -> int:
     about = (f"admin token {record.token_id} ({name}), expires {record.expires_at:%Y-%m-%d %H:%M:%S UTC}; give it to"
              f" `gateway --service URL --admin-token-file FILE` or the status page's sign-in (revoke it with"
              f" `gateway admin token revoke {record.token_id}`)")
-    if args.output:
-        from gateway.pki.keys import write_private
-
-        write_private(Path(args.output), (token.encode() + "\n").encode())
-        print(f"{about}; written to {args.output}", file=sys.stderr)
-    else:
-        print(token.encode())
-        print(about, file=sys.stderr)
+    _hand_over(token.encode(), about, args.output)
     return 0
 
 

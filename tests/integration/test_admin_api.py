@@ -221,6 +221,14 @@ def session_cookie(response) -> str:
     raise AssertionError(f"no session cookie in {cookies}")
 
 
+def signed_in(gw, svc) -> tuple[str, dict[str, str], str]:
+    """(a new admin token's id, the Cookie header of a session it signed in, the sign-in form's csrf)."""
+    token_id, path = create_admin_token(gw, svc)
+    cookie, field = signin_form(svc)
+    session = SimpleCookie(session_cookie(sign_in(svc, token_text(path), cookie, field)))
+    return token_id, {"Cookie": f"gateway_admin_session={session['gateway_admin_session'].value}"}, field
+
+
 def test_the_page_sends_a_visitor_without_a_session_to_sign_in(gw):
     """GET / without a cookie, and with a forged or unknown session cookie: 303 to /signin, no status shown."""
     svc = admin_service(gw)
@@ -270,10 +278,7 @@ def test_sign_out_needs_the_sessions_csrf_token_and_revocation_ends_the_session(
     """Signed in, the page shows; sign-out without the session's CSRF token is 403 and the session stays;
     revoking the token sends the next page view to /signin."""
     svc = admin_service(gw)
-    token_id, path = create_admin_token(gw, svc)
-    cookie, field = signin_form(svc)
-    session = SimpleCookie(session_cookie(sign_in(svc, token_text(path), cookie, field)))
-    jar = {"Cookie": f"gateway_admin_session={session['gateway_admin_session'].value}"}
+    token_id, jar, field = signed_in(gw, svc)
     page = request(svc, "GET", "/", headers=jar)
     assert page.status == 200 and b"Gateway status" in page.body
     assert page.getheader("Content-Security-Policy").startswith("default-src 'none'")
@@ -290,10 +295,7 @@ def test_sign_out_needs_the_sessions_csrf_token_and_revocation_ends_the_session(
 def test_sign_out_with_the_sessions_csrf_token_ends_the_session(gw):
     """POST /signout with the page's CSRF token: 303 to /signin, and the old cookie no longer opens the page."""
     svc = admin_service(gw)
-    _, path = create_admin_token(gw, svc)
-    cookie, field = signin_form(svc)
-    session = SimpleCookie(session_cookie(sign_in(svc, token_text(path), cookie, field)))
-    jar = {"Cookie": f"gateway_admin_session={session['gateway_admin_session'].value}"}
+    _, jar, _ = signed_in(gw, svc)
     page = request(svc, "GET", "/", headers=jar)
     response = request(svc, "POST", "/signout", urlencode({"csrf": _csrf_field(page.body.decode())}).encode(),
                        {**jar, "Content-Type": "application/x-www-form-urlencoded"})
