@@ -168,6 +168,23 @@ def test_a_write_inside_a_write_fails_at_once(store):
     assert [g.name for g in store.list_groups()] == ["office"]
 
 
+def test_postgresql_replaces_a_connection_the_server_dropped(postgres_cluster):
+    """A pooled connection the server terminated is replaced on the next call, which succeeds."""
+    from gateway.store.postgresql import PostgreSQLStore
+
+    url = postgres_cluster.new_database()
+    store = PostgreSQLStore(url)
+    try:
+        store.ensure_group("office", NOW)
+        postgres_cluster.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             f" WHERE datname = '{url.rpartition('/')[2]}'")
+        assert store.list_groups() == [GroupRecord("office", NOW)]
+        store.ensure_group("lab", NOW)
+        assert [g.name for g in store.list_groups()] == ["lab", "office"]
+    finally:
+        store.close()
+
+
 def test_newer_schema_is_refused(store_backend):
     """A database written by a newer gateway is refused with advice to upgrade."""
     store = store_backend.open()
