@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from gateway import __version__, plugins
 from gateway import logs_cli
+from gateway import diagnose_cli
 from gateway.access import cli as access_cli
 from gateway.store import cli as store_cli
 from gateway.admin.client import TOKEN_ENV as ADMIN_TOKEN_ENV
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     access_cli.add_parsers(sub)
     store_cli.add_parsers(sub)
+    diagnose_cli.add_parsers(sub)
     logs_cli.add_parsers(sub)
     return p
 
@@ -1014,6 +1016,7 @@ COMMANDS = {
     ("check-config", None): check_config,
     **access_cli.COMMANDS,
     **store_cli.COMMANDS,
+    **diagnose_cli.COMMANDS,
     **logs_cli.COMMANDS,
 }
 

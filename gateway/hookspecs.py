@@ -97,6 +97,19 @@ def gateway_register_metrics(metrics: Any) -> None:
     """
 
 
+@hookspec
+def gateway_diagnose_checks(register: Callable[[str, Callable[[Any], Any]], None], config: Any) -> None:
+    """Add checks to ``gateway diagnose`` on a connector with ``register(name, check)``.
+
+    ``config`` is the connector's :class:`gateway.config.GatewayConfig` (plugin tables in
+    ``config.sections``). ``check(reactor)`` returns (or a Deferred / coroutine gives) a list of
+    :class:`gateway.diagnose.Check` (``Check.ok(name, detail)``, ``Check.fail(name, detail,
+    fix)``, ``Check.skip(name, detail)``), one line each; an exception is reported as that
+    check failing. Register nothing when the plugin is not configured on this connector (the
+    Kerberos plugin checks its KDC and keytab only with a ``[kerberos]`` table).
+    """
+
+
 # -- lifecycle observers -----------------------------------------------------------------
 
 

@@ -139,6 +139,13 @@ def register_metrics(pm: pluggy.PluginManager, metrics: Any) -> None:
             raise PluginError(f"plugin {impl.plugin_name} failed while registering metrics: {e!r}") from e
 
 
+def diagnose_checks(pm: pluggy.PluginManager, config: Any) -> list[tuple[str, Callable]]:
+    """The (name, check) pairs plugins register for `gateway diagnose` (gateway_diagnose_checks)."""
+    found: list[tuple[str, Callable]] = []
+    pm.hook.gateway_diagnose_checks(register=lambda name, check: found.append((name, check)), config=config)
+    return found
+
+
 def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
     """Call an observer hook; one plugin's exception is logged and never reaches the caller."""
     caller = getattr(pm.hook, hook_name)

@@ -104,9 +104,8 @@ class ConnectorNode(MultiService):
         # This connector's admin events, sent to the service over a live tunnel (rate-bounded);
         # gateway.tap makes it a listener of the admin log.
         self.admin_forwarder = AdminEventForwarder(reactor, self._send_control)
-        # ProxyError (a GatewayError) at start for an unusable HTTPS_PROXY or password file.
-        self.proxy = choose_proxy(config.connector.proxy, config.connector.proxy_password_file,
-                                  identity.service_host, identity.service_port)
+        # Chosen at start (gateway.tap checked it already: an unusable HTTPS_PROXY or password file).
+        self.proxy: Any = None
         self.renewer = CertificateRenewer(self, reactor)
         self.renewer.setServiceParent(self)
         self.control_handlers[m.RENEW_RESULT] = self.renewer.on_result
@@ -116,6 +115,8 @@ class ConnectorNode(MultiService):
 
     def startService(self) -> None:
         ident = self.identity
+        self.proxy = choose_proxy(self.config.connector.proxy, self.config.connector.proxy_password_file,
+                                  ident.service_host, ident.service_port)
         # Built from the current identity at each connect: new tunnels get a renewed certificate.
         endpoint = IdentityEndpoint(self, self.reactor, proxy=self.proxy)
         connector = self.config.connector

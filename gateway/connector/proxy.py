@@ -391,18 +391,27 @@ def _name(name: x509.Name) -> str:
     return str(common[0].value) if common else name.rfc4514_string() or "(no name)"
 
 
-def untrusted_certificate_message(leaf: x509.Certificate | None, proxy: ProxySettings | None,
-                                  service: str) -> str:
-    """What to tell the admin when the certificate presented for ``service`` does not chain to the pinned CA."""
+def untrusted_certificate(leaf: x509.Certificate | None, proxy: ProxySettings | None,
+                          service: str) -> tuple[str, str]:
+    """(what happened, what to do) when the certificate presented for ``service`` does not chain
+    to the pinned CA: through a proxy, the proxy is named as the one that replaced it."""
     seen = (f"a certificate for {_name(leaf.subject)!r} issued by {_name(leaf.issuer)!r}"
             if leaf is not None else "a certificate")
     if proxy is not None:
         return (f"the proxy at {proxy.address} replaced the service's certificate (it presented {seen}, which the"
-                f" service's CA did not issue: the proxy inspects TLS); add an exception for the service's host"
-                f" {service} to the proxy's TLS inspection so it passes the connection through untouched")
-    return (f"the service at {service} presented {seen}, which the pinned CA did not issue: something"
-            " between this machine and the service replaces certificates (a TLS-inspecting firewall, or a"
-            " wrong address); let the connection through untouched or check the service's address")
+                " service's CA did not issue: the proxy inspects TLS)",
+                f"add an exception for the service's host {service} to the proxy's TLS inspection so it passes"
+                " the connection through untouched")
+    return (f"the service at {service} presented {seen}, which the pinned CA did not issue: something between"
+            " this machine and the service replaces certificates (a TLS-inspecting firewall, or a wrong address)",
+            "let the connection through untouched, or check service_host and service_port in connection.toml")
+
+
+def untrusted_certificate_message(leaf: x509.Certificate | None, proxy: ProxySettings | None,
+                                  service: str) -> str:
+    """:func:`untrusted_certificate` as one sentence, for a log line or an error."""
+    what, fix = untrusted_certificate(leaf, proxy, service)
+    return f"{what}; {fix}"
 
 
 def chains_to(leaf: x509.Certificate, ca_cert: x509.Certificate) -> bool:

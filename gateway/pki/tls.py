@@ -114,6 +114,27 @@ def verify_enrolment_peer(
     return ca
 
 
+def presents_ca(transport, ca_fingerprint: str) -> bool:
+    """Whether the TLS peer's chain holds the CA ``ca_fingerprint`` pins (a TLS-inspecting proxy's does not)."""
+    chain = transport.getHandle().get_peer_cert_chain() or []
+    wanted = _normalise_fingerprint(ca_fingerprint)
+    return any(keys.fingerprint(c.to_cryptography()) == wanted for c in chain)
+
+
+def probe_client_options(client_cert: x509.Certificate, client_key) -> CertificateOptions:
+    """Client options for `gateway diagnose`: presents the connector's certificate but trusts
+    nothing yet, so the certificate the service presented can be examined and described
+    (check_service_certificate) rather than only refused."""
+    return CertificateOptions(privateKey=crypto.PKey.from_cryptography_key(client_key),
+                              certificate=_x509(client_cert), verify=False, **_COMMON_OPTIONS)
+
+
+def check_service_certificate(leaf: x509.Certificate, server_name: str, now: datetime) -> None:
+    """EnrolmentError if the service's certificate is out of its dates or not for ``server_name``."""
+    _check_dates(leaf, "the service's certificate", now)
+    _check_name(leaf, server_name)
+
+
 def peer_identity(transport) -> PeerIdentity | None:
     """The connector a TLS peer proved to be, or None if it sent no certificate (enrolment)."""
     peer = transport.getPeerCertificate()

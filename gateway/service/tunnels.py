@@ -396,12 +396,26 @@ class TunnelHandler:
         if self.state != "authenticated":
             self.refuse(GoAwayCode.PROTOCOL_ERROR, "hello repeated")
             return
+        if message.get("diagnose") is True:
+            self._diagnose()
+            return
         self.state = "up"
         self.node.node_metrics.handshake("ok")
         self._deadline.cancel()
         self._authentication_over()
+        self.control.send(self._welcome())
+        self.entry = ConnectorTunnel(
+            session=self.session, connector_id=self.identity.connector_id, group=self.group,
+            address=self.address, software_version=str(message.get("software_version", "?")),
+        )
+        # The config goes first: a stream routed here the moment the tunnel is up (one waiting
+        # for a connector, say) must not reach the connector before the apps it names.
+        self.send_config(force=True)
+        self.node.tunnel_up(self)
+
+    def _welcome(self) -> dict:
         service = self.node.config.service
-        self.control.send({
+        return {
             "type": m.WELCOME,
             "protocol_version": PROTOCOL_VERSION,
             "software_version": __version__,
@@ -411,15 +425,21 @@ class TunnelHandler:
             "config_interval": service.config_interval,
             "heartbeat_interval": service.heartbeat_interval,
             "capabilities": list(m.CAPABILITIES),
-        })
-        self.entry = ConnectorTunnel(
-            session=self.session, connector_id=self.identity.connector_id, group=self.group,
-            address=self.address, software_version=str(message.get("software_version", "?")),
-        )
-        # The config goes first: a stream routed here the moment the tunnel is up (one waiting
-        # for a connector, say) must not reach the connector before the apps it names.
-        self.send_config(force=True)
-        self.node.tunnel_up(self)
+            # The service's clock: a connector warns when its own is off, `gateway diagnose` checks it.
+            "time": self.node.reactor.seconds(),
+        }
+
+    def _diagnose(self) -> None:
+        """`gateway diagnose` said hello: its certificate passed the checks a tunnel's does; it gets
+        the welcome (with the service's time) and its group's config, never a tunnel: no stream is
+        routed to it, no heartbeat kept. The client closes the connection once it has both."""
+        self.state = "diagnosing"
+        self._deadline.cancel()
+        self._authentication_over()
+        self.log.info("connector {connector_id} ran gateway diagnose from {address}", address=self.address,
+                      **self.ctx)
+        self.control.send(self._welcome())
+        self.control.send(self.node.group_config(self.group))
 
     def send_config(self, force: bool = False) -> None:
         if self.control is None or self.state != "up":

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import succeed, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
@@ -248,7 +248,7 @@ def test_endpoint_uses_the_current_identity_at_each_connect(tmp_path, ca, monkey
     identity = make_identity(tmp_path, ca)
     used = []
     monkeypatch.setattr(renewal, "client_options", lambda ca_cert, cert, key, name: used.append(cert) or "tls")
-    monkeypatch.setattr(renewal, "wrapClientTLS", lambda tls, inner: SimpleNamespace(connect=lambda f: f))
+    monkeypatch.setattr(renewal, "wrapClientTLS", lambda tls, inner: SimpleNamespace(connect=succeed))
     node = SimpleNamespace(identity=identity)
     endpoint = IdentityEndpoint(node, MemoryReactorClock())
     endpoint.connect("factory")

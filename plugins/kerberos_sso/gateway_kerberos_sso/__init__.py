@@ -34,6 +34,18 @@ def gateway_config_sections(register: Any) -> None:
     register(SECTION, parse_section)
 
 
+@hookimpl
+def gateway_diagnose_checks(register: Any, config: Any) -> None:
+    """`gateway diagnose` on a connector with a [kerberos] table: KDC reach, the keytab's keys."""
+    settings = config.sections.get(SECTION)
+    if settings is None:
+        return
+    from .diagnose import kdc_checks, keytab_check
+
+    register("kdc", lambda reactor: kdc_checks(reactor, settings))
+    register("keytab", lambda reactor: [keytab_check(settings)])
+
+
 # The provider this process registered (a connector registers one at start): its counters are
 # read when the metrics endpoint is scraped.
 _registered: list[KerberosSSO] = []
