@@ -19,6 +19,7 @@ from gateway import __version__, plugins
 from gateway import logs_cli
 from gateway import diagnose_cli
 from gateway.access import cli as access_cli
+from gateway.updater import cli as updater_cli
 from gateway.store import cli as store_cli
 from gateway.admin.client import TOKEN_ENV as ADMIN_TOKEN_ENV
 from gateway.admin.summary import jsonable, when as _when
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--state-dir", required=True, help="where the connector keeps its key and certificates")
     reg.add_argument("--server-name", help="name to check in the service's certificate (default: the HOST)")
     reg.add_argument("--name", help="a name for this connector (default: the host name)")
+    updater_cli.add_connector_parser(conn)
 
     conns = sub.add_parser("connectors", help="connectors known to the service").add_subparsers(
         dest="action", required=True)
@@ -117,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a TOML file and exit")
     check.add_argument("config")
     access_cli.add_parsers(sub)
+    updater_cli.add_parsers(sub)
     store_cli.add_parsers(sub)
     diagnose_cli.add_parsers(sub)
     logs_cli.add_parsers(sub)
@@ -1015,6 +1018,7 @@ COMMANDS = {
     ("plugins", None): list_plugins,
     ("check-config", None): check_config,
     **access_cli.COMMANDS,
+    **updater_cli.COMMANDS,
     **store_cli.COMMANDS,
     **diagnose_cli.COMMANDS,
     **logs_cli.COMMANDS,

@@ -39,6 +39,7 @@ from gateway.service.renewal import handle_renew_request
 from gateway.service.users import LoginPortal, UserAuthority
 from gateway.service import store_apps
 from gateway.service.tunnels import ServiceTunnelFactory, TunnelHandler, TunnelTLSFactory
+from gateway.service.updates import UpdateDesk
 from gateway.store.records import CertificateRecord, ConnectorRecord
 from gateway.store.sqlite import SQLiteStore, SQLStore
 from gateway.store.threaded import ThreadedStore
@@ -140,6 +141,8 @@ class ServiceNode(MultiService):
         # Private Access: sign-in codes and user certificates; the users' live tunnels.
         self.users = UserAuthority(self)
         self.user_tunnels: set[TunnelHandler] = set()
+        # Connector updates: the published release, its wheel and the one-per-group lease.
+        self.updates = UpdateDesk(self)
         # group -> Deferreds of streams waiting for a connector of that group to come up
         self._connector_waiters: dict[str, list[Deferred]] = {}
         # group -> when (reactor seconds) a connector of it last drained (GO_AWAY NORMAL)

@@ -144,6 +144,8 @@ class TunnelHandler:
         self.entry: ConnectorTunnel | None = None
         self._queued: list[dict] = []
         self._user_streams: list[Stream] = []
+        # An updater's `update` streams that wait for the certificate check (gateway/service/updates.py).
+        self._update_streams: list[Stream] = []
         self.access: AccessTunnel | None = None
         session.owner = self
         session.on_stream = self.on_stream
@@ -264,6 +266,10 @@ class TunnelHandler:
         queued, self._queued = self._queued, []
         for message in queued:
             self.on_control(message)
+        waiting, self._update_streams = self._update_streams, []
+        for stream in waiting:
+            if not stream.closed:
+                self._update_stream(stream)
 
     def refuse(self, code: int, message: str) -> None:
         if self.state not in ("up", "user"):
@@ -287,7 +293,7 @@ class TunnelHandler:
         self.refuse(GoAwayCode.INTERNAL_ERROR, "internal error on the service; see the service log")
 
     def _too_slow(self) -> None:
-        if self.state not in ("up", "user") and self.session.connected:
+        if self.state not in ("up", "user", "updating") and self.session.connected:
             self.refuse(GoAwayCode.PROTOCOL_ERROR, f"no TLS handshake and hello within {HELLO_TIMEOUT:.0f}s")
 
     # -- streams from the connector --------------------------------------------------------
@@ -321,6 +327,8 @@ class TunnelHandler:
             stream.accept()
             answer = self.node.enrol if kind == "enrol" else self.node.user_certificate
             stream.attach(ControlChannel(lambda msg: self._enrol(stream, msg, answer)))
+        elif kind == "update" and self.state in ("checking", "authenticated", "updating") and self.control is None:
+            self._update_stream(stream)
         elif kind == "control" and self.state in ("checking", "authenticated") and self.control is None:
             stream.accept()
             self.control = ControlChannel(self.on_control, lambda reason: self._control_lost())
@@ -329,6 +337,18 @@ class TunnelHandler:
             stream.reset(ResetCode.REFUSED, "no client certificate: only enrolment is possible on this connection")
         else:
             stream.reset(ResetCode.REFUSED, f"a connector may not open a {kind!r} stream here")
+
+    def _update_stream(self, stream: Stream) -> None:
+        """An updater's request, made with the connector's own certificate: answered once the
+        certificate is known valid. Such a connection never becomes a tunnel (no hello)."""
+        if self.state == "checking":
+            self._update_streams.append(stream)
+            return
+        if self.state == "authenticated":
+            self.state = "updating"
+            self._deadline.cancel()
+            self._authentication_over()
+        self.node.updates.on_stream(self, stream)
 
     def _enrol(self, stream: Stream, message: dict, answer: Any) -> None:
         """Answer the one request of an unauthenticated connection: a connector's enrolment, or

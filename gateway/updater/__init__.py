@@ -1,0 +1,1 @@
+"""Connector updates: signed manifests, the updater process beside each connector, its commands."""
