@@ -9,13 +9,13 @@ import http.client
 import json
 import re
 import ssl
+import subprocess
 from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import urlencode
 
-import pytest
-
-from gateway_harness import HOST, free_port, subprocess_env, toml_table, wait_until
+from components import needs, require
+from gateway_harness import GATEWAY, HOST, free_port, subprocess_env, toml_table, wait_until
 
 
 def admin_service(gw, tls: bool = True, **admin):
@@ -124,6 +124,25 @@ def test_a_revoked_token_is_refused_at_once(gw):
     assert "revoked" in body["message"] and "gateway admin token create" in body["message"]
     listed = gw.cli("admin", "token", "list", "--config", str(svc.config_path)).stdout
     assert token_id in listed and "alice" in listed
+
+
+@needs("faketime")
+def test_an_expired_token_is_refused(gw):
+    """A token made (under faketime) 30 days ago for 1 day: the API answers 401 expired_token, and the
+    sign-in form refuses it too."""
+    svc = admin_service(gw)
+    path = gw.tmp / "expired.token"
+    result = subprocess.run([require("faketime"), "-f", "-30d", GATEWAY, "admin", "token", "create", "--config",
+                             str(svc.config_path), "--name", "old", "--expires", "1d", "--output", str(path)],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    gw.secrets.append(token_text(path).split(".")[2])
+    status, body, _ = api(svc, "GET", "/api/v1/status", token=token_text(path))
+    assert (status, body["error"]) == (401, "expired_token")
+    assert "expired" in body["message"] and "gateway admin token create" in body["message"]
+    cookie, field = signin_form(svc)
+    response = sign_in(svc, token_text(path), cookie, field)
+    assert response.status == 401 and b"expired" in response.body
 
 
 def test_the_api_refuses_an_oversized_body_without_buffering_it(gw):
@@ -301,6 +320,21 @@ def test_sign_out_with_the_sessions_csrf_token_ends_the_session(gw):
                        {**jar, "Content-Type": "application/x-www-form-urlencoded"})
     assert response.status == 303 and response.getheader("Location") == "/signin"
     assert request(svc, "GET", "/", headers=jar).status == 303
+
+
+def test_plain_http_on_loopback_works_and_its_cookie_is_not_secure(gw):
+    """[admin] tls = false on 127.0.0.1: the API and the remote command work over plain HTTP; the session
+    cookie is HttpOnly and SameSite=Strict but not Secure (a browser would drop it over http)."""
+    svc = admin_service(gw, tls=False)
+    _, path = create_admin_token(gw, svc)
+    assert api(svc, "GET", "/api/v1/status", token=token_text(path))[0] == 200
+    assert api(svc, "GET", "/api/v1/status")[0] == 401
+    cookie, field = signin_form(svc)
+    header = session_cookie(sign_in(svc, token_text(path), cookie, field, origin=f"http://{HOST}:{svc.admin_port}"))
+    assert "httponly" in header.lower() and "samesite=strict" in header.lower()
+    assert "secure" not in header.lower().replace("samesite", "")
+    result = gw.cli("--service", admin_url(svc), "--admin-token-file", str(path), "groups", "list")
+    assert result.returncode == 0 and "default" in result.stdout, result.stderr
 
 
 # -- gateway --service URL -----------------------------------------------------------------------
