@@ -182,7 +182,10 @@ class _Tail:
             current = os.stat(self.path).st_ino
         except FileNotFoundError:
             current = None
-        if current != self.inode:   # rotated: finish the old file (done above), read the new one from 0
+        if current != self.inode:
+            # Rotated: the writer closed the old file before renaming it, so what it wrote after
+            # our read above is there now; finish it, then read the new file from its start.
+            yield from self._lines()
             self.file.close()
             self.file, self.partial = None, b""
             self._open()

@@ -16,12 +16,15 @@ import pytest
 from gateway_harness import (
     DATA,
     GATEWAY,
+    HOST,
     SYN,
     FrameReader,
     control_message,
     control_messages,
     echo_handler,
     echo_once,
+    free_port,
+    http_request,
     raw_frame,
     subprocess_env,
     tls_client,
@@ -223,3 +226,34 @@ def test_journald_gets_admin_events_in_the_native_protocol(gw, tmp_path):
         assert "listening for tunnels" in fields["MESSAGE"] and fields["GATEWAY_SOURCE"] == "node"
     finally:
         journal.close()
+
+
+@pytest.mark.timeout(120)
+def test_http_requests_in_the_session_logs_of_node_and_connector(gw, nginx):
+    """A request through the front door is one http line on the node (its session_log = true)
+    and one on the connector (switched on from the service), same request id, path without
+    its query string, the status."""
+    port = free_port()
+    host = f"wiki.apps.example.test:{port}"
+    svc = gw.service(start=False, service=FAST, logging={"session_log": True})
+    svc.add_front_door(port, [{"name": "wiki", "external_url": f"http://{host}/",
+                               "internal_url": f"http://{HOST}:{nginx.port}/"}])
+    svc.start()
+    conn = gw.connector(svc)
+    assert gw.cli("logs", "session", "on", "--connector", conn.connector_id,
+                  "--config", str(svc.config_path)).returncode == 0
+    wait_until(lambda: "session log switched on by the service" in conn.proc.log(), 30, "the switch")
+    response, _ = http_request(port, host, "/headers?token=s3cr3t-in-query")
+    assert response.status == 200
+
+    def http_lines(path: Path) -> list[dict]:
+        return [r for r in records(path) if r.get("type") == "http" and r.get("app") == "wiki"]
+    wait_until(lambda: http_lines(conn.state_dir / "session.log") and http_lines(svc.state_dir / "session.log"),
+               30, "the request's lines on both")
+    node, = http_lines(svc.state_dir / "session.log")
+    connector, = http_lines(conn.state_dir / "session.log")
+    for line, role in ((node, "service"), (connector, "connector")):
+        assert (line["role"], line["method"], line["path"], line["status"]) == (role, "GET", "/headers", 200), line
+    assert node["request_id"] == connector["request_id"]
+    for path in (svc.state_dir / "session.log", conn.state_dir / "session.log"):
+        assert "s3cr3t" not in path.read_text(), f"{path} keeps the query string"

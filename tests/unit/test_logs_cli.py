@@ -58,3 +58,31 @@ def test_a_signed_in_identity_matches_by_subject_or_email():
     record = {**DONE, "user": {"sub": "s-1", "email": "ann@example.com"}}
     keep = record_filter(flags(user="ann@example.com"), now=1100.0)
     assert keep(record) and not record_filter(flags(user="ann"), now=1100.0)(record)
+
+
+def test_follow_loses_no_line_written_just_before_a_rotation(tmp_path, monkeypatch):
+    """A line the writer adds to the old file between follow's read and its rotation check is
+    still printed, before the new file's lines."""
+    import json
+    import os
+
+    from gateway import logs_cli
+
+    path = tmp_path / "session.log"
+    path.write_text(json.dumps({"n": 0}) + "\n")
+    tail = logs_cli._Tail(path)
+    tail.start_at_end()
+    real_stat = os.stat
+    rotated = []
+
+    def stat_after_a_late_write_and_a_rotation(p, *a, **kw):
+        if not rotated:
+            rotated.append(True)
+            with open(path, "a") as f:
+                f.write(json.dumps({"n": 1}) + "\n")
+            path.rename(tmp_path / "session.log.1")
+            path.write_text(json.dumps({"n": 2}) + "\n")
+        return real_stat(p, *a, **kw)
+
+    monkeypatch.setattr(logs_cli.os, "stat", stat_after_a_late_write_and_a_rotation)
+    assert [r["n"] for r in tail.read()] == [1, 2]
