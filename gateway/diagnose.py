@@ -38,7 +38,7 @@ from gateway.connector.proxy import (
     service_endpoint,
     untrusted_certificate,
 )
-from gateway.connector.renewal import renewal_time
+from gateway.connector.renewal import MAX_CLOCK_SKEW, renewal_time
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
 from gateway.errors import ConfigError, EnrolmentError, describe_failure
@@ -48,8 +48,7 @@ from gateway.segments import HostName, Network, Where, host_port, parse_segments
 from gateway.tunnel.session import TunnelSession, TunnelSettings
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
-# Certificates, tokens and Kerberos tickets are checked against clocks; more skew than this fails.
-MAX_SKEW = 60.0
+MAX_SKEW = MAX_CLOCK_SKEW
 # How long one network check may take (DNS, a TCP connect, the service's answers).
 TIMEOUT = 10.0
 # A private app segment's ports checked one by one up to this many; a wider range is not dialled.

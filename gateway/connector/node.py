@@ -21,7 +21,7 @@ from gateway.config import AppConfig, GatewayConfig
 from gateway.connector import destinations
 from gateway.connector.identity import ConnectorIdentity
 from gateway.connector.proxy import choose_proxy
-from gateway.connector.renewal import CertificateRenewer, IdentityEndpoint
+from gateway.connector.renewal import CertificateRenewer, IdentityEndpoint, clock_skew_warning
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
 from gateway.segments import Where, parse_segments
@@ -458,6 +458,10 @@ class TunnelClient:
         self._every(float(message.get("config_interval", 300)), self.pull_config)
         self.log.info("tunnel {tunnel_id} up to node {node_id}", event="tunnel_up", node_id=message.get("node_id"),
                       **self.session.log_context)
+        skew = clock_skew_warning(message.get("time"), self.node.reactor.seconds())
+        if skew is not None:
+            self.log.warn("tunnel {tunnel_id}: {warning}", warning=skew, event="clock_skew",
+                          **self.session.log_context)
         self.node.connector_metrics.handshake("ok")
         self.node.tunnel_up(self)
         if not self.ready.called:

@@ -45,6 +45,23 @@ MIN_INTERVAL = 10.0
 RENEWAL_REFUSED = "renewal_refused"
 
 
+# Clocks further apart than this break certificate dates and Kerberos tickets: the connector
+# warns at each tunnel's welcome, `gateway diagnose` fails its clock check.
+MAX_CLOCK_SKEW = 60.0
+
+
+def clock_skew_warning(service_time: object, now: float, limit: float = MAX_CLOCK_SKEW) -> str | None:
+    """What to tell the admin when the welcome's ``time`` is more than ``limit`` seconds from ours, else None."""
+    if isinstance(service_time, bool) or not isinstance(service_time, (int, float)):
+        return None   # an older service sends no time
+    skew = now - float(service_time)
+    if abs(skew) <= limit:
+        return None
+    return (f"this machine's clock is {abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} the service's:"
+            " certificates and Kerberos tickets need clocks within a minute; synchronise it (timedatectl"
+            " set-ntp true, chrony or systemd-timesyncd)")
+
+
 def renewal_time(not_before: datetime, not_after: datetime) -> datetime:
     """When a certificate valid from `not_before` to `not_after` should be renewed."""
     return not_before + (not_after - not_before) * RENEW_FRACTION

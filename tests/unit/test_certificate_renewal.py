@@ -420,3 +420,12 @@ def test_renewal_revokes_all_but_the_presented_and_the_new_certificate(service):
     status = {serial: service.store.certificate_status(serial, CONNECTOR_ID)
               for serial in [keys.serial_hex(service.old), *issued]}
     assert list(status.values()) == ["valid", "revoked", "revoked", "valid"], status
+
+
+def test_a_clock_more_than_a_minute_off_the_services_is_warned_about():
+    """The welcome's time more than 60 s from ours gives a warning saying which way and how to fix it; none within."""
+    assert renewal.clock_skew_warning(1000.0, 1030.0) is None
+    assert renewal.clock_skew_warning(None, 1030.0) is None   # an older service sends no time
+    ahead = renewal.clock_skew_warning(1000.0, 1000.0 + 7200)
+    assert ahead.startswith("this machine's clock is 7200s ahead of the service's") and "set-ntp" in ahead
+    assert "90s behind" in renewal.clock_skew_warning(1090.0, 1000.0)
