@@ -212,28 +212,31 @@ class Updater(MultiService):
         if not lease.get("granted"):
             return self._quiet(False, f"update to {manifest.version} waits: {lease.get('reason')}",
                                f"wait {lease.get('reason')}")
-        failed = True
+        outcome = "failed"
         try:
-            failed = not await self._replace(manifest, wheel)
+            outcome = await self._replace(manifest, wheel)
         finally:
             try:
-                await self.client.request("release", version=manifest.version,
-                                          outcome="failed" if failed else "ok")
+                # "failed" halts the release for the group; "aborted" (nothing was changed) does not
+                await self.client.request("release", version=manifest.version, outcome=outcome)
             except ExchangeFailed as e:
                 self.log.warn("could not release the update lease ({error}); it expires by itself",
                               error=str(e), **self.ctx)
-        if failed:
+        if outcome == "aborted":
+            return False, f"update to {manifest.version} refused, version {self.version} untouched"
+        if outcome == "failed":
             return False, f"update to {manifest.version} failed and was rolled back to {self.version}"
         return True, f"updated to {manifest.version}"
 
-    async def _replace(self, manifest: Manifest, wheel: Path) -> bool:
+    async def _replace(self, manifest: Manifest, wheel: Path) -> str:
+        """"ok", "failed" (rolled back) or "aborted" (refused before the connector was touched)."""
         previous = self.version
         try:
             kept = await self.installer.keep_current(self.config.state_dir / WHEELS_DIR)
         except GatewayError as e:
             self.event("error", f"update to {manifest.version} refused, version {previous} untouched: cannot keep"
                                 f" the running version for a rollback: {e}")
-            return False
+            return "aborted"
         self.event("info", f"updating from {previous} to {manifest.version}: draining the connector")
         await self.supervisor.stop(self.config.drain_timeout + self.config.stop_timeout)
         try:
@@ -243,12 +246,12 @@ class Updater(MultiService):
         except GatewayError as e:
             self.event("error", f"update to {manifest.version} failed: {e}; rolling back to {previous}")
             await self._roll_back(previous, kept, manifest)
-            return False
+            return "failed"
         self.supervisor.hold = False
         self.version = manifest.version
         self._prune(keep={wheel.name, kept.name})
         self.event("info", f"updated from {previous} to {manifest.version}; the connector is active with it")
-        return True
+        return "ok"
 
     async def _roll_back(self, previous: str | None, kept: Path, manifest: Manifest) -> None:
         self.state.setdefault("failed", {})[manifest.version] = manifest.sha256

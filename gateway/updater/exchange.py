@@ -196,7 +196,10 @@ class UpdateClient:
 
     async def _exchange(self, metadata: dict[str, Any], decoder: ReplyDecoder, want_body: bool,
                         timeout: float) -> dict[str, Any]:
-        ident = self.identity()
+        try:
+            ident = self.identity()
+        except GatewayError as e:   # not registered, an expired certificate: said like any other failure
+            raise ExchangeFailed(str(e)) from None
         where = f"{ident.service_host}:{ident.service_port}"
         session = TunnelSession(self.reactor, TunnelSettings(), is_client=True, tunnel_id=f"update/{metadata['op']}")
         handshake: Deferred = Deferred()

@@ -429,3 +429,19 @@ def test_every_package_of_the_tree_is_in_the_wheel():
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "gateway").rglob("__init__.py")}
     found |= {p.parent.name for p in (root / "plugins").glob("*/*/__init__.py")}
     assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_a_running_version_that_cannot_be_kept_aborts_without_halting_the_group(tmp_path):
+    """If the running version's wheel cannot be kept for a rollback, the update is refused before the
+    connector is touched, and the lease is released as aborted (the release is not halted for the group)."""
+    key = mf.generate_key()
+    updater, client, supervisor, installer, _ = make_updater(tmp_path, signed(key), keys=[key.public_key()])
+
+    async def cannot_keep(wheels: Path) -> Path:
+        raise InstallFailed("gateway in /venv is an editable install: there is no release to keep for a rollback")
+
+    installer.keep_current = cannot_keep
+    ok, text = outcome(updater.check(force=False))
+    assert not ok and "0.1.0 untouched" in text and supervisor.stops == 0 and installer.installs == []
+    assert ("release", {"version": "0.2.0", "outcome": "aborted"}) in client.calls
+    assert any("editable install" in t for _, t in client.events)
