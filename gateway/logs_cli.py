@@ -254,15 +254,14 @@ def logs_session(args: argparse.Namespace) -> int:
 
 
 def _list_switches(store: Any) -> int:
+    from gateway import cli
+
     switches = store.session_log_switches()
     if not switches:
         print("no session log switches: every connector's session log is off")
         return 0
-    rows = [("SCOPE", "NAME", "SESSION LOG")] + [
-        (scope, name, "on" if on else "off") for (scope, name), on in sorted(switches.items())]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    cli._table([("SCOPE", "NAME", "SESSION LOG")] + [
+        (scope, name, "on" if on else "off") for (scope, name), on in sorted(switches.items())])
     return 0
 
 
