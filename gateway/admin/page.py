@@ -19,6 +19,7 @@ th { background: #eee; }
 .state-active { color: #064; font-weight: bold; }
 .state-inactive, .state-draining, .health-bad { color: #a00; font-weight: bold; }
 .error { color: #a00; font-weight: bold; }
+.nowrap { white-space: nowrap; }
 """
 
 _PAGE = """<html xmlns:t="http://twistedmatrix.com/ns/twisted.web.template/0.1">
@@ -38,7 +39,7 @@ _PAGE = """<html xmlns:t="http://twistedmatrix.com/ns/twisted.web.template/0.1">
 <th>Spread of streams</th></tr>
 <t:transparent t:render="groups" /></table>
 <h2>Recent admin events</h2>
-<table id="events"><tr><th>Time</th><th>Source</th><th>Level</th><th>Event</th></tr>
+<table id="events"><tr><th>Time (UTC)</th><th>Source</th><th>Level</th><th>Event</th></tr>
 <t:transparent t:render="events" /></table>
 </body></html>"""
 
@@ -96,7 +97,8 @@ class StatusPage(Element):
                 rows.append(tags.tr(
                     tags.td(c.name), tags.td(c.state, class_=f"state-{c.state}"), tags.td(c.software_version or "-"),
                     tags.td(c.group), tags.td(str(c.tunnels)), tags.td(str(c.open_streams)),
-                    tags.td(when(c.last_seen)), tags.td(when(c.cert_not_after, "-")), tags.td(c.connector_id[:12]),
+                    tags.td(when(c.last_seen), class_="nowrap"), tags.td(when(c.cert_not_after, "-"), class_="nowrap"),
+                    tags.td(c.connector_id[:12]),
                     id=f"connector-{c.connector_id}"))
         return rows or [tags.tr(tags.td("No connector has enrolled yet.", colspan="9"))]
 
@@ -114,8 +116,11 @@ class StatusPage(Element):
 
     @renderer
     def events(self, request: Any, tag: Tag) -> list[Tag]:
-        rows = [tags.tr(tags.td(when(datetime.fromtimestamp(e.time, UTC))), tags.td(e.source), tags.td(e.level),
-                        tags.td(e.text)) for e in self.recent]
+        # A connector's events name it as the connectors table does, not by its 32-digit id.
+        names = {c.connector_id: f"{c.name} ({c.connector_id[:12]})" for g in self.summaries for c in g.connectors}
+        rows = [tags.tr(tags.td(when(datetime.fromtimestamp(e.time, UTC)), class_="nowrap"),
+                        tags.td(names.get(e.source, e.source), class_="nowrap"), tags.td(e.level), tags.td(e.text))
+                for e in self.recent]
         return rows or [tags.tr(tags.td("No admin event yet.", colspan="4"))]
 
 
