@@ -165,6 +165,8 @@ class ConnectorConfig:
 
     state_dir: Path
     tunnels: int = 2
+    # Nodes of a several-node service this connector keeps a tunnel to (the config's node list).
+    max_nodes: int = 8
     drain_timeout: float = 30.0
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
@@ -685,7 +687,7 @@ class _Parser:
               "max_tunnels_per_user"]
     ADMIN = ["listen", "tls", "session_lifetime", "page_refresh"]
     METRICS = ["enabled", "listen"]
-    CONNECTOR = ["state_dir", "tunnels", "drain_timeout", "backoff_initial", "backoff_max", "proxy",
+    CONNECTOR = ["state_dir", "tunnels", "max_nodes", "drain_timeout", "backoff_initial", "backoff_max", "proxy",
                  "proxy_password_file"]
     TUNNEL = ["ping_interval", "initial_window", "max_window", "max_frame", "max_streams"]
     LOGGING = ["format", "level", "admin_log", "session_log", "session_log_file", "max_bytes", "max_files",
@@ -800,6 +802,7 @@ class _Parser:
         t = _Table(self, "connector", data, self.CONNECTOR)
         state_dir = t.path("state_dir")
         tunnels = t.integer("tunnels", 2, 1, 16)
+        max_nodes = t.integer("max_nodes", 8, 1, 64)
         drain_timeout = t.number("drain_timeout", 30, low=0)
         backoff_initial = t.number("backoff_initial", 1.0, positive=True)
         backoff_max = t.number("backoff_max", 60.0, positive=True)
@@ -807,7 +810,7 @@ class _Parser:
             raise t.fail("backoff_max", f"a number of seconds >= backoff_initial ({backoff_initial:g})",
                          data.get("backoff_max", 60.0))
         proxy, password_file = self.connector_proxy(t, data)
-        return ConnectorConfig(state_dir=state_dir, tunnels=tunnels, drain_timeout=drain_timeout,
+        return ConnectorConfig(state_dir=state_dir, tunnels=tunnels, max_nodes=max_nodes, drain_timeout=drain_timeout,
                                backoff_initial=backoff_initial, backoff_max=backoff_max, proxy=proxy,
                                proxy_password_file=password_file)
 

@@ -7,9 +7,10 @@ import os
 import random
 from typing import Any
 
+from attrs import define
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import LoopingCall
 from prometheus_client.core import GaugeMetricFamily
@@ -22,6 +23,7 @@ from gateway.connector import destinations
 from gateway.connector.identity import ConnectorIdentity
 from gateway.connector.proxy import choose_proxy
 from gateway.connector.renewal import CertificateRenewer, IdentityEndpoint, clock_skew_warning
+from gateway.connector.targets import BadNodeList, Target, parse_nodes, plan
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
 from gateway.segments import Where, parse_segments
@@ -66,6 +68,16 @@ def jittered_backoff(initial: float, maximum: float) -> Any:
     return policy
 
 
+@define(eq=False)
+class Slot:
+    """One ClientService keeping one tunnel to ``target`` up, and the session it has now."""
+
+    target: Target
+    client: ClientService | None = None
+    session: TunnelSession | None = None
+    retired: bool = False
+
+
 class ConnectorNode(MultiService):
     log = Logger()
 
@@ -97,7 +109,13 @@ class ConnectorNode(MultiService):
         # type -> handler(tunnel_client, message) for control messages beyond welcome/config/error
         self.control_handlers: dict[str, Any] = {}
         self._tunnel_ids = itertools.count(1)
-        self._clients: list[ClientService] = []
+        self._slot_ids = itertools.count(1)
+        # Where tunnels go (gateway.connector.targets): the service's node list from the config,
+        # the bootstrap address(es) from the registration, and a Slot per tunnel kept up.
+        self.nodes: tuple[Target, ...] = ()
+        self.bootstrap: list[Target] = []
+        self.slots: dict[Target, list[Slot]] = {}
+        self._endpoint: IdentityEndpoint | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.ctx = {"connector_id": identity.connector_id}
@@ -118,30 +136,19 @@ class ConnectorNode(MultiService):
         self.proxy = choose_proxy(self.config.connector.proxy, self.config.connector.proxy_password_file,
                                   ident.service_host, ident.service_port)
         # Built from the current identity at each connect: new tunnels get a renewed certificate.
-        endpoint = IdentityEndpoint(self, self.reactor, proxy=self.proxy)
-        connector = self.config.connector
-        for i in range(connector.tunnels):
-            client = ClientService(
-                endpoint,
-                QuietFactory.forProtocol(self._build_session),
-                retryPolicy=jittered_backoff(connector.backoff_initial, connector.backoff_max),
-                clock=self.reactor,
-                prepareConnection=self._prepare,
-            )
-            client.setName(f"tunnel-{i + 1}")
-            client.setServiceParent(self)
-            self._clients.append(client)
+        self._endpoint = IdentityEndpoint(self, self.reactor, proxy=self.proxy)
         if self.metrics is not None:
             self.metrics.collect(self._state_metrics, "the connector")
         super().startService()
         self.log.info(
             "connector {connector_id} ({name}, group {group}) keeping {n} tunnels to {host}:{port}",
-            event="connector_started", name=ident.name, group=ident.group, n=connector.tunnels,
+            event="connector_started", name=ident.name, group=ident.group, n=self.config.connector.tunnels,
             host=ident.service_host, port=ident.service_port, **self.ctx,
         )
         if self.proxy is not None:
             self.log.info("reaching the service through the proxy at {proxy} ({source})",
                           proxy=self.proxy.address, source=self.proxy.source, **self.ctx)
+        self._resolve_bootstrap().addCallback(lambda _: self.reconcile())
 
     def stopService(self) -> Deferred:
         """Drain: GO_AWAY on every tunnel, let open streams finish (bounded), then disconnect."""
@@ -171,12 +178,117 @@ class ConnectorNode(MultiService):
 
         return drained.addBoth(stop)
 
+    # -- where tunnels go -----------------------------------------------------------------
+
+    def _resolve_bootstrap(self) -> Deferred:
+        """The service address's addresses, one bootstrap target each (DNS round robin spreads
+        tunnels over them); the name itself when it does not resolve now (each dial tries again)
+        or when a proxy resolves it."""
+        host, port = self.identity.service_host, self.identity.service_port
+        self.bootstrap = [Target(host, port)]
+        if self.proxy is not None:
+            return succeed(None)
+
+        def resolved(addresses: list[str]) -> None:
+            unique = list(dict.fromkeys(addresses))
+            if unique:
+                self.bootstrap = [Target(a, port) for a in unique]
+            if len(unique) > 1:
+                self.log.info("the service address {host} resolves to {addresses}: tunnels spread over them",
+                              host=host, addresses=", ".join(unique), **self.ctx)
+
+        def failed(failure: Failure) -> None:
+            self.log.warn("could not resolve the service address {host} now ({reason}); dialling the name",
+                          host=host, reason=failure.getErrorMessage(), **self.ctx)
+
+        return destinations.resolve(self.reactor.nameResolver, host, "tcp").addCallbacks(resolved, failed)
+
+    def _take_nodes(self, value: Any) -> None:
+        """The service's node list from a config message (absent: a service that sends none)."""
+        if value is None:
+            return
+        try:
+            nodes = parse_nodes(value)
+        except BadNodeList as e:
+            self.log.error("ignoring the node list in the service's config: {error}; keeping {n} nodes",
+                           error=str(e), n=len(self.nodes), **self.ctx)
+            return
+        if nodes != self.nodes:
+            self.nodes = nodes
+            self.log.info("the service has {n} nodes: {nodes}", event="service_nodes", n=len(nodes),
+                          nodes=", ".join(f"{t.node_id} at {t.address}" for t in nodes) or "none", **self.ctx)
+            self.reconcile()
+
+    def reconcile(self) -> None:
+        """Add and retire slots until every target has the tunnels the plan gives it."""
+        if not self.running or self._endpoint is None or not self.bootstrap:
+            return
+        connector = self.config.connector
+        wanted = plan(connector.tunnels, connector.max_nodes, self.nodes, self.bootstrap,
+                      self.identity.connector_id)
+        for target in wanted:
+            if target in self.slots:   # the same address, maybe now known by its node id
+                self.slots[target] = self.slots.pop(target)
+                for slot in self.slots[target]:
+                    slot.target = target
+        changed = False
+        for target in set(self.slots) | set(wanted):
+            live = [s for s in self.slots.get(target, []) if not s.retired]
+            for _ in range(wanted.get(target, 0) - len(live)):
+                self._add_slot(target)
+                changed = True
+            for slot in live[wanted.get(target, 0):]:
+                self._retire(slot)
+                changed = True
+        if changed:
+            self.log.info("keeping tunnels to {targets}", event="tunnel_targets", targets=", ".join(
+                f"{n} to {t.node_id or 'the service address'} {t.address}" for t, n in sorted(
+                    wanted.items(), key=lambda item: (item[0].node_id, item[0].address))), **self.ctx)
+
+    def _add_slot(self, target: Target) -> None:
+        connector = self.config.connector
+        slot = Slot(target)
+        slot.client = ClientService(
+            self._endpoint.to(target),
+            QuietFactory.forProtocol(lambda: self._build_session(slot)),
+            retryPolicy=jittered_backoff(connector.backoff_initial, connector.backoff_max),
+            clock=self.reactor,
+            prepareConnection=self._prepare,
+        )
+        self.slots.setdefault(target, []).append(slot)
+        slot.client.setName(f"tunnel-{target.address}-{next(self._slot_ids)}")
+        slot.client.setServiceParent(self)
+
+    def _retire(self, slot: Slot) -> None:
+        """Stop a slot's redialling; a tunnel it has up drains first (GO_AWAY, open streams finish,
+        at most drain_timeout), so dropping a node from the list cuts no stream."""
+        slot.retired = True
+        session = slot.session
+
+        def remove(_: Any = None) -> None:
+            if slot in self.slots.get(slot.target, []):
+                self.slots[slot.target].remove(slot)
+                if not self.slots[slot.target]:
+                    del self.slots[slot.target]
+            if slot.client is not None and slot.client.parent is self:
+                slot.client.disownServiceParent()
+
+        if session is None or not session.connected or session.tunnel_id not in self.tunnels:
+            remove()
+            return
+        session.go_away(GoAwayCode.NORMAL, f"the connector no longer keeps a tunnel to {slot.target.address}")
+        idle = session.wait_idle()
+        timeout = self.reactor.callLater(self.config.connector.drain_timeout, idle.cancel)
+        idle.addBoth(lambda _: timeout.cancel() if timeout.active() else None).addBoth(remove)
+
     # -- tunnels -------------------------------------------------------------------------
 
-    def _build_session(self) -> TunnelSession:
+    def _build_session(self, slot: Slot | None = None) -> TunnelSession:
         tunnel_id = f"{self.identity.connector_id[:8]}/t{next(self._tunnel_ids)}"
         session = TunnelSession(self.reactor, self.settings, is_client=True, on_stream=self.dispatch,
                                 tunnel_id=tunnel_id)
+        if slot is not None:
+            slot.session = session
         session.log_context.update(self.ctx)
         session.on_stream_closed = self.stream_closed
         TunnelClient(self, session)
@@ -206,6 +318,7 @@ class ConnectorNode(MultiService):
 
     def apply_config(self, message: dict[str, Any]) -> None:
         self._switch_session_log(message.get("session_log"))
+        self._take_nodes(message.get("nodes"))
         version = message.get("version")
         if version == self.config_version:
             return

@@ -14,10 +14,12 @@ from cryptography.x509.oid import NameOID
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.connector.identity import ConnectorIdentity, install_certificate
+from gateway.connector.targets import Target
 from gateway.connector.proxy import (
     ProxySettings,
     UntrustedPeerRecorder,
@@ -81,12 +83,16 @@ def _clock_now(clock: Any) -> datetime:
 class IdentityEndpoint:
     """A client endpoint that builds its TLS options from the node's identity at each connect,
     so tunnels dialled after a renewal present the new certificate; through ``proxy`` when set
-    (TLS inside the CONNECT tunnel, so mutual TLS is end to end)."""
+    (TLS inside the CONNECT tunnel, so mutual TLS is end to end). It dials ``target`` (a node
+    from the service's list, or one address of the service's name), else the registered service
+    address; the certificate is checked for the registered server name on every node (every
+    node's certificate lists the service's names)."""
 
     node: ConnectorNode
     reactor: Any
     timeout: float = 10.0
     proxy: ProxySettings | None = None
+    target: Target | None = None
     _last_serial: str | None = field(default=None, init=False)
     log = Logger()
 
@@ -99,14 +105,21 @@ class IdentityEndpoint:
                           serial=serial, not_after=ident.not_after.isoformat(), connector_id=ident.connector_id)
         tls = UntrustedPeerRecorder(client_options(ident.ca_cert, ident.cert, ident.key, ident.server_name),
                                     self._untrusted)
-        inner = service_endpoint(self.reactor, ident.service_host, ident.service_port, self.proxy, self.timeout)
+        host, port = (self.target.host, self.target.port) if self.target else (ident.service_host, ident.service_port)
+        inner = service_endpoint(self.reactor, host, port, self.proxy, self.timeout)
         return wrapClientTLS(tls, inner).connect(factory).addErrback(self._unreachable)
+
+    def to(self, target: Target) -> IdentityEndpoint:
+        """The same endpoint dialling ``target``."""
+        return IdentityEndpoint(self.node, self.reactor, self.timeout, self.proxy, target)
 
     def _unreachable(self, failure: Failure) -> Failure:
         # ClientService only says it retries; the admin needs the reason (the proxy's above all).
-        if not failure.check(CancelledError):
-            self.log.warn("could not reach the service: {reason}", reason=describe_failure(failure),
-                          connector_id=self.node.identity.connector_id)
+        if not failure.check(CancelledError, ConnectingCancelledError):
+            where = f" at {self.target.address}" + (f" (node {self.target.node_id})" if self.target.node_id else "") \
+                if self.target else ""
+            self.log.warn("could not reach the service{where}: {reason}", where=where,
+                          reason=describe_failure(failure), connector_id=self.node.identity.connector_id)
         return failure
 
     def _untrusted(self, leaf: Any) -> None:
