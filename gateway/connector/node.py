@@ -224,8 +224,8 @@ class ConnectorNode(MultiService):
         if not self.running or self._endpoint is None or not self.bootstrap:
             return
         connector = self.config.connector
-        wanted = plan(connector.tunnels, connector.max_nodes, self.nodes, self.bootstrap,
-                      self.identity.connector_id)
+        wanted = plan(connector.tunnels, connector.max_nodes, self.nodes + self._unlisted_but_up(),
+                      self.bootstrap, self.identity.connector_id)
         for target in wanted:
             if target in self.slots:   # the same address, maybe now known by its node id
                 self.slots[target] = self.slots.pop(target)
@@ -244,6 +244,13 @@ class ConnectorNode(MultiService):
             self.log.info("keeping tunnels to {targets}", event="tunnel_targets", targets=", ".join(
                 f"{n} to {t.node_id or 'the service address'} {t.address}" for t, n in sorted(
                     wanted.items(), key=lambda item: (item[0].node_id, item[0].address))), **self.ctx)
+
+    def _unlisted_but_up(self) -> tuple[Target, ...]:
+        """Nodes missing from the list that hold a tunnel of ours up: nodes read the list at their
+        own heartbeats, so one may not list a node that just joined; a node that stopped or died
+        has lost its tunnels. Kept until then, so the lists' small disagreements cut nothing."""
+        return tuple(t for t, slots in self.slots.items() if t.node_id and t not in self.nodes and any(
+            s.session is not None and s.session.tunnel_id in self.tunnels for s in slots if not s.retired))
 
     def _add_slot(self, target: Target) -> None:
         connector = self.config.connector
@@ -313,6 +320,8 @@ class ConnectorNode(MultiService):
     def tunnel_lost(self, client: TunnelClient, reason: str) -> None:
         if self.tunnels.pop(client.session.tunnel_id, None) is not None:
             plugins.notify(self.pm, "gateway_connector_lost", connector=client, reason=reason)
+            if self.running:
+                self.reconcile()   # a node kept only for its tunnel (_unlisted_but_up) is let go now
 
     # -- config --------------------------------------------------------------------------
 

@@ -467,7 +467,8 @@ class TunnelHandler:
         # session_log: this connector's switch (gateway logs session), outside the apps' version
         # so flipping it reaches a connector whose apps did not change.
         self.control.send({**self.node.group_config(self.group),
-                           "session_log": self.node.session_log_for(self.identity.connector_id, self.group)})
+                           "session_log": self.node.session_log_for(self.identity.connector_id, self.group),
+                           **connector_nodes(self.node)})
 
     def _heartbeat(self, message: dict) -> None:
         problem = capacity_problem(message.get("capacity", 1.0))
@@ -511,6 +512,17 @@ class TunnelHandler:
         elif self.state == "handshaking" and self._admission is not None:
             self.node.node_metrics.handshake("failed")
             self._admission.no_handshake_log.emit(address=self.address, reason=describe_failure(reason), **self.ctx)
+
+
+def connector_nodes(node: Any) -> dict[str, Any]:
+    """The config message's ``nodes``: the live nodes sharing a PostgreSQL store, each with the
+    address connectors dial, so every connector keeps tunnels to every node (docs/protocol.md).
+    Nothing on the embedded SQLite store (one node): its connectors keep dialling its address;
+    nothing either before this node's first heartbeat read the list (connectors keep theirs)."""
+    if not node.config.service.store or not hasattr(node, "nodes"):
+        return {}
+    listed = [{"node_id": n.node_id, "address": n.tunnel_address} for n in node.nodes() if n.tunnel_address]
+    return {"nodes": listed} if listed else {}
 
 
 def capacity_problem(value: Any) -> str | None:

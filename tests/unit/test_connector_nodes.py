@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
@@ -222,3 +223,45 @@ def test_an_empty_node_list_goes_back_to_the_service_address(identity):
                                                "127.0.0.1:7003", "127.0.0.9:7001"}
     node.apply_config(config([]))
     assert {t.address: len(s) for t, s in node.slots.items()} == {"127.0.0.9:7001": 2}
+
+
+class FakeSession:
+    """A live tunnel's session as far as retiring a slot looks at it."""
+
+    def __init__(self, tunnel_id):
+        self.tunnel_id, self.connected, self.went_away = tunnel_id, True, []
+        self.idle = Deferred()
+
+    def go_away(self, code, message):
+        self.went_away.append((code, message))
+
+    def wait_idle(self):
+        return self.idle
+
+
+def with_live_tunnel(node, node_id):
+    (target,) = [t for t in node.slots if t.node_id == node_id]
+    slot = node.slots[target][0]
+    slot.session = FakeSession(f"t-{node_id}")
+    node.tunnels[slot.session.tunnel_id] = object()
+    return slot
+
+
+def test_a_node_with_a_live_tunnel_is_kept_when_one_list_misses_it(identity):
+    """A list lacking a node we hold a tunnel to (another node's older view) cuts nothing."""
+    node, reactor = started(identity)
+    node.apply_config(config(nodes(7001, 7002)))
+    slot = with_live_tunnel(node, "n2")
+    node.apply_config(config(nodes(7001)))
+    assert not slot.retired and slot.session.went_away == []
+
+
+def test_a_dropped_node_tunnel_drains_before_its_slot_goes(identity):
+    """Retiring a slot with a live tunnel sends GO_AWAY and removes the slot once the tunnel is idle."""
+    node, reactor = started(identity)
+    node.apply_config(config(nodes(7001, 7002)))
+    slot = with_live_tunnel(node, "n2")
+    node._retire(slot)
+    assert slot.session.went_away and slot.client.parent is node
+    slot.session.idle.callback(None)
+    assert slot.client.parent is None and all(slot not in s for s in node.slots.values())

@@ -286,3 +286,22 @@ def test_sweeper_service_runs_every_interval(store, sync_store, clock):
     done = []
     service.stopService().addCallback(done.append)
     assert done
+
+
+def test_a_node_without_the_connectors_tunnel_does_not_sweep_it_while_another_node_has_one(store, sync_store, clock):
+    """Two nodes on one store: node 2's heartbeat writes keep node 1's sweeper from tagging it inactive."""
+    enrol(sync_store)
+    on_node_2, nobody_here = Registry(), Registry()
+    connect(on_node_2)
+    node_2 = StatusRecorder(store, on_node_2, clock, "node-2", heartbeat_interval=15.0)
+    node_1_sweeper = sweeper(store, clock, nobody_here)
+    for _ in range(80):   # 20 minutes of heartbeats on node 2, node 1 sweeping every 15 s
+        clock.advance(15)
+        node_2.heartbeat("conn-1")
+        node_1_sweeper.sweep()
+    c = sync_store.get_connector("conn-1")
+    assert (c.state, c.node_id, c.tunnels) == ("active", "node-2", 1)
+    on_node_2.remove(on_node_2.tunnels_of("conn-1")[0].session)
+    clock.advance(10 * MINUTE + 15)
+    node_1_sweeper.sweep()
+    assert sync_store.get_connector("conn-1").state == "inactive"
