@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import ssl
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,6 @@ MAX_ANSWER = 16 * 1024 * 1024
 
 def read_admin_token(path: str | None) -> AdminToken:
     """The admin token from the file `path` (or - for standard input), else from GATEWAY_ADMIN_TOKEN."""
-    import sys
-
     if path is None:
         text = os.environ.get(TOKEN_ENV)
         if not text:

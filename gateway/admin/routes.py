@@ -409,8 +409,10 @@ def _query(request: Request, name: str) -> str | None:
 
 def _form(request: Request, name: str) -> str | None:
     """A field of a urlencoded form body (the page's forms); None when absent."""
-    body = request.content.read() if request.content is not None else b""
-    request.content.seek(0) if request.content is not None else None
+    body = b""
+    if request.content is not None:
+        body = request.content.read()
+        request.content.seek(0)   # the next field's lookup reads it again
     values = parse_qs(body.decode("utf-8", "replace")).get(name)
     return values[0] if values else None
 
