@@ -134,16 +134,24 @@ class HttpBackend:
         self.close()
 
 
+def read_line(sock: socket.socket) -> bytes:
+    """Bytes up to and with a newline, or what came before the peer closed."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(100)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def tcp_handler(seen: Seen, delay: float = 0.0) -> Any:
     """A ``gateway_harness.Backend`` handler: ``req-<id>\\n`` in, ``ok-<id>\\n`` out, the id recorded."""
 
     def handler(conn: socket.socket, backend: Any) -> None:
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = conn.recv(100)
-            if not chunk:
-                return
-            data += chunk
+        data = read_line(conn)
+        if not data.endswith(b"\n"):
+            return
         request_id = data.strip().decode("ascii", "replace").removeprefix("req-")
         seen.add(request_id)
         if delay:
@@ -299,12 +307,7 @@ class LoadGen:
             try:
                 with socket.create_connection((self.host, self.tcp_port), timeout=self.timeout) as s:
                     s.sendall(f"req-{request_id}\n".encode())
-                    reply = b""
-                    while not reply.endswith(b"\n"):
-                        chunk = s.recv(100)
-                        if not chunk:
-                            break
-                        reply += chunk
+                    reply = read_line(s)
                 if reply != f"ok-{request_id}\n".encode():
                     error = f"reply {reply[:80]!r}"
             except OSError as e:

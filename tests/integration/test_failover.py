@@ -10,6 +10,7 @@ import time
 import pytest
 
 from gateway_harness import connect, wait_echo, wait_until
+from loadgen import read_line
 
 
 class RequestLog:
@@ -66,12 +67,7 @@ class Load:
             try:
                 with connect(self.port, timeout=10) as s:
                     s.sendall(b"req-%d\n" % number)
-                    reply = b""
-                    while not reply.endswith(b"\n"):
-                        chunk = s.recv(100)
-                        if not chunk:
-                            break
-                        reply += chunk
+                    reply = read_line(s)
                 if reply != b"ok-%d\n" % number:
                     raise OSError(f"reply {reply!r}")
                 with self.lock:

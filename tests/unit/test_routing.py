@@ -101,8 +101,8 @@ def tunnel_up(node, connector_id, behaviour):
     return service, connector, pump
 
 
-def test_a_stream_while_the_only_connector_restarts_waits_for_it_and_goes_to_the_new_tunnel(monkeypatch):
-    """The group's only connector drains (GO_AWAY NORMAL): a new stream waits, and opens once a tunnel is up again."""
+def open_while_the_only_connector_drained(monkeypatch):
+    """A node whose group's one connector said GO_AWAY NORMAL, and a stream asked for then: (node, its result list)."""
     monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
     node, _ = node_with()
     node.lifecycle = _Lifecycle()
@@ -111,6 +111,12 @@ def test_a_stream_while_the_only_connector_restarts_waits_for_it_and_goes_to_the
     pump.flush()
     result = []
     node.open_app_stream(node.apps["web"], {}).addBoth(result.append)
+    return node, result
+
+
+def test_a_stream_while_the_only_connector_restarts_waits_for_it_and_goes_to_the_new_tunnel(monkeypatch):
+    """The group's only connector drains (GO_AWAY NORMAL): a new stream waits, and opens once a tunnel is up again."""
+    node, result = open_while_the_only_connector_drained(monkeypatch)
     assert result == []   # waiting, not failed
     service, _, pump = tunnel_up(node, "c0", accept)
     for _ in range(3):
@@ -121,14 +127,8 @@ def test_a_stream_while_the_only_connector_restarts_waits_for_it_and_goes_to_the
 
 def test_the_wait_for_a_restarting_connector_ends_after_connect_timeout(monkeypatch):
     """No connector back within the app's connect_timeout: the stream fails with NoConnector."""
-    monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
-    node, _ = node_with()
-    node.lifecycle = _Lifecycle()
-    _, old, pump = tunnel_up(node, "c0", accept)
-    old.go_away()
-    pump.flush()
-    result = []
-    node.open_app_stream(node.apps["web"], {}).addBoth(result.append)
+    node, result = open_while_the_only_connector_drained(monkeypatch)
+    assert result == []
     node.reactor.advance(node.apps["web"].connect_timeout)
     assert len(result) == 1 and result[0].check(NoConnector), result
 
