@@ -14,6 +14,18 @@ class NoConnector(GatewayError):
     """No healthy connector of the app's group is connected."""
 
 
+def no_connector(group: str) -> NoConnector:
+    """The refusal when this node holds no healthy tunnel of ``group``. On a service of several
+    nodes that also happens when the group's connectors keep tunnels to other nodes only (more
+    nodes than their [connector] max_nodes): the point where node-to-node forwarding would be
+    needed, which this design does not do (docs/operations.md "Several nodes")."""
+    return NoConnector(
+        f"no healthy connector of group {group!r} is connected to this node"
+        " (check `gateway connectors list` and the connectors' logs; with several nodes, a connector keeps"
+        " tunnels to at most [connector] max_nodes of them)"
+    )
+
+
 @define
 class ConnectorTunnel:
     """One authenticated tunnel of a connector, as the service sees it."""
@@ -93,10 +105,7 @@ class Registry:
             if best_score is None or score < best_score:
                 best_score, best = score, tunnel
         if best is None:
-            raise NoConnector(
-                f"no healthy connector of group {group!r} is connected"
-                " (check `gateway connectors list` and the connectors' logs)"
-            )
+            raise no_connector(group)
         self._picks += 1
         self._last_pick[best.connector_id] = self._picks
         return best
@@ -113,8 +122,5 @@ class Registry:
             if best is None or weight > best[0]:
                 best = (weight, min(healthy, key=lambda t: t.session.open_streams))
         if best is None:
-            raise NoConnector(
-                f"no healthy connector of group {group!r} is connected"
-                " (check `gateway connectors list` and the connectors' logs)"
-            )
+            raise no_connector(group)
         return best[1]
