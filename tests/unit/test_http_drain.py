@@ -5,14 +5,16 @@ one that may have reached a back end."""
 from __future__ import annotations
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.stream import StreamReset
-from gateway_http.frontdoor import MAX_ATTEMPTS, REPLAY_LIMIT
+from gateway_http.frontdoor import MAX_ATTEMPTS, REPLAY_LIMIT, FrontDoor, Timeouts
 from test_http_backend import GET as BACKEND_GET
 from test_http_backend import OK, World
-from test_http_frontdoor import GET, Harness
+from test_http_frontdoor import GET, App, Harness
 
 POST = b"POST /a HTTP/1.1\r\nHost: wiki.example.test\r\nContent-Length: 5\r\n\r\nhello"
 CHUNKED = b"POST /a HTTP/1.1\r\nHost: wiki.example.test\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -126,3 +128,36 @@ def test_a_request_is_sent_at_most_max_attempts_times():
     for _ in range(MAX_ATTEMPTS):
         h.accept().end(drained())
     assert len(h.opens) == MAX_ATTEMPTS and h.output().startswith(b"HTTP/1.1 502 ")
+
+
+# -- both halves over real tunnel sessions ------------------------------------------------------
+
+
+def test_a_request_crossing_the_drain_is_answered_by_the_other_connector_and_reaches_one_back_end():
+    """Front door and two connectors over in-memory tunnels: a keep-alive request sent as its connector
+    drains is refused unforwarded and answered through the other connector; each back end sees it at most once."""
+    first, second = World(), World()
+    app = App()
+
+    def open_stream(_app, extra):   # the router: the first tunnel still taking streams
+        world = first if first.service.available else second
+        return world.service.open_stream({"kind": "app", "app": "wiki", "request_id": "r", **extra})
+
+    door = FrontDoor(lambda host, target: app, open_stream, reactor=Clock(), timeouts=Timeouts())
+    client = StringTransport()
+    door.makeConnection(client)
+    door.dataReceived(GET)
+    first.flush()
+    first.current().dataReceived(ANSWER)
+    first.flush()
+    assert client.value().endswith(b"\r\n\r\nok")
+    client.clear()
+    door.dataReceived(GET.replace(b"/a", b"/b"))   # on the kept stream, not yet on the wire
+    first.connector.go_away()                      # the connector drains meanwhile
+    first.flush()
+    second.flush()
+    assert [c.transport.value().count(b"GET /b") for c in first.backend.conns] == [0]
+    second.current().dataReceived(ANSWER)
+    second.flush()
+    assert client.value().startswith(b"HTTP/1.1 200 OK\r\n") and not client.disconnecting
+    assert second.backend.conns[0].transport.value().count(b"GET /b") == 1
