@@ -89,6 +89,14 @@ class ServiceConfig:
     # (no password in it) a PostgreSQL database that several nodes can share.
     store: str = ""
     store_password_file: Path | None = None
+    # "host:port" connectors dial to reach this node's tunnel port (several nodes: each its
+    # own); "" derives it from listen and names (tunnel_address).
+    advertise: str = ""
+
+    def tunnel_address(self, bound_port: int | None = None) -> str:
+        """Where connectors reach this node's tunnel port: advertise, else derived from listen
+        (with `bound_port`, the port a "tcp:0" listen got); "" if there is nothing to derive from."""
+        return self.advertise or default_advertise(self.listen, self.names, bound_port) or ""
 
     @property
     def certificate_lifetime(self) -> timedelta:
@@ -674,13 +682,33 @@ def _redacted_url(url: str) -> str:
         return "(a malformed URL)"
 
 
+def default_advertise(listen: str, names: tuple[str, ...], bound_port: int | None = None) -> str | None:
+    """[service] advertise when not set: the tunnel listen's interface if it is one address the
+    certificate names, else names[0], with the listen's port (or `bound_port`, the one a "tcp:0"
+    listen got); None if listen is not TCP or its port is not known yet."""
+    from twisted.internet.endpoints import _TCPServerEndpoint
+
+    try:
+        endpoint = _build_endpoint(listen)
+    except Exception:
+        return None
+    if not isinstance(endpoint, _TCPServerEndpoint):
+        return None
+    port = bound_port or endpoint._port
+    if not port:
+        return None
+    interface = endpoint._interface or ""
+    host = interface if interface not in ("", "0.0.0.0", "::") and _names_cover(names, interface) else names[0]
+    return host_port(host, port)
+
+
 class _Parser:
     TOP = ["service", "connector", "apps", "access", "admin", "tunnel", "logging", "metrics"]
     SERVICE = ["state_dir", "listen", "names", "node_id", "config_interval", "heartbeat_interval",
                "certificate_lifetime_days", "token_lifetime", "max_handshakes", "certificate_lifetime_seconds",
                "inactive_after", "remove_inactive_after", "sweep_interval", "handshake_timeout",
                "max_unauthenticated_per_address", "enrolments_per_minute", "renewal_min_interval",
-               "store", "store_password_file"]
+               "store", "store_password_file", "advertise"]
     APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options",
            "external_url", "internal_url", "affinity", "segments"]
     ACCESS = ["url", "tunnel", "certificate_lifetime", "login_lifetime", "udp_idle_timeout",
@@ -757,6 +785,7 @@ class _Parser:
             node_id = socket.gethostname()
         elif not isinstance(node_id, str) or not node_id or any(c.isspace() or not c.isprintable() for c in node_id):
             raise t.fail("node_id", "a non-empty string without spaces", node_id)
+        store = self.store(t, data)
         return ServiceConfig(
             state_dir=state_dir,
             listen=listen,
@@ -776,8 +805,31 @@ class _Parser:
             inactive_after=t.number("inactive_after", 600, positive=True),
             remove_inactive_after=t.number("remove_inactive_after", 864000, positive=True),
             sweep_interval=t.number("sweep_interval", 60, positive=True),
-            **self.store(t, data),
+            **store,
+            advertise=self.advertise(t, listen, tuple(names_value), store.get("store", "")),
         )
+
+    def advertise(self, t: "_Table", listen: str, names: tuple[str, ...], store: str) -> str:
+        """``service.advertise``: where connectors dial this node, a host the certificate names;
+        "" to derive it from listen (ServiceConfig.tunnel_address)."""
+        expected = ('"host:port" (or "[v6]:port") connectors can dial for this node\'s tunnel port, with a host'
+                    ' of service.names, such as "gw1.example.test:8443"')
+        if "advertise" not in t.data:
+            # A shared store means other nodes: connectors must be told how to reach this one.
+            if store and default_advertise(listen, names, bound_port=1) is None:
+                raise self.error(t.key("advertise"), f"expected {expected} with a PostgreSQL store (several"
+                                                     f" nodes), got nothing (service.listen {json.dumps(listen)}"
+                                                     f" has no TCP port to default to)")
+            return ""
+        value = t.string("advertise", None, what=expected)
+        parsed = _parse_destination(value)
+        if parsed is None or parsed[1] == 0:
+            raise t.fail("advertise", expected, value)
+        if not _names_cover(names, parsed[0]):
+            raise self.error(t.key("advertise"), f"expected {expected} (the node's certificate names only those,"
+                                                 f" so connectors would refuse it), got {_describe(value)}; add"
+                                                 f" the host to service.names")
+        return value
 
     def store(self, t: "_Table", data: Mapping[str, Any]) -> dict[str, Any]:
         """[service] store and store_password_file: the SQLite default, or a PostgreSQL URL

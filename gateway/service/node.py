@@ -34,6 +34,7 @@ from gateway.oplogs import session as sessionlog
 from gateway.service.admin_events import AdminEvent, AdminEvents, handle_admin_event
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.listeners import SwappableFactory
+from gateway.service.nodes import NodeRoster
 from gateway.service.registry import NoConnector, Registry
 from gateway.service.renewal import handle_renew_request
 from gateway.service.users import LoginPortal, UserAuthority
@@ -154,6 +155,8 @@ class ServiceNode(MultiService):
         # switches from the store: {(scope, name): on}, pushed to connectors with their config.
         self.oplogs: Any = None
         self.session_switches: dict[tuple[str, str], bool] = {}
+        # This node's row in the store and the live nodes sharing it (started with the node).
+        self.roster: NodeRoster | None = None
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -212,11 +215,33 @@ class ServiceNode(MultiService):
         if self.metrics is not None:
             self.metrics.collect(self._state_metrics, "the service node")
         super().startService()
+        self._start_roster(tunnel_listener)
         self.log.info(
             "service node {node_id} listening for tunnels on {listen}; CA {fingerprint}; apps: {apps}",
             event="node_started", node_id=service.node_id, listen=service.listen, fingerprint=self.ca.fingerprint,
             apps=", ".join(sorted(self.apps)) or "none",
         )
+
+    def _start_roster(self, tunnel_listener: StreamServerEndpointService) -> None:
+        """Keep this node's row in the store fresh every heartbeat, with the address connectors
+        should dial ([service] advertise, else the tunnel listener's own)."""
+        service = self.config.service
+        bound: list[int] = []
+        tunnel_listener._waitingForPort.addCallback(lambda port: (bound.append(port.getHost().port), port)[1])
+        address = service.tunnel_address(bound[0] if bound else None)
+        self.roster = NodeRoster(self.store, self.reactor, service.node_id, address, service.heartbeat_interval,
+                                 on_change=lambda _nodes: self._push_config())
+        self.roster.service().setServiceParent(self)
+
+    def nodes(self) -> list[Any]:
+        """The live nodes sharing this node's store (NodeRecord: node_id, tunnel_address, ...),
+        this one included once its first heartbeat was written; by node id."""
+        return list(self.roster.live) if self.roster is not None else []
+
+    def _push_config(self) -> None:
+        """Send every connector tunnel its config again (the nodes or the apps changed)."""
+        for handler in self._handlers():
+            handler.send_config()
 
     def _add_app_listener(self, app: AppConfig) -> None:
         if not app.listen:
@@ -283,6 +308,8 @@ class ServiceNode(MultiService):
         for session in self.registry.sessions():
             session.go_away(GoAwayCode.NORMAL, "service node is shutting down")
         d = maybeDeferred(super().stopService)
+        if self.roster is not None:
+            d.addBoth(lambda _: self.roster.leave())
         if self.store is not None:
             d.addBoth(lambda _: self.store.close())
         return d

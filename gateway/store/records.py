@@ -128,3 +128,14 @@ class AdminTokenRecord:
     created_at: datetime
     expires_at: datetime
     revoked_at: datetime | None = None
+
+
+@frozen
+class NodeRecord:
+    """A service node sharing the store: the tunnel address connectors should dial
+    ([service] advertise), when it started and when its heartbeat last wrote the row."""
+
+    node_id: str
+    tunnel_address: str
+    started: datetime
+    last_seen: datetime

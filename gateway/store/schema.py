@@ -112,6 +112,16 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (scope, name)
     );
     """,
+    # The service's nodes sharing this store (issue 15): where connectors dial each one's
+    # tunnel port, kept fresh by the node's heartbeat; a row not seen lately is a node gone.
+    """
+    CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY,
+        tunnel_address TEXT NOT NULL,
+        started {time} NOT NULL,
+        last_seen {time} NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -31,6 +31,7 @@ from gateway.store.records import (
     ConnectorRecord,
     ConnectorStatus,
     GroupRecord,
+    NodeRecord,
     TokenRecord,
     UserCredentialRecord,
 )
@@ -483,6 +484,28 @@ class SQLStore:
         rows = self._db.execute("SELECT scope, name, enabled FROM session_log_switches")
         return {(scope, name): bool(enabled) for scope, name, enabled in rows}
 
+    # the service's nodes
+
+    def record_node(self, node_id: str, tunnel_address: str, started: datetime, now: datetime) -> None:
+        """Say that node `node_id` is alive now and takes tunnels at `tunnel_address`."""
+        with self._write(serialised=False) as db:
+            db.execute(
+                f"INSERT INTO nodes ({_NODE_COLUMNS}) VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+                " tunnel_address = excluded.tunnel_address, started = excluded.started, last_seen = excluded.last_seen",
+                (node_id, tunnel_address, _to_text(started), _to_text(now)),
+            )
+
+    def list_nodes(self, seen_since: datetime | None = None) -> list[NodeRecord]:
+        """The nodes (those seen at or after `seen_since` only, if given), by node id."""
+        where, args = ("WHERE last_seen >= ?", (_to_text(seen_since),)) if seen_since is not None else ("", ())
+        rows = self._db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes {where} ORDER BY node_id", args)
+        return [_node(r) for r in rows]
+
+    def remove_node(self, node_id: str) -> bool:
+        """Forget a node (it stopped cleanly); whether there was a row."""
+        with self._write(serialised=False) as db:
+            return db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)).rowcount == 1
+
     def _migrate(self) -> tuple[int, int]:
         """Bring the schema to SCHEMA_VERSION in one transaction; the versions before and after."""
         with self._write() as db:
@@ -607,6 +630,7 @@ _USER_CREDENTIAL_COLUMNS = (
 )
 _ADMIN_TOKEN_COLUMNS = "token_id, name, secret_hash, created_at, expires_at, revoked_at"
 _TOKEN_COLUMNS = "token_id, secret_hash, group_name, created_at, expires_at, used_at, used_by"
+_NODE_COLUMNS = "node_id, tunnel_address, started, last_seen"
 _CONNECTOR_COLUMNS = (
     "connector_id, name, group_name, created_at, last_seen, deleted_at, state, state_since,"
     " software_version, address, tunnels, open_streams, node_id, cert_serial, cert_not_after"
@@ -672,3 +696,8 @@ def _user_credential(row: Any) -> UserCredentialRecord:
 def _admin_token(row: Any) -> AdminTokenRecord:
     token_id, name, secret_hash, created, expires, revoked = row
     return AdminTokenRecord(token_id, name, secret_hash, _from_text(created), _from_text(expires), _from_text(revoked))
+
+
+def _node(row: Any) -> NodeRecord:
+    node_id, tunnel_address, started, last_seen = row
+    return NodeRecord(node_id, tunnel_address, _from_text(started), _from_text(last_seen))

@@ -126,6 +126,15 @@ class ThreadedStore:
     def list_admin_tokens(self) -> Deferred:
         return self._call(self.store.list_admin_tokens)
 
+    def record_node(self, node_id, tunnel_address, started, now) -> Deferred:
+        return self._call(self.store.record_node, node_id, tunnel_address, started, now)
+
+    def list_nodes(self, seen_since=None) -> Deferred:
+        return self._call(self.store.list_nodes, seen_since)
+
+    def remove_node(self, node_id) -> Deferred:
+        return self._call(self.store.remove_node, node_id)
+
     def close(self) -> Deferred:
         """Close the store after the calls already queued, then stop the thread; safe to call twice."""
         if self._closing is None:
