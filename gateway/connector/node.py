@@ -106,6 +106,7 @@ class ConnectorNode(MultiService):
         self.apps: dict[str, AppConfig] = {}
         self.config_version: str | None = None
         self.tunnels: dict[str, TunnelClient] = {}
+        self.draining = False   # stopService began: every tunnel says GO_AWAY
         # type -> handler(tunnel_client, message) for control messages beyond welcome/config/error
         self.control_handlers: dict[str, Any] = {}
         self._tunnel_ids = itertools.count(1)
@@ -152,6 +153,7 @@ class ConnectorNode(MultiService):
 
     def stopService(self) -> Deferred:
         """Drain: GO_AWAY on every tunnel, let open streams finish (bounded), then disconnect."""
+        self.draining = True
         live = [t.session for t in self.tunnels.values() if t.session.connected]
         for session in live:
             session.go_away(GoAwayCode.NORMAL, "connector is shutting down")
@@ -305,6 +307,11 @@ class ConnectorNode(MultiService):
         return session.owner.ready
 
     def tunnel_up(self, client: TunnelClient) -> None:
+        if self.draining:
+            # Dialled before the drain began (or redialled during it): it must take no stream,
+            # since the process ends with the drain. A SYN the node sent before this GO_AWAY
+            # reaches it is refused GOING_AWAY, and the node opens that stream elsewhere.
+            client.session.go_away(GoAwayCode.NORMAL, "connector is shutting down")
         self.tunnels[client.session.tunnel_id] = client
         plugins.notify(self.pm, "gateway_connector_up", connector=client)
         self.admin_forwarder.flush()
