@@ -351,7 +351,18 @@ class VenvInstaller:
         return install.snapshot_wheel(Path(info["purelib"]), wheels)
 
     async def install(self, wheel: Path) -> None:
-        await install.pip_install(self.reactor, self.config.python, wheel, self.config.install_timeout)
+        try:
+            await install.pip_install(self.reactor, self.config.python, wheel, self.config.install_timeout)
+        except install.InstallFailed:
+            # An install cut short (the previous attempt failing half way, a full disk) leaves a
+            # dist-info without RECORD that pip cannot replace: remove it and install over the files.
+            info = await install.venv_info(self.reactor, self.config.python)
+            if not install.remove_broken_dists(Path(info["purelib"])):
+                raise
+            self.log.warn("removed a half-installed gateway from {venv}; installing {wheel} over it",
+                          wheel=wheel.name, **{"venv": str(self.config.venv)})
+            await install.pip_install(self.reactor, self.config.python, wheel, self.config.install_timeout,
+                                      ignore_installed=True)
 
 
 # -- `gateway connector update`: the control socket -------------------------------------------------

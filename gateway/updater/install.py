@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -78,14 +79,27 @@ async def venv_info(reactor: Any, python: Path) -> dict[str, Any]:
     return json.loads(output.strip().splitlines()[-1])
 
 
-async def pip_install(reactor: Any, python: Path, wheel: Path, timeout: float) -> None:
+async def pip_install(reactor: Any, python: Path, wheel: Path, timeout: float, ignore_installed: bool = False) -> None:
     """Install `wheel` (replacing what is there) with the virtualenv's own pip, offline."""
     argv = [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall",
             "--disable-pip-version-check", "--no-input", "--quiet", str(wheel)]
+    if ignore_installed:
+        argv.insert(4, "--ignore-installed")
     code, output = await run(reactor, argv, timeout)
     if code != 0:
         why = "timed out" if code is None else f"exited with status {code}"
         raise InstallFailed(f"pip install of {wheel.name} {why}: {output.strip()[-800:]}")
+
+
+def remove_broken_dists(purelib: Path, name: str = DIST) -> list[str]:
+    """Remove `name`'s dist-info directories that have no RECORD (what an install cut short
+    leaves: pip can neither uninstall nor replace them); returns their names."""
+    removed = []
+    for info in purelib.glob(f"{name}-*.dist-info"):
+        if info.is_dir() and not (info / "RECORD").exists():
+            shutil.rmtree(info)
+            removed.append(info.name)
+    return removed
 
 
 def _record_hash(data: bytes) -> str:

@@ -445,3 +445,16 @@ def test_a_running_version_that_cannot_be_kept_aborts_without_halting_the_group(
     assert not ok and "0.1.0 untouched" in text and supervisor.stops == 0 and installer.installs == []
     assert ("release", {"version": "0.2.0", "outcome": "aborted"}) in client.calls
     assert any("editable install" in t for _, t in client.events)
+
+
+def test_a_half_installed_version_is_found_and_removed_for_the_rollback(tmp_path):
+    """A gateway dist-info without RECORD (an install cut short) is removed, so the kept wheel can be
+    installed over it; a whole installation is left alone."""
+    from gateway.updater.install import remove_broken_dists
+
+    _installed(tmp_path / "site")
+    broken = tmp_path / "site" / "gateway-0.2.0.dist-info"
+    broken.mkdir()
+    (broken / "METADATA").write_text("Name: gateway\nVersion: 0.2.0\n")
+    assert remove_broken_dists(tmp_path / "site") == ["gateway-0.2.0.dist-info"]
+    assert not broken.exists() and (tmp_path / "site" / "gateway-0.1.0.dist-info" / "RECORD").exists()
