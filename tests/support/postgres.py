@@ -57,10 +57,18 @@ class PostgresCluster:
             run_as = ["runuser", "-u", SERVER_USER, "--"]
         cluster = cls(bin_dir, root, _free_port(), run_as)
         cluster._initdb()
-        cluster._pg_ctl("start", "-w", "-t", "60", "-l", str(root / "server.log"),
-                        "-o", f"-c listen_addresses=127.0.0.1 -c port={cluster.port} -c unix_socket_directories="
-                              f"{root} -c fsync=off -c full_page_writes=off -c max_connections=100")
+        cluster.resume()
         return cluster
+
+    def resume(self) -> None:
+        """Start the server (again, after halt()) on the same port and data directory."""
+        self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.root / "server.log"),
+                     "-o", f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories="
+                           f"{self.root} -c fsync=off -c full_page_writes=off -c max_connections=100")
+
+    def halt(self) -> None:
+        """Stop the server at once (a store outage), keeping its data for resume()."""
+        self._pg_ctl("stop", "-m", "immediate", "-w")
 
     def url(self, database: str = "postgres") -> str:
         """A password-less postgresql:// URL of `database` (the test superuser trusts 127.0.0.1)."""
