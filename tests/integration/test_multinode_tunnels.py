@@ -1,0 +1,98 @@
+"""Connectors on a service of several nodes (issue 15, part 3): tunnels to every node from the
+config's node list, a node added later, and kill -9 of a node under load.
+
+Real twistd nodes on 127.0.0.1 sharing a throwaway PostgreSQL cluster and the CA files."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+
+import pytest
+
+from gateway_harness import wait_until
+from loadgen import LoadGen, Seen, tcp_handler
+
+HEARTBEAT = 1.0   # nodes read the node list every heartbeat; a dead node ages out after 3
+
+
+def start_node(gw, url, backend, name, first=None):
+    """A node on the shared store with a TCP app to `backend`; the first node's CA copied in."""
+    svc = gw.service(apps=[{"name": "app", "destination": backend.destination}], name=name, start=False,
+                     service={"store": url, "heartbeat_interval": HEARTBEAT})
+    if first is not None:
+        svc.state_dir.mkdir(parents=True, exist_ok=True)
+        for f in ("ca.pem", "ca.key"):
+            shutil.copy2(first.state_dir / f, svc.state_dir / f)
+    svc.start()
+    return svc
+
+
+def nodes_reached(connector) -> set[str]:
+    """The node ids the connector's log says it has had a tunnel up to."""
+    return set(re.findall(r"tunnel \S+ up to node (\S+)", connector.proc.log()))
+
+
+@pytest.fixture
+def cluster(gw, backends, postgres_cluster):
+    seen = Seen()
+    backend = backends(tcp_handler(seen))
+    url = postgres_cluster.new_database()
+    first = start_node(gw, url, backend, "node1")
+    return seen, backend, url, first
+
+
+@pytest.mark.timeout(180)
+def test_a_connector_gets_tunnels_to_every_node_and_to_one_added_later(gw, cluster):
+    """Registered with node 1 only, a connector gets a tunnel to each of 2 nodes, then to a third
+    started later (within a config push), and serves the app through each node."""
+    seen, backend, url, node1 = cluster
+    node2 = start_node(gw, url, backend, "node2", first=node1)
+    conn = gw.connector(node1, tunnels=1, log_level="debug")
+    wait_until(lambda: nodes_reached(conn) >= {"node1", "node2"}, 30, "tunnels to node1 and node2")
+    node3 = start_node(gw, url, backend, "node3", first=node1)
+    wait_until(lambda: "node3" in nodes_reached(conn), 30, "a tunnel to node3, started later")
+    for node in (node1, node2, node3):
+        load = LoadGen(tcp_port=node.app_port("app"), tcp_workers=1, max_requests=5, max_seconds=30).start()
+        wait_until(lambda: load.done == 5, 30, f"5 requests through {node.name}")
+        assert load.stop().succeeded() == 5, load.summary()
+    assert not re.search(r"tunnel \S+ to the service failed", conn.proc.log())
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_of_a_node_under_load_the_others_carry_on(gw, cluster):
+    """kill -9 of one of three nodes under load: every request through the other two succeeds
+    (only requests on the killed node fail: counted), and the connector stops dialling it."""
+    seen, backend, url, node1 = cluster
+    node2 = start_node(gw, url, backend, "node2", first=node1)
+    node3 = start_node(gw, url, backend, "node3", first=node1)
+    conn = gw.connector(node1, tunnels=1, ping_interval=1.0)
+    wait_until(lambda: nodes_reached(conn) == {"node1", "node2", "node3"}, 30, "tunnels to the three nodes")
+    loads = {n.name: LoadGen(tcp_port=n.app_port("app"), tcp_workers=2, max_requests=20_000, max_seconds=90,
+                             timeout=10) for n in (node1, node2, node3)}
+    for load in loads.values():
+        load.start()
+    try:
+        wait_until(lambda: all(load.succeeded() > 100 for load in loads.values()), 60, "load through every node")
+        node3.kill9()
+        killed_at = time.monotonic()
+        loads["node3"].stop()   # its users would go to another node (DNS, the load balancer)
+        before = {name: load.succeeded() for name, load in loads.items()}
+        wait_until(lambda: all(loads[n].succeeded() > before[n] + 300 for n in ("node1", "node2")), 60,
+                   "load through node1 and node2 after the kill")
+        wait_until(lambda: "the service has 2 nodes" in conn.proc.log(), 30,
+                   "the connector told that node3 is gone")
+    finally:
+        for load in loads.values():
+            load.stop()
+    for name in ("node1", "node2"):
+        assert loads[name].failures == [], f"{name}: {loads[name].summary()}"
+    victim = loads["node3"]
+    reached = [f for f in victim.failures if f.request_id in seen]
+    print(f"node3 (killed): {victim.summary()}; {len(reached)} of the failed had reached the back end,"
+          f" the rest were in flight on node3 or refused at connect after the kill")
+    assert seen.twice() == [], "a request reached the back end twice"
+    after_list = conn.proc.log().rpartition("the service has 2 nodes")[2]
+    kept = re.search(r"keeping tunnels to (.*)", after_list)
+    assert kept and "node3" not in kept.group(1) and "node1" in kept.group(1), kept
