@@ -7,11 +7,13 @@ gateway/cli.py adds these with :func:`add_parsers` and dispatches through :data:
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import re
 import sys
 import time
+from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -132,10 +134,10 @@ def log_paths(config_path: str, kind: str | None) -> list[Path]:
     return paths
 
 
-def _merged(paths: list[Path]) -> list[dict[str, Any]]:
-    records = [r for p in paths for r in read_records(p)]
-    records.sort(key=lambda r: float(r.get("time", 0)))   # stable: one file's order kept at equal times
-    return records
+def _merged(paths: list[Path]) -> Iterator[dict[str, Any]]:
+    """The records of several logs, oldest first: each log is in time order already, so they are
+    merged as they are read (a log of max_bytes x max_files is never all in memory)."""
+    return heapq.merge(*(read_records(p) for p in paths), key=lambda r: float(r.get("time", 0)))
 
 
 def _print(record: dict[str, Any], as_json: bool) -> None:
@@ -207,8 +209,9 @@ def logs_follow(args: argparse.Namespace) -> int:
     tails = [_Tail(p) for p in paths]
     for tail in tails:
         tail.start_at_end()
-    backlog = [r for r in _merged(paths) if keep(r)]
-    for record in backlog[-args.lines:] if args.lines > 0 else []:
+    backlog: deque[dict[str, Any]] = deque(maxlen=max(0, args.lines))
+    backlog.extend(r for r in _merged(paths) if keep(r))
+    for record in backlog:
         _print(record, args.json)
     try:
         while True:

@@ -5,6 +5,7 @@ socket, and connectors' admin events reaching (and bounded by) the service."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import threading
@@ -257,3 +258,21 @@ def test_http_requests_in_the_session_logs_of_node_and_connector(gw, nginx):
     assert node["request_id"] == connector["request_id"]
     for path in (svc.state_dir / "session.log", conn.state_dir / "session.log"):
         assert "s3cr3t" not in path.read_text(), f"{path} keeps the query string"
+
+
+@pytest.mark.timeout(120)
+def test_the_nodes_session_log_follows_its_config_on_sighup(gw, backends):
+    """[logging] session_log = true written to the file and a SIGHUP: the running node starts
+    its session log without a restart."""
+    echo = backends(echo_handler)
+    svc = gw.service(apps=[{"name": "echo", "destination": echo.destination}])
+    gw.connector(svc, tunnels=1)
+    wait_echo(svc.app_port("echo"))
+    path = svc.state_dir / "session.log"
+    assert not records(path), "the node's session log is on by default"
+    svc.logging["session_log"] = True
+    svc.write_config()
+    svc.proc.signal(signal.SIGHUP)
+    wait_until(lambda: echo_once(svc.app_port("echo"), b"h") == b"h" and records(path), 30,
+               "session lines after the reload", interval=0.2)
+    assert svc.starts == 1 and all(r["role"] == "service" and r["app"] == "echo" for r in records(path))
