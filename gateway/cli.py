@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--state-dir", required=True, help="where the connector keeps its key and certificates")
     reg.add_argument("--server-name", help="name to check in the service's certificate (default: the HOST)")
     reg.add_argument("--name", help="a name for this connector (default: the host name)")
+    reg.add_argument("--proxy", metavar="URL", help="enrol through this HTTP CONNECT proxy, http://[USER@]HOST:PORT"
+                     " (default: HTTPS_PROXY unless NO_PROXY names the service; \"\" for none)")
+    reg.add_argument("--proxy-password-file", metavar="FILE", help="file holding the proxy user's password")
     updater_cli.add_connector_parser(conn)
 
     conns = sub.add_parser("connectors", help="connectors known to the service").add_subparsers(
@@ -312,13 +315,17 @@ def run_on_reactor(work: Any, what: str) -> Any:
 
 
 def connector_register(args: argparse.Namespace) -> int:
-    from gateway.connector.register import register
+    from gateway.connector.proxy import choose_proxy
+    from gateway.connector.register import parse_service, register
 
     text = _read_token(args.token_file)
+    host, port = parse_service(args.service)
+    password_file = Path(args.proxy_password_file) if args.proxy_password_file else None
+    proxy = choose_proxy(args.proxy, password_file, host, port, source="--proxy")
 
     async def run(reactor: Any) -> Any:
         return await register(reactor, args.service, text, Path(args.state_dir).absolute(), args.server_name,
-                              args.name)
+                              args.name, proxy=proxy)
 
     result = run_on_reactor(run, "registration")
     print(f"registered connector {result['connector_id']} ({result.get('name')}) in group {result['group']!r};"
