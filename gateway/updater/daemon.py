@@ -243,7 +243,7 @@ class Updater(MultiService):
             await self.installer.install(wheel)
             self.supervisor.start(restart=False)
             await self._healthy(manifest.version)
-        except GatewayError as e:
+        except Exception as e:   # whatever went wrong once the connector was stopped, it must come back
             self.event("error", f"update to {manifest.version} failed: {e}; rolling back to {previous}")
             await self._roll_back(previous, kept, manifest)
             return "failed"
@@ -261,7 +261,7 @@ class Updater(MultiService):
             await self.installer.install(kept)
             self.supervisor.start(restart=False)
             await self._healthy(previous)
-        except GatewayError as e:
+        except Exception as e:
             self.event("error", f"the rollback to {previous} did not come up either: {e}; the updater keeps"
                                 " restarting the connector")
         else:
@@ -337,6 +337,8 @@ def _has(wheel: Path, manifest: Manifest) -> bool:
 
 class VenvInstaller:
     """The connector's virtualenv: which version it has, keeping its wheel, installing another."""
+
+    log = Logger()
 
     def __init__(self, reactor: Any, config: UpdaterConfig) -> None:
         self.reactor = reactor
