@@ -6,27 +6,12 @@ Real twistd nodes on 127.0.0.1 sharing a throwaway PostgreSQL cluster and the CA
 from __future__ import annotations
 
 import re
-import shutil
 import time
 
 import pytest
 
 from gateway_harness import wait_until
 from loadgen import LoadGen, Seen, tcp_handler
-
-HEARTBEAT = 1.0   # nodes read the node list every heartbeat; a dead node ages out after 3
-
-
-def start_node(gw, url, backend, name, first=None):
-    """A node on the shared store with a TCP app to `backend`; the first node's CA copied in."""
-    svc = gw.service(apps=[{"name": "app", "destination": backend.destination}], name=name, start=False,
-                     service={"store": url, "heartbeat_interval": HEARTBEAT})
-    if first is not None:
-        svc.state_dir.mkdir(parents=True, exist_ok=True)
-        for f in ("ca.pem", "ca.key"):
-            shutil.copy2(first.state_dir / f, svc.state_dir / f)
-    svc.start()
-    return svc
 
 
 def nodes_reached(connector) -> set[str]:
@@ -35,23 +20,23 @@ def nodes_reached(connector) -> set[str]:
 
 
 @pytest.fixture
-def cluster(gw, backends, postgres_cluster):
+def cluster(backends, multinode):
+    """A TCP app to a back end recording what it was sent, on a first node of a shared store."""
     seen = Seen()
-    backend = backends(tcp_handler(seen))
-    url = postgres_cluster.new_database()
-    first = start_node(gw, url, backend, "node1")
-    return seen, backend, url, first
+    multinode.apps = [{"name": "app", "destination": backends(tcp_handler(seen)).destination}]
+    multinode.add_node()
+    return seen, multinode
 
 
 @pytest.mark.timeout(180)
-def test_a_connector_gets_tunnels_to_every_node_and_to_one_added_later(gw, cluster):
+def test_a_connector_gets_tunnels_to_every_node_and_to_one_added_later(cluster):
     """Registered with node 1 only, a connector gets a tunnel to each of 2 nodes, then to a third
     started later (within a config push), and serves the app through each node."""
-    seen, backend, url, node1 = cluster
-    node2 = start_node(gw, url, backend, "node2", first=node1)
-    conn = gw.connector(node1, tunnels=1, log_level="debug")
+    seen, nodes = cluster
+    node1, node2 = nodes.nodes[0], nodes.add_node()
+    conn = nodes.connector(node1, tunnels=1)
     wait_until(lambda: nodes_reached(conn) >= {"node1", "node2"}, 30, "tunnels to node1 and node2")
-    node3 = start_node(gw, url, backend, "node3", first=node1)
+    node3 = nodes.add_node()
     wait_until(lambda: "node3" in nodes_reached(conn), 30, "a tunnel to node3, started later")
     for node in (node1, node2, node3):
         load = LoadGen(tcp_port=node.app_port("app"), tcp_workers=1, max_requests=5, max_seconds=30).start()
@@ -61,13 +46,12 @@ def test_a_connector_gets_tunnels_to_every_node_and_to_one_added_later(gw, clust
 
 
 @pytest.mark.timeout(240)
-def test_kill_9_of_a_node_under_load_the_others_carry_on(gw, cluster):
+def test_kill_9_of_a_node_under_load_the_others_carry_on(cluster):
     """kill -9 of one of three nodes under load: every request through the other two succeeds
     (only requests on the killed node fail: counted), and the connector stops dialling it."""
-    seen, backend, url, node1 = cluster
-    node2 = start_node(gw, url, backend, "node2", first=node1)
-    node3 = start_node(gw, url, backend, "node3", first=node1)
-    conn = gw.connector(node1, tunnels=1, ping_interval=1.0)
+    seen, nodes = cluster
+    node1, node2, node3 = nodes.start(2)
+    conn = nodes.connector(node1, tunnels=1, ping_interval=1.0)
     wait_until(lambda: nodes_reached(conn) == {"node1", "node2", "node3"}, 30, "tunnels to the three nodes")
     loads = {n.name: LoadGen(tcp_port=n.app_port("app"), tcp_workers=2, max_requests=20_000, max_seconds=90,
                              timeout=10) for n in (node1, node2, node3)}
