@@ -32,6 +32,7 @@ from gateway.protocols import StreamInfo
 from gateway.segments import segment_table
 from gateway.oplogs import session as sessionlog
 from gateway.service.admin_events import AdminEvent, AdminEvents, handle_admin_event
+from gateway.service.admission import ThrottledLog
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.listeners import SwappableFactory
 from gateway.service.nodes import NodeRoster
@@ -148,6 +149,10 @@ class ServiceNode(MultiService):
         self._connector_waiters: dict[str, list[Deferred]] = {}
         # group -> when (reactor seconds) a connector of it last drained (GO_AWAY NORMAL)
         self._drained_at: dict[str, float] = {}
+        self._restart_wait_log = ThrottledLog(
+            self.log, reactor, "app {app}: every connector of group {group} is draining or restarting; new"
+                               " streams wait up to {timeout:g}s for one ({more} more since the last line)",
+            level="info")
         # The recent admin events of this node ("node") and of each connector (its id), bounded.
         self.admin_events = AdminEvents()
         self.control_handlers[m.ADMIN_EVENT] = handle_admin_event
@@ -593,9 +598,7 @@ class ServiceNode(MultiService):
         """No connector of the app's group takes streams, but one drained lately: wait for a
         connector to come up (up to connect_timeout), then route again, once. Connectors that
         refused this stream before are tried again: they refused before dialling anything."""
-        self.log.info("app {app} request {request_id}: every connector of group {group} is draining or"
-                      " restarting; waiting up to {timeout:g}s for one", app=app.name, request_id=request_id,
-                      group=app.group, timeout=app.connect_timeout)
+        self._restart_wait_log.emit(key=app.group, app=app.name, group=app.group, timeout=app.connect_timeout)
         d = self.connector_up(app.group, app.connect_timeout)
         return d.addCallback(lambda _: self.open_app_stream(app, {**extra, "request_id": request_id}, waited=True))
 
