@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import unquote, urlsplit
@@ -43,6 +44,8 @@ MAX_ANSWER_HEAD = 16 * 1024
 CONNECT_TIMEOUT = 30.0
 # A password file holds one line; anything bigger is the wrong file.
 MAX_PASSWORD_FILE = 4096
+# What may stand in a CONNECT request line as the host: a DNS name, an IPv4 or IPv6 address.
+_TARGET_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|[0-9A-Fa-f:.]{2,45}")
 ENVIRONMENT_PROXY = ("https_proxy", "HTTPS_PROXY")
 ENVIRONMENT_NO_PROXY = ("no_proxy", "NO_PROXY")
 
@@ -206,7 +209,11 @@ def _first(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str
 
 
 def connect_request(host: str, port: int, credentials: tuple[str, str] | None) -> bytes:
-    """The CONNECT request head asking the proxy for a tunnel to ``host:port``."""
+    """The CONNECT request head asking the proxy for a tunnel to ``host:port``; ProxyError for
+    a host that is not a DNS name or an address (it would end up in the request line)."""
+    if not _TARGET_HOST.fullmatch(host) or not 0 < port < 65536:
+        raise ProxyError(f"cannot ask a proxy for {host!r}:{port}: the service's host must be a DNS name or an"
+                         " IP address (check service_host in connection.toml)")
     target = host_port(host, port)
     lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}", f"User-Agent: gateway-connector/{__version__}"]
     if credentials is not None:

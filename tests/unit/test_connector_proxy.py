@@ -19,6 +19,7 @@ from gateway.connector.proxy import (
     ProxySettings,
     bypassed,
     choose_proxy,
+    connect_request,
     parse_proxy_url,
     untrusted_certificate_message,
 )
@@ -152,6 +153,14 @@ def test_connect_asks_for_the_service_with_basic_credentials_and_hands_over_the_
     assert isinstance(tunnel, Recorder) and tunnel.made
     proto.dataReceived(b"hello")
     assert tunnel.received == b"server-hello"
+
+
+@pytest.mark.parametrize("host", ["gw.example.com\r\nX-Injected: 1", "gw example", "", "gw.example.com/x"])
+def test_a_service_host_that_is_no_name_never_reaches_the_request_line(host):
+    """A host with CR LF, spaces or slashes is refused before anything is written to the proxy."""
+    with pytest.raises(ProxyError, match="must be a DNS name or an IP address"):
+        connect_request(host, 8443, None)
+    assert connect_request("::1", 8443, None).startswith(b"CONNECT [::1]:8443 HTTP/1.1\r\n")
 
 
 @pytest.mark.parametrize("answer, expected", [
