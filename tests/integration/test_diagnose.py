@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from components import require
 from gateway_harness import GATEWAY, HOST, echo_handler, free_port, subprocess_env, toml_table
-from proxy_harness import connector_config, intercepting_proxy  # noqa: F401 - fixture
+from proxy_harness import connector_config, intercepting_proxy, password_file, tinyproxy  # noqa: F401 - fixtures
 
 REALM = "CORP.TEST"
 PRINCIPAL = f"HTTP/connector.corp.test@{REALM}"
@@ -103,6 +103,18 @@ def test_every_check_passes_on_a_healthy_connector(machine):
     assert re.search(r"\(\d+ days left\)", lines["certificate"][0])
     assert f"holds 1 key(s) for {PRINCIPAL}" in lines["keytab"][0]
     assert "connector" in machine.svc.log() and "ran gateway diagnose" in machine.svc.log()
+
+
+@pytest.mark.timeout(120)
+def test_every_check_passes_through_tinyproxy_with_basic_auth(machine, tmp_path, tinyproxy):
+    """Through a real tinyproxy with basic auth, the proxy, tcp, tls and service checks pass and say so."""
+    machine.configure(proxy=tinyproxy.url, proxy_password_file=password_file(tmp_path))
+    status, lines, output = machine.diagnose()
+    assert status == 0, output
+    assert f"through the proxy at {HOST}:{tinyproxy.port} ([connector] proxy" in lines["proxy"][0]
+    assert f"(through the proxy at {HOST}:{tinyproxy.port})" in lines["tcp"][0]
+    assert lines["tls"][0].startswith("ok") and lines["service"][0].startswith("ok")
+    assert tinyproxy.connects_to(f"localhost:{machine.svc.port}") == 2   # the tcp check, then the TLS probe
 
 
 @pytest.mark.timeout(120)
