@@ -705,10 +705,12 @@ class FrontDoor(Protocol):
             return
         ex.stream = stream
         ex.stream_identity = ex.identity.to_metadata() if ex.identity is not None else None
-        if ex.attempts > 1:
-            self._resend(stream, ex)
-            return
         try:
+            if ex.attempts > 1:   # sent again (a draining connector refused it): the same bytes
+                self._wire(stream, ex)
+                stream.writeSequence(ex.replay)
+                self._carry_on(ex)
+                return
             if translate_links(ex.app) and self.link_map is not None and not self.link_map.empty:
                 # ask for a coding we can undo, so the body can be translated
                 accepted = b", ".join(rules.get(ex.request.headers, b"accept-encoding")) or None
@@ -724,18 +726,30 @@ class FrontDoor(Protocol):
                                                   b"X-Gateway-Request-Id", ex.request_id.encode())],
                                               upgrades=upgrades)
             ex.upgrade = b"upgrade" in ex.request.index and rules.upgrade_protocols(ex.request, upgrades) is not None
-            if isinstance(stream.protocol, ResponseSide):
-                stream.protocol.exchange = ex   # a kept stream: its next exchange
-            else:
-                stream.attach(ResponseSide(self, ex))
-            self._writer.stream = stream
-            self.transport.registerProducer(self._writer, True)
-            self._streaming = True
-            stream.registerProducer(self._reader, True)
+            self._wire(stream, ex)
             self._send(ex, head)
         except Exception:
             log.failure("request {request_id}: the http plugin failed sending a request", request_id=ex.request_id)
             self._fail(502, UNREACHABLE)
+            return
+        self._carry_on(ex)
+
+    def _wire(self, stream: Any, ex: Exchange) -> None:
+        """``stream`` carries ``ex``: its answer comes to us, and each side is the other's producer."""
+        if isinstance(stream.protocol, ResponseSide):
+            stream.protocol.exchange = ex   # a kept stream: its next exchange
+        else:
+            stream.attach(ResponseSide(self, ex))
+        self._writer.stream = stream
+        self.transport.registerProducer(self._writer, True)
+        self._streaming = True
+        stream.registerProducer(self._reader, True)
+
+    def _carry_on(self, ex: Exchange) -> None:
+        """The head is on the stream: relay the body (or, for a complete request sent again, wait for the answer)."""
+        if ex.request_done:
+            self._release("stream")
+            self._request_sent(ex)
             return
         self.state = "body"
         self._release("stream")
@@ -754,28 +768,6 @@ class FrontDoor(Protocol):
                     ex.replay = None
                     return
             replay.append(data)
-
-    def _resend(self, stream: Any, ex: Exchange) -> None:
-        """A new stream for a request a draining connector refused: the same bytes again, then
-        on as if the first stream had taken them."""
-        try:
-            stream.attach(ResponseSide(self, ex))
-            self._writer.stream = stream
-            self.transport.registerProducer(self._writer, True)
-            self._streaming = True
-            stream.registerProducer(self._reader, True)
-            stream.writeSequence(ex.replay)
-        except Exception:
-            log.failure("request {request_id}: the http plugin failed sending a request", request_id=ex.request_id)
-            self._fail(502, UNREACHABLE)
-            return
-        self._release("stream")
-        if ex.request_done:
-            self._request_sent(ex)
-            return
-        self.state = "body"
-        self._arm_body()
-        self._advance()
 
     def _unforwarded(self, ex: Exchange, reason: Failure | None) -> bool:
         """The connector reset the stream with GOING_AWAY before any answer: it drains and
