@@ -519,7 +519,7 @@ def connector_nodes(node: Any) -> dict[str, Any]:
     address connectors dial, so every connector keeps tunnels to every node (docs/protocol.md).
     Nothing on the embedded SQLite store (one node): its connectors keep dialling its address;
     nothing either before this node's first heartbeat read the list (connectors keep theirs)."""
-    if not node.config.service.store or not hasattr(node, "nodes"):
+    if not node.config.service.store:
         return {}
     listed = [{"node_id": n.node_id, "address": n.tunnel_address} for n in node.nodes() if n.tunnel_address]
     return {"nodes": listed} if listed else {}
