@@ -823,19 +823,25 @@ def _token_identity(args: argparse.Namespace) -> dict[str, Any]:
             "groups": [_user_text("--group", g) for g in args.groups]}
 
 
-def users_token_create(args: argparse.Namespace) -> int:
+def _new_token(args: argparse.Namespace, config: Any, token_class: Any, table: str, needs: str) -> Any:
+    """A new token of `token_class` naming this service's CA; a warning when the config lacks the
+    [table] that makes the token useful."""
     from gateway.pki.ca import CertificateAuthority
+
+    if getattr(config, table) is None:
+        print(f"gateway: warning: {args.config} has no [{table}] table: {needs}", file=sys.stderr)
+    return token_class.generate(CertificateAuthority.load_or_create(config.service.state_dir).fingerprint)
+
+
+def users_token_create(args: argparse.Namespace) -> int:
     from gateway.pki.tokens import UserToken, hash_secret
     from gateway.store.records import UserCredentialRecord
 
     identity = _token_identity(args)
     lifetime = parse_duration(args.expires)
     with _service_store(args) as (config, store):
-        if config.access is None:
-            print(f"gateway: warning: {args.config} has no [access] table: the service accepts the token only"
-                  " once it has one (see docs/configuration.md)", file=sys.stderr)
-        ca = CertificateAuthority.load_or_create(config.service.state_dir)
-        token = UserToken.generate(ca.fingerprint)
+        token = _new_token(args, config, UserToken, "access",
+                           "the service accepts the token only once it has one (see docs/configuration.md)")
         now = datetime.now(UTC)
         record = UserCredentialRecord(
             credential_id=token.token_id, user=identity["sub"], kind="token", identity=identity,
@@ -908,18 +914,14 @@ def users_revoke(args: argparse.Namespace) -> int:
 
 
 def admin_token_create(args: argparse.Namespace) -> int:
-    from gateway.pki.ca import CertificateAuthority
     from gateway.pki.tokens import AdminToken, hash_secret
     from gateway.store.records import AdminTokenRecord
 
     name = _user_text("--name", args.name)
     lifetime = parse_duration(args.expires)
     with _service_store(args) as (config, store):
-        if config.admin is None:
-            print(f"gateway: warning: {args.config} has no [admin] table: the service serves no admin API until it"
-                  " has one (see docs/operations.md)", file=sys.stderr)
-        ca = CertificateAuthority.load_or_create(config.service.state_dir)
-        token = AdminToken.generate(ca.fingerprint)
+        token = _new_token(args, config, AdminToken, "admin",
+                           "the service serves no admin API until it has one (see docs/operations.md)")
         now = datetime.now(UTC)
         record = store.create_admin_token(AdminTokenRecord(token.token_id, name, hash_secret(token.secret), now,
                                                            now + lifetime))
