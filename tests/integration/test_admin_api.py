@@ -361,6 +361,10 @@ def test_the_command_runs_against_a_remote_service_with_a_token_file_or_the_envi
     result = gw.cli("--service", url, "token", "create", env=env)
     assert result.returncode == 1 and "works on the service machine only" in result.stderr
     assert "connectors list" in result.stderr
+    result = gw.cli("--service", url, "connectors", "delete", conn.connector_id[:8], env=env)
+    assert result.returncode == 0 and "certificate is revoked" in result.stdout, result.stderr
+    result = gw.cli("--service", url, "connectors", "list", "--all", env=env)
+    assert "deleted" in result.stdout
     gw.assert_no_secret_in_logs()
 
 
