@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from gateway.diagnose import Check, app_targets, report
+from gateway.diagnose import SKIP, Check, app_targets, report
 from gateway_kerberos_sso.diagnose import keytab_principals, realm_kdcs
 
 
@@ -41,7 +41,7 @@ def test_unreadable_segments_fail_their_app_line():
 def test_the_report_prints_one_line_per_check_and_fails_when_one_failed():
     """Each check is one line (a failure with its fix); the status is 1 with a failure, 0 without."""
     lines: list[str] = []
-    checks = [Check.ok("dns", "gw resolves"), Check.fail("tcp", "refused", "start it"), Check.skip("clock", "n/a")]
+    checks = [Check.ok("dns", "gw resolves"), Check.fail("tcp", "refused", "start it"), Check("clock", SKIP, "n/a")]
     assert report(checks, lines.append) == 1
     assert lines == ["ok    dns           gw resolves", "FAIL  tcp           refused; fix: start it",
                      "skip  clock         n/a", "3 checks, 1 failed: tcp"]
