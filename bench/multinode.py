@@ -36,7 +36,7 @@ from gateway_harness import HOST, Gateway, free_port, wait_until  # noqa: E402
 from gateway_harness import http_request as get  # noqa: E402
 from multinode import MultiNode  # noqa: E402
 from nginx_harness import Nginx  # noqa: E402
-from ops_cost import WEB, port_open, wrk  # noqa: E402
+from ops_cost import WEB, missing_tools, port_open, wrk_arguments  # noqa: E402
 
 PATHS = ("http", "tcp")
 NODES = (1, 2, 3)
@@ -78,19 +78,9 @@ def spread_wrk(ports: list[int], duration: int, conns: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s per measurement, 1 round")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (default 10)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over the six measurements (default 3)")
-    parser.add_argument("--conns", type=int, default=48, help="wrk connections in all (default 48)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
-    args = parser.parse_args()
-    if args.quick:
-        args.duration, args.rounds = 2, 1
-    for tool in ("wrk", "nginx"):
-        if not shutil.which(tool):
-            print(f"bench/multinode.py needs {tool} (scripts/setup.sh --with-tests)", file=sys.stderr)
-            return 2
+    args = wrk_arguments(__doc__, rounds=3, conns=48, over="the six measurements")
+    if missing_tools("bench/multinode.py"):
+        return 2
     from postgres import PostgresCluster
 
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-multinode."))

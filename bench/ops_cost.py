@@ -125,20 +125,33 @@ def session_lines(gateway: dict, role: str = "svc") -> int:
     return sum(len(p.read_bytes().splitlines()) for p in gateway[role].state_dir.glob("session*.log*"))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def wrk_arguments(doc: str, rounds: int, conns: int, over: str) -> argparse.Namespace:
+    """The options of a wrk bench (also bench/multinode.py's): --quick, --duration, --rounds, --conns, --keep."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s per measurement, 1 round")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds over the four configurations (default 5)")
-    parser.add_argument("--conns", type=int, default=50, help="wrk connections (default 50)")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds over {over} (default {rounds})")
+    parser.add_argument("--conns", type=int, default=conns, help=f"wrk connections (default {conns})")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds = 2, 1
-    for tool in ("wrk", "nginx"):
+    return args
+
+
+def missing_tools(script: str, tools: tuple[str, ...] = ("wrk", "nginx")) -> bool:
+    """Say which tool `script` needs and lacks; True if one is missing."""
+    for tool in tools:
         if not shutil.which(tool):
-            print(f"bench/ops_cost.py needs {tool} (scripts/setup.sh --with-tests)", file=sys.stderr)
-            return 2
+            print(f"{script} needs {tool} (scripts/setup.sh --with-tests)", file=sys.stderr)
+            return True
+    return False
+
+
+def main() -> int:
+    args = wrk_arguments(__doc__, rounds=5, conns=50, over="the four configurations")
+    if missing_tools("bench/ops_cost.py"):
+        return 2
     configs = CONFIGS if session_log_available() else ("off", "metrics")
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-ops."))
     gw = Gateway(tmp / "gw")
