@@ -15,7 +15,7 @@ from gateway import logs, plugins
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, load_config
 from gateway.connector.identity import ConnectorIdentity
 from gateway.errors import GatewayError
-from gateway.oplogs.service import OpLogs
+from gateway.oplogs.service import LoggedServices, OpLogs
 from gateway.service.admin_events import NODE, AdminEvent
 
 
@@ -145,12 +145,10 @@ def build(config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any]
     from gateway.connector.node import ConnectorNode
     from gateway.service.node import ServiceNode
 
-    top = MultiService()
     service = connector = None
-    # First child: started first, so the node's and connector's start-up events are in the admin log.
     oplogs = OpLogs(config.logging, reactor, "node" if config.service is not None or identity is None
                     else identity.connector_id, log_publisher)
-    oplogs.setServiceParent(top)
+    top = LoggedServices(oplogs)
     metrics = start_metrics(config, reactor, pm, top)
     if config.service is not None:
         service = ServiceNode(config, reactor, pm, handlers, metrics=metrics)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 
 from gateway.config import LoggingConfig
 from gateway.oplogs import session as sessionlog
@@ -52,3 +53,24 @@ class OpLogs(Service):
     def reconfigure(self, config: LoggingConfig) -> None:
         """SIGHUP: the service node's own session log switch (files and journald stay as started)."""
         self.session.switch(sessionlog.SERVICE, config.session_log)
+
+
+class LoggedServices(MultiService):
+    """The process's top service: its logs start before the roles and stop only once every role
+    has stopped, so a connector's drain and its tunnels' end are still in the admin log."""
+
+    def __init__(self, oplogs: OpLogs) -> None:
+        super().__init__()
+        self.oplogs = oplogs
+
+    def startService(self) -> None:
+        self.oplogs.startService()
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        d = maybeDeferred(super().stopService)
+        return d.addBoth(self._stop_logs)
+
+    def _stop_logs(self, result: Any) -> Any:
+        self.oplogs.stopService()
+        return result

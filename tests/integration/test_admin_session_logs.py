@@ -276,3 +276,13 @@ def test_the_nodes_session_log_follows_its_config_on_sighup(gw, backends):
     wait_until(lambda: echo_once(svc.app_port("echo"), b"h") == b"h" and records(path), 30,
                "session lines after the reload", interval=0.2)
     assert svc.starts == 1 and all(r["role"] == "service" and r["app"] == "echo" for r in records(path))
+
+
+@pytest.mark.timeout(120)
+def test_a_stopping_connectors_last_events_are_in_its_admin_log(gw, group):
+    """SIGTERM: the drain and the tunnel's end, logged while the connector stops, are still
+    written to its admin log (the log closes after the connector has stopped)."""
+    _, one, _ = group
+    assert one.stop() == 0
+    events = [(r["event"], r["level"]) for r in records(one.state_dir / "admin.log")]
+    assert ("drain", "info") in events and ("tunnel_lost", "warn") in events, events

@@ -137,3 +137,33 @@ def test_forwarder_keeps_events_until_a_tunnel_is_up():
     up[0] = True
     forwarder.flush()
     assert [m["text"] for m in sent] == [f"e{i}" for i in range(30, 80)]
+
+
+def test_the_logs_stop_only_after_every_role_has_stopped(tmp_path):
+    """LoggedServices: the admin log still takes what a role logs while it stops (a drain that
+    takes a while), and closes after."""
+    from twisted.application.service import Service
+    from twisted.internet.defer import Deferred
+
+    from gateway.config import LoggingConfig
+    from gateway.oplogs.service import LoggedServices, OpLogs
+
+    publisher = LogPublisher()
+    log = Logger(namespace="t", observer=publisher)
+    config = LoggingConfig(admin_log=tmp_path / "admin.log", session_log_file=tmp_path / "session.log")
+    top = LoggedServices(OpLogs(config, Clock(), "node", publisher))
+    drained: Deferred = Deferred()
+
+    class Draining(Service):
+        def stopService(self):
+            super().stopService()
+            return drained
+
+    Draining().setServiceParent(top)
+    top.startService()
+    stopped = top.stopService()
+    log.warn("tunnel lost while draining")
+    drained.callback(None)
+    log.warn("after the stop")
+    assert stopped.called
+    assert [r["text"] for r in read_records(tmp_path / "admin.log")] == ["tunnel lost while draining"]
