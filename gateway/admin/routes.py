@@ -347,6 +347,7 @@ class AdminResource(Resource):
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", JSON)
         request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.write(json.dumps(body, indent=1).encode() + b"\n")
         request.finish()
 
@@ -373,6 +374,8 @@ class AdminResource(Resource):
         # No script, no framing by others: the page needs neither.
         request.setHeader(b"Content-Security-Policy", b"default-src 'none'; style-src 'unsafe-inline';"
                                                       b" form-action 'self'; frame-ancestors 'none'")
+        request.setHeader(b"X-Frame-Options", b"DENY")
+        request.setHeader(b"Referrer-Policy", b"no-referrer")
         request.write(body)
         request.finish()
 

@@ -301,6 +301,7 @@ def test_sign_out_needs_the_sessions_csrf_token_and_revocation_ends_the_session(
     page = request(svc, "GET", "/", headers=jar)
     assert page.status == 200 and b"Gateway status" in page.body
     assert page.getheader("Content-Security-Policy").startswith("default-src 'none'")
+    assert page.getheader("X-Frame-Options") == "DENY" and page.getheader("Cache-Control") == "no-store"
     for form in ({}, {"csrf": field}):   # none, and the sign-in form's (not the session's)
         response = request(svc, "POST", "/signout", urlencode(form).encode(),
                            {**jar, "Content-Type": "application/x-www-form-urlencoded"})
