@@ -236,7 +236,7 @@ def logs_session(args: argparse.Namespace) -> int:
         if not args.group and not args.connector:
             raise GatewayError(f"`gateway logs session {args.state}` needs --group G or --connector C")
         if args.group:
-            groups = {g.name for g in store.list_groups()} | {a.group for a in config.apps}
+            groups = {g.name for g in store.list_groups()} | {a.group for a in config.apps} | {"default"}
             if args.group not in groups:
                 raise GatewayError(f"no connector group {args.group!r}; known groups: {', '.join(sorted(groups))}")
             scope, name, what = "group", args.group, f"group {args.group!r}"

@@ -286,3 +286,19 @@ def test_a_stopping_connectors_last_events_are_in_its_admin_log(gw, group):
     assert one.stop() == 0
     events = [(r["event"], r["level"]) for r in records(one.state_dir / "admin.log")]
     assert ("drain", "info") in events and ("tunnel_lost", "warn") in events, events
+
+
+@pytest.mark.timeout(60)
+def test_session_log_switches_refuse_what_names_nothing(gw):
+    """`gateway logs session` refuses an unknown group or connector, a switch without a scope,
+    and inherit for a group, each saying what to do; nothing is stored."""
+    svc = gw.service(start=False)
+    config = ("--config", str(svc.config_path))
+    for argv, text in [(("on", "--group", "nosuch"), "no connector group 'nosuch'; known groups: default"),
+                       (("on", "--connector", "0123abc"), "no active connector '0123abc'"),
+                       (("off",), "needs --group G or --connector C"),
+                       (("inherit", "--group", "default"), "inherit is for a connector")]:
+        result = gw.cli("logs", "session", *argv, *config)
+        assert result.returncode == 1 and text in result.stderr, (argv, result.stdout, result.stderr)
+    listing = gw.cli("logs", "session", "list", *config)
+    assert "every connector's session log is off" in listing.stdout, listing.stdout
