@@ -204,8 +204,9 @@ def test_a_group_rolls_to_the_next_version_under_load_and_a_broken_one_is_rolled
 @pytest.mark.timeout(300)
 def test_a_bad_signature_a_wrong_hash_and_an_unreachable_wheel_are_refused(gw, backends, releases, venv_n):
     """Through the real service: a manifest signed by another key, a wheel whose bytes are not the
-    manifest's, and a wheel the service cannot serve are each refused with an admin event that says
-    why, and the running connector (same process, version N) is never touched."""
+    manifest's, a wheel the service cannot serve, and a lease for the last healthy connector of a
+    group whose other connector is down are each refused saying why (the first three as admin
+    events on the service), and the running connector (same process, version N) is never touched."""
     svc = gw.service()
     connector = gw.connector(svc, name="c0", start=False, tunnels=1, drain_timeout=5)
     key, public = signing_key(gw)
@@ -235,8 +236,16 @@ def test_a_bad_signature_a_wrong_hash_and_an_unreachable_wheel_are_refused(gw, b
     for why in ("signature does not verify", "wrong hash", "cannot read the wheel"):
         assert re.search(rf"updater of connector \w+ \(error\): .*{why}", service_log), why
 
-    # and the good release, asked for by hand, installs (manual: auto is false here)
+    # a second connector of the group registered but down: this one is the last healthy one
     shutil.copy(releases[N1], published)
+    assert gw.register(svc, name="c1").returncode == 0
+    result = updater.update_now()
+    assert result.returncode == 1 and "the last healthy one of group 'default'" in result.stdout, result.stdout
+    assert all_on(svc, gw, [connector], N)
+    down = next(cid for cid in versions(svc, gw) if cid != connector.connector_id)
+    assert svc.delete_connector(down).returncode == 0   # gone for good: the group is this one alone
+
+    # and the good release, asked for by hand, installs (manual: auto is false here)
     result = updater.update_now()
     assert result.returncode == 0 and f"updated to {N1}" in result.stdout, result.stdout
     assert all_on(svc, gw, [connector], N1)
