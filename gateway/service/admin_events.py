@@ -1,8 +1,9 @@
 """The recent admin events a service node keeps: its own and those its connectors send.
 
-Bounded twice: the newest ``per_source`` events of each source, and at most ``max_sources``
-sources (the one heard from least recently is forgotten first), so neither a chatty connector
-nor many short-lived ones can grow the node's memory. The status page and the admin API read
+Bounded three ways: the newest ``per_source`` events of each source, at most ``max_sources``
+sources (the one heard from least recently is forgotten first) and at most ``max_total``
+events in all (the oldest go first), so neither a chatty connector nor many connectors can
+grow the node's memory past a few megabytes. The status page and the admin API read
 them with :meth:`AdminEvents.recent`.
 """
 
@@ -20,6 +21,7 @@ NODE = "node"
 LEVELS = ("info", "warn", "error", "critical")
 DEFAULT_PER_SOURCE = 200
 DEFAULT_MAX_SOURCES = 1000
+DEFAULT_MAX_TOTAL = 20_000
 
 
 @frozen
@@ -38,16 +40,29 @@ class AdminEvents:
 
     per_source: int = DEFAULT_PER_SOURCE
     max_sources: int = DEFAULT_MAX_SOURCES
+    max_total: int = DEFAULT_MAX_TOTAL
     _by_source: OrderedDict[str, deque[AdminEvent]] = field(factory=OrderedDict, init=False)
+    _total: int = field(default=0, init=False)
 
     def add(self, event: AdminEvent) -> None:
         events = self._by_source.pop(event.source, None)
         if events is None:
             events = deque(maxlen=self.per_source)
             while len(self._by_source) >= self.max_sources:
-                self._by_source.popitem(last=False)
+                self._total -= len(self._by_source.popitem(last=False)[1])
         self._by_source[event.source] = events   # most recently heard from last
+        if len(events) < self.per_source:
+            self._total += 1
         events.append(event)
+        while self._total > self.max_total:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        source, events = min(self._by_source.items(), key=lambda item: item[1][0].time)
+        events.popleft()
+        self._total -= 1
+        if not events:
+            del self._by_source[source]
 
     def recent(self, limit: int = 100, source: str | None = None) -> list[AdminEvent]:
         """The newest ``limit`` events (of ``source`` only, if given), newest first."""

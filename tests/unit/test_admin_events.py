@@ -55,3 +55,14 @@ def test_a_connectors_event_is_bounded_and_names_the_connector():
     event = event_from_message("c1", {"source": "node", "level": "root", "text": "x" * 10_000, "time": 1e12}, 100.0)
     assert (event.source, event.level, len(event.text), event.time) == ("c1", "info", MAX_TEXT, 100.0)
     assert event_from_message("c1", {"text": ["not text"], "time": "soon"}, 5.0).time == 5.0
+
+
+def test_all_sources_together_keep_at_most_max_total_events():
+    """Many sources within their own bound still keep max_total events in all, the oldest dropped."""
+    events = AdminEvents(per_source=10, max_total=25)
+    for t in range(60):
+        events.add(event(t, f"c{t % 6}"))
+    kept = events.recent(limit=1000)
+    assert len(kept) == 25 and [e.time for e in kept] == list(range(59, 34, -1))
+    events.add(event(60, "c0"))
+    assert len(events.recent(limit=1000)) == 25
