@@ -6,11 +6,14 @@ Real twistd nodes on 127.0.0.1 sharing a throwaway PostgreSQL cluster and the CA
 from __future__ import annotations
 
 import re
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from gateway_harness import wait_until
+from components import require
+from gateway_harness import GATEWAY, TWISTD, Connector, free_port, subprocess_env, wait_until
 from loadgen import LoadGen, Seen, tcp_handler
 
 
@@ -21,10 +24,9 @@ def nodes_reached(connector) -> set[str]:
 
 @pytest.fixture
 def cluster(backends, multinode):
-    """A TCP app to a back end recording what it was sent, on a first node of a shared store."""
+    """A shared store whose nodes publish a TCP app to a back end recording what it was sent."""
     seen = Seen()
     multinode.apps = [{"name": "app", "destination": backends(tcp_handler(seen)).destination}]
-    multinode.add_node()
     return seen, multinode
 
 
@@ -33,7 +35,7 @@ def test_a_connector_gets_tunnels_to_every_node_and_to_one_added_later(cluster):
     """Registered with node 1 only, a connector gets a tunnel to each of 2 nodes, then to a third
     started later (within a config push), and serves the app through each node."""
     seen, nodes = cluster
-    node1, node2 = nodes.nodes[0], nodes.add_node()
+    node1, node2 = nodes.add_node(), nodes.add_node()
     conn = nodes.connector(node1, tunnels=1)
     wait_until(lambda: nodes_reached(conn) >= {"node1", "node2"}, 30, "tunnels to node1 and node2")
     node3 = nodes.add_node()
@@ -50,7 +52,7 @@ def test_kill_9_of_a_node_under_load_the_others_carry_on(cluster):
     """kill -9 of one of three nodes under load: every request through the other two succeeds
     (only requests on the killed node fail: counted), and the connector stops dialling it."""
     seen, nodes = cluster
-    node1, node2, node3 = nodes.start(2)
+    node1, node2, node3 = nodes.start(3)
     conn = nodes.connector(node1, tunnels=1, ping_interval=1.0)
     wait_until(lambda: nodes_reached(conn) == {"node1", "node2", "node3"}, 30, "tunnels to the three nodes")
     loads = {n.name: LoadGen(tcp_port=n.app_port("app"), tcp_workers=2, max_requests=20_000, max_seconds=90,
@@ -80,3 +82,35 @@ def test_kill_9_of_a_node_under_load_the_others_carry_on(cluster):
     after_list = conn.proc.log().rpartition("the service has 2 nodes")[2]
     kept = re.search(r"keeping tunnels to (.*)", after_list)
     assert kept and "node3" not in kept.group(1) and "node1" in kept.group(1), kept
+
+
+def in_hosts_namespace(hosts: Path, argv: list[str]) -> list[str]:
+    """`argv` run where /etc/hosts is `hosts` (a private mount namespace: nothing else sees it)."""
+    return [require("unshare"), "--map-root-user", "--mount", "sh", "-c",
+            'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts), *argv]
+
+
+@pytest.mark.timeout(180)
+def test_a_service_name_with_an_address_per_node_spreads_the_first_tunnels(gw, cluster, tmp_path):
+    """Registered with a name resolving to 3 nodes' addresses (hosts file), the connector's first
+    2 tunnels go to 2 distinct addresses, before any node list; then it reaches all three."""
+    seen, nodes = cluster
+    port = free_port()
+    for i in (1, 2, 3):
+        nodes.add_node(name=f"rr{i}", listen=f"tcp:{port}:interface=127.0.0.{i}", names=["gw.test", f"127.0.0.{i}"])
+    hosts = tmp_path / "hosts"
+    hosts.write_text("".join(f"127.0.0.{i} gw.test\n" for i in (1, 2, 3)))
+    conn = Connector(gw, "rrconn", nodes.nodes[0])
+    registered = subprocess.run(
+        in_hosts_namespace(hosts, [GATEWAY, "connector", "register", "--service", f"gw.test:{port}", "--token-file",
+                                   str(nodes.nodes[0].token()), "--state-dir", str(conn.state_dir), "--name", "rr"]),
+        capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    conn.configure(tunnels=2)
+    conn.proc = gw.spawn("rrconn-1", in_hosts_namespace(
+        hosts, [TWISTD, "-n", "--pidfile=", "gateway", "--config", str(conn.config_path)]))
+    wait_until(lambda: nodes_reached(conn) == {"rr1", "rr2", "rr3"}, 30, "tunnels to the three nodes")
+    log = conn.proc.log()
+    assert "the service address gw.test resolves to 127.0.0.1, 127.0.0.2, 127.0.0.3" in log
+    first = re.search(r"keeping tunnels to (.*)", log).group(1)
+    assert first == f"1 to the service address 127.0.0.1:{port}, 1 to the service address 127.0.0.2:{port}", first
