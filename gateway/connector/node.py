@@ -222,8 +222,9 @@ class ConnectorNode(MultiService):
             self.reconcile()
 
     def reconcile(self) -> None:
-        """Add and retire slots until every target has the tunnels the plan gives it."""
-        if not self.running or self._endpoint is None or not self.bootstrap:
+        """Add and retire slots until every target has the tunnels the plan gives it (not while
+        the connector drains: it dials nothing new then)."""
+        if not self.running or self.draining or self._endpoint is None or not self.bootstrap:
             return
         connector = self.config.connector
         wanted = plan(connector.tunnels, connector.max_nodes, self.nodes + self._unlisted_but_up(),

@@ -265,3 +265,12 @@ def test_a_dropped_node_tunnel_drains_before_its_slot_goes(identity):
     assert slot.session.went_away and slot.client.parent is node
     slot.session.idle.callback(None)
     assert slot.client.parent is None and all(slot not in s for s in node.slots.values())
+
+
+def test_a_draining_connector_adds_no_tunnel_for_a_new_node(identity):
+    """A node list arriving while the connector drains (SIGTERM) dials nothing new."""
+    node, reactor = started(identity)
+    node.draining = True
+    node.apply_config(config(nodes(7001, 7002)))
+    reactor.advance(0)
+    assert "127.0.0.1:7002" not in dialled(reactor)
