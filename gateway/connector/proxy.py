@@ -410,8 +410,10 @@ def untrusted_certificate(leaf: x509.Certificate | None, proxy: ProxySettings | 
                 f"add an exception for the service's host {service} to the proxy's TLS inspection so it passes"
                 " the connection through untouched")
     return (f"the service at {service} presented {seen}, which the pinned CA did not issue: something between"
-            " this machine and the service replaces certificates (a TLS-inspecting firewall, or a wrong address)",
-            "let the connection through untouched, or check service_host and service_port in connection.toml")
+            " this machine and the service replaces certificates (a TLS-inspecting firewall), the address leads"
+            " to another service, or the service's CA was replaced",
+            "let the connection through untouched, check service_host and service_port in connection.toml, or"
+            " register again with a new token if the service has a new CA")
 
 
 def untrusted_certificate_message(leaf: x509.Certificate | None, proxy: ProxySettings | None,

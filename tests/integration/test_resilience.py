@@ -85,6 +85,9 @@ def test_wrong_ca_fails_clearly_and_service_keeps_serving(gw, backends):
     failures = [line for line in bad.proc.log().splitlines() if "certificate verify failed" in line]
     assert all("to the service failed" in line for line in failures), failures[:3]
     assert bad.proc.running, "a wrong CA should not crash the connector"
+    # ... and names the certificate it was shown (gateway/connector/proxy.py, untrusted_certificate).
+    assert f"the service at {svc.address} presented a certificate for 'localhost' issued by" in bad.proc.log()
+    assert "register again with a new token if the service has a new CA" in bad.proc.log()
     assert "up to node" not in bad.proc.log()
 
     # During: the good connector serves the app.
