@@ -92,6 +92,9 @@ class ServiceConfig:
     # "host:port" connectors dial to reach this node's tunnel port (several nodes: each its
     # own); "" derives it from listen and names (tunnel_address).
     advertise: str = ""
+    # With the store unreachable, new streams to known apps are routed from the last config
+    # read for this long; then refused, since the node can no longer see revocations.
+    store_outage_grace: float = 900.0
 
     def tunnel_address(self, bound_port: int | None = None) -> str:
         """Where connectors reach this node's tunnel port: advertise, else derived from listen
@@ -682,6 +685,9 @@ def _redacted_url(url: str) -> str:
         return "(a malformed URL)"
 
 
+MAX_STORE_OUTAGE_GRACE = 86400.0  # a day: a node cut off from the store longer must stop routing
+
+
 def default_advertise(listen: str, names: tuple[str, ...], bound_port: int | None = None) -> str | None:
     """[service] advertise when not set: the tunnel listen's interface if it is one address the
     certificate names, else names[0], with the listen's port (or `bound_port`, the one a "tcp:0"
@@ -708,7 +714,7 @@ class _Parser:
                "certificate_lifetime_days", "token_lifetime", "max_handshakes", "certificate_lifetime_seconds",
                "inactive_after", "remove_inactive_after", "sweep_interval", "handshake_timeout",
                "max_unauthenticated_per_address", "enrolments_per_minute", "renewal_min_interval",
-               "store", "store_password_file", "advertise"]
+               "store", "store_password_file", "advertise", "store_outage_grace"]
     APP = ["name", "group", "protocol", "listen", "destination", "connect_timeout", "options",
            "external_url", "internal_url", "affinity", "segments"]
     ACCESS = ["url", "tunnel", "certificate_lifetime", "login_lifetime", "udp_idle_timeout",
@@ -805,6 +811,7 @@ class _Parser:
             inactive_after=t.number("inactive_after", 600, positive=True),
             remove_inactive_after=t.number("remove_inactive_after", 864000, positive=True),
             sweep_interval=t.number("sweep_interval", 60, positive=True),
+            store_outage_grace=t.number("store_outage_grace", 900, low=1, high=MAX_STORE_OUTAGE_GRACE),
             **store,
             advertise=self.advertise(t, listen, tuple(names_value), store.get("store", "")),
         )

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from gateway.errors import StoreUnavailable
 from gateway.store.records import ConnectorRecord, ConnectorStatus
 
 
@@ -92,7 +93,7 @@ class StatusRecorder:
             self._written[connector_id] = (self.clock.seconds(), status)
         d = self.store.record_status(connector_id, status, clock_now(self.clock))
         d.addCallback(self._check_group, connector_id)
-        d.addErrback(lambda f: self.log.failure(
+        d.addErrback(lambda f: None if f.check(StoreUnavailable) else self.log.failure(
             "could not record the status of connector {connector_id}", f, connector_id=connector_id))
         return d
 
@@ -180,8 +181,9 @@ class SweeperService(Service):
 
     def _sweep(self) -> Deferred:
         # A failed pass is logged and the next one runs as planned.
+        # A store outage is logged once by the node (StoreHealth), not at every pass.
         return self.sweeper.sweep().addErrback(
-            lambda f: self.sweeper.log.failure("connector sweep failed", f))
+            lambda f: None if f.check(StoreUnavailable) else self.sweeper.log.failure("connector sweep failed", f))
 
     def stopService(self) -> Deferred | None:
         super().stopService()

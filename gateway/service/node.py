@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredLock, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, FirstError, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import serverFromString
 from prometheus_client.core import GaugeMetricFamily
@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from gateway import plugins
 from gateway.config import AppConfig, GatewayConfig, ServiceConfig
 from gateway.control import messages as m
-from gateway.errors import EnrolmentError, GatewayError, describe_failure
+from gateway.errors import EnrolmentError, GatewayError, StoreUnavailable, describe_failure
 from gateway.metrics import result_of, role_metrics
 from gateway.pki import keys
 from gateway.pki.ca import CertificateAuthority
@@ -34,6 +34,7 @@ from gateway.oplogs import session as sessionlog
 from gateway.service.admin_events import AdminEvent, AdminEvents, handle_admin_event
 from gateway.service.admission import ThrottledLog
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
+from gateway.service.changes import EVERYTHING, ChangeFeed, StoreHealth
 from gateway.service.listeners import SwappableFactory
 from gateway.service.nodes import NodeRoster
 from gateway.service.registry import NoConnector, Registry
@@ -162,6 +163,8 @@ class ServiceNode(MultiService):
         self.session_switches: dict[tuple[str, str], bool] = {}
         # This node's row in the store and the live nodes sharing it (started with the node).
         self.roster: NodeRoster | None = None
+        # Whether the store answers (a store outage: logged once, routing on for a grace).
+        self.store_health: StoreHealth | None = None
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -184,6 +187,11 @@ class ServiceNode(MultiService):
         self.config = self._merged()
         self.apps = {a.name: a for a in self.config.apps}
         self.store = ThreadedStore(sync_store, self.reactor)
+        self.store_health = StoreHealth(self.reactor, sync_store.location, service.store_outage_grace,
+                                        on_back=self.catch_up)
+        self.store.health = self.store_health
+        if hasattr(sync_store, "listen"):   # PostgreSQL: other nodes' changes arrive as notices
+            ChangeFeed(sync_store, self.reactor, self.store_health, self.apply_changes).setServiceParent(self)
 
         tls_factory = TunnelTLSFactory(
             server_options(self.ca.cert, node_cert, node_key), False, ServiceTunnelFactory(self)
@@ -242,6 +250,28 @@ class ServiceNode(MultiService):
         """The live nodes sharing this node's store (NodeRecord: node_id, tunnel_address, ...),
         this one included once its first heartbeat was written; by node id."""
         return list(self.roster.live) if self.roster is not None else []
+
+    def apply_changes(self, topics: set[str]) -> None:
+        """Re-read what the change feed says changed in the store (any node or the CLI wrote it)."""
+        if not self.running or self.store is None or self.store.closed:
+            return
+        if "apps" in topics:
+            self.refresh_store_apps()
+        if "log_switches" in topics:
+            self.refresh_session_switches()
+        if topics & {"connectors", "credentials"}:
+            # A connector deleted or a certificate or user revoked: cut its tunnels now.
+            self.revalidate_tunnels()
+        if "connectors" in topics:
+            # A connector moved to another group: its status write answers with the new group.
+            for connector_id in list(self.registry.connectors()):
+                self.lifecycle.changed(connector_id)
+        if "nodes" in topics and self.roster is not None:
+            self.roster.beat()
+
+    def catch_up(self) -> None:
+        """The store is back after an outage: re-read everything, as notices sent meanwhile are lost."""
+        self.apply_changes(set(EVERYTHING))
 
     def _push_config(self) -> None:
         """Send every connector tunnel its config again (the nodes or the apps changed)."""
@@ -396,6 +426,8 @@ class ServiceNode(MultiService):
         return True
 
     def _store_unreadable(self, failure: Failure) -> None:
+        if failure.check(StoreUnavailable):
+            return   # a store outage: logged once by store_health
         self.log.error("cannot read the apps in the store ({error}); keeping the ones read before",
                        error=failure.getErrorMessage())
 
@@ -544,7 +576,17 @@ class ServiceNode(MultiService):
     def revalidate_tunnels(self) -> Deferred:
         """Close tunnels whose connector was deleted or certificate revoked since they connected."""
         checks = [handler.recheck() for handler in [*self._handlers(), *self.user_tunnels]]
-        return gatherResults(checks, consumeErrors=True) if checks else succeed(None)
+        if not checks:
+            return succeed(None)
+        # A check the store could not answer keeps the tunnel (an outage is logged once), and
+        # must not fail the timer, which would stop re-checking for good.
+        return gatherResults(checks, consumeErrors=True).addErrback(self._recheck_failed)
+
+    def _recheck_failed(self, failure: Failure) -> None:
+        if failure.check(FirstError):
+            failure = failure.value.subFailure
+        if not failure.check(StoreUnavailable):
+            self.log.failure("re-checking the tunnels failed", failure)
 
     # -- the session log switches and connectors' admin events -----------------------------
 
@@ -570,6 +612,8 @@ class ServiceNode(MultiService):
         return self.store.session_log_switches().addCallbacks(got, self._switches_unreadable)
 
     def _switches_unreadable(self, failure: Failure) -> None:
+        if failure.check(StoreUnavailable):
+            return   # a store outage: logged once by store_health
         self.log.error("cannot read the session log switches in the store ({error}); keeping the ones read before",
                        error=failure.getErrorMessage())
 
@@ -606,6 +650,11 @@ class ServiceNode(MultiService):
                         waited: bool = False) -> Deferred:
         """Open a stream for `app` on the best connector of its group; retry only what never left."""
         request_id = extra.get("request_id") or uuid.uuid4().hex[:16]
+        if self.store_health is not None and self.store_health.stale:
+            self.log.warn("app {app} request {request_id} refused: {error}", app=app.name, request_id=request_id,
+                          error=self.store_health.stale_reason())
+            self.node_metrics.refused(app.name, app.group, app.protocol, "store_unavailable")
+            return fail(NoConnector(self.store_health.stale_reason()))
         try:
             tunnel = self.registry.pick(app.group, exclude=tried, affinity=affinity_key(app, extra))
         except NoConnector as e:

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.errors import StoreUnavailable
 from gateway.service.lifecycle import clock_now
 from gateway.store.records import NodeRecord
 
@@ -74,5 +75,7 @@ class NodeRoster:
             self.on_change(nodes)
 
     def _unreadable(self, failure: Failure) -> None:
+        if failure.check(StoreUnavailable):
+            return   # a store outage: the node logs it once (StoreHealth)
         self.log.warn("cannot write or read the service nodes in the store ({error}); keeping the last list",
                       error=failure.getErrorMessage())

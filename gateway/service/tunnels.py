@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from gateway import PROTOCOL_VERSION, __version__
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
-from gateway.errors import describe_failure
+from gateway.errors import StoreUnavailable, describe_failure
 from gateway.pki.tls import peer_identity
 from gateway.service.access import AccessRefused, AccessTunnel, check_credential
 from gateway.service.admission import AddressCounter, RateLimiter, ThrottledLog, address_key
@@ -289,6 +289,12 @@ class TunnelHandler:
         self.session.close()
 
     def _internal_error(self, failure: Failure) -> None:
+        if failure.check(StoreUnavailable):
+            # A store outage (logged once by the node): a tunnel it cannot check is refused,
+            # and the peer's backoff brings it back once the store is.
+            self.refuse(GoAwayCode.INTERNAL_ERROR, f"the service cannot check this certificate now"
+                                                   f" ({failure.getErrorMessage()}); retry later")
+            return
         self.log.failure("tunnel {tunnel_id}: internal error", failure, **self.ctx)
         self.refuse(GoAwayCode.INTERNAL_ERROR, "internal error on the service; see the service log")
 

@@ -23,7 +23,7 @@ psycopg and psycopg_pool are the optional extra ``postgresql``
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -48,6 +48,15 @@ EXTRA_HINT = "install gateway with its postgresql extra: pip install 'gateway[po
 WRITE_LOCK_KEY = 0x67617465776179
 CONNECT_TIMEOUT = 10  # seconds, for a new connection and for a free one from the pool
 POOL_MAX = 4
+# The channel every write that changes what nodes serve NOTIFYs, with its topics as payload
+# (comma-separated names of gateway.store.sqlite.CHANGE_TOPICS).
+CHANGES_CHANNEL = "gateway_changes"
+# A LISTEN connection waits quietly for hours: TCP keepalives notice a server that is gone
+# without a word (a host down, a cut network) within about 15 s instead of never.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+# How often the listener wakes up to see whether it should stop, and waits to reconnect.
+LISTEN_POLL = 1.0
+RELISTEN_INTERVAL = 1.0
 
 
 def open_postgresql(url: str, password_file: Path | None = None) -> "PostgreSQLStore":
@@ -78,6 +87,7 @@ class PostgreSQLStore(SQLStore):
     pool_max: int = POOL_MAX
     migrated: tuple[int, int] = field(init=False, default=(0, 0))
     _pool: Any = field(init=False, repr=False, default=None)
+    _connect_kwargs: dict[str, Any] = field(init=False, repr=False, factory=dict)
     # The connection of the transaction this thread has open, if any: reads inside a
     # transaction (renew_certificate's status check) must see and lock what it does.
     _local: threading.local = field(init=False, repr=False, factory=threading.local)
@@ -89,9 +99,10 @@ class PostgreSQLStore(SQLStore):
         if psycopg is None:
             raise GatewayError(f"[service] store is a PostgreSQL URL, but psycopg is not installed"
                                f" ({_MISSING}): {EXTRA_HINT}")
-        kwargs = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT}
+        kwargs = {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, **KEEPALIVES}
         if self.password is not None:
             kwargs["password"] = self.password
+        self._connect_kwargs = kwargs
         self._check_reachable(kwargs)
         self._pool = ConnectionPool(self.url, kwargs=kwargs, min_size=1, max_size=self.pool_max,
                                     timeout=CONNECT_TIMEOUT, name="gateway-store", open=False,
@@ -121,7 +132,7 @@ class PostgreSQLStore(SQLStore):
         self._pool.close()
 
     @contextmanager
-    def _write(self, serialised: bool = True) -> Iterator["_Statements"]:
+    def _write(self, serialised: bool = True, changes: str = "") -> Iterator["_Statements"]:
         if getattr(self._local, "conn", None) is not None:
             # A second pooled connection would wait for the advisory lock this thread holds:
             # refuse at once, as SQLite refuses a BEGIN inside a transaction.
@@ -131,9 +142,23 @@ class PostgreSQLStore(SQLStore):
             try:
                 if serialised:
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
-                yield _Statements(self, conn)
+                statements = _Statements(self, conn)
+                yield statements
+                if changes:
+                    self._notify(statements, changes)
             finally:
                 self._local.conn = None
+
+    def _notify(self, db: "_Statements", changes: str) -> None:
+        # In the transaction: PostgreSQL delivers it on commit only, and never for a rollback.
+        db.execute("SELECT pg_notify(?, ?)", (CHANGES_CHANNEL, changes))
+
+    def listen(self, on_notice: Callable[[str], None], on_state: Callable[[bool, str], None]) -> "ChangeListener":
+        """Start a thread that LISTENs for the nodes' changes on a connection of its own (outside
+        the pool); see ChangeListener. `on_notice` and `on_state` are called on that thread."""
+        listener = ChangeListener(self.url, self._connect_kwargs, self.location, on_notice, on_state)
+        listener.start()
+        return listener
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -160,6 +185,48 @@ class PostgreSQLStore(SQLStore):
             raise StoreUnavailable(f"cannot open the store {self.location}: {_first_line(e)}: check the"
                                    " URL in [service] store, the password (store_password_file,"
                                    " PGPASSWORD or ~/.pgpass) and that PostgreSQL is up") from None
+
+
+class ChangeListener:
+    """LISTENs on CHANGES_CHANNEL on a connection of its own, in a thread of its own (a LISTEN
+    connection is held for good, so it must not be a pooled one, and psycopg blocks).
+
+    ``on_notice(topics)`` runs for each notification; ``on_state(True, "")`` each time the
+    LISTEN is (re)established, so the node can re-read what it may have missed, and
+    ``on_state(False, why)`` when the connection is lost or cannot be made; it then tries again
+    every RELISTEN_INTERVAL until stop(). Both callbacks run on the listener's thread.
+    """
+
+    def __init__(self, url: str, kwargs: dict[str, Any], location: str, on_notice: Callable[[str], None],
+                 on_state: Callable[[bool, str], None]) -> None:
+        self._url = url
+        self._kwargs = kwargs
+        self.location = location
+        self._on_notice = on_notice
+        self._on_state = on_state
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gateway-store-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening; the thread ends within LISTEN_POLL seconds (it is a daemon thread)."""
+        self._stopping.set()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._url, **self._kwargs) as conn:
+                    conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    self._on_state(True, "")
+                    while not self._stopping.is_set():
+                        for notice in conn.notifies(timeout=LISTEN_POLL):
+                            self._on_notice(notice.payload)
+            except psycopg.Error as e:
+                if not self._stopping.is_set():
+                    self._on_state(False, f"the store {self.location} failed: {_first_line(e)}")
+            self._stopping.wait(RELISTEN_INTERVAL)
 
 
 @define

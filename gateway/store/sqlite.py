@@ -44,6 +44,8 @@ AppCheck = Callable[[list[AppRecord]], None]
 
 
 DEFAULT_GROUP = "default"
+# What a write can change, as the change feed names it (gateway.service.changes re-reads each).
+CHANGE_TOPICS = ("apps", "connectors", "tokens", "credentials", "admin_tokens", "log_switches", "nodes")
 BUSY_TIMEOUT_MS = 5000
 
 
@@ -52,8 +54,10 @@ class SQLStore:
     """The gateway store's operations; a subclass owns the database connection.
 
     A subclass provides ``_db`` (runs a statement: inside the transaction this thread has open,
-    else on its own), ``_write(serialised=True)`` (a transaction; serialised, it is the only
-    writing transaction at a time, which check-then-write methods such as add_app rely on),
+    else on its own), ``_write(serialised=True, changes="")`` (a transaction; serialised, it is
+    the only writing transaction at a time, which check-then-write methods such as add_app rely
+    on; ``changes`` names what it changes, comma-separated topics of CHANGE_TOPICS, for the
+    other nodes: PostgreSQL notifies them on commit),
     ``close()`` and ``migrated`` (the schema versions before and after the open).
     """
 
@@ -80,7 +84,7 @@ class SQLStore:
 
     def create_group(self, name: str, now: datetime) -> GroupRecord:
         """A new group; GatewayError if it exists."""
-        with self._write() as db:
+        with self._write(changes="apps") as db:
             if db.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone() is not None:
                 raise GatewayError(f"group {name!r} already exists")
             db.execute("INSERT INTO groups (name, created_at) VALUES (?, ?)", (name, _to_text(now)))
@@ -88,7 +92,7 @@ class SQLStore:
 
     def rename_group(self, old: str, new: str) -> int:
         """Rename a group with its connectors and tokens; returns how many connectors moved."""
-        with self._write() as db:
+        with self._write(changes="apps,connectors") as db:
             if old == DEFAULT_GROUP:
                 raise GatewayError(f"the group {DEFAULT_GROUP!r} always exists and cannot be renamed")
             self._require_group(db, old)
@@ -107,7 +111,7 @@ class SQLStore:
         Unused tokens of the group are deleted; history (deleted connectors, used tokens)
         moves to `move_to`, or to the default group. Returns how many connectors moved.
         """
-        with self._write() as db:
+        with self._write(changes="apps,connectors") as db:
             if name == DEFAULT_GROUP:
                 raise GatewayError(f"the group {DEFAULT_GROUP!r} always exists and cannot be deleted")
             self._require_group(db, name)
@@ -148,7 +152,7 @@ class SQLStore:
     def add_app(self, record: AppRecord, check: AppCheck | None = None) -> AppRecord:
         """Store a new app; its group must exist. `check(others)` runs in the same transaction,
         so two `gateway apps add` racing for one external URL cannot both pass it."""
-        with self._write() as db:
+        with self._write(changes="apps") as db:
             self._require_group(db, record.group)
             if db.execute("SELECT 1 FROM apps WHERE name = ?", (record.name,)).fetchone() is not None:
                 raise GatewayError(
@@ -167,7 +171,7 @@ class SQLStore:
     def update_app(self, name: str, group: str, definition: dict[str, Any], now: datetime,
                    check: AppCheck | None = None) -> AppRecord:
         """Replace a stored app's group and definition; `check(others)` as for add_app."""
-        with self._write() as db:
+        with self._write(changes="apps") as db:
             if db.execute("SELECT 1 FROM apps WHERE name = ?", (name,)).fetchone() is None:
                 raise GatewayError(f"no app {name!r} in the store; see `gateway apps list`")
             self._require_group(db, group)
@@ -181,7 +185,7 @@ class SQLStore:
 
     def remove_app(self, name: str) -> bool:
         """Delete a stored app; False if there was none by that name."""
-        with self._write() as db:
+        with self._write(changes="apps") as db:
             return db.execute("DELETE FROM apps WHERE name = ?", (name,)).rowcount == 1
 
     @staticmethod
@@ -192,7 +196,7 @@ class SQLStore:
 
     def create_token(self, record: TokenRecord) -> None:
         """Store a new token; its group must exist (see ensure_group)."""
-        with self._write() as db:
+        with self._write(changes="tokens") as db:
             self._require_group(db, record.group)
             db.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -220,7 +224,7 @@ class SQLStore:
         Not serialised with other writes: the token's row lock is what makes two nodes racing
         on one token redeem it once (the second waits, then reads it used).
         """
-        with self._write(serialised=False) as db:
+        with self._write(serialised=False, changes="tokens,connectors") as db:
             token = self._redeemable_token(db, token_id, secret, now)
             connector, certificate, result = issue(token)
             self._insert_connector(db, connector)
@@ -235,7 +239,7 @@ class SQLStore:
 
     def create_user_credential(self, record: UserCredentialRecord) -> UserCredentialRecord:
         """Store a new user credential (its secret already hashed)."""
-        with self._write() as db:
+        with self._write(changes="credentials") as db:
             db.execute(
                 f"INSERT INTO user_credentials ({_USER_CREDENTIAL_COLUMNS}) VALUES ({', '.join('?' * 9)})",
                 (record.credential_id, record.user, record.kind, _definition_text(record.identity),
@@ -259,13 +263,13 @@ class SQLStore:
 
     def revoke_user_credential(self, credential_id: str, now: datetime) -> bool:
         """Mark one credential revoked; False if there is none by that id or it was revoked already."""
-        with self._write() as db:
+        with self._write(changes="credentials") as db:
             return db.execute("UPDATE user_credentials SET revoked_at = ? WHERE credential_id = ? AND revoked_at IS NULL",
                               (_to_text(now), credential_id)).rowcount == 1
 
     def revoke_user(self, user: str, now: datetime) -> int:
         """Revoke every credential of `user` not revoked yet (tokens and sign-ins); how many."""
-        with self._write() as db:
+        with self._write(changes="credentials") as db:
             return db.execute('UPDATE user_credentials SET revoked_at = ? WHERE "user" = ? AND revoked_at IS NULL',
                               (_to_text(now), user)).rowcount
 
@@ -290,7 +294,7 @@ class SQLStore:
 
     def create_admin_token(self, record: AdminTokenRecord) -> AdminTokenRecord:
         """Store a new admin token (its secret already hashed)."""
-        with self._write() as db:
+        with self._write(changes="admin_tokens") as db:
             db.execute(f"INSERT INTO admin_tokens ({_ADMIN_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
                        (record.token_id, record.name, record.secret_hash, _to_text(record.created_at),
                         _to_text(record.expires_at), _opt_text(record.revoked_at)))
@@ -309,7 +313,7 @@ class SQLStore:
 
     def revoke_admin_token(self, token_id: str, now: datetime) -> bool:
         """Mark one admin token revoked; False if there is none by that id or it was revoked already."""
-        with self._write() as db:
+        with self._write(changes="admin_tokens") as db:
             return db.execute("UPDATE admin_tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
                               (_to_text(now), token_id)).rowcount == 1
 
@@ -354,7 +358,7 @@ class SQLStore:
     def delete_connector(self, connector_id: str, now: datetime) -> bool:
         """Mark the connector deleted and revoke its certificates; False if unknown or already deleted."""
         stamp = _to_text(now)
-        with self._write() as db:
+        with self._write(changes="connectors") as db:
             marked = db.execute(
                 "UPDATE connectors SET deleted_at = ? WHERE connector_id = ? AND deleted_at IS NULL",
                 (stamp, connector_id),
@@ -385,7 +389,7 @@ class SQLStore:
 
     def move_connector(self, connector_id: str, group: str) -> ConnectorRecord:
         """Put a (not deleted) connector in another existing group; returns the updated record."""
-        with self._write() as db:
+        with self._write(changes="connectors") as db:
             self._require_group(db, group)
             changed = db.execute(
                 "UPDATE connectors SET group_name = ? WHERE connector_id = ? AND deleted_at IS NULL",
@@ -440,7 +444,7 @@ class SQLStore:
         revoked, so a connector holds at most two valid certificates: the one it renewed with
         and the new one.
         """
-        with self._write() as db:
+        with self._write(changes="connectors") as db:
             status = self.certificate_status(serial_hex, connector_id)
             if status != "valid":
                 raise GatewayError(f"certificate {serial_hex} of connector {connector_id} is {status}")
@@ -466,7 +470,7 @@ class SQLStore:
 
     def set_session_log(self, scope: str, name: str, enabled: bool, now: datetime) -> None:
         """Switch the session log of a group or a connector (scope "group" or "connector")."""
-        with self._write() as db:
+        with self._write(changes="log_switches") as db:
             db.execute(
                 "INSERT INTO session_log_switches (scope, name, enabled, updated_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (scope, name) DO UPDATE SET enabled = excluded.enabled, updated_at = excluded.updated_at",
@@ -475,7 +479,7 @@ class SQLStore:
 
     def clear_session_log(self, scope: str, name: str) -> bool:
         """Forget a switch (a connector then follows its group); whether there was one."""
-        with self._write() as db:
+        with self._write(changes="log_switches") as db:
             return db.execute("DELETE FROM session_log_switches WHERE scope = ? AND name = ?",
                               (scope, name)).rowcount > 0
 
@@ -487,13 +491,21 @@ class SQLStore:
     # the service's nodes
 
     def record_node(self, node_id: str, tunnel_address: str, started: datetime, now: datetime) -> None:
-        """Say that node `node_id` is alive now and takes tunnels at `tunnel_address`."""
+        """Say that node `node_id` is alive now and takes tunnels at `tunnel_address`; a node
+        new to the store is announced to the others at once (a heartbeat is not)."""
         with self._write(serialised=False) as db:
-            db.execute(
-                f"INSERT INTO nodes ({_NODE_COLUMNS}) VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
-                " tunnel_address = excluded.tunnel_address, started = excluded.started, last_seen = excluded.last_seen",
-                (node_id, tunnel_address, _to_text(started), _to_text(now)),
-            )
+            refreshed = db.execute(
+                "UPDATE nodes SET tunnel_address = ?, started = ?, last_seen = ? WHERE node_id = ?",
+                (tunnel_address, _to_text(started), _to_text(now), node_id),
+            ).rowcount
+            if not refreshed:
+                db.execute(
+                    f"INSERT INTO nodes ({_NODE_COLUMNS}) VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+                    " tunnel_address = excluded.tunnel_address, started = excluded.started,"
+                    " last_seen = excluded.last_seen",
+                    (node_id, tunnel_address, _to_text(started), _to_text(now)),
+                )
+                self._notify(db, "nodes")
 
     def list_nodes(self, seen_since: datetime | None = None) -> list[NodeRecord]:
         """The nodes (those seen at or after `seen_since` only, if given), by node id."""
@@ -503,8 +515,12 @@ class SQLStore:
 
     def remove_node(self, node_id: str) -> bool:
         """Forget a node (it stopped cleanly); whether there was a row."""
-        with self._write(serialised=False) as db:
+        with self._write(serialised=False, changes="nodes") as db:
             return db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)).rowcount == 1
+
+    def _notify(self, db: Any, changes: str) -> None:
+        """Tell the other nodes, on commit, what the open transaction changed; one node
+        (SQLite) has no one to tell."""
 
     def _migrate(self) -> tuple[int, int]:
         """Bring the schema to SCHEMA_VERSION in one transaction; the versions before and after."""
@@ -608,7 +624,9 @@ class SQLiteStore(SQLStore):
         self._db.close()
 
     @contextmanager
-    def _write(self, serialised: bool = True) -> Iterator[sqlite3.Connection]:
+    def _write(self, serialised: bool = True, changes: str = "") -> Iterator[sqlite3.Connection]:
+        # `changes` (what the write changes) is for other nodes; SQLite has one node, which
+        # reads the store again every config_interval.
         # IMMEDIATE takes the write lock up front, so two processes that both read
         # "token unused" cannot both go on to redeem it: the second waits, then sees it used.
         self._db.execute("BEGIN IMMEDIATE")

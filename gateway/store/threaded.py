@@ -10,6 +10,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from gateway.errors import StoreUnavailable
+
 
 def _one_thread_pool() -> ThreadPool:
     # One thread: the store has one connection, and serial calls keep its transactions simple.
@@ -26,6 +28,10 @@ class ThreadedStore:
     store: Any
     reactor: Any
     threadpool: ThreadPool = field(default=None, converter=lambda p: _one_thread_pool() if p is None else p)
+    # Told of every call's outcome (gateway.service.changes.StoreHealth: ok() / failed(why)),
+    # so a store outage is noticed, and logged, in one place.
+    health: Any = None
+    _in_flight: int = field(default=0, init=False)
     _closing: Deferred | None = field(default=None, init=False)
     _close_result: Any = field(default=None, init=False)
     _shutdown_trigger: Any = field(default=None, init=False)
@@ -149,7 +155,32 @@ class ThreadedStore:
     def _call(self, method, *args, **kwargs) -> Deferred:
         if self._closing is not None:
             return fail(RuntimeError("the store is closed"))
-        return deferToThreadPool(self.reactor, self.threadpool, method, *args, **kwargs)
+        if self.health is not None and self.health.down_since is not None and self._in_flight:
+            # In an outage each call waits for the connection timeout: one call at a time finds
+            # out whether the store is back, the others fail at once instead of piling up.
+            return fail(StoreUnavailable(self.health.outage_message()))
+        self._in_flight += 1
+        d = deferToThreadPool(self.reactor, self.threadpool, method, *args, **kwargs)
+        d.addBoth(self._finished)
+        if self.health is not None:
+            d.addCallbacks(self._answered, self._unanswered)
+        return d
+
+    def _finished(self, result: Any) -> Any:
+        self._in_flight -= 1
+        return result
+
+    def _answered(self, result: Any) -> Any:
+        self.health.ok()
+        return result
+
+    def _unanswered(self, failure: Failure) -> Failure:
+        # Any other failure (a refused change, say) is an answer: the store is there.
+        if failure.check(StoreUnavailable):
+            self.health.failed(failure.getErrorMessage())
+        else:
+            self.health.ok()
+        return failure
 
     def _start(self) -> None:
         if not self.threadpool.started and self._closing is None:

@@ -1,4 +1,4 @@
-"""Tests for the [service] keys of a service of several nodes: advertise (issue 15)."""
+"""Tests for the [service] keys of a service of several nodes: advertise and store_outage_grace (issue 15)."""
 
 from __future__ import annotations
 
@@ -66,3 +66,16 @@ def test_advertise_is_required_without_a_tcp_listen_on_a_shared_store():
     error = config_error(listen="unix:/run/gw.sock", store="postgresql://gw@db.example.test/gw")
     assert error.key == "service.advertise" and "no TCP port" in error.expected
     assert service_config(listen="unix:/run/gw.sock").tunnel_address() == ""
+
+
+def test_store_outage_grace_defaults_to_15_minutes_and_is_kept():
+    """store_outage_grace is 900 s unless set; a value within 1 s .. 1 day is taken."""
+    assert service_config().store_outage_grace == 900.0
+    assert service_config(store_outage_grace=30).store_outage_grace == 30.0
+
+
+@pytest.mark.parametrize("value", [0, -5, 86401, "15m", True])
+def test_a_bad_store_outage_grace_is_refused(value):
+    """store_outage_grace outside 1 s .. 1 day, or not a number, is refused naming the key and the range."""
+    error = config_error(store_outage_grace=value)
+    assert error.key == "service.store_outage_grace" and "86400" in error.expected
