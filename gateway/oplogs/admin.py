@@ -12,7 +12,8 @@ from twisted.logger import LogLevel, formatEvent
 # The key events: a log call names one with event="..." to put an info line in the admin log.
 ADMIN_EVENTS = frozenset({
     "node_started", "connector_started", "tunnel_up", "tunnel_lost", "enrolled", "certificate_renewed",
-    "config_applied", "drain", "update", "session_log_switched",
+    "config_applied", "drain", "update", "session_log_switched", "refused", "access_refused",
+    "access_revoked", "store_back", "nodes_changed",
 })
 # Context kept from the log event beside the text, for `gateway logs show` filters and journald.
 CONTEXT = ("connector_id", "tunnel_id", "group", "app", "request_id", "user", "address", "node_id")
