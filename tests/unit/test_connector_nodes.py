@@ -274,3 +274,12 @@ def test_a_draining_connector_adds_no_tunnel_for_a_new_node(identity):
     node.apply_config(config(nodes(7001, 7002)))
     reactor.advance(0)
     assert "127.0.0.1:7002" not in dialled(reactor)
+
+
+def test_a_lost_nodes_share_of_the_tunnels_goes_to_the_others(identity):
+    """tunnels = 4 over 2 nodes is 2 and 2; once the list drops one, all 4 go to the other."""
+    node, reactor = started(identity, tunnels=4)
+    node.apply_config(config(nodes(7001, 7002)))
+    assert {t.address: len(s) for t, s in node.slots.items()} == {"127.0.0.1:7001": 2, "127.0.0.1:7002": 2}
+    node.apply_config(config(nodes(7001)))
+    assert {t.address: len(s) for t, s in node.slots.items()} == {"127.0.0.1:7001": 4}
