@@ -283,3 +283,27 @@ def test_a_lost_nodes_share_of_the_tunnels_goes_to_the_others(identity):
     assert {t.address: len(s) for t, s in node.slots.items()} == {"127.0.0.1:7001": 2, "127.0.0.1:7002": 2}
     node.apply_config(config(nodes(7001)))
     assert {t.address: len(s) for t, s in node.slots.items()} == {"127.0.0.1:7001": 4}
+
+
+# -- the service's side: what the config carries ----------------------------------------------
+
+
+def service_node(store, live):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(config=SimpleNamespace(service=SimpleNamespace(store=store)), nodes=lambda: live)
+
+
+def test_the_config_lists_the_live_nodes_of_a_shared_store_only():
+    """On PostgreSQL the config carries every live node with an address; on SQLite, or with no
+    node known yet, it carries no `nodes` (connectors keep what they have)."""
+    from types import SimpleNamespace
+
+    from gateway.service.tunnels import connector_nodes
+
+    live = [SimpleNamespace(node_id="n1", tunnel_address="127.0.0.1:7001"),
+            SimpleNamespace(node_id="n2", tunnel_address="")]
+    assert connector_nodes(service_node("postgresql://gw@db/gw", live)) == {
+        "nodes": [{"node_id": "n1", "address": "127.0.0.1:7001"}]}
+    assert connector_nodes(service_node("", live)) == {}
+    assert connector_nodes(service_node("postgresql://gw@db/gw", [])) == {}
