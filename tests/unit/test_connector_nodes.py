@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -18,6 +19,7 @@ from gateway.connector.node import ConnectorNode
 from gateway.connector.targets import BadNodeList, Target, chosen_nodes, parse_nodes, plan
 from gateway.pki import keys
 from gateway.pki.ca import CertificateAuthority
+from gateway.service.tunnels import connector_nodes
 
 NOW = datetime.now(UTC)
 
@@ -289,18 +291,12 @@ def test_a_lost_nodes_share_of_the_tunnels_goes_to_the_others(identity):
 
 
 def service_node(store, live):
-    from types import SimpleNamespace
-
     return SimpleNamespace(config=SimpleNamespace(service=SimpleNamespace(store=store)), nodes=lambda: live)
 
 
 def test_the_config_lists_the_live_nodes_of_a_shared_store_only():
     """On PostgreSQL the config carries every live node with an address; on SQLite, or with no
     node known yet, it carries no `nodes` (connectors keep what they have)."""
-    from types import SimpleNamespace
-
-    from gateway.service.tunnels import connector_nodes
-
     live = [SimpleNamespace(node_id="n1", tunnel_address="127.0.0.1:7001"),
             SimpleNamespace(node_id="n2", tunnel_address="")]
     assert connector_nodes(service_node("postgresql://gw@db/gw", live)) == {
