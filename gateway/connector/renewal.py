@@ -125,7 +125,8 @@ class IdentityEndpoint:
     def _untrusted(self, leaf: Any) -> None:
         ident = self.node.identity
         self.log.error("tunnel to the service refused: {reason}", event="untrusted_certificate",
-                       reason=untrusted_certificate_message(leaf, self.proxy, f"{ident.service_host}:{ident.service_port}"),
+                       reason=untrusted_certificate_message(leaf, self.proxy, self.target.address if self.target
+                                                            else f"{ident.service_host}:{ident.service_port}"),
                        connector_id=ident.connector_id)
 
 
