@@ -39,9 +39,12 @@ class UpdaterConfig:
     max_wheel_bytes: int = 200 * MIB
     auto: bool = True
     restart_delay: float = 2.0
-    # from the connector's file: where its identity is, and how long its drain may take
+    # from the connector's file: where its identity is, how long its drain may take, its proxy
     connector_state_dir: Path = Path()
     drain_timeout: float = 30.0
+    # the connector's forward proxy ([connector] proxy, None: the environment's; "": none)
+    proxy: str | None = None
+    proxy_password_file: Path | None = None
 
     @property
     def python(self) -> Path:
@@ -113,4 +116,6 @@ def parse_updater_config(data: dict[str, Any], shown: str) -> UpdaterConfig:
         restart_delay=t.number("restart_delay", 2, positive=True),
         connector_state_dir=connector.connector.state_dir,
         drain_timeout=connector.connector.drain_timeout,
+        proxy=connector.connector.proxy,
+        proxy_password_file=connector.connector.proxy_password_file,
     )

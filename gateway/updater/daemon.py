@@ -74,13 +74,15 @@ class Updater(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.client = client or UpdateClient(reactor, self._identity)
+        self.client = client or UpdateClient(reactor, self._identity, proxy=self._proxy)
         self.supervisor = supervisor or Supervisor(reactor, connector_argv(config), config.restart_delay)
         self.installer = installer or VenvInstaller(reactor, config)
         self.version: str | None = None
         self.state = self._read_state()
-        self._checking = False
+        # None: no check running; else whether the running one was forced
+        self._checking: bool | None = None
         self._waiters: list[Deferred] = []
+        self._forced_waiters: list[Deferred] = []
         self._said: set[str] = set()
         self._poll = LoopingCall(self.poll)
         self._poll.clock = reactor
@@ -93,6 +95,13 @@ class Updater(MultiService):
 
     def _identity(self) -> ConnectorIdentity:
         return ConnectorIdentity.load(self.config.connector_state_dir)
+
+    def _proxy(self, ident: ConnectorIdentity) -> Any:
+        """The connector's forward proxy to the service, if it has one: the updater goes the same way."""
+        from gateway.connector.proxy import choose_proxy
+
+        return choose_proxy(self.config.proxy, self.config.proxy_password_file, ident.service_host,
+                            ident.service_port)
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -130,22 +139,33 @@ class Updater(MultiService):
 
     def check(self, force: bool) -> Deferred:
         """One check (and update, if due); fires with (ok, text). One runs at a time: a caller
-        during a check gets that check's outcome."""
+        during a check gets that check's outcome, unless it forces one and the running check was
+        a poll (which leaves manual releases alone): then a forced check follows."""
         waiter: Deferred = Deferred()
-        self._waiters.append(waiter)
-        if not self._checking:
-            self._checking = True
-            ensureDeferred(self._check(force)).addBoth(self._checked)
+        if self._checking is None:
+            self._waiters.append(waiter)
+            self._run_check(force)
+        elif force and not self._checking:
+            self._forced_waiters.append(waiter)
+        else:
+            self._waiters.append(waiter)
         return waiter
 
+    def _run_check(self, force: bool) -> None:
+        self._checking = force
+        ensureDeferred(self._check(force)).addBoth(self._checked)
+
     def _checked(self, result: Any) -> None:
-        self._checking = False
+        self._checking = None
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:
                 waiter.callback(result)
+        if self._forced_waiters:
+            self._waiters, self._forced_waiters = self._forced_waiters, []
+            self._run_check(True)
 
     async def _check(self, force: bool) -> tuple[bool, str]:
         try:

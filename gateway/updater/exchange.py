@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.protocol import Protocol
 
 from gateway import boundedjson
+from gateway.connector.proxy import _OneProtocol, service_endpoint
 from gateway.errors import GatewayError
 from gateway.pki.tls import client_options
 from gateway.tunnel.session import TunnelSession, TunnelSettings
@@ -141,25 +142,16 @@ class _Reply(Protocol):
             self.done.callback(decoder.header)
 
 
-class _OneShot(Factory):
-    """connectProtocol's factory without its start/stop log lines (an updater polls often)."""
-
-    noisy = False
-
-    def __init__(self, protocol: Any) -> None:
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr: Any) -> Any:
-        return self.protocol_instance
-
-
 class UpdateClient:
-    """Asks the service, as the connector whose identity `identity()` returns."""
+    """Asks the service, as the connector whose identity `identity()` returns, through the forward
+    proxy `proxy(identity)` returns (None: directly), as the connector reaches it."""
 
-    def __init__(self, reactor: Any, identity: Callable[[], Any], timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, reactor: Any, identity: Callable[[], Any], timeout: float = REQUEST_TIMEOUT,
+                 proxy: Callable[[Any], Any] | None = None) -> None:
         self.reactor = reactor
         self.identity = identity
         self.timeout = timeout
+        self.proxy = proxy
 
     async def request(self, op: str, **params: Any) -> dict[str, Any]:
         """The service's JSON answer to `op`."""
@@ -198,7 +190,8 @@ class UpdateClient:
                         timeout: float) -> dict[str, Any]:
         try:
             ident = self.identity()
-        except GatewayError as e:   # not registered, an expired certificate: said like any other failure
+            proxy = self.proxy(ident) if self.proxy is not None else None
+        except GatewayError as e:   # not registered, an expired certificate, a bad proxy: said like any failure
             raise ExchangeFailed(str(e)) from None
         where = f"{ident.service_host}:{ident.service_port}"
         session = TunnelSession(self.reactor, TunnelSettings(), is_client=True, tunnel_id=f"update/{metadata['op']}")
@@ -206,14 +199,13 @@ class UpdateClient:
         session.on_handshake = lambda s: handshake.called or handshake.callback(s)
         session.on_lost.append(lambda s, reason: handshake.called or handshake.errback(reason))
         tls = client_options(ident.ca_cert, ident.cert, ident.key, ident.server_name)
-        endpoint = wrapClientTLS(tls, HostnameEndpoint(self.reactor, ident.service_host, ident.service_port,
-                                                      timeout=10))
+        endpoint = wrapClientTLS(tls, service_endpoint(self.reactor, ident.service_host, ident.service_port, proxy))
         done: Deferred = Deferred()
         expired = self.reactor.callLater(timeout, lambda: done.called or done.errback(
             ExchangeFailed(f"no answer from the service at {where} to {metadata['op']!r} within {timeout:g}s")))
         try:
             try:
-                await endpoint.connect(_OneShot(session))
+                await endpoint.connect(_OneProtocol(session))
                 await handshake
                 stream = await session.open_stream(metadata)
             except StreamReset as e:

@@ -21,6 +21,7 @@ import pytest
 from gateway_harness import BIN, TWISTD, free_port, subprocess_env, toml_table, wait_until
 from gateway_harness import http_request as get
 from loadgen import HttpBackend, LoadGen, Seen, tcp_handler
+from proxy_harness import password_file, tinyproxy  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 N, N1, N2 = "0.90.1", "0.90.2", "0.90.3"
@@ -202,13 +203,17 @@ def test_a_group_rolls_to_the_next_version_under_load_and_a_broken_one_is_rolled
 
 
 @pytest.mark.timeout(300)
-def test_a_bad_signature_a_wrong_hash_and_an_unreachable_wheel_are_refused(gw, backends, releases, venv_n):
+def test_a_bad_signature_a_wrong_hash_and_an_unreachable_wheel_are_refused(gw, tmp_path, releases, venv_n,
+                                                                           tinyproxy):
     """Through the real service: a manifest signed by another key, a wheel whose bytes are not the
     manifest's, a wheel the service cannot serve, and a lease for the last healthy connector of a
     group whose other connector is down are each refused saying why (the first three as admin
-    events on the service), and the running connector (same process, version N) is never touched."""
+    events on the service), and the running connector (same process, version N) is never touched.
+    The connector reaches the service through a forward proxy (tinyproxy, basic auth): so does its updater."""
     svc = gw.service()
     connector = gw.connector(svc, name="c0", start=False, tunnels=1, drain_timeout=5)
+    proxied = f'[connector]\nproxy = "{tinyproxy.url}"\nproxy_password_file = "{password_file(tmp_path)}"\n'
+    connector.config_path.write_text(connector.config_path.read_text().replace("[connector]\n", proxied, 1))
     key, public = signing_key(gw)
     other_key, _ = signing_key(gw)
     updater = Updater(gw, connector, venv_n, public, auto=False).start()
@@ -249,3 +254,5 @@ def test_a_bad_signature_a_wrong_hash_and_an_unreachable_wheel_are_refused(gw, b
     result = updater.update_now()
     assert result.returncode == 0 and f"updated to {N1}" in result.stdout, result.stdout
     assert all_on(svc, gw, [connector], N1)
+    # every exchange went through the proxy too: far more CONNECTs than the connector's two runs made
+    assert tinyproxy.connects_to(svc.address) > 20, tinyproxy.connects_to(svc.address)

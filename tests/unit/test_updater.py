@@ -458,3 +458,29 @@ def test_a_half_installed_version_is_found_and_removed_for_the_rollback(tmp_path
     (broken / "METADATA").write_text("Name: gateway\nVersion: 0.2.0\n")
     assert remove_broken_dists(tmp_path / "site") == ["gateway-0.2.0.dist-info"]
     assert not broken.exists() and (tmp_path / "site" / "gateway-0.1.0.dist-info" / "RECORD").exists()
+
+
+def test_gateway_connector_update_during_a_poll_gets_a_forced_check_after_it(tmp_path):
+    """A forced check asked while a poll is running (which leaves a manual release alone) runs
+    after that poll instead of taking its answer, and installs the manual release."""
+    key = mf.generate_key()
+    updater, client, supervisor, installer, _ = make_updater(tmp_path, signed(key, mode="manual"),
+                                                             keys=[key.public_key()])
+    from twisted.internet.defer import Deferred
+
+    gate: Deferred = Deferred()
+    real_request = client.request
+
+    async def slow_manifest(op: str, **params: Any) -> dict:
+        if op == "manifest" and not gate.called:
+            await gate
+        return await real_request(op, **params)
+
+    client.request = slow_manifest
+    poll = updater.check(force=False)
+    forced = updater.check(force=True)
+    gate.callback(None)
+    ok, text = outcome(poll)
+    assert ok and "run `gateway connector update`" in text
+    ok, text = outcome(forced)
+    assert ok and text == "updated to 0.2.0" and updater.version == "0.2.0"
