@@ -114,3 +114,27 @@ def test_a_service_name_with_an_address_per_node_spreads_the_first_tunnels(gw, c
     assert "the service address gw.test resolves to 127.0.0.1, 127.0.0.2, 127.0.0.3" in log
     first = re.search(r"keeping tunnels to (.*)", log).group(1)
     assert first == f"1 to the service address 127.0.0.1:{port}, 1 to the service address 127.0.0.2:{port}", first
+
+
+@pytest.mark.timeout(180)
+def test_a_node_beyond_max_nodes_refuses_the_stream_naming_max_nodes(cluster):
+    """With max_nodes = 1 and 3 nodes, a node the connector keeps no tunnel to refuses a stream
+    (the client's connection is closed, nothing reaches the back end) and says why: max_nodes."""
+    seen, nodes = cluster
+    node1, node2, node3 = nodes.start(3)
+    conn = nodes.connector(node1, tunnels=1, start=False)
+    conn.config_path.write_text(conn.config_path.read_text().replace("[connector]\n", "[connector]\nmax_nodes = 1\n"))
+    conn.start()
+    # The config line comes after the node list's and the plan's of the same message.
+    wait_until(lambda: ": apps app→" in conn.proc.log().partition("the service has 3 nodes")[2], 30,
+               "the node list at the connector")
+    plan = re.findall(r"keeping tunnels to (.*)", conn.proc.log())[-1]   # logged before the list if unchanged
+    kept = {n for n in (node1, node2, node3) if f":{n.port}" in plan}
+    uncovered = [n for n in (node1, node2, node3) if n not in kept]
+    assert node1 in kept and 1 <= len(kept) <= 2, plan   # one chosen node and the bootstrap (node1)
+    wait_until(lambda: nodes_reached(conn) >= {n.name for n in kept}, 30, "the tunnels of the plan")
+    load = LoadGen(tcp_port=uncovered[0].app_port("app"), tcp_workers=1, max_requests=1, max_seconds=30).start()
+    wait_until(lambda: load.done == 1, 30, "the request through the uncovered node to end")
+    assert load.stop().failures and len(seen) == 0
+    wait_until(lambda: "is connected to this node" in uncovered[0].log(), 10, "the refusal's reason in the log")
+    assert "[connector] max_nodes" in uncovered[0].log()
