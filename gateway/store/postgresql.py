@@ -22,6 +22,7 @@ psycopg and psycopg_pool are the optional extra ``postgresql``
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -104,6 +105,9 @@ class PostgreSQLStore(SQLStore):
             kwargs["password"] = self.password
         self._connect_kwargs = kwargs
         self._check_reachable(kwargs)
+        # The pool says "error connecting" on stderr at every reconnection attempt, every second
+        # of an outage; the node says it once (gateway.service.changes.StoreHealth).
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
         self._pool = ConnectionPool(self.url, kwargs=kwargs, min_size=1, max_size=self.pool_max,
                                     timeout=CONNECT_TIMEOUT, name="gateway-store", open=False,
                                     check=ConnectionPool.check_connection)

@@ -102,14 +102,16 @@ def multinode(gw, postgres_cluster) -> MultiNode:
 
 
 @pytest.fixture
-def own_postgres():
-    """A PostgreSQL cluster of this test alone, which it may halt() and resume() (a store outage)."""
+def own_postgres(gw):
+    """A PostgreSQL cluster of this test alone, which it may halt() and resume() (a store outage);
+    the test's processes are stopped before it is, so they do not log an outage at the end."""
     from components import require_module
     from postgres import PostgresCluster
 
     require_module("psycopg")
     cluster = PostgresCluster.start()
     yield cluster
+    gw.cleanup()
     cluster.stop()
 
 

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 
 import pytest
 
-from gateway_harness import GATEWAY, echo_handler, echo_once, subprocess_env, wait_echo, wait_until
+from gateway_harness import (GATEWAY, connect, echo_handler, echo_once, read_exact, subprocess_env, wait_echo,
+                             wait_until)
+from loadgen import LoadGen, Seen, tcp_handler
 
 
 def point_at(connector, node) -> None:
@@ -76,3 +79,98 @@ def test_a_token_raced_at_two_nodes_at_once_is_accepted_once(gw, multinode):
     assert "token already used" in refused
     listed = multinode.cli(node2, "connectors", "list")
     assert listed.returncode == 0 and listed.stdout.count("race") == 1, listed.stdout
+
+
+def outage_lines(node) -> tuple[int, int]:
+    """How many times `node` logged a store outage starting and ending."""
+    log = node.log()
+    return log.count("store outage;"), log.count("reachable again after")
+
+
+@pytest.mark.timeout(300)
+def test_with_postgresql_stopped_under_load_traffic_goes_on_and_admin_calls_fail_clearly(gw, outage_multinode,
+                                                                                         backends):
+    """PostgreSQL stopped under load: no request fails, `connectors delete` and a registration fail naming the
+    store, each node logs the outage once; PostgreSQL back: the nodes log its end once and follow changes again
+    (a delete cuts the connector's tunnels) without a restart."""
+    cluster = outage_multinode
+    seen = Seen()
+    backend = backends(tcp_handler(seen))
+    cluster.apps = [{"name": "app", "destination": backend.destination}]
+    cluster.service_extra = {"config_interval": 3600}
+    node1, node2 = cluster.start(2)
+    conn = cluster.connector(node1, tunnels=2)
+    loads = [LoadGen(tcp_port=n.app_port("app"), tcp_workers=2, max_requests=20_000, max_seconds=150, timeout=10)
+             for n in (node1, node2)]
+    for load in loads:
+        load.start()
+    try:
+        wait_until(lambda: all(load.succeeded() > 50 for load in loads), 60, "load through both nodes")
+        token = node2.token()
+        cluster.postgres.halt()
+        wait_until(lambda: all(outage_lines(n)[0] == 1 for n in (node1, node2)), 60, "both nodes to log the outage")
+        during = [load.succeeded() for load in loads]
+        wait_until(lambda: all(load.succeeded() > n + 100 for load, n in zip(loads, during)), 60,
+                   "100 more requests through each node with the store down")
+
+        deleted = cluster.cli(node1, "connectors", "delete", conn.connector_id)
+        assert deleted.returncode != 0
+        assert f"127.0.0.1:{cluster.postgres.port}" in deleted.stderr and "PostgreSQL is up" in deleted.stderr
+        assert "Traceback" not in deleted.stderr
+        made = gw.cli("token", "create", "--config", str(node1.config_path))
+        assert made.returncode != 0 and "PostgreSQL is up" in made.stderr and "Traceback" not in made.stderr
+        enrolled = gw.register(node2, name="during", token=token)
+        assert enrolled.returncode != 0
+        assert f"the store postgresql://gateway_test@127.0.0.1:{cluster.postgres.port}" in enrolled.stderr
+
+        cluster.postgres.resume()
+        wait_until(lambda: all(outage_lines(n) == (1, 1) for n in (node1, node2)), 60,
+                   "both nodes to log the store back")
+        after = [load.succeeded() for load in loads]
+        wait_until(lambda: all(load.succeeded() > n + 50 for load, n in zip(loads, after)), 60,
+                   "requests through each node after the outage")
+    finally:
+        for load in loads:
+            load.stop()
+    for load in loads:
+        assert not load.failures, load.summary()
+    assert not seen.twice()
+    assert "Traceback" not in node1.log() + node2.log()
+    assert cluster.cli(node1, "connectors", "delete", conn.connector_id).returncode == 0
+    wait_until(lambda: refused_on(node1, conn.connector_id) and refused_on(node2, conn.connector_id), 30,
+               "both nodes to cut the connector deleted after the outage (the change feed is back)")
+
+
+def echo_refused(port: int) -> bool:
+    """Whether a new connection to the echo app is closed without its echo."""
+    try:
+        return echo_once(port, b"new", timeout=10) != b"new"
+    except OSError:
+        return True
+
+
+@pytest.mark.timeout(180)
+def test_after_store_outage_grace_new_streams_are_refused_naming_the_store_and_served_again_once_it_is_back(
+        gw, outage_multinode, backends):
+    """With PostgreSQL down longer than store_outage_grace, a node refuses new streams saying why (a stream opened
+    before goes on); with PostgreSQL back it serves new streams again without a restart."""
+    echo = backends(echo_handler)
+    outage_multinode.apps = [{"name": "echo", "destination": echo.destination}]
+    (node,) = outage_multinode.start(1, store_outage_grace=2)
+    outage_multinode.connector(node)
+    port = node.app_port("echo")
+    wait_echo(port)
+    held = connect(port)
+    held.sendall(b"before")
+    assert read_exact(held, 6)[1] == hashlib.sha256(b"before").hexdigest()
+    outage_multinode.postgres.halt()
+    wait_until(lambda: outage_lines(node)[0] == 1, 60, "the node to log the outage")
+    wait_until(lambda: echo_refused(port), 60, "new streams refused once the grace is over")
+    assert re.search(r"app echo request \S+ refused: the store postgresql://\S+ has been unreachable for \d+s,"
+                     r" longer than store_outage_grace \(2s\)", node.log())
+    held.sendall(b"during")
+    assert read_exact(held, 6)[1] == hashlib.sha256(b"during").hexdigest()
+    outage_multinode.postgres.resume()
+    wait_until(lambda: outage_lines(node) == (1, 1), 60, "the node to log the store back")
+    assert echo_once(port, b"again") == b"again"
+    held.close()

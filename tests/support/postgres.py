@@ -105,9 +105,10 @@ class PostgresCluster:
         self._pg_ctl("reload")
 
     def stop(self) -> None:
-        """Stop the server at once and remove its directory."""
+        """Stop the server at once (unless a test halted it) and remove its directory."""
         try:
-            self._pg_ctl("stop", "-m", "immediate", "-w")
+            if (self.root / "data" / "postmaster.pid").exists():
+                self._pg_ctl("stop", "-m", "immediate", "-w")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
