@@ -82,7 +82,7 @@ async def venv_info(reactor: Any, python: Path) -> dict[str, Any]:
 async def pip_install(reactor: Any, python: Path, wheel: Path, timeout: float, ignore_installed: bool = False) -> None:
     """Install `wheel` (replacing what is there) with the virtualenv's own pip, offline."""
     argv = [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall",
-            "--disable-pip-version-check", "--no-input", "--quiet", str(wheel)]
+            "--disable-pip-version-check", "--no-input", "--no-cache-dir", "--quiet", str(wheel)]
     if ignore_installed:
         argv.insert(4, "--ignore-installed")
     code, output = await run(reactor, argv, timeout)
