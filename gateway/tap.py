@@ -40,8 +40,14 @@ class Options(usage.Options):
                     # A PostgreSQL store that cannot be opened (no driver, a wrong password, down)
                     # stops us here with its reason; opening it applies the migrations.
                     from gateway.service.node import open_store
+                    from gateway.service.nodes import check_shared_ca
 
-                    open_store(self.config.service).close()
+                    store = open_store(self.config.service)
+                    try:
+                        # Another node's CA files, or none: every node must issue and trust with one CA.
+                        check_shared_ca(store, self.config.service.state_dir)
+                    finally:
+                        store.close()
             self.identity = (
                 ConnectorIdentity.load(self.config.connector.state_dir) if self.config.connector else None
             )

@@ -36,7 +36,7 @@ from gateway.service.admission import ThrottledLog
 from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.changes import EVERYTHING, ChangeFeed, StoreHealth
 from gateway.service.listeners import SwappableFactory
-from gateway.service.nodes import NodeRoster
+from gateway.service.nodes import NodeRoster, claim_shared_ca
 from gateway.service.registry import NoConnector, Registry
 from gateway.service.renewal import handle_renew_request
 from gateway.service.users import LoginPortal, UserAuthority
@@ -179,6 +179,8 @@ class ServiceNode(MultiService):
         sync_store = open_store(service)
         self.log.info("store {store} at schema version {version} (was {before})", store=sync_store.location,
                       version=sync_store.migrated[1], before=sync_store.migrated[0])
+        if service.store:   # nodes sharing a store share one CA; the first node's is recorded
+            claim_shared_ca(sync_store, self.ca, service.state_dir, now)
         for group in sorted({a.group for a in self.apps.values()} | {"default"}):
             sync_store.ensure_group(group, now)
         # Read before anything binds, so stored apps are served from the start.

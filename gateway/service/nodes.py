@@ -11,6 +11,7 @@ within a heartbeat interval.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 from attrs import define, field
@@ -19,7 +20,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import GatewayError, StoreUnavailable
+from gateway.pki import keys
+from gateway.pki.ca import CA_CERT_FILE, CertificateAuthority
 from gateway.service.lifecycle import clock_now
 from gateway.store.records import NodeRecord
 
@@ -79,3 +82,37 @@ class NodeRoster:
             return   # a store outage: the node logs it once (StoreHealth)
         self.log.warn("cannot write or read the service nodes in the store ({error}); keeping the last list",
                       error=failure.getErrorMessage())
+
+
+def check_shared_ca(store: Any, state_dir: Path) -> None:
+    """With a store several nodes share: refuse to start with no CA, or another CA, than the one
+    the store records (the first node's), since the other nodes would refuse every connector this
+    one enrolled and this one theirs."""
+    recorded = store.recorded_ca()
+    if recorded is None:
+        return   # the first node: it records its CA once it has loaded or made it
+    cert_path = state_dir / CA_CERT_FILE
+    if not cert_path.exists():
+        raise GatewayError(
+            f"{cert_path} is missing, but the nodes sharing the store {store.location} use the CA {recorded}:"
+            f" copy ca.pem and ca.key from another node's state_dir into {state_dir} (ca.key mode 0600, owned"
+            f" by the service's user) before starting this node; a CA of its own would refuse every connector"
+            f" the other nodes enrolled")
+    local = keys.fingerprint(keys.load_cert(cert_path.read_bytes()))
+    if local != recorded:
+        raise GatewayError(_other_ca(cert_path, local, store.location, recorded))
+
+
+def claim_shared_ca(store: Any, ca: CertificateAuthority, state_dir: Path, now: datetime) -> None:
+    """Record this node's CA as the one every node on the store uses (the first node's wins);
+    GatewayError if another node recorded a different one first."""
+    recorded = store.claim_ca(ca.fingerprint, keys.cert_pem(ca.cert).decode(), now)
+    if recorded != ca.fingerprint:
+        raise GatewayError(_other_ca(state_dir / CA_CERT_FILE, ca.fingerprint, store.location, recorded))
+
+
+def _other_ca(cert_path: Path, local: str, location: str, recorded: str) -> str:
+    return (f"this node's CA {cert_path} ({local}) is not the CA of the nodes sharing the store {location}"
+            f" ({recorded}): connectors enrolled on one would be refused by the other; copy ca.pem and"
+            f" ca.key from another node's state_dir into {cert_path.parent} and start this node again")
+

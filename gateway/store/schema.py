@@ -122,6 +122,15 @@ MIGRATIONS: tuple[str, ...] = (
         last_seen {time} NOT NULL
     );
     """,
+    # The CA the nodes sharing this store issue and trust certificates with: its certificate
+    # (public), so a node with another CA (or none) refuses to start instead of splitting them.
+    """
+    CREATE TABLE service_ca (
+        fingerprint TEXT PRIMARY KEY,
+        certificate TEXT NOT NULL,
+        recorded_at {time} NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

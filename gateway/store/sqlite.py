@@ -518,6 +518,23 @@ class SQLStore:
         with self._write(serialised=False, changes="nodes") as db:
             return db.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)).rowcount == 1
 
+    # the CA every node shares
+
+    def recorded_ca(self) -> str | None:
+        """The fingerprint of the CA the nodes on this store use, or None before the first node."""
+        row = self._db.execute("SELECT fingerprint FROM service_ca ORDER BY recorded_at LIMIT 1").fetchone()
+        return None if row is None else row[0]
+
+    def claim_ca(self, fingerprint: str, certificate_pem: str, now: datetime) -> str:
+        """Record this CA as the nodes' one unless one is recorded already; the recorded one's fingerprint."""
+        with self._write() as db:
+            row = db.execute("SELECT fingerprint FROM service_ca ORDER BY recorded_at LIMIT 1").fetchone()
+            if row is not None:
+                return row[0]
+            db.execute("INSERT INTO service_ca (fingerprint, certificate, recorded_at) VALUES (?, ?, ?)",
+                       (fingerprint, certificate_pem, _to_text(now)))
+        return fingerprint
+
     def _notify(self, db: Any, changes: str) -> None:
         """Tell the other nodes, on commit, what the open transaction changed; one node
         (SQLite) has no one to tell."""

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from gateway_harness import (GATEWAY, connect, echo_handler, echo_once, read_exact, subprocess_env, wait_echo,
-                             wait_until)
+from gateway_harness import (GATEWAY, connect, echo_handler, echo_once, port_is_free, read_exact, subprocess_env,
+                             wait_echo, wait_until)
 from loadgen import LoadGen, Seen, tcp_handler
 
 
@@ -174,3 +174,33 @@ def test_after_store_outage_grace_new_streams_are_refused_naming_the_store_and_s
     wait_until(lambda: outage_lines(node) == (1, 1), 60, "the node to log the store back")
     assert echo_once(port, b"again") == b"again"
     held.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("own_ca", [False, True], ids=["no CA files", "another CA"])
+def test_a_node_without_the_shared_ca_refuses_to_start_saying_what_to_copy(gw, multinode, own_ca):
+    """A node on the shared store with no CA files, or with a CA of its own, exits before binding with the
+    store's CA named and what to copy, no traceback; with the first node's files copied in it starts."""
+    from gateway.pki import keys
+    from gateway.pki.ca import CertificateAuthority
+
+    (node1,) = multinode.start(1)
+    node2 = multinode.add_node(start=False)
+    for name in ("ca.pem", "ca.key"):
+        (node2.state_dir / name).unlink()
+    if own_ca:
+        other = CertificateAuthority.load_or_create(node2.state_dir)
+        assert other.fingerprint != CertificateAuthority.load_or_create(node1.state_dir).fingerprint
+    result = gw.twistd(node2.config_path)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in out, out
+    shared = keys.fingerprint(keys.load_cert((node1.state_dir / "ca.pem").read_bytes()))
+    assert shared in out and "copy ca.pem and ca.key from another node's state_dir" in out, out
+    assert port_is_free(node2.port)
+    if not own_ca:
+        assert not (node2.state_dir / "ca.key").exists()   # no CA of its own made on the way out
+    for name in ("ca.pem", "ca.key"):
+        (node2.state_dir / name).unlink(missing_ok=True)
+    multinode.copy_ca(node1, node2)
+    node2.start()
+    multinode.wait_nodes()

@@ -51,3 +51,11 @@ def test_two_store_objects_see_each_others_nodes(store_backend):
     finally:
         a.close()
         b.close()
+
+
+def test_the_first_ca_claimed_is_the_one_recorded(store):
+    """claim_ca records the first node's CA and answers it to every later claim, whatever CA they bring."""
+    assert store.recorded_ca() is None
+    assert store.claim_ca("sha256:aa", "PEM A", T0) == "sha256:aa"
+    assert store.claim_ca("sha256:bb", "PEM B", T0) == "sha256:aa"
+    assert store.recorded_ca() == "sha256:aa"
