@@ -211,6 +211,9 @@ class UpdateClient:
             except StreamReset as e:
                 raise ExchangeFailed(f"the service refused the {metadata['op']!r} request: {e.reason}") from None
             except Exception as e:
+                if session.go_away_reason is not None:   # the service refused this certificate: say why
+                    raise ExchangeFailed(f"the service at {where} refused this connector:"
+                                         f" {session.go_away_reason[1]}") from None
                 raise ExchangeFailed(f"could not reach the service at {where}: {_describe(e)}") from None
             stream.attach(_Reply(decoder, done, want_body))
             return await done

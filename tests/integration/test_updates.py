@@ -208,7 +208,8 @@ def test_a_bad_signature_a_wrong_hash_and_an_unreachable_wheel_are_refused(gw, t
     """Through the real service: a manifest signed by another key, a wheel whose bytes are not the
     manifest's, a wheel the service cannot serve, and a lease for the last healthy connector of a
     group whose other connector is down are each refused saying why (the first three as admin
-    events on the service), and the running connector (same process, version N) is never touched.
+    events on the service), and the running connector (same process, version N) is never touched;
+    once the connector is deleted its certificate gets no answer at all.
     The connector reaches the service through a forward proxy (tinyproxy, basic auth): so does its updater."""
     svc = gw.service()
     connector = gw.connector(svc, name="c0", start=False, tunnels=1, drain_timeout=5)
@@ -254,5 +255,9 @@ def test_a_bad_signature_a_wrong_hash_and_an_unreachable_wheel_are_refused(gw, t
     result = updater.update_now()
     assert result.returncode == 0 and f"updated to {N1}" in result.stdout, result.stdout
     assert all_on(svc, gw, [connector], N1)
+    # a deleted connector's certificate gets nothing from the service
+    assert svc.delete_connector(connector.connector_id).returncode == 0
+    result = updater.update_now()
+    assert result.returncode == 1 and "this connector was deleted from the service" in result.stdout, result.stdout
     # every exchange went through the proxy too: far more CONNECTs than the connector's two runs made
     assert tinyproxy.connects_to(svc.address) > 20, tinyproxy.connects_to(svc.address)
