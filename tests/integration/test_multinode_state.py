@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from gateway_harness import (GATEWAY, connect, echo_handler, echo_once, port_is_free, read_exact, subprocess_env,
-                             wait_echo, wait_until)
+from gateway_harness import (GATEWAY, connect, echo_handler, echo_once, free_port, http_request, port_is_free,
+                             read_exact, subprocess_env, wait_echo, wait_until)
 from loadgen import LoadGen, Seen, tcp_handler
 
 
@@ -204,3 +204,32 @@ def test_a_node_without_the_shared_ca_refuses_to_start_saying_what_to_copy(gw, m
     multinode.copy_ca(node1, node2)
     node2.start()
     multinode.wait_nodes()
+
+
+@pytest.mark.timeout(150)
+def test_an_app_added_through_one_node_is_served_by_every_node_within_seconds(gw, multinode, backends):
+    """`gateway apps add` reaches both nodes' front doors from the change feed, with config_interval an hour."""
+    from test_apps_cli import BLOG, http_handler
+
+    blog = backends(http_handler("blog-backend"))
+    multinode.service_extra = {"config_interval": 3600}
+    fronts = {}
+    for name in ("node1", "node2"):
+        node = multinode.add_node(name, start=False)
+        fronts[name] = free_port()
+        node.add_front_door(fronts[name], [])
+        node.start()
+    multinode.wait_nodes()
+    node1 = multinode.node("node1")
+    multinode.connector(node1)
+    result = multinode.cli(node1, "apps", "add", "blog", "--external-url", f"http://{BLOG}/",
+                           "--internal-url", f"http://{blog.destination}/")
+    assert result.returncode == 0, result.stderr
+    def answers(front: int) -> bool:
+        # Host without the port: both front doors serve the one external URL (port 80, as behind
+        # a load balancer), each on its own test port.
+        response, body = http_request(front, BLOG, "/hello", timeout=10)
+        return response.status == 200 and body.startswith(b"blog-backend /hello")
+
+    for name, front in fronts.items():
+        wait_until(lambda: answers(front), 30, f"the new app to answer on {name}'s front door")
