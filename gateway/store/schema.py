@@ -131,6 +131,33 @@ MIGRATIONS: tuple[str, ...] = (
         recorded_at {time} NOT NULL
     );
     """,
+    # State that lived in one node's memory and must be shared by every node (issue 15): a
+    # group's update lease and halt (one row per group, locked while a lease is decided), the
+    # browser sign-in's one-time codes and the status page's sessions (only hashes of both).
+    """
+    CREATE TABLE update_groups (
+        group_name TEXT PRIMARY KEY,
+        lease_connector TEXT,
+        lease_version TEXT,
+        lease_expires {time},
+        halted_version TEXT,
+        halted_at {time}
+    );
+    CREATE TABLE login_codes (
+        code_hash TEXT PRIMARY KEY,
+        identity TEXT NOT NULL,
+        challenge TEXT NOT NULL,
+        expires_at {time} NOT NULL
+    );
+    CREATE INDEX login_codes_by_expiry ON login_codes(expires_at);
+    CREATE TABLE admin_sessions (
+        session_hash TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        created_at {time} NOT NULL,
+        expires_at {time} NOT NULL
+    );
+    CREATE INDEX admin_sessions_by_token ON admin_sessions(token_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
