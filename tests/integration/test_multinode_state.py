@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from gateway_harness import (GATEWAY, connect, echo_handler, echo_once, free_port, http_request, port_is_free,
-                             read_exact, subprocess_env, wait_echo, wait_until)
+from gateway_harness import (GATEWAY, connect, connection_ends, echo_handler, echo_once, free_port, http_request,
+                             port_is_free, read_exact, subprocess_env, wait_echo, wait_until)
 from loadgen import LoadGen, Seen, tcp_handler
 
 
@@ -233,3 +233,33 @@ def test_an_app_added_through_one_node_is_served_by_every_node_within_seconds(gw
 
     for name, front in fronts.items():
         wait_until(lambda: answers(front), 30, f"the new app to answer on {name}'s front door")
+
+
+@pytest.mark.timeout(150)
+def test_a_user_revoked_through_one_node_is_cut_on_another_within_seconds(gw, multinode, backends, tmp_path):
+    """A Private Access user's open connection through node 2 ends soon after `gateway users revoke` with node 1's
+    config, with config_interval an hour (the change feed)."""
+    from test_access_private import _accepts, publish, sign_in_with_token
+
+    echo = backends(echo_handler)
+    multinode.service_extra = {"config_interval": 3600}
+    for name in ("node1", "node2"):
+        node = multinode.add_node(name, start=False)
+        publish(node, {"name": "echo", "options": {"allowed_users": ["alice"]},
+                       "segments": [{"destination": "127.0.0.1", "ports": str(echo.port)}]})
+        node.start()
+    multinode.wait_nodes()
+    node1, node2 = multinode.node("node1"), multinode.node("node2")
+    multinode.connector(node2)
+    env = sign_in_with_token(gw, node2, tmp_path / "home")
+    port = free_port()
+    gw.spawn("access", [GATEWAY, "access", "tcp", "--service", node2.address, "--app", "echo",
+                        "--listen", f"127.0.0.1:{port}"], env=env)
+    wait_until(lambda: _accepts(port), 30, "gateway access tcp to listen")
+    sock = connect(port)
+    sock.sendall(b"before")
+    assert sock.recv(64) == b"before"
+    revoked = multinode.cli(node1, "users", "revoke", "--user", "alice")
+    assert revoked.returncode == 0, revoked.stderr
+    assert connection_ends(sock, 30)
+    assert "revoked" in node2.log()
