@@ -25,14 +25,17 @@ from gateway.pki.tokens import secret_matches
 from gateway.store import schema
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION  # noqa: F401 - re-exported
 from gateway.store.records import (
+    AdminSession,
     AdminTokenRecord,
     AppRecord,
     CertificateRecord,
     ConnectorRecord,
     ConnectorStatus,
     GroupRecord,
+    LoginCode,
     NodeRecord,
     TokenRecord,
+    UpdateLease,
     UserCredentialRecord,
 )
 
@@ -41,6 +44,8 @@ CertificateStatus = str  # "valid" | "unknown" | "revoked" | "connector deleted"
 IssueResult = tuple[ConnectorRecord, CertificateRecord, R]
 # Called inside the write transaction with the other stored apps; raises to refuse the change.
 AppCheck = Callable[[list[AppRecord]], None]
+# Called inside the lease transaction with the group's live lease and halted version; a refusal or None.
+LeaseDecision = Callable[[UpdateLease | None, str | None], str | None]
 
 
 DEFAULT_GROUP = "default"
@@ -224,7 +229,8 @@ class SQLStore:
         Not serialised with other writes: the token's row lock is what makes two nodes racing
         on one token redeem it once (the second waits, then reads it used).
         """
-        with self._write(serialised=False, changes="tokens,connectors") as db:
+        # A new connector changes nothing a node serves yet: its tunnels bring it in.
+        with self._write(serialised=False, changes="tokens") as db:
             token = self._redeemable_token(db, token_id, secret, now)
             connector, certificate, result = issue(token)
             self._insert_connector(db, connector)
@@ -314,8 +320,11 @@ class SQLStore:
     def revoke_admin_token(self, token_id: str, now: datetime) -> bool:
         """Mark one admin token revoked; False if there is none by that id or it was revoked already."""
         with self._write(changes="admin_tokens") as db:
-            return db.execute("UPDATE admin_tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
-                              (_to_text(now), token_id)).rowcount == 1
+            revoked = db.execute("UPDATE admin_tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
+                                 (_to_text(now), token_id)).rowcount == 1
+            # Its status page sessions end with it, on every node.
+            db.execute("DELETE FROM admin_sessions WHERE token_id = ?", (token_id,))
+            return revoked
 
     def check_admin_token(self, token_id: str, secret: str, now: datetime) -> AdminTokenRecord:
         """The admin token if `secret` is its secret and it is neither revoked nor expired at `now`;
@@ -487,6 +496,99 @@ class SQLStore:
         """Every switch: {(scope, name): enabled}."""
         rows = self._db.execute("SELECT scope, name, enabled FROM session_log_switches")
         return {(scope, name): bool(enabled) for scope, name, enabled in rows}
+
+    # connector updates: a group's lease and halt
+
+    def acquire_update_lease(self, group: str, connector_id: str, version: str, expires_at: datetime,
+                             now: datetime, decide: LeaseDecision) -> str | None:
+        """Give `connector_id` the update lease of `group` until `expires_at` unless
+        ``decide(live lease or None, halted version or None)`` returns a refusal, which is returned.
+
+        The group's row is locked while `decide` runs, so two nodes deciding for one group at
+        once decide one after the other and the second sees the first's lease.
+        """
+        with self._write(serialised=False) as db:
+            db.execute("INSERT INTO update_groups (group_name) VALUES (?) ON CONFLICT DO NOTHING", (group,))
+            row = db.execute("SELECT lease_connector, lease_version, lease_expires, halted_version FROM update_groups"
+                             f" WHERE group_name = ?{self._row_lock}", (group,)).fetchone()
+            holder, held_version, until, halted = row[0], row[1], _from_text(row[2]), row[3]
+            lease = UpdateLease(holder, held_version, until) if holder is not None and until > now else None
+            refusal = decide(lease, halted)
+            if refusal is None:
+                db.execute("UPDATE update_groups SET lease_connector = ?, lease_version = ?, lease_expires = ?"
+                           " WHERE group_name = ?", (connector_id, version, _to_text(expires_at), group))
+        return refusal
+
+    def release_update_lease(self, group: str, connector_id: str, failed_version: str | None, now: datetime) -> None:
+        """End `connector_id`'s lease of `group` (if it holds it); with `failed_version`, halt
+        the group's rollout of that version too."""
+        with self._write(serialised=False) as db:
+            db.execute("UPDATE update_groups SET lease_connector = NULL, lease_version = NULL, lease_expires = NULL"
+                       " WHERE group_name = ? AND lease_connector = ?", (group, connector_id))
+            if failed_version is not None:
+                db.execute("INSERT INTO update_groups (group_name, halted_version, halted_at) VALUES (?, ?, ?)"
+                           " ON CONFLICT (group_name) DO UPDATE SET halted_version = excluded.halted_version,"
+                           " halted_at = excluded.halted_at", (group, failed_version, _to_text(now)))
+
+    def update_halt(self, group: str) -> str | None:
+        """The version whose rollout to `group` is halted, or None."""
+        row = self._db.execute("SELECT halted_version FROM update_groups WHERE group_name = ?", (group,)).fetchone()
+        return None if row is None else row[0]
+
+    def lift_update_halt(self, group: str) -> str | None:
+        """Let the rollout to `group` go on (`gateway update resume`); the version that was halted, or None."""
+        with self._write(serialised=False) as db:
+            row = db.execute("UPDATE update_groups SET halted_version = NULL, halted_at = NULL WHERE group_name = ?"
+                             " AND halted_version IS NOT NULL RETURNING halted_version", (group,)).fetchone()
+        return None if row is None else row[0]
+
+    # browser sign-in codes (only their hashes)
+
+    def add_login_code(self, code_hash: str, code: LoginCode, now: datetime, limit: int) -> None:
+        """Keep a new one-time sign-in code; expired ones go, and the oldest beyond `limit`."""
+        with self._write(serialised=False) as db:
+            db.execute("DELETE FROM login_codes WHERE expires_at <= ?", (_to_text(now),))
+            _drop_oldest(db, "login_codes", "code_hash", limit)
+            db.execute("INSERT INTO login_codes (code_hash, identity, challenge, expires_at) VALUES (?, ?, ?, ?)",
+                       (code_hash, _definition_text(code.identity), code.challenge, _to_text(code.expires_at)))
+
+    def take_login_code(self, code_hash: str, now: datetime) -> LoginCode | None:
+        """The code's sign-in if it is known and not expired at `now`, else None; the code is
+        spent either way. One statement deletes and returns it, so of two nodes taking one
+        code at once only one gets it."""
+        with self._write(serialised=False) as db:
+            row = db.execute("DELETE FROM login_codes WHERE code_hash = ? RETURNING identity, challenge, expires_at",
+                             (code_hash,)).fetchone()
+        if row is None:
+            return None
+        code = LoginCode(json.loads(row[0]), row[1], _from_text(row[2]))
+        return code if code.expires_at > now else None
+
+    # status page sessions (only their ids' hashes)
+
+    def add_admin_session(self, session_hash: str, session: AdminSession, now: datetime, limit: int) -> None:
+        """Keep a new status page session; expired ones go, and the oldest beyond `limit`."""
+        with self._write(serialised=False) as db:
+            db.execute("DELETE FROM admin_sessions WHERE expires_at <= ?", (_to_text(now),))
+            _drop_oldest(db, "admin_sessions", "session_hash", limit)
+            db.execute("INSERT INTO admin_sessions (session_hash, token_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                       (session_hash, session.token_id, _to_text(session.created_at), _to_text(session.expires_at)))
+
+    def get_admin_session(self, session_hash: str, now: datetime) -> AdminSession | None:
+        """The session if it exists and has not expired at `now`."""
+        row = self._db.execute("SELECT token_id, created_at, expires_at FROM admin_sessions WHERE session_hash = ?"
+                               " AND expires_at > ?", (session_hash, _to_text(now))).fetchone()
+        return None if row is None else AdminSession(row[0], _from_text(row[1]), _from_text(row[2]))
+
+    def end_admin_session(self, session_hash: str) -> bool:
+        """Sign one session out; whether there was one."""
+        with self._write(serialised=False) as db:
+            return db.execute("DELETE FROM admin_sessions WHERE session_hash = ?", (session_hash,)).rowcount == 1
+
+    def end_admin_sessions_of(self, token_id: str) -> int:
+        """Sign out every session of an admin token; how many there were."""
+        with self._write(serialised=False) as db:
+            return db.execute("DELETE FROM admin_sessions WHERE token_id = ?", (token_id,)).rowcount
 
     # the service's nodes
 
@@ -688,6 +790,14 @@ def _from_text(text: str | datetime | None) -> datetime | None:
     if text is None or isinstance(text, datetime):
         return None if text is None else text.astimezone(UTC)
     return datetime.fromisoformat(text)
+
+
+def _drop_oldest(db: Any, table: str, key: str, limit: int) -> None:
+    """Delete the rows of `table` that expire first until one more fits under `limit`."""
+    count = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    if count >= limit:
+        db.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} ORDER BY expires_at LIMIT ?)",
+                   (count - limit + 1,))
 
 
 def _group(row: Any) -> GroupRecord:
