@@ -77,7 +77,8 @@ def gateway_service_listeners(register: Callable[[str, str, Any], None], config:
     ``access`` is a :class:`gateway.service.users.LoginPortal` when the service has an
     ``[access]`` table (else None): the URL users sign in at with ``gateway login``, and
     ``issue_code(identity, code_challenge)``, which a listener that signed a user in calls for
-    the one-time code it hands the user's loopback client (the http plugin does this).
+    the one-time code it hands the user's loopback client (the http plugin does this); it
+    returns a Deferred firing with the code once the store (shared by every node) holds it.
     Implementations may leave the argument out of their signature.
     """
 

@@ -3,7 +3,8 @@
 The API takes an admin token in ``Authorization: Bearer``, nothing else: a browser's cookie never
 authenticates an API call, so the API needs no CSRF defence. The status page signs in with the
 same token through a form and then holds a random session id in an HttpOnly, SameSite=Strict
-cookie (Secure over HTTPS); the token behind a session is checked again on every page, so a
+cookie (Secure over HTTPS), kept hashed in the store so that every node knows it; the token
+behind a session is checked again on every page, and revoking it deletes its sessions, so a
 revoked token signs its sessions out. Forms that change state carry a CSRF token: the sign-in
 form a double-submit one (cookie and field must match), later forms the session's own; and a
 request whose Origin is another site's is refused whatever it carries.
@@ -11,15 +12,17 @@ request whose Origin is another site's is refused whatever it carries.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
-from collections import OrderedDict
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from attrs import define, field, frozen
 
 from gateway.errors import AdminTokenError
-from gateway.pki.tokens import AdminToken
+from gateway.pki.tokens import AdminToken, hash_secret
+from gateway.store.records import AdminSession
 
 SESSION_COOKIE = b"gateway_admin_session"
 SIGNIN_CSRF_COOKIE = b"gateway_admin_csrf"
@@ -78,41 +81,48 @@ class Session:
     expires: float
 
 
+def session_csrf(session_id: str) -> str:
+    """The CSRF token of a session's forms, derived from its id: only the cookie's holder can
+    know it, and nothing secret is stored beside the id's hash."""
+    return hmac.new(session_id.encode("utf-8", "replace"), b"gateway admin csrf", hashlib.sha256).hexdigest()
+
+
 @define
 class Sessions:
-    """The status page's sign-ins, in memory (a node restart signs everyone out), oldest dropped
-    first beyond ``max_sessions`` so that sign-ins cannot grow the node's memory."""
+    """The status page's sign-ins, kept in the store every node shares (a session made at one
+    node works at the others and survives a node restart), only as hashes of their ids; they
+    expire by themselves, end with their admin token's revocation, and beyond ``max_sessions``
+    the oldest go first so that sign-ins cannot grow the store."""
 
-    clock: Any
+    node: Any
     lifetime: float
     max_sessions: int = MAX_SESSIONS
-    _by_id: OrderedDict[str, Session] = field(factory=OrderedDict, init=False)
 
-    def create(self, token_id: str) -> Session:
-        while len(self._by_id) >= self.max_sessions:
-            self._by_id.popitem(last=False)
-        session = Session(secrets.token_urlsafe(32), token_id, secrets.token_urlsafe(32),
-                          self.clock.seconds() + self.lifetime)
-        self._by_id[session.session_id] = session
-        return session
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.node.reactor.seconds(), UTC)
 
-    def get(self, session_id: str | None) -> Session | None:
+    async def create(self, token_id: str) -> Session:
+        now = self._now()
+        session_id = secrets.token_urlsafe(32)
+        stored = AdminSession(token_id, now, now + timedelta(seconds=self.lifetime))
+        await self.node.store.add_admin_session(hash_secret(session_id), stored, now, self.max_sessions)
+        return Session(session_id, token_id, session_csrf(session_id), stored.expires_at.timestamp())
+
+    async def get(self, session_id: str | None) -> Session | None:
         """The live session with this id; None for an unknown, forged or expired one."""
-        session = self._by_id.get(session_id or "")
-        if session is None:
+        if not session_id:
             return None
-        if self.clock.seconds() >= session.expires:
-            del self._by_id[session.session_id]
+        stored = await self.node.store.get_admin_session(hash_secret(session_id), self._now())
+        if stored is None:
             return None
-        return session
+        return Session(session_id, stored.token_id, session_csrf(session_id), stored.expires_at.timestamp())
 
-    def end(self, session_id: str) -> None:
-        self._by_id.pop(session_id, None)
+    async def end(self, session_id: str) -> None:
+        await self.node.store.end_admin_session(hash_secret(session_id))
 
-    def end_token(self, token_id: str) -> None:
+    async def end_token(self, token_id: str) -> None:
         """Sign out every session of a token (it was revoked or expired)."""
-        for session_id in [s.session_id for s in self._by_id.values() if s.token_id == token_id]:
-            del self._by_id[session_id]
+        await self.node.store.end_admin_sessions_of(token_id)
 
 
 def same_secret(given: str | None, expected: str | None) -> bool:

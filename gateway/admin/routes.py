@@ -178,7 +178,7 @@ class AdminResource(Resource):
 
     async def _page_session(self, request: Request) -> auth.Session | None:
         """The live sign-in of a status page request, its token still good; None otherwise."""
-        session = self.sessions.get(_cookie(request, auth.SESSION_COOKIE))
+        session = await self.sessions.get(_cookie(request, auth.SESSION_COOKIE))
         if session is None:
             return None
         record = await self.node.store.get_admin_token(session.token_id)
@@ -187,7 +187,7 @@ class AdminResource(Resource):
                 raise AdminTokenError("unknown", "the admin token was removed")
             SQLiteStore.usable_admin_token(record, datetime.now(UTC))
         except AdminTokenError as e:
-            self.sessions.end_token(session.token_id)
+            await self.sessions.end_token(session.token_id)
             self.log.info("status page session of admin token {token_id} ended: {reason}",
                           token_id=session.token_id, reason=str(e))
             return None
@@ -314,7 +314,7 @@ class AdminResource(Resource):
             self.log.info("status page sign-in from {address} refused: {reason}", event="refused", reason=str(e),
                           address=_address(request))
             return await self.signin_form(request, str(e), 401)
-        session = self.sessions.create(record.token_id)
+        session = await self.sessions.create(record.token_id)
         self.log.info("status page: admin token {token_id} ({name}) signed in", token_id=record.token_id,
                       name=record.name)
         self._cookie(request, auth.SESSION_COOKIE, session.session_id, max_age=int(self.sessions.lifetime))
@@ -325,7 +325,7 @@ class AdminResource(Resource):
         refusal = self._csrf_refusal(request, session.csrf)
         if refusal:
             return self._forbidden(request, refusal)
-        self.sessions.end(session.session_id)
+        await self.sessions.end(session.session_id)
         self._cookie(request, auth.SESSION_COOKIE, "", max_age=0)
         return self._redirect(request, b"/signin")
 

@@ -30,7 +30,7 @@ def admin_listener(node: Any, endpoint: Any, node_cert: Any, node_key: Any) -> S
     """The admin listener service; HTTPS with `node_cert` (and the CA in the chain, so a client
     can pin the CA by fingerprint) unless [admin] tls = false."""
     admin = node.config.admin
-    sessions = Sessions(node.reactor, admin.session_lifetime)
+    sessions = Sessions(node, admin.session_lifetime)
     factory: Any = admin_site(node, sessions)
     if admin.tls:
         factory = TLSMemoryBIOFactory(https_server_options(node.ca.cert, node_cert, node_key), False, factory)

@@ -3,8 +3,9 @@
 `gateway update publish` puts the signed manifest and its wheel in ``<state_dir>/updates/``; this
 module serves them to updaters over `update` streams (gateway/updater/exchange.py) on the
 tunnel port, authenticated by the connector's own certificate, and hands out the one-per-group
-update lease. The service never signs anything and does not need the public key: the
-updaters check the signature themselves.
+update lease, kept in the store with the group's halt so that every node sharing the store
+agrees. The service never signs anything and does not need the public key: the updaters check
+the signature themselves.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
@@ -42,58 +43,30 @@ def updates_dir(state_dir: Path) -> Path:
     return state_dir / UPDATES_DIR
 
 
-@frozen
-class Lease:
-    connector_id: str
-    version: str
-    expires: float
+def lease_refusal(group: str, connector_id: str, version: str, lease: Any, halted: str | None,
+                  others: list[str], others_up: list[str]) -> str | None:
+    """Why `connector_id` may not take the update lease of `group` now, or None: at most one
+    connector per group updating at a time, never the last healthy one, nothing while the
+    group's rollout of `version` is halted. `lease` is the group's live lease (or None);
+    `others` the group's other connectors, `others_up` those of them up."""
+    if halted == version:
+        return (f"the update to {version} failed on a connector of group {group!r} and was rolled back;"
+                " the rollout is halted until another version is published or an admin runs"
+                f" `gateway update resume --group {group}`")
+    if lease is not None and lease.connector_id != connector_id:
+        return (f"connector {lease.connector_id} of group {group!r} is updating to {lease.version};"
+                " one connector per group updates at a time")
+    down = sorted(set(others) - set(others_up))
+    if others and not others_up:
+        return (f"this connector is the last healthy one of group {group!r} while {len(down)} other(s) are"
+                f" down ({', '.join(d[:12] for d in down)}): updating it would leave the group dark; bring"
+                " them back, or delete the ones gone for good (gateway connectors delete)")
+    return None
 
 
-@define
-class GroupLeases:
-    """At most one connector per group updating at a time; never the last healthy one.
-
-    Pure bookkeeping over a clock: `acquire` is told which other connectors of the group exist
-    and which of them are up, and decides.
-    """
-
-    clock: Any
-    _leases: dict[str, Lease] = field(factory=dict)
-    # group -> version whose update failed there: the rollout stops until another is published
-    halted: dict[str, str] = field(factory=dict)
-
-    def holder(self, group: str) -> Lease | None:
-        lease = self._leases.get(group)
-        if lease is not None and lease.expires <= self.clock.seconds():
-            del self._leases[group]
-            return None
-        return lease
-
-    def acquire(self, group: str, connector_id: str, version: str, duration: float,
-                others: list[str], others_up: list[str]) -> str | None:
-        """Grant (None) or the reason for refusing the lease of `group` to `connector_id`."""
-        if self.halted.get(group) == version:
-            return (f"the update to {version} failed on a connector of group {group!r} and was rolled back;"
-                    " the rollout is halted until another version is published")
-        lease = self.holder(group)
-        if lease is not None and lease.connector_id != connector_id:
-            return (f"connector {lease.connector_id} of group {group!r} is updating to {lease.version};"
-                    " one connector per group updates at a time")
-        down = sorted(set(others) - set(others_up))
-        if others and not others_up:
-            return (f"this connector is the last healthy one of group {group!r} while {len(down)} other(s) are"
-                    f" down ({', '.join(d[:12] for d in down)}): updating it would leave the group dark; bring"
-                    " them back, or delete the ones gone for good (gateway connectors delete)")
-        duration = max(1.0, min(float(duration), MAX_LEASE))
-        self._leases[group] = Lease(connector_id, version, self.clock.seconds() + duration)
-        return None
-
-    def release(self, group: str, connector_id: str, version: str, failed: bool) -> None:
-        lease = self.holder(group)
-        if lease is not None and lease.connector_id == connector_id:
-            del self._leases[group]
-        if failed:
-            self.halted[group] = version
+def lease_expiry(now: datetime, duration: float) -> datetime:
+    """When a lease asked for `duration` seconds ends: at least 1 s, at most MAX_LEASE."""
+    return now + timedelta(seconds=max(1.0, min(float(duration), MAX_LEASE)))
 
 
 class UpdateDesk:
@@ -103,7 +76,10 @@ class UpdateDesk:
 
     def __init__(self, node: Any) -> None:
         self.node = node
-        self.leases = GroupLeases(node.reactor)
+
+    def _now(self) -> datetime:
+        # Leases are shared by the nodes through the store: wall-clock time, as every node reads it.
+        return datetime.fromtimestamp(self.node.reactor.seconds(), UTC)
 
     @property
     def directory(self) -> Path:
@@ -146,8 +122,9 @@ class UpdateDesk:
 
     # -- the requests ------------------------------------------------------------------------
 
-    def _op_manifest(self, handler: TunnelHandler, stream: Stream, meta: dict[str, Any]) -> None:
-        self._answer(stream, {"type": REPLY, "manifest": self.published(), "halted": self.leases.halted.get(handler.group)})
+    def _op_manifest(self, handler: TunnelHandler, stream: Stream, meta: dict[str, Any]) -> Deferred:
+        return self.node.store.update_halt(handler.group).addCallback(
+            lambda halted: self._answer(stream, {"type": REPLY, "manifest": self.published(), "halted": halted}))
 
     def _op_wheel(self, handler: TunnelHandler, stream: Stream, meta: dict[str, Any]) -> None:
         name = meta.get("name")
@@ -180,11 +157,16 @@ class UpdateDesk:
             return None
         group, connector_id = handler.group, handler.identity.connector_id
 
-        def decide(records: list[Any]) -> None:
+        def decide(records: list[Any]) -> Deferred:
             others = [r.connector_id for r in records
                       if r.group == group and r.deleted_at is None and r.connector_id != connector_id]
             up = [c for c in others if any(t.healthy for t in self.node.registry.tunnels_of(c))]
-            refusal = self.leases.acquire(group, connector_id, version, float(duration), others, up)
+            now = self._now()
+            return self.node.store.acquire_update_lease(
+                group, connector_id, version, lease_expiry(now, duration), now,
+                lambda lease, halted: lease_refusal(group, connector_id, version, lease, halted, others, up))
+
+        def answer(refusal: str | None) -> None:
             if refusal is None:
                 self.log.info("connector {connector_id} (group {group}) may update to {version} now",
                               group=group, version=version, **handler.ctx)
@@ -193,17 +175,26 @@ class UpdateDesk:
                               **handler.ctx)
             self._answer(stream, {"type": REPLY, "granted": refusal is None, "reason": refusal})
 
-        return self.node.store.list_connectors().addCallback(decide)
+        return self.node.store.list_connectors().addCallback(decide).addCallback(answer)
 
-    def _op_release(self, handler: TunnelHandler, stream: Stream, meta: dict[str, Any]) -> None:
+    def _op_release(self, handler: TunnelHandler, stream: Stream, meta: dict[str, Any]) -> Deferred:
         failed = meta.get("outcome") == "failed"
         version = str(meta.get("version", ""))
-        self.leases.release(handler.group, handler.identity.connector_id, version, failed)
-        if failed:
-            self.log.warn("update of connector {connector_id} to {version} failed and was rolled back; the rollout"
-                          " of {version} to group {group} is halted", version=version, group=handler.group,
-                          **handler.ctx)
-        self._answer(stream, {"type": REPLY, "released": True})
+        if failed and not _VERSION_RE.match(version):
+            self._answer(stream, {"type": ERROR, "message": "a failed update's release needs its version"})
+            return None
+
+        def released(_: Any) -> None:
+            if failed:
+                self.log.warn("update of connector {connector_id} to {version} failed and was rolled back; the"
+                              " rollout of {version} to group {group} is halted (on every node) until another"
+                              " version is published or an admin runs gateway update resume --group {group}",
+                              version=version, group=handler.group, **handler.ctx)
+            self._answer(stream, {"type": REPLY, "released": True})
+
+        d = self.node.store.release_update_lease(handler.group, handler.identity.connector_id,
+                                                 version if failed else None, self._now())
+        return d.addCallback(released)
 
     def _op_health(self, handler: TunnelHandler, stream: Stream, meta: dict[str, Any]) -> None:
         tunnels = [t for t in self.node.registry.tunnels_of(handler.identity.connector_id) if t.healthy]

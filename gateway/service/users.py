@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +23,7 @@ from gateway.errors import GatewayError
 from gateway.pki import keys
 from gateway.pkce import s256
 from gateway.pki.tokens import UserToken, hash_secret
-from gateway.store.records import UserCredentialRecord
+from gateway.store.records import LoginCode, UserCredentialRecord
 
 USER_CERTIFICATE_REQUEST = "user_certificate_request"
 USER_CERTIFICATE = "user_certificate"
@@ -43,54 +42,45 @@ class Refused(GatewayError):
         self.code = code
 
 
-@frozen
-class PendingLogin:
-    identity: dict[str, Any]
-    challenge: str
-    expires: float
-
-
 class LoginCodes:
     """One-time codes the front door hands a signed-in browser for the user's loopback client.
 
-    Kept in the node's memory, bounded (the oldest go first) and short-lived; a code is bound
-    to the PKCE challenge of the client that started the sign-in, so a code read off the
-    browser's history is useless to anyone without the client's verifier.
+    Kept in the store (so a code made at one node is redeemed at any other), only as hashes,
+    bounded (the oldest go first) and short-lived; taking a code deletes it in the same
+    statement, so of two nodes redeeming one code at once only one gets it. A code is bound to
+    the PKCE challenge of the client that started the sign-in, so a code read off the browser's
+    history is useless to anyone without the client's verifier.
     """
 
-    def __init__(self, clock: Any, lifetime: float = CODE_LIFETIME, limit: int = MAX_PENDING_CODES) -> None:
+    def __init__(self, store: Any, clock: Any, lifetime: float = CODE_LIFETIME, limit: int = MAX_PENDING_CODES) -> None:
+        self.store = store
         self.clock = clock
         self.lifetime = lifetime
         self.limit = limit
-        self._pending: OrderedDict[str, PendingLogin] = OrderedDict()
 
-    def issue(self, identity: dict[str, Any], challenge: str) -> str:
-        now = self.clock.seconds()
-        self._prune(now)
-        while len(self._pending) >= self.limit:
-            self._pending.popitem(last=False)
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), UTC)
+
+    def issue(self, identity: dict[str, Any], challenge: str) -> Deferred:
+        """Fires with a new code for `identity`, once the store holds its hash."""
+        now = self._now()
         code = secrets.token_urlsafe(32)
-        self._pending[code] = PendingLogin(dict(identity), challenge, now + self.lifetime)
-        return code
+        pending = LoginCode(dict(identity), challenge, now + timedelta(seconds=self.lifetime))
+        return self.store.add_login_code(hash_secret(code), pending, now, self.limit).addCallback(lambda _: code)
 
-    def redeem(self, code: str, verifier: str) -> dict[str, Any]:
-        """The identity the code was issued for; Refused when it is unknown, used, expired or
-        the verifier does not match (the code is spent either way)."""
-        self._prune(self.clock.seconds())
-        pending = self._pending.pop(code, None)
+    def redeem(self, code: str, verifier: str) -> Deferred:
+        """Fires with the identity the code was issued for; fails with Refused when it is unknown,
+        used, expired or the verifier does not match (the code is spent either way)."""
+        return self.store.take_login_code(hash_secret(code), self._now()).addCallback(self._check, verifier)
+
+    @staticmethod
+    def _check(pending: LoginCode | None, verifier: str) -> dict[str, Any]:
         if pending is None:
             raise Refused("not_signed_in", "this sign-in code is unknown, used or expired: run gateway login again")
         if not verifier.isascii() or not hmac.compare_digest(s256(verifier), pending.challenge):
             raise Refused("not_signed_in", "this sign-in code was issued to another client (PKCE verifier"
                                            " mismatch): run gateway login again")
         return pending.identity
-
-    def _prune(self, now: float) -> None:
-        while self._pending:
-            code, pending = next(iter(self._pending.items()))
-            if pending.expires > now:
-                return
-            del self._pending[code]
 
 
 @frozen
@@ -102,7 +92,7 @@ class LoginPortal:
     tunnel: str        # host:port their clients dial for the tunnel
     server_name: str   # the name the client checks the node certificate against
     ca_fingerprint: str
-    issue_code: Any    # (identity: dict, code_challenge: str) -> one-time code
+    issue_code: Any    # (identity: dict, code_challenge: str) -> Deferred firing with a one-time code
 
     @classmethod
     def from_config(cls, config: Any, ca_fingerprint: str, issue_code: Any) -> LoginPortal | None:
@@ -138,7 +128,11 @@ class UserAuthority:
 
     def __init__(self, node: Any) -> None:
         self.node = node
-        self.codes = LoginCodes(node.reactor)
+
+    @property
+    def codes(self) -> LoginCodes:
+        # The node opens its store after making this; the codes live there, not here.
+        return LoginCodes(self.node.store, self.node.reactor)
 
     @property
     def access(self) -> Any:
@@ -159,14 +153,7 @@ class UserAuthority:
         """Fires with (record, new refresh secret or None) for a usable credential."""
         kind = credential["kind"]
         if kind == "code":
-            identity = self.codes.redeem(credential["code"], credential["verifier"])
-            secret = secrets.token_urlsafe(32)
-            record = UserCredentialRecord(
-                credential_id=secrets.token_hex(_ID_BYTES), user=str(identity["sub"]), kind="login",
-                identity=identity, secret_hash=hash_secret(secret), created_at=now,
-                expires_at=now + timedelta(seconds=self.access.login_lifetime), name="browser sign-in",
-            )
-            return self.node.store.create_user_credential(record).addCallback(lambda _: (record, secret))
+            return self.codes.redeem(credential["code"], credential["verifier"]).addCallback(self._signed_in, now)
         if kind == "token":
             try:
                 token = UserToken.parse(credential["token"])
@@ -180,6 +167,16 @@ class UserAuthority:
             credential_id, secret = credential["id"], credential["secret"]
         d = self.node.store.redeem_user_secret(credential_id, secret, now)
         return d.addCallback(lambda record: (record, None))
+
+    def _signed_in(self, identity: dict[str, Any], now: datetime) -> Deferred:
+        """Store the refresh credential of a browser sign-in; fires with (record, its secret)."""
+        secret = secrets.token_urlsafe(32)
+        record = UserCredentialRecord(
+            credential_id=secrets.token_hex(_ID_BYTES), user=str(identity["sub"]), kind="login",
+            identity=identity, secret_hash=hash_secret(secret), created_at=now,
+            expires_at=now + timedelta(seconds=self.access.login_lifetime), name="browser sign-in",
+        )
+        return self.node.store.create_user_credential(record).addCallback(lambda _: (record, secret))
 
     def _issue(self, found: tuple[UserCredentialRecord, str | None], csr: bytes, now: datetime) -> dict[str, Any]:
         record, refresh_secret = found

@@ -139,3 +139,32 @@ class NodeRecord:
     tunnel_address: str
     started: datetime
     last_seen: datetime
+
+
+@frozen
+class UpdateLease:
+    """The one connector of a group allowed to update now, to which version, until when."""
+
+    connector_id: str
+    version: str
+    expires_at: datetime
+
+
+@frozen
+class LoginCode:
+    """What a browser sign-in's one-time code was issued for: the user as signed in and the
+    PKCE challenge of the client that started it. The code itself is stored only hashed."""
+
+    identity: dict[str, Any] = field(hash=False)
+    challenge: str
+    expires_at: datetime
+
+
+@frozen
+class AdminSession:
+    """A status page sign-in: the admin token behind it and when it ends. The session id (the
+    cookie) is stored only hashed."""
+
+    token_id: str
+    created_at: datetime
+    expires_at: datetime

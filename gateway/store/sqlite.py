@@ -538,9 +538,13 @@ class SQLStore:
     def lift_update_halt(self, group: str) -> str | None:
         """Let the rollout to `group` go on (`gateway update resume`); the version that was halted, or None."""
         with self._write(serialised=False) as db:
-            row = db.execute("UPDATE update_groups SET halted_version = NULL, halted_at = NULL WHERE group_name = ?"
-                             " AND halted_version IS NOT NULL RETURNING halted_version", (group,)).fetchone()
-        return None if row is None else row[0]
+            row = db.execute(f"SELECT halted_version FROM update_groups WHERE group_name = ?{self._row_lock}",
+                             (group,)).fetchone()
+            if row is None or row[0] is None:
+                return None
+            db.execute("UPDATE update_groups SET halted_version = NULL, halted_at = NULL WHERE group_name = ?",
+                       (group,))
+        return row[0]
 
     # browser sign-in codes (only their hashes)
 

@@ -132,6 +132,34 @@ class ThreadedStore:
     def list_admin_tokens(self) -> Deferred:
         return self._call(self.store.list_admin_tokens)
 
+    def acquire_update_lease(self, group, connector_id, version, expires_at, now, decide) -> Deferred:
+        """Note: `decide` runs on the store thread, inside the transaction; it must not touch the reactor."""
+        return self._call(self.store.acquire_update_lease, group, connector_id, version, expires_at, now, decide)
+
+    def release_update_lease(self, group, connector_id, failed_version, now) -> Deferred:
+        return self._call(self.store.release_update_lease, group, connector_id, failed_version, now)
+
+    def update_halt(self, group) -> Deferred:
+        return self._call(self.store.update_halt, group)
+
+    def add_login_code(self, code_hash, code, now, limit) -> Deferred:
+        return self._call(self.store.add_login_code, code_hash, code, now, limit)
+
+    def take_login_code(self, code_hash, now) -> Deferred:
+        return self._call(self.store.take_login_code, code_hash, now)
+
+    def add_admin_session(self, session_hash, session, now, limit) -> Deferred:
+        return self._call(self.store.add_admin_session, session_hash, session, now, limit)
+
+    def get_admin_session(self, session_hash, now) -> Deferred:
+        return self._call(self.store.get_admin_session, session_hash, now)
+
+    def end_admin_session(self, session_hash) -> Deferred:
+        return self._call(self.store.end_admin_session, session_hash)
+
+    def end_admin_sessions_of(self, token_id) -> Deferred:
+        return self._call(self.store.end_admin_sessions_of, token_id)
+
     def record_node(self, node_id, tunnel_address, started, now) -> Deferred:
         return self._call(self.store.record_node, node_id, tunnel_address, started, now)
 

@@ -1,4 +1,4 @@
-"""`gateway update keygen|sign|publish|show` (the admin and the service) and `gateway connector update`
+"""`gateway update keygen|sign|publish|show|resume` (the admin and the service) and `gateway connector update`
 (the connector's machine). gateway/cli.py adds these with :func:`add_parsers` and dispatches
 through :data:`COMMANDS`.
 """
@@ -38,6 +38,10 @@ def add_parsers(sub: Any) -> None:
                          help="check the signature with this key before publishing (recommended)")
     show = update.add_parser("show", help="what the service offers its connectors now")
     show.add_argument("--config", default="/etc/gateway/gateway.toml", help="the service's TOML file")
+    resume = update.add_parser("resume", help="lift a group's halted rollout (after an update failed there),"
+                                              " for every node sharing the store")
+    resume.add_argument("--config", default="/etc/gateway/gateway.toml", help="the service's TOML file")
+    resume.add_argument("--group", required=True, help="the connector group whose rollout to let go on")
 
 
 def add_connector_parser(conn: Any) -> None:
@@ -146,6 +150,28 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
+def resume(args: argparse.Namespace) -> int:
+    """Lift the halt of a group's rollout in the store, which every node reads."""
+    from gateway.config import load_config
+    from gateway import plugins
+    from gateway.service.node import open_store
+
+    config = load_config(args.config, plugins.config_sections(plugins.make_plugin_manager()))
+    if config.service is None:
+        raise GatewayError(f"{args.config} has no [service] table; give the service's config file")
+    store = open_store(config.service)
+    try:
+        lifted = store.lift_update_halt(args.group)
+    finally:
+        store.close()
+    if lifted is None:
+        print(f"the rollout to group {args.group!r} is not halted; nothing to resume", file=sys.stderr)
+        return 0
+    print(f"the rollout of {lifted} to group {args.group!r} goes on: its updaters ask for the lease again at"
+          " their next poll (the failed version too: fix what failed first, or publish another)", file=sys.stderr)
+    return 0
+
+
 def connector_update(args: argparse.Namespace) -> int:
     """Talk to the running updater's control socket; print what it says; 0 if it ended ok."""
     from gateway.updater.config import load_updater_config
@@ -173,5 +199,6 @@ COMMANDS = {
     ("update", "sign"): sign,
     ("update", "publish"): publish,
     ("update", "show"): show,
+    ("update", "resume"): resume,
     ("connector", "update"): connector_update,
 }

@@ -12,10 +12,12 @@ from gateway.segments import Where, parse_segments
 from gateway.service.access import AccessRefused, authorize, credential_problem, single_destination
 from gateway.pkce import s256
 from gateway.service.users import LoginCodes, Refused, parse_request
+from gateway.store.sqlite import SQLiteStore
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.splice import splice_streams
 from gateway.tunnel.stream import StreamReset
 
+from tests.unit.syncstore import NowStore, result_of
 from tests.unit.test_session import Collector, Pair
 
 ALICE = {"sub": "alice-sub", "name": "Alice", "email": "alice@example.test", "email_verified": True,
@@ -95,38 +97,50 @@ def test_a_malformed_destination_is_refused_not_raised():
     assert e.value.code == ResetCode.REFUSED
 
 
-def test_sign_in_codes_are_single_use_bound_to_the_verifier_and_short_lived():
+@pytest.fixture
+def codes_store(tmp_path):
+    store = SQLiteStore(tmp_path / "gateway.db")
+    yield NowStore(store)
+    store.close()
+
+
+def test_sign_in_codes_are_single_use_bound_to_the_verifier_and_short_lived(codes_store):
     """A code works once with its verifier; a wrong verifier spends it; it expires after its lifetime."""
     clock = Clock()
-    codes = LoginCodes(clock, lifetime=120)
+    codes = LoginCodes(codes_store, clock, lifetime=120)
     verifier = "v" * 50
-    code = codes.issue(ALICE, s256(verifier))
-    assert codes.redeem(code, verifier)["sub"] == "alice-sub"
+    code = result_of(codes.issue(ALICE, s256(verifier)))
+    assert result_of(codes.redeem(code, verifier))["sub"] == "alice-sub"
     with pytest.raises(Refused):
-        codes.redeem(code, verifier)
-    code = codes.issue(ALICE, s256(verifier))
+        result_of(codes.redeem(code, verifier))
+    code = result_of(codes.issue(ALICE, s256(verifier)))
     with pytest.raises(Refused, match="PKCE"):
-        codes.redeem(code, "w" * 50)
-    code = codes.issue(ALICE, s256(verifier))
+        result_of(codes.redeem(code, "w" * 50))
+    code = result_of(codes.issue(ALICE, s256(verifier)))
     with pytest.raises(Refused, match="PKCE"):
-        codes.redeem(code, "ü" * 50)   # not even ASCII: refused, not an internal error
+        result_of(codes.redeem(code, "ü" * 50))   # not even ASCII: refused, not an internal error
     with pytest.raises(Refused):
-        codes.redeem(code, verifier)
-    code = codes.issue(ALICE, s256(verifier))
+        result_of(codes.redeem(code, verifier))
+    code = result_of(codes.issue(ALICE, s256(verifier)))
     clock.advance(121)
     with pytest.raises(Refused, match="expired"):
-        codes.redeem(code, verifier)
+        result_of(codes.redeem(code, verifier))
 
 
-def test_pending_codes_are_bounded():
-    """More sign-ins than the limit push the oldest codes out; memory stays bounded."""
-    codes = LoginCodes(Clock(), limit=3)
-    first = codes.issue(ALICE, s256("x" * 43))
+def test_pending_codes_are_bounded_and_kept_hashed(codes_store):
+    """More sign-ins than the limit push the oldest codes out; the store holds no code itself."""
+    clock = Clock()
+    codes = LoginCodes(codes_store, clock, limit=3)
+    first = result_of(codes.issue(ALICE, s256("x" * 43)))
+    later = []
     for _ in range(3):
-        codes.issue(ALICE, s256("x" * 43))
-    assert len(codes._pending) == 3
+        clock.advance(1)
+        later.append(result_of(codes.issue(ALICE, s256("x" * 43))))
+    rows = codes_store.store._db.execute("SELECT code_hash FROM login_codes").fetchall()
+    assert len(rows) == 3 and not {r[0] for r in rows} & {first, *later}
     with pytest.raises(Refused):
-        codes.redeem(first, "x" * 43)
+        result_of(codes.redeem(first, "x" * 43))
+    assert result_of(codes.redeem(later[0], "x" * 43))["sub"] == "alice-sub"
 
 
 @pytest.mark.parametrize("message,words", [
@@ -174,9 +188,9 @@ def test_portal_redirects_to_the_loopback_client_with_a_code():
             return "CODE"
 
     challenge = s256("v" * 50)
-    answer = login_redirect(f"port=5123&state=abcdefgh12&code_challenge={challenge}&code_challenge_method=S256",
-                            Identity("alice-sub", "Alice", "alice@example.test", ("staff",), email_verified=True),
-                            Access)
+    answer = result_of(login_redirect(
+        f"port=5123&state=abcdefgh12&code_challenge={challenge}&code_challenge_method=S256",
+        Identity("alice-sub", "Alice", "alice@example.test", ("staff",), email_verified=True), Access))
     assert answer.status == 302
     location = dict(answer.headers)[b"Location"].decode()
     parts = urlsplit(location)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
+import pytest
 from twisted.internet.task import Clock
 
 from gateway.admin.auth import Sessions, bearer_token, foreign_origin
@@ -13,6 +15,9 @@ from gateway.admin.openapi import document
 from gateway.admin.routes import ROUTES
 from gateway.admin.summary import connector_from_json, jsonable, summarise
 from gateway.store.records import ConnectorRecord
+from gateway.store.sqlite import SQLiteStore
+
+from tests.unit.syncstore import NowStore, result_of
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -59,26 +64,46 @@ def test_a_route_matches_only_its_method_and_shape():
     assert move.match("POST", ["api", "v1", "connectors", "abc"]) is None
 
 
-def test_sessions_expire_and_stay_bounded():
+@pytest.fixture
+def node(tmp_path):
+    """Just what Sessions uses of a node: a clock and the store (SQLite, answering at once)."""
+    store = SQLiteStore(tmp_path / "gateway.db")
+    yield SimpleNamespace(reactor=Clock(), store=NowStore(store))
+    store.close()
+
+
+def test_sessions_expire_and_stay_bounded(node):
     """A session ends at its lifetime; beyond max_sessions the oldest is dropped; a forged id is None."""
-    clock = Clock()
-    sessions = Sessions(clock, lifetime=60, max_sessions=2)
-    first, second = sessions.create("t1"), sessions.create("t2")
-    assert sessions.get(first.session_id) == first
-    third = sessions.create("t3")
-    assert sessions.get(first.session_id) is None and sessions.get(second.session_id) == second
-    assert sessions.get("forged") is None and sessions.get(None) is None
-    clock.advance(60)
-    assert sessions.get(third.session_id) is None
+    sessions = Sessions(node, lifetime=60, max_sessions=2)
+    first = result_of(sessions.create("t1"))
+    node.reactor.advance(1)
+    second = result_of(sessions.create("t2"))
+    assert result_of(sessions.get(first.session_id)) == first
+    third = result_of(sessions.create("t3"))
+    assert result_of(sessions.get(first.session_id)) is None
+    assert result_of(sessions.get(second.session_id)) == second
+    assert result_of(sessions.get("forged")) is None and result_of(sessions.get(None)) is None
+    node.reactor.advance(60)
+    assert result_of(sessions.get(third.session_id)) is None
 
 
-def test_revoking_a_token_ends_its_sessions_only():
+def test_sessions_are_stored_hashed_with_a_csrf_token_of_their_own(node):
+    """The store holds no session id; each session's CSRF token differs from its id and from another's."""
+    sessions = Sessions(node, lifetime=60)
+    a, b = result_of(sessions.create("t1")), result_of(sessions.create("t1"))
+    stored = {r[0] for r in node.store.store._db.execute("SELECT session_hash FROM admin_sessions")}
+    assert len(stored) == 2 and not stored & {a.session_id, b.session_id}
+    assert a.csrf != a.session_id and a.csrf != b.csrf
+    assert result_of(sessions.get(a.session_id)).csrf == a.csrf
+
+
+def test_revoking_a_token_ends_its_sessions_only(node):
     """end_token drops every session of that token and keeps the others."""
-    sessions = Sessions(Clock(), lifetime=60)
-    a1, a2, b = sessions.create("a"), sessions.create("a"), sessions.create("b")
-    sessions.end_token("a")
-    assert sessions.get(a1.session_id) is None and sessions.get(a2.session_id) is None
-    assert sessions.get(b.session_id) == b
+    sessions = Sessions(node, lifetime=60)
+    a1, a2, b = (result_of(sessions.create(t)) for t in ("a", "a", "b"))
+    result_of(sessions.end_token("a"))
+    assert result_of(sessions.get(a1.session_id)) is None and result_of(sessions.get(a2.session_id)) is None
+    assert result_of(sessions.get(b.session_id)) == b
 
 
 def test_only_a_bearer_header_carries_a_token():

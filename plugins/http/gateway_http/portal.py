@@ -16,7 +16,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from gateway.config import AppConfig, web_origin
@@ -50,8 +50,9 @@ def check_portal(access: Any, apps: list[Any], config_path: Any) -> None:
                               f" external_url {app.external_url!r}); give gateway login a host of its own")
 
 
-def login_redirect(query: str, identity: auth.Identity, access: Any) -> auth.Respond:
-    """The redirect to the user's loopback client with a fresh code, or a page saying what is wrong."""
+def login_redirect(query: str, identity: auth.Identity, access: Any) -> auth.Respond | Deferred:
+    """The redirect to the user's loopback client with a fresh code (a Deferred: the code is
+    stored first), or a page saying what is wrong."""
     params = parse_qs(query, keep_blank_values=True)
 
     def one(name: str) -> str:
@@ -69,7 +70,12 @@ def login_redirect(query: str, identity: auth.Identity, access: Any) -> auth.Res
     if problem is not None:
         return auth.page(400, "Sign-in link not valid",
                          f"This sign-in link was not made by gateway login: {problem}. Run gateway login again.")
-    code = access.issue_code(identity.to_metadata(), challenge)
+    d = maybeDeferred(access.issue_code, identity.to_metadata(), challenge)
+    d.addCallback(_redirect_with_code, identity, access, port, state)
+    return d.addErrback(_no_code, identity)
+
+
+def _redirect_with_code(code: str, identity: auth.Identity, access: Any, port: str, state: str) -> auth.Respond:
     log.info("gateway login: {user} signed in; code handed to the loopback client on port {port}",
              user=identity.email or identity.subject, port=port)
     location = f"http://127.0.0.1:{port}/callback?" + urlencode({
@@ -77,6 +83,15 @@ def login_redirect(query: str, identity: auth.Identity, access: Any) -> auth.Res
         "ca": access.ca_fingerprint,
     })
     return auth.redirect(location)
+
+
+def _no_code(failure: Any, identity: auth.Identity) -> auth.Respond:
+    # The code lives in the store every node shares; without it there is no code to hand out.
+    log.error("gateway login: no sign-in code for {user}: {error}", user=identity.email or identity.subject,
+              error=failure.getErrorMessage())
+    return auth.page(503, "Sign-in not available",
+                     "The service could not record your sign-in code (its store is unavailable). Try gateway"
+                     " login again in a minute; tell your administrator if it goes on.")
 
 
 class PortalGate:
@@ -94,7 +109,7 @@ class PortalGate:
             return decision.addCallback(self._portal, request)
         return self._portal(decision, request)
 
-    def _portal(self, decision: Any, request: Any) -> auth.Respond:
+    def _portal(self, decision: Any, request: Any) -> auth.Respond | Deferred:
         if isinstance(decision, auth.Respond):
             return decision   # signing in, the callback, signing out: the OIDC gate's pages
         path, query = auth.split_target(request.target)
