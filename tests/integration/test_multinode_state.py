@@ -100,6 +100,9 @@ def test_with_postgresql_stopped_under_load_traffic_goes_on_and_admin_calls_fail
     cluster.service_extra = {"config_interval": 3600}
     node1, node2 = cluster.start(2)
     conn = cluster.connector(node1, tunnels=2)
+    for node in (node1, node2):   # the connector learns of node 2 from its config, then dials it
+        wait_until(lambda: f"connector {conn.connector_id} (group default) up on tunnel {node.name}/" in node.log(),
+                   30, f"the connector's tunnel to {node.name}")
     loads = [LoadGen(tcp_port=n.app_port("app"), tcp_workers=2, max_requests=20_000, max_seconds=150, timeout=10)
              for n in (node1, node2)]
     for load in loads:
