@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 from gateway.config import DEFAULT_CONFIG_PATH, load_config
 from gateway.errors import GatewayError
+from gateway.oplogs.admin import updater_admin_log
 from gateway.oplogs.files import parse_line, read_records
 from gateway.oplogs.session import summary
 
@@ -128,7 +129,8 @@ def log_paths(config_path: str, kind: str | None) -> list[Path]:
         if config.logging.admin_log is None and kind == "admin":
             raise GatewayError(f"{config_path}: the admin log is off (logging.admin_log = \"\")")
         if config.logging.admin_log is not None:
-            paths.append(config.logging.admin_log)
+            # with the admin log of the updater beside a connector (update steps), if there is one
+            paths += [config.logging.admin_log, updater_admin_log(config.logging.admin_log)]
     if kind in (None, "session"):
         paths.append(config.logging.session_log_file)
     return paths

@@ -4,6 +4,7 @@ service node's recent events; the connector's sender to its service)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from attrs import define, field
@@ -20,6 +21,14 @@ CONTEXT = ("connector_id", "tunnel_id", "group", "app", "request_id", "user", "a
 LEVEL_NAMES = {LogLevel.debug: "debug", LogLevel.info: "info", LogLevel.warn: "warn",
                LogLevel.error: "error", LogLevel.critical: "critical"}
 MAX_TEXT = 4096
+# The updater beside a connector writes its admin log next to the connector's (two processes
+# rotating one file would lose lines), with this source; `gateway logs show` reads both.
+UPDATER_SOURCE = "updater"
+
+
+def updater_admin_log(admin_log: Path) -> Path:
+    """Where the updater of the connector whose admin log is `admin_log` writes its own."""
+    return admin_log.with_name(f"updater-{admin_log.name}")
 
 
 def is_admin_event(event: dict[str, Any]) -> bool:

@@ -45,6 +45,8 @@ class UpdaterConfig:
     # the connector's forward proxy ([connector] proxy, None: the environment's; "": none)
     proxy: str | None = None
     proxy_password_file: Path | None = None
+    # the connector's [logging]: the updater's admin log goes beside the connector's, to its journald
+    logging: Any = None
 
     @property
     def python(self) -> Path:
@@ -118,4 +120,5 @@ def parse_updater_config(data: dict[str, Any], shown: str) -> UpdaterConfig:
         drain_timeout=connector.connector.drain_timeout,
         proxy=connector.connector.proxy,
         proxy_password_file=connector.connector.proxy_password_file,
+        logging=connector.logging,
     )

@@ -200,6 +200,17 @@ def test_a_group_rolls_to_the_next_version_under_load_and_a_broken_one_is_rolled
     assert "no healthy connector of group" not in service_log
     # the updaters' admin events reached the service
     assert f"updated from {N} to {N1}" in service_log and f"rolled back to {N1}" in service_log
+    # and their own admin logs, which an admin reads on the connector's machine
+    shown = gw.cli("logs", "show", "--kind", "admin", "--config", str(first.connector.config_path))
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(rf"updater\s*: .*rolled back to {re.escape(N1)}", shown.stdout), shown.stdout[-3000:]
+    # the halt is in the store: an admin lifts it (the updaters stopped first, N2 is still broken)
+    for updater in updaters:
+        updater.proc.stop()
+    resumed = gw.cli("update", "resume", "--config", str(svc.config_path), "--group", "default")
+    assert resumed.returncode == 0 and f"the rollout of {N2} to group 'default' goes on" in resumed.stderr, resumed
+    again = gw.cli("update", "resume", "--config", str(svc.config_path), "--group", "default")
+    assert again.returncode == 0 and "is not halted" in again.stderr, again
 
 
 @pytest.mark.timeout(300)

@@ -167,3 +167,29 @@ def test_the_logs_stop_only_after_every_role_has_stopped(tmp_path):
     log.warn("after the stop")
     assert stopped.called
     assert [r["text"] for r in read_records(tmp_path / "admin.log")] == ["tunnel lost while draining"]
+
+
+def test_the_updater_writes_its_update_steps_to_an_admin_log_beside_the_connectors(tmp_path):
+    """The updater's process logs an update step as an admin event, with source updater, in
+    updater-admin.log next to the connector's admin log; no session log; off stays off."""
+    from attrs import evolve
+
+    from gateway.config import LoggingConfig
+    from gateway.oplogs.service import OpLogs
+    from gateway.updater.tap import updater_logging
+
+    connector_logging = LoggingConfig(admin_log=tmp_path / "admin.log", session_log=True,
+                                      session_log_file=tmp_path / "session.log")
+    logging = updater_logging(connector_logging)
+    assert logging.admin_log == tmp_path / "updater-admin.log" and logging.session_log is False
+    assert updater_logging(evolve(connector_logging, admin_log=None)).admin_log is None
+    publisher = LogPublisher()
+    oplogs = OpLogs(logging, Clock(), "updater", publisher)
+    oplogs.startService()
+    log = Logger(observer=publisher, namespace="gateway.updater.daemon")
+    log.info("{text}", text="updated from 1.0 to 1.1", event="update")
+    log.info("a poll found nothing new")
+    oplogs.stopService()
+    records = list(read_records(tmp_path / "updater-admin.log"))
+    assert [(r["source"], r["event"], r["text"]) for r in records] == [("updater", "update", "updated from 1.0 to 1.1")]
+    assert not (tmp_path / "admin.log").exists()
