@@ -156,11 +156,13 @@ def echo_refused(port: int) -> bool:
 def test_after_store_outage_grace_new_streams_are_refused_naming_the_store_and_served_again_once_it_is_back(
         gw, outage_multinode, backends):
     """With PostgreSQL down longer than store_outage_grace, a node refuses new streams saying why (a stream opened
-    before goes on); with PostgreSQL back it serves new streams again without a restart."""
+    before goes on) and a connector's new tunnel saying why (no traceback); with PostgreSQL back the connector's
+    tunnels come up and new streams are served again without a restart."""
     echo = backends(echo_handler)
     outage_multinode.apps = [{"name": "echo", "destination": echo.destination}]
     (node,) = outage_multinode.start(1, store_outage_grace=2)
     outage_multinode.connector(node)
+    spare = outage_multinode.connector(node)
     port = node.app_port("echo")
     wait_echo(port)
     held = connect(port)
@@ -173,8 +175,14 @@ def test_after_store_outage_grace_new_streams_are_refused_naming_the_store_and_s
                      r" longer than store_outage_grace \(2s\)", node.log())
     held.sendall(b"during")
     assert read_exact(held, 6)[1] == hashlib.sha256(b"during").hexdigest()
+    spare.stop()
+    spare.start(wait=False)   # its new tunnel cannot be checked: refused saying why, and retried
+    wait_until(lambda: re.search(r"refused: the service cannot check this certificate now \(the store "
+                                 r"postgresql://\S+ (is unreachable|failed)", node.log()), 60, "the spare's tunnel refused")
     outage_multinode.postgres.resume()
     wait_until(lambda: outage_lines(node) == (1, 1), 60, "the node to log the store back")
+    spare.wait_up()
+    assert "Traceback" not in node.log()
     assert echo_once(port, b"again") == b"again"
     held.close()
 
