@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from gateway.errors import ConfigError
-from gateway.service.updates import GroupLeases
+from gateway.service.updates import MAX_LEASE, lease_expiry, lease_refusal
+from gateway.store.records import UpdateLease
 from gateway.updater import manifest as mf
 from gateway.updater.config import parse_updater_config
 from gateway.updater.daemon import Updater
@@ -89,37 +91,36 @@ def test_public_keys_round_trip_and_bad_ones_are_refused():
 # -- the lease ---------------------------------------------------------------------------------
 
 
-def test_one_connector_per_group_holds_the_lease_until_it_releases_or_it_expires():
-    """A second connector of the group is refused while the first holds the lease; free after
-    release, and after the lease's duration if the holder vanished."""
-    clock = Clock()
-    leases = GroupLeases(clock)
-    assert leases.acquire("g", "a", "2", 100, ["b"], ["b"]) is None
-    assert "connector a of group 'g' is updating" in leases.acquire("g", "b", "2", 100, ["a"], ["a"])
-    assert leases.acquire("h", "c", "2", 100, ["d"], ["d"]) is None   # other groups are independent
-    leases.release("g", "a", "2", failed=False)
-    assert leases.acquire("g", "b", "2", 100, ["a"], ["a"]) is None
-    clock.advance(101)
-    assert leases.acquire("g", "a", "2", 100, ["b"], ["b"]) is None
+def test_a_lease_held_by_another_connector_of_the_group_refuses_naming_it():
+    """The group's live lease of another connector refuses; the holder itself may ask again; no lease grants.
+    (The lease kept in the store, its expiry and the race of two nodes: test_store_shared_state.py.)"""
+    held = UpdateLease("a", "2", datetime(2026, 1, 1, tzinfo=UTC))
+    assert "connector a of group 'g' is updating to 2" in lease_refusal("g", "b", "2", held, None, ["a"], ["a"])
+    assert lease_refusal("g", "a", "2", held, None, ["b"], ["b"]) is None
+    assert lease_refusal("g", "b", "2", None, None, ["a"], ["a"]) is None
 
 
 def test_the_last_healthy_connector_of_a_group_gets_no_lease_while_others_are_down():
     """With every other connector of the group down the lease is refused, naming them; a group
     of one connector may update (there is nobody to keep it lit)."""
-    leases = GroupLeases(Clock())
-    refusal = leases.acquire("g", "a", "2", 100, ["b" * 32], [])
+    refusal = lease_refusal("g", "a", "2", None, None, ["b" * 32], [])
     assert "last healthy one of group 'g'" in refusal and "b" * 12 in refusal
-    assert leases.acquire("solo", "a", "2", 100, [], []) is None
+    assert lease_refusal("solo", "a", "2", None, None, [], []) is None
 
 
-def test_a_failed_update_halts_that_version_for_the_group():
-    """After a release with outcome failed, nobody in the group gets the lease for that version;
-    another version is not affected."""
-    leases = GroupLeases(Clock())
-    assert leases.acquire("g", "a", "3", 100, ["b"], ["b"]) is None
-    leases.release("g", "a", "3", failed=True)
-    assert "halted" in leases.acquire("g", "b", "3", 100, ["a"], ["a"])
-    assert leases.acquire("g", "b", "4", 100, ["a"], ["a"]) is None
+def test_a_halted_version_is_refused_with_how_to_resume_and_another_is_not():
+    """The group's halted version is refused saying how to go on; another version is not affected."""
+    refusal = lease_refusal("g", "b", "3", None, "3", ["a"], ["a"])
+    assert "halted" in refusal and "gateway update resume --group g" in refusal
+    assert lease_refusal("g", "b", "4", None, "3", ["a"], ["a"]) is None
+
+
+def test_a_lease_lasts_what_was_asked_within_bounds():
+    """A lease ends after the asked duration, at least 1 s, at most MAX_LEASE."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert lease_expiry(now, 600) == now + timedelta(seconds=600)
+    assert lease_expiry(now, 0) == now + timedelta(seconds=1)
+    assert lease_expiry(now, 10 ** 9) == now + timedelta(seconds=MAX_LEASE)
 
 
 # -- the reply decoder -------------------------------------------------------------------------
