@@ -575,7 +575,8 @@ class SQLStore:
         with self._write(serialised=False) as db:
             db.execute("DELETE FROM admin_sessions WHERE expires_at <= ?", (_to_text(now),))
             _drop_oldest(db, "admin_sessions", "session_hash", limit)
-            db.execute("INSERT INTO admin_sessions (session_hash, token_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+            db.execute("INSERT INTO admin_sessions (session_hash, token_id, created_at, expires_at)"
+                       " VALUES (?, ?, ?, ?)",
                        (session_hash, session.token_id, _to_text(session.created_at), _to_text(session.expires_at)))
 
     def get_admin_session(self, session_hash: str, now: datetime) -> AdminSession | None:

@@ -152,18 +152,10 @@ def show(args: argparse.Namespace) -> int:
 
 def resume(args: argparse.Namespace) -> int:
     """Lift the halt of a group's rollout in the store, which every node reads."""
-    from gateway.config import load_config
-    from gateway import plugins
-    from gateway.service.node import open_store
+    from gateway import cli
 
-    config = load_config(args.config, plugins.config_sections(plugins.make_plugin_manager()))
-    if config.service is None:
-        raise GatewayError(f"{args.config} has no [service] table; give the service's config file")
-    store = open_store(config.service)
-    try:
+    with cli._service_store(args) as (_, store):
         lifted = store.lift_update_halt(args.group)
-    finally:
-        store.close()
     if lifted is None:
         print(f"the rollout to group {args.group!r} is not halted; nothing to resume", file=sys.stderr)
         return 0

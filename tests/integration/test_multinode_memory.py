@@ -11,7 +11,8 @@ import time
 import pytest
 
 from gateway_harness import HOST, free_port, subprocess_env, toml_table, wait_until
-from test_admin_api import _csrf_field, _listening, create_admin_token, request, session_cookie, sign_in, signin_form, token_text
+from test_admin_api import (_csrf_field, _listening, create_admin_token, request, session_cookie, sign_in,
+                            signin_form, token_text)
 
 # A user's client trading a sign-in code for a certificate at one node's tunnel port, as
 # `gateway login` does once the browser hands it the code; it waits for a common start time so

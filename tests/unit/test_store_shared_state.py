@@ -95,7 +95,8 @@ def test_the_decision_sees_the_live_lease_and_the_halt(store):
     """decide is called with the group's unexpired lease and its halted version."""
     seen = []
     store.acquire_update_lease("lab", "c1", "2.0", LATER, T0, grant_all)
-    store.acquire_update_lease("lab", "c2", "2.0", LATER, T0, lambda lease, halted: seen.append((lease, halted)) or "no")
+    store.acquire_update_lease("lab", "c2", "2.0", LATER, T0,
+                               lambda lease, halted: seen.append((lease, halted)) or "no")
     assert seen == [(UpdateLease("c1", "2.0", LATER), None)]
 
 
