@@ -1,9 +1,12 @@
 """State that lived in one node's memory, now shared by every node through the store (issue 15):
-the status page's sessions and the browser sign-in's one-time codes, through real twistd nodes on
-127.0.0.1 sharing a throwaway PostgreSQL database (tests/integration/multinode.py)."""
+the status page's sessions, the browser sign-in's one-time codes and a group's update lease and
+halt, through real twistd nodes on 127.0.0.1 sharing a throwaway PostgreSQL database
+(tests/integration/multinode.py)."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
@@ -136,3 +139,67 @@ def test_a_sign_in_code_redeemed_at_two_nodes_at_once_is_accepted_once(gw, multi
     assert len(granted) == 1 and len(refused) == 1, outputs
     for node in (node1, node2):
         assert "internal error" not in node.log()
+
+
+# An updater's request on the update exchange, as connector STATE_DIR, at one node's tunnel port:
+# prints the service's JSON answer.
+UPDATE_REQUEST = """
+import json, sys
+from pathlib import Path
+import attrs
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from gateway.connector.identity import ConnectorIdentity
+from gateway.updater.exchange import UpdateClient
+
+state_dir, port, op, params = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+
+
+async def main(reactor):
+    ident = attrs.evolve(ConnectorIdentity.load(Path(state_dir)), service_port=port)
+    print(json.dumps(await UpdateClient(reactor, lambda: ident).request(op, **params)), flush=True)
+
+task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+"""
+
+
+def update_request(gw, connector, node, op: str, **params) -> dict:
+    """The answer of `node` to connector's updater asking `op`."""
+    result = subprocess.run([sys.executable, "-c", UPDATE_REQUEST, str(connector.state_dir), str(node.port), op,
+                             json.dumps(params)], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    gw.cli_logs.append((f"update {op} at {node.name} as {connector.name}", result.stdout + result.stderr))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def up_on(node, connector) -> bool:
+    """Whether `node` logged a tunnel of `connector` up."""
+    pattern = rf"connector {connector.connector_id} \(group \S+\) up on tunnel {node.name}/"
+    return re.search(pattern, node.log()) is not None
+
+
+@pytest.mark.timeout(180)
+def test_a_groups_update_lease_held_via_one_node_is_refused_via_another_and_its_halt_outlives_a_restart(
+        gw, multinode):
+    """Connector A's lease taken at node 1 refuses B's at node 2 naming A; A's failed release at node 1
+    halts the version at node 2, still after node 2 restarts; gateway update resume lifts it and B's
+    lease is granted."""
+    node1, node2 = multinode.start(2)
+    a, b = multinode.connector(node1, name="upa"), multinode.connector(node1, name="upb")
+    wait_until(lambda: all(up_on(n, c) for n in (node1, node2) for c in (a, b)), 60,
+               "both connectors' tunnels on both nodes")
+    assert update_request(gw, a, node1, "lease", version="9.9", duration=600)["granted"] is True
+    refused = update_request(gw, b, node2, "lease", version="9.9", duration=600)
+    assert refused["granted"] is False and f"connector {a.connector_id} of group 'default' is updating to 9.9" \
+        in refused["reason"], refused
+    assert update_request(gw, a, node1, "release", version="9.9", outcome="failed")["released"] is True
+    node2.proc.stop()
+    node2.start()
+    multinode.wait_nodes()
+    assert update_request(gw, b, node2, "manifest")["halted"] == "9.9"
+    halted = update_request(gw, b, node2, "lease", version="9.9", duration=600)
+    assert halted["granted"] is False and "gateway update resume --group default" in halted["reason"], halted
+    resumed = multinode.cli(node2, "update", "resume", "--group", "default")
+    assert resumed.returncode == 0 and "the rollout of 9.9 to group 'default' goes on" in resumed.stderr, resumed
+    wait_until(lambda: up_on(node2, a), 60, "connector A's tunnel on the restarted node 2")
+    assert update_request(gw, b, node2, "lease", version="9.9", duration=600)["granted"] is True
