@@ -208,7 +208,32 @@ REMOTE_COMMANDS = {("connectors", "list"), ("connectors", "delete"), ("connector
 
 
 def _remote_commands() -> str:
-    return ", ".join(sorted(" ".join(filter(None, c)) for c in REMOTE_COMMANDS))
+    from gateway.admin.operations import OPERATIONS
+
+    names = {" ".join(filter(None, c)) for c in REMOTE_COMMANDS} | {o.removesuffix(" list") if o.startswith("logs")
+                                                                   else o for o in OPERATIONS}
+    return ", ".join(sorted(names))
+
+
+def _perform(args: argparse.Namespace, operation: Any) -> dict[str, Any]:
+    """What `operation(args, config, store)` answers: run here on the store of --config, or with
+    --service URL run by the service on its store (the admin API calls the same function)."""
+    if getattr(args, "remote", None):
+        from gateway.admin.client import AdminClient, read_admin_token
+        from gateway.admin.operations import operation_of
+
+        remote = operation_of(args)
+        if remote is None:
+            raise GatewayError(f"`gateway {args.command} {args.action}` works on the service machine only"
+                               f" (with --config); with --service: {_remote_commands()}")
+        return AdminClient(args.remote, read_admin_token(args.admin_token_file)).call(*remote.request(args))
+    with _service_store(args) as (config, store):
+        return operation(args, config, store)
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"gateway: warning: {warning}", file=sys.stderr)
 
 
 @contextmanager
@@ -242,49 +267,62 @@ def _remote_store(args: argparse.Namespace) -> tuple[Any, Any]:
     return store.config(), store
 
 
-def token_create(args: argparse.Namespace) -> int:
+def token_create_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """A new enrolment token of group --group: the token itself (its only copy) and when it expires."""
     from gateway.pki.ca import CertificateAuthority
     from gateway.pki.tokens import EnrolmentToken, hash_secret
     from gateway.store.records import TokenRecord
 
-    with _service_store(args) as (config, store):
-        known = {g.name for g in store.list_groups()} | {a.group for a in config.apps} | {"default"}
-        if args.group not in known:
-            raise GatewayError(
-                f"no connector group {args.group!r}; known groups: {', '.join(sorted(known))}"
-                " (a group exists once an app in the config names it or `gateway groups create` made it)"
-            )
-        now = datetime.now(UTC)
-        store.ensure_group(args.group, now)
-        ca = CertificateAuthority.load_or_create(config.service.state_dir)
-        token = EnrolmentToken.generate(ca.fingerprint)
-        lifetime = args.lifetime or config.service.token_lifetime
-        if lifetime <= 0:
-            raise GatewayError(f"--lifetime must be a positive number of seconds, got {lifetime}")
-        store.create_token(TokenRecord(
-            token_id=token.token_id, secret_hash=hash_secret(token.secret), group=args.group,
-            created_at=now, expires_at=now + timedelta(seconds=lifetime),
-        ))
-    expires = (now + timedelta(seconds=lifetime)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    known = {g.name for g in store.list_groups()} | {a.group for a in config.apps} | {"default"}
+    if args.group not in known:
+        raise UnknownName(
+            f"no connector group {args.group!r}; known groups: {', '.join(sorted(known))}"
+            " (a group exists once an app in the config names it or `gateway groups create` made it)"
+        )
+    lifetime = args.lifetime or config.service.token_lifetime
+    if lifetime <= 0:
+        raise GatewayError(f"--lifetime must be a positive number of seconds, got {lifetime}")
+    now = datetime.now(UTC)
+    store.ensure_group(args.group, now)
+    ca = CertificateAuthority.load_or_create(config.service.state_dir)
+    token = EnrolmentToken.generate(ca.fingerprint)
+    store.create_token(TokenRecord(
+        token_id=token.token_id, secret_hash=hash_secret(token.secret), group=args.group,
+        created_at=now, expires_at=now + timedelta(seconds=lifetime),
+    ))
+    return {"token": token.encode(), "token_id": token.token_id, "group": args.group,
+            "expires": (now + timedelta(seconds=lifetime)).strftime("%Y-%m-%d %H:%M:%S UTC")}
+
+
+def token_create(args: argparse.Namespace) -> int:
+    made = _perform(args, token_create_operation)
+    token_id, group, expires = made["token_id"], made["group"], made["expires"]
     if args.output:
         from gateway.pki.keys import write_private
 
-        write_private(Path(args.output), (token.encode() + "\n").encode())
-        print(f"token {token.token_id} for group {args.group!r} written to {args.output}; one use, expires {expires}",
+        write_private(Path(args.output), (made["token"] + "\n").encode())
+        print(f"token {token_id} for group {group!r} written to {args.output}; one use, expires {expires}",
               file=sys.stderr)
     else:
-        print(token.encode())
-        print(f"token {token.token_id} for group {args.group!r}: one use, expires {expires}", file=sys.stderr)
+        print(made["token"])
+        print(f"token {token_id} for group {group!r}: one use, expires {expires}", file=sys.stderr)
     return 0
+
+
+def token_list_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """The enrolment tokens (never their secrets' hashes)."""
+    return {"tokens": [{"token_id": t.token_id, "group": t.group, "created_at": t.created_at.isoformat(),
+                        "expires_at": t.expires_at.isoformat(), "used_at": t.used_at and t.used_at.isoformat(),
+                        "used_by": t.used_by} for t in store.list_tokens()]}
 
 
 def token_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     rows = [("TOKEN", "GROUP", "EXPIRES", "STATE")]
-    with _service_store(args) as (_, store):
-        for t in store.list_tokens():
-            state = f"used by {t.used_by[:12]}" if t.used_at else ("expired" if t.expires_at <= now else "unused")
-            rows.append((t.token_id, t.group, f"{t.expires_at:%Y-%m-%d %H:%M}", state))
+    for t in _perform(args, token_list_operation)["tokens"]:
+        expires_at = datetime.fromisoformat(t["expires_at"])
+        state = f"used by {t['used_by'][:12]}" if t["used_at"] else ("expired" if expires_at <= now else "unused")
+        rows.append((t["token_id"], t["group"], f"{expires_at:%Y-%m-%d %H:%M}", state))
     _table(rows)
     return 0
 
@@ -400,7 +438,7 @@ def _find_connector(store: Any, text: str) -> Any:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise GatewayError(f"no active connector {text!r}; see `gateway connectors list`")
+        raise UnknownName(f"no active connector {text!r}; see `gateway connectors list`")
     raise GatewayError(f"{text!r} matches {len(matches)} connectors; give more of the id (`--wide` shows it all)")
 
 
@@ -474,24 +512,39 @@ def groups_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def groups_rename(args: argparse.Namespace) -> int:
+def _stored_group(store: Any, name: str) -> None:
+    if name != "default" and name not in {g.name for g in store.list_groups()}:
+        raise UnknownName(f"no group named {name!r}; see `gateway groups list`")
+
+
+def groups_rename_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """Group --old renamed --new with its connectors; how many connectors it had."""
     _check_group_name(args.new)
-    with _service_store(args) as (config, store):
-        _refuse_if_apps_use(config, args.old, "rename")
-        moved = store.rename_group(args.old, args.new)
-    print(f"group {args.old!r} renamed to {args.new!r} ({moved} connectors)")
+    _refuse_if_apps_use(config, args.old, "rename")
+    _stored_group(store, args.old)
+    return {"old": args.old, "new": args.new, "moved": store.rename_group(args.old, args.new)}
+
+
+def groups_rename(args: argparse.Namespace) -> int:
+    done = _perform(args, groups_rename_operation)
+    print(f"group {done['old']!r} renamed to {done['new']!r} ({done['moved']} connectors)")
     return 0
 
 
+def groups_delete_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """Group NAME deleted, its connectors moved to --move-connectors-to; how many moved."""
+    _refuse_if_apps_use(config, args.name, "delete")
+    _stored_group(store, args.name)
+    target = args.move_connectors_to
+    if target is not None and target in _app_groups(config):
+        store.ensure_group(target, datetime.now(UTC))
+    return {"name": args.name, "target": target, "moved": store.delete_group(args.name, target)}
+
+
 def groups_delete(args: argparse.Namespace) -> int:
-    with _service_store(args) as (config, store):
-        _refuse_if_apps_use(config, args.name, "delete")
-        target = args.move_connectors_to
-        if target is not None and target in _app_groups(config):
-            store.ensure_group(target, datetime.now(UTC))
-        moved = store.delete_group(args.name, target)
-    note = f"; {moved} connectors moved to {target!r}" if moved else ""
-    print(f"group {args.name!r} deleted{note}")
+    done = _perform(args, groups_delete_operation)
+    note = f"; {done['moved']} connectors moved to {done['target']!r}" if done["moved"] else ""
+    print(f"group {done['name']!r} deleted{note}")
     return 0
 
 
@@ -601,7 +654,7 @@ def _require_group(config: Any, store: Any, group: str) -> None:
     if group in named:
         store.ensure_group(group, datetime.now(UTC))  # the service makes these at start; do it now
         return
-    raise GatewayError(
+    raise UnknownName(
         f"--group: no connector group {group!r}; known groups: {', '.join(sorted(stored | named))};"
         f" create it first with `gateway groups create {group}`"
     )
@@ -633,8 +686,9 @@ def _unique_external_url(config: Any, app: Any, records: list[Any]) -> None:
     )
 
 
-def _check_with_plugins(config: Any, store: Any, app: Any) -> None:
-    """Refuse an app the plugin serving it would refuse (e.g. the http plugin's options)."""
+def _check_with_plugins(config: Any, store: Any, app: Any) -> list[str]:
+    """Refuse an app the plugin serving it would refuse (e.g. the http plugin's options); the
+    warnings this app brings (e.g. no certificate for its host)."""
     from gateway.service import store_apps
 
     pm = plugins.make_plugin_manager()
@@ -648,15 +702,13 @@ def _check_with_plugins(config: Any, store: Any, app: Any) -> None:
     try:
         known = plugins.check_service_listeners(pm, before)
     except Exception:
-        return  # the apps there already are refused: not this app's doing, so no verdict on it
+        return []  # the apps there already are refused: not this app's doing, so no verdict on it
     after, _ = store_apps.merge(config, [*apps, app], handlers)
     try:
         warnings = plugins.check_service_listeners(pm, after)
     except Exception as e:
         raise GatewayError(f"the {app.protocol} plugin refuses app {app.name!r}: {e}") from None
-    for warning in warnings:
-        if warning not in known:  # only what this app brings (e.g. no certificate for its host)
-            print(f"gateway: warning: {warning}", file=sys.stderr)
+    return [w for w in warnings if w not in known]
 
 
 def _applied_note(config: Any) -> str:
@@ -665,11 +717,11 @@ def _applied_note(config: Any) -> str:
             " connectors of the group get it with their config")
 
 
-def apps_list(args: argparse.Namespace) -> int:
+def apps_list_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """The config file's apps and the store's, each saying whether it is served and if not why."""
     from gateway.service import store_apps
 
-    with _service_store(args) as (config, store):
-        records = store.list_apps()
+    records = store.list_apps()
     parsed, problems = store_apps.parse_records(records)
     _, left_out = store_apps.merge(config, parsed, _served_protocols())
     by_name = {a.name: a for a in parsed}
@@ -697,6 +749,11 @@ def apps_list(args: argparse.Namespace) -> int:
             "created_at": record.created_at.isoformat(), "updated_at": record.updated_at.isoformat(),
         })
     entries.sort(key=lambda e: (e["name"], e["source"]))
+    return {"apps": entries}
+
+
+def apps_list(args: argparse.Namespace) -> int:
+    entries = _perform(args, apps_list_operation)["apps"]
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -708,25 +765,31 @@ def apps_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def apps_add(args: argparse.Namespace) -> int:
+def apps_add_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """App NAME as the flags describe it, checked as the service will and kept in the store."""
     from gateway.store.records import AppRecord
 
     group = args.group or "default"
     definition = _definition(args)
     app = _parse_cli_app(args.name, group, definition)
-    with _service_store(args) as (config, store):
-        if any(a.name == app.name for a in config.apps):
-            raise GatewayError(
-                f"NAME: app {app.name!r} is in {config.path}, and the config file's apps win over the store's;"
-                " choose another name (or change the app in the file)"
-            )
-        _require_group(config, store, group)
-        _check_with_plugins(config, store, app)
-        now = datetime.now(UTC)
-        store.add_app(AppRecord(app.name, group, definition, now, now),
-                      check=lambda records: _unique_external_url(config, app, records))
-        note = _applied_note(config)
-    print(f"app {app.name!r} added: {_app_summary(app)} via group {group!r}; {note}")
+    if any(a.name == app.name for a in config.apps):
+        raise GatewayError(
+            f"NAME: app {app.name!r} is in {config.path}, and the config file's apps win over the store's;"
+            " choose another name (or change the app in the file)"
+        )
+    _require_group(config, store, group)
+    warnings = _check_with_plugins(config, store, app)
+    now = datetime.now(UTC)
+    store.add_app(AppRecord(app.name, group, definition, now, now),
+                  check=lambda records: _unique_external_url(config, app, records))
+    return {"name": app.name, "group": group, "summary": _app_summary(app), "note": _applied_note(config),
+            "warnings": warnings}
+
+
+def apps_add(args: argparse.Namespace) -> int:
+    done = _perform(args, apps_add_operation)
+    _warn(done["warnings"])
+    print(f"app {done['name']!r} added: {done['summary']} via group {done['group']!r}; {done['note']}")
     return 0
 
 
@@ -743,7 +806,7 @@ def _stored_app(config: Any, store: Any, name: str, what: str) -> Any:
     if any(a.name == name for a in config.apps):
         raise GatewayError(f"app {name!r} is in {config.path}, not in the store: {what} it in the file and reload"
                            " the service (SIGHUP)")
-    raise GatewayError(f"no app {name!r} in the store; see `gateway apps list`")
+    raise UnknownName(f"no app {name!r} in the store; see `gateway apps list`")
 
 
 def _refuse_kind_change(args: argparse.Namespace, record: Any) -> None:
@@ -757,32 +820,45 @@ def _refuse_kind_change(args: argparse.Namespace, record: Any) -> None:
                            f" other kind, remove it (`gateway apps remove {args.name}`) and add it again")
 
 
-def apps_set(args: argparse.Namespace) -> int:
-    with _service_store(args) as (config, store):
-        record = _stored_app(config, store, args.name, "change")
-        group = args.group or record.group
-        _refuse_kind_change(args, record)
-        definition = _definition(args, record.definition)
-        app = _parse_cli_app(args.name, group, definition)
-        if group != record.group:
-            _require_group(config, store, group)
-        _check_with_plugins(config, store, app)
-        if group == record.group and definition == record.definition:
-            print(f"app {app.name!r} is so already")
-            return 0
+def apps_set_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """Stored app NAME changed as the flags say, checked as the service will."""
+    record = _stored_app(config, store, args.name, "change")
+    group = args.group or record.group
+    _refuse_kind_change(args, record)
+    definition = _definition(args, record.definition)
+    app = _parse_cli_app(args.name, group, definition)
+    if group != record.group:
+        _require_group(config, store, group)
+    warnings = _check_with_plugins(config, store, app)
+    done = {"name": app.name, "group": group, "summary": _app_summary(app), "note": _applied_note(config),
+            "warnings": warnings, "changed": group != record.group or definition != record.definition}
+    if done["changed"]:
         store.update_app(app.name, group, definition, datetime.now(UTC),
                          check=lambda records: _unique_external_url(config, app, records))
-        note = _applied_note(config)
-    print(f"app {app.name!r} changed: {_app_summary(app)} via group {group!r}; {note}")
+    return done
+
+
+def apps_set(args: argparse.Namespace) -> int:
+    done = _perform(args, apps_set_operation)
+    _warn(done["warnings"])
+    if not done["changed"]:
+        print(f"app {done['name']!r} is so already")
+        return 0
+    print(f"app {done['name']!r} changed: {done['summary']} via group {done['group']!r}; {done['note']}")
     return 0
 
 
+def apps_remove_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """Stored app NAME removed."""
+    _stored_app(config, store, args.name, "remove")
+    store.remove_app(args.name)
+    return {"name": args.name, "config_interval": config.service.config_interval}
+
+
 def apps_remove(args: argparse.Namespace) -> int:
-    with _service_store(args) as (config, store):
-        _stored_app(config, store, args.name, "remove")
-        store.remove_app(args.name)
-    print(f"app {args.name!r} removed from the store; the running service stops serving it within"
-          f" config_interval ({config.service.config_interval:g} s), or at once on SIGHUP")
+    done = _perform(args, apps_remove_operation)
+    print(f"app {done['name']!r} removed from the store; the running service stops serving it within"
+          f" config_interval ({done['config_interval']:g} s), or at once on SIGHUP")
     return 0
 
 
@@ -823,35 +899,40 @@ def _token_identity(args: argparse.Namespace) -> dict[str, Any]:
             "groups": [_user_text("--group", g) for g in args.groups]}
 
 
-def _new_token(args: argparse.Namespace, config: Any, token_class: Any, table: str, needs: str) -> Any:
-    """A new token of `token_class` naming this service's CA; a warning when the config lacks the
-    [table] that makes the token useful."""
+def _new_token(config: Any, token_class: Any, table: str, needs: str) -> tuple[Any, list[str]]:
+    """A new token of `token_class` naming this service's CA, and a warning when the config
+    lacks the [table] that makes the token useful."""
     from gateway.pki.ca import CertificateAuthority
 
-    if getattr(config, table) is None:
-        print(f"gateway: warning: {args.config} has no [{table}] table: {needs}", file=sys.stderr)
-    return token_class.generate(CertificateAuthority.load_or_create(config.service.state_dir).fingerprint)
+    warnings = [f"{config.path} has no [{table}] table: {needs}"] if getattr(config, table) is None else []
+    return token_class.generate(CertificateAuthority.load_or_create(config.service.state_dir).fingerprint), warnings
 
 
-def users_token_create(args: argparse.Namespace) -> int:
+def users_token_create_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """A new personal token of user --user: the token itself (its only copy) and what it is."""
     from gateway.pki.tokens import UserToken, hash_secret
     from gateway.store.records import UserCredentialRecord
 
     identity = _token_identity(args)
     lifetime = parse_duration(args.expires)
-    with _service_store(args) as (config, store):
-        token = _new_token(args, config, UserToken, "access",
-                           "the service accepts the token only once it has one (see docs/configuration.md)")
-        now = datetime.now(UTC)
-        record = UserCredentialRecord(
-            credential_id=token.token_id, user=identity["sub"], kind="token", identity=identity,
-            secret_hash=hash_secret(token.secret), created_at=now, expires_at=now + lifetime,
-            name=identity["name"] or "personal token")
-        store.create_user_credential(record)
+    token, warnings = _new_token(config, UserToken, "access",
+                                 "the service accepts the token only once it has one (see docs/configuration.md)")
+    now = datetime.now(UTC)
+    record = UserCredentialRecord(
+        credential_id=token.token_id, user=identity["sub"], kind="token", identity=identity,
+        secret_hash=hash_secret(token.secret), created_at=now, expires_at=now + lifetime,
+        name=identity["name"] or "personal token")
+    store.create_user_credential(record)
     about = (f"personal token {record.credential_id} for user {record.user!r}, expires"
              f" {record.expires_at:%Y-%m-%d %H:%M:%S UTC}; give it to gateway login --token-file"
              f" (revoke it with `gateway users token revoke {record.credential_id}`)")
-    _hand_over(token.encode(), about, args.output)
+    return {"token": token.encode(), "credential_id": record.credential_id, "about": about, "warnings": warnings}
+
+
+def users_token_create(args: argparse.Namespace) -> int:
+    made = _perform(args, users_token_create_operation)
+    _warn(made["warnings"])
+    _hand_over(made["token"], made["about"], args.output)
     return 0
 
 
@@ -867,14 +948,24 @@ def _hand_over(text: str, about: str, output: str | None) -> None:
         print(about, file=sys.stderr)
 
 
+def users_token_list_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """Users' credentials (of --user only, if given), never their secrets' hashes."""
+    return {"credentials": [
+        {"credential_id": c.credential_id, "user": c.user, "kind": c.kind, "name": c.name,
+         "created_at": c.created_at.isoformat(), "expires_at": c.expires_at.isoformat(),
+         "revoked_at": c.revoked_at and c.revoked_at.isoformat()}
+        for c in store.list_user_credentials(args.user)]}
+
+
 def users_token_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     rows = [("ID", "USER", "KIND", "NAME", "CREATED", "EXPIRES", "REVOKED")]
-    with _service_store(args) as (_, store):
-        for c in store.list_user_credentials(args.user):
-            expires = f"{c.expires_at:%Y-%m-%d %H:%M}" + (" (expired)" if c.expires_at <= now else "")
-            rows.append((c.credential_id, c.user, c.kind, c.name or "-", f"{c.created_at:%Y-%m-%d %H:%M}", expires,
-                         _when(c.revoked_at, "-")))
+    for c in _perform(args, users_token_list_operation)["credentials"]:
+        created, expires_at = datetime.fromisoformat(c["created_at"]), datetime.fromisoformat(c["expires_at"])
+        expires = f"{expires_at:%Y-%m-%d %H:%M}" + (" (expired)" if expires_at <= now else "")
+        revoked = datetime.fromisoformat(c["revoked_at"]) if c["revoked_at"] else None
+        rows.append((c["credential_id"], c["user"], c["kind"], c["name"] or "-", f"{created:%Y-%m-%d %H:%M}",
+                     expires, _when(revoked, "-")))
     _table(rows)
     return 0
 
@@ -884,32 +975,44 @@ def _revocation_note(config: Any) -> str:
             f" ({config.service.config_interval:g} s)")
 
 
-def users_token_revoke(args: argparse.Namespace) -> int:
-    with _service_store(args) as (config, store):
-        found = store.get_user_credential(args.credential_id)
-        if found is None:
-            raise GatewayError(f"no user credential {args.credential_id!r}; see `gateway users token list`")
-        if found.revoked_at is not None:
-            print(f"credential {found.credential_id} of user {found.user!r} was revoked already"
-                  f" ({_when(found.revoked_at, '-')})")
-            return 0
+def users_token_revoke_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """Credential ID revoked, unless it was already (then `already` says when)."""
+    found = store.get_user_credential(args.credential_id)
+    if found is None:
+        raise UnknownName(f"no user credential {args.credential_id!r}; see `gateway users token list`")
+    done = {"credential_id": found.credential_id, "user": found.user, "kind": found.kind,
+            "already": _when(found.revoked_at, "-") if found.revoked_at else None, "note": _revocation_note(config)}
+    if found.revoked_at is None:
         store.revoke_user_credential(found.credential_id, datetime.now(UTC))
-    print(f"credential {found.credential_id} ({found.kind}) of user {found.user!r} revoked; {_revocation_note(config)}")
+    return done
+
+
+def users_token_revoke(args: argparse.Namespace) -> int:
+    done = _perform(args, users_token_revoke_operation)
+    if done["already"]:
+        print(f"credential {done['credential_id']} of user {done['user']!r} was revoked already ({done['already']})")
+        return 0
+    print(f"credential {done['credential_id']} ({done['kind']}) of user {done['user']!r} revoked; {done['note']}")
     return 0
 
 
-def users_revoke(args: argparse.Namespace) -> int:
+def users_revoke_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """Every credential of user --user revoked; how many were still good."""
     user = _user_text("--user", args.user)
-    with _service_store(args) as (config, store):
-        if not store.list_user_credentials(user):
-            raise GatewayError(f"--user: no credentials of user {user!r}; see `gateway users token list`"
-                               " (users are named by their subject)")
-        count = store.revoke_user(user, datetime.now(UTC))
+    if not store.list_user_credentials(user):
+        raise UnknownName(f"--user: no credentials of user {user!r}; see `gateway users token list`"
+                          " (users are named by their subject)")
+    return {"user": user, "count": store.revoke_user(user, datetime.now(UTC)), "note": _revocation_note(config)}
+
+
+def users_revoke(args: argparse.Namespace) -> int:
+    done = _perform(args, users_revoke_operation)
+    user, count = done["user"], done["count"]
     if count == 0:
         print(f"user {user!r} had no credential left to revoke")
         return 0
     print(f"{count} credential{'' if count == 1 else 's'} of user {user!r} revoked (personal tokens and sign-ins);"
-          f" {_revocation_note(config)}")
+          f" {done['note']}")
     return 0
 
 
@@ -920,8 +1023,9 @@ def admin_token_create(args: argparse.Namespace) -> int:
     name = _user_text("--name", args.name)
     lifetime = parse_duration(args.expires)
     with _service_store(args) as (config, store):
-        token = _new_token(args, config, AdminToken, "admin",
-                           "the service serves no admin API until it has one (see docs/operations.md)")
+        token, warnings = _new_token(config, AdminToken, "admin",
+                                     "the service serves no admin API until it has one (see docs/operations.md)")
+        _warn(warnings)
         now = datetime.now(UTC)
         record = store.create_admin_token(AdminTokenRecord(token.token_id, name, hash_secret(token.secret), now,
                                                            now + lifetime))

@@ -7,6 +7,11 @@ class GatewayError(Exception):
     """Base of every error gateway raises on purpose."""
 
 
+class UnknownName(GatewayError):
+    """A command or API call names a group, app, connector or credential that does not exist
+    (the admin API answers it 404)."""
+
+
 class ConfigError(GatewayError):
     """A configuration file is wrong: names the file, the key and what was expected."""
 

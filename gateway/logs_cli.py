@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from gateway.config import DEFAULT_CONFIG_PATH, load_config
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UnknownName
 from gateway.oplogs.admin import updater_admin_log
 from gateway.oplogs.files import parse_line, read_records
 from gateway.oplogs.session import summary
@@ -229,44 +229,44 @@ def logs_follow(args: argparse.Namespace) -> int:
 # -- the session log switches ------------------------------------------------------------------
 
 
+def session_switch_operation(args: argparse.Namespace, config: Any, store: Any) -> dict[str, Any]:
+    """The switches (state list), or the session log of --group or --connector switched: what was done."""
+    from gateway import cli
+
+    if args.state == "list":
+        return {"switches": [[scope, name, on] for (scope, name), on in sorted(store.session_log_switches().items())]}
+    if not args.group and not args.connector or args.group and args.connector:
+        raise GatewayError(f"`gateway logs session {args.state}` needs --group G or --connector C (one of them)")
+    if args.group:
+        groups = {g.name for g in store.list_groups()} | {a.group for a in config.apps} | {"default"}
+        if args.group not in groups:
+            raise UnknownName(f"no connector group {args.group!r}; known groups: {', '.join(sorted(groups))}")
+        scope, name, what = "group", args.group, f"group {args.group!r}"
+    else:
+        connector = cli._find_connector(store, args.connector)
+        scope, name = "connector", connector.connector_id
+        what = f"connector {connector.connector_id} ({connector.name})"
+    if args.state == "inherit":
+        if scope != "connector":
+            raise GatewayError("inherit is for a connector (--connector C): it then follows its group's switch")
+        store.clear_session_log(scope, name)
+        return {"done": f"session log of {what}: follows its group's switch now"}
+    store.set_session_log(scope, name, args.state == "on", datetime.now(UTC))
+    return {"done": f"session log of {what}: {args.state}; the running service sends it to the connectors"
+                    f" within service.config_interval ({config.service.config_interval:g}s), no restart needed"}
+
+
 def logs_session(args: argparse.Namespace) -> int:
     from gateway import cli
 
-    with cli._service_store(args) as (config, store):
-        if args.state == "list":
-            return _list_switches(store)
-        if not args.group and not args.connector:
-            raise GatewayError(f"`gateway logs session {args.state}` needs --group G or --connector C")
-        if args.group:
-            groups = {g.name for g in store.list_groups()} | {a.group for a in config.apps} | {"default"}
-            if args.group not in groups:
-                raise GatewayError(f"no connector group {args.group!r}; known groups: {', '.join(sorted(groups))}")
-            scope, name, what = "group", args.group, f"group {args.group!r}"
-        else:
-            connector = cli._find_connector(store, args.connector)
-            scope, name = "connector", connector.connector_id
-            what = f"connector {connector.connector_id} ({connector.name})"
-        if args.state == "inherit":
-            if scope != "connector":
-                raise GatewayError("inherit is for a connector (--connector C): it then follows its group's switch")
-            store.clear_session_log(scope, name)
-            print(f"session log of {what}: follows its group's switch now")
-        else:
-            store.set_session_log(scope, name, args.state == "on", datetime.now(UTC))
-            print(f"session log of {what}: {args.state}; the running service sends it to the connectors"
-                  f" within service.config_interval ({config.service.config_interval:g}s), no restart needed")
-    return 0
-
-
-def _list_switches(store: Any) -> int:
-    from gateway import cli
-
-    switches = store.session_log_switches()
-    if not switches:
+    done = cli._perform(args, session_switch_operation)
+    if "done" in done:
+        print(done["done"])
+    elif not done["switches"]:
         print("no session log switches: every connector's session log is off")
-        return 0
-    cli._table([("SCOPE", "NAME", "SESSION LOG")] + [
-        (scope, name, "on" if on else "off") for (scope, name), on in sorted(switches.items())])
+    else:
+        cli._table([("SCOPE", "NAME", "SESSION LOG")] + [
+            (scope, name, "on" if on else "off") for scope, name, on in done["switches"]])
     return 0
 
 

@@ -180,7 +180,7 @@ class RemoteStore:
 
     def config(self) -> RemoteConfig:
         apps = self.client.call("GET", "/api/v1/apps")["apps"]
-        return RemoteConfig(self.client.url, tuple(RemoteApp(a["name"], a["group"]) for a in apps))
+        return RemoteConfig(self.client.url, tuple(RemoteApp(a["name"], a["group"]) for a in apps if a["served"]))
 
     def close(self) -> None:
         """Nothing held open: each call is its own connection."""

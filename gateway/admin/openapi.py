@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
+from gateway.admin.operations import OPERATIONS, Operation
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _UNAUTHORIZED = {"description": "missing, unknown, revoked or expired admin token",
@@ -54,6 +55,46 @@ _TO_SIGNIN = {"description": "not signed in (no, unknown or expired session cook
 _CSRF = {"description": "CSRF token missing or wrong, or the form came from another site"}
 
 
+def _operation(operation: Operation) -> dict[str, Any]:
+    """A `gateway` command run on the service: its flags as path, query or body fields."""
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in operation.path_names]
+    body = None
+    if operation.method in ("GET", "DELETE"):
+        parameters += [{"name": f.name, "in": "query", "required": f.required, "schema": f.schema()}
+                       for f in operation.fields]
+    else:
+        body = {"type": "object", "additionalProperties": False,
+                "properties": {f.name: f.schema() for f in operation.fields}}
+        required = [f.name for f in operation.fields if f.required]
+        if required:
+            body["required"] = required
+    documented = _api(operation.summary, _json(f"what `gateway {operation.command}` shows, as JSON",
+                                               {"type": "object"}), body=body, parameters=parameters)
+    documented["tags"] = ["commands"]
+    documented["responses"]["400"] = _REFUSED
+    documented["responses"]["404"] = _UNKNOWN
+    documented["responses"]["503"] = _STORE_DOWN
+    return documented
+
+
+_REFUSED = {"description": "a field unknown, missing or of the wrong kind, or the command refused it (the message"
+                          " says why and what to do, as the command does)",
+            "content": {"application/json": {"schema": _ERROR}}}
+_UNKNOWN = {"description": "no such group, app, connector or credential", "content": {"application/json": {
+    "schema": _ERROR}}}
+_STORE_DOWN = {"description": "the service's store cannot be reached", "content": {"application/json": {
+    "schema": _ERROR}}}
+
+
+def _paths(fixed: dict[str, Any]) -> dict[str, Any]:
+    """`fixed` with an operation for each command of OPERATIONS."""
+    paths = {path: dict(operations) for path, operations in fixed.items()}
+    for operation in OPERATIONS.values():
+        paths.setdefault(operation.template, {})[operation.method.lower()] = _operation(operation)
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.0 document."""
     connector = {"$ref": "#/components/schemas/Connector"}
@@ -64,7 +105,7 @@ def document() -> dict[str, Any]:
                  "description": "The admin API and status page of a gateway service node ([admin] in the"
                                 " config). API calls take an admin token (`gateway admin token create`) as"
                                 " `Authorization: Bearer TOKEN`; cookies never authenticate them."},
-        "paths": {
+        "paths": _paths({
             "/api/v1/status": {"get": _api(
                 "Groups with their apps, connectors and the spread of open streams (what `gateway status` shows)",
                 _json("groups", {"type": "object", "properties": {
@@ -92,10 +133,6 @@ def document() -> dict[str, Any]:
                     "group": group}}), body={"type": "object", "required": ["name"], "properties": {
                         "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"}}}),
             },
-            "/api/v1/apps": {"get": _api(
-                "The apps the service serves (its config file's and the store's)",
-                _json("apps", {"type": "object", "properties": {"apps": {"type": "array", "items": {
-                    "type": "object"}}}}))},
             "/api/v1/events": {"get": _api(
                 "Recent admin events of the node and its connectors, newest first",
                 _json("events", {"type": "object", "properties": {"events": {"type": "array", "items": {
@@ -125,7 +162,7 @@ def document() -> dict[str, Any]:
                                                     "403": _CSRF},
                                        form={"type": "object", "required": ["csrf"],
                                              "properties": {"csrf": {"type": "string"}}})},
-        },
+        }),
         "components": {
             "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer",
                                                "description": "gwa1.<id>.<secret>.<CA fingerprint>"}},

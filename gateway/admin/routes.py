@@ -21,8 +21,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from gateway.admin import auth
 from gateway.admin.page import SignInPage, StatusPage, render_html
+from gateway.admin.operations import OPERATIONS
 from gateway.admin.summary import jsonable, summarise
-from gateway.errors import AdminTokenError, GatewayError
+from gateway.errors import AdminTokenError, GatewayError, StoreUnavailable, UnknownName
 from gateway.pki import keys
 from gateway.store.sqlite import SQLiteStore
 
@@ -40,6 +41,7 @@ class Route:
     template: str
     handler: str
     access: str
+    operation: str = ""   # a command's operation (gateway/admin/operations.py) the handler runs
 
     def match(self, method: str, segments: list[str]) -> dict[str, str] | None:
         """The path parameters when `method` and the path `segments` are this route's, else None."""
@@ -64,8 +66,8 @@ ROUTES = (
     Route("POST", "/api/v1/connectors/{connector_id}/move", "api_move_connector", "token"),
     Route("GET", "/api/v1/groups", "api_groups", "token"),
     Route("POST", "/api/v1/groups", "api_create_group", "token"),
-    Route("GET", "/api/v1/apps", "api_apps", "token"),
     Route("GET", "/api/v1/events", "api_events", "token"),
+    *(Route(o.method, o.template, "api_operation", "token", o.command) for o in OPERATIONS.values()),
     Route("GET", "/api/openapi.json", "openapi", "public"),
     Route("GET", "/ca.pem", "ca_pem", "public"),
     Route("GET", "/", "status_page", "page"),
@@ -140,6 +142,8 @@ class AdminResource(Resource):
             return self._json(request, 404, {"error": "not_found",
                                              "message": "no such admin route; see /api/openapi.json"})
         handler = getattr(self, route.handler)
+        if route.operation:
+            params = {"operation": OPERATIONS[route.operation], "params": params}
         if route.access == "token":
             try:
                 request.admin_token = await self._token_of(request)
@@ -250,13 +254,28 @@ class AdminResource(Resource):
                       **_who(request))
         return {"group": jsonable(record)}
 
-    async def api_apps(self, request: Request) -> dict[str, Any]:
-        stored = set(self.node.store_apps)
-        return {"apps": [
-            {"name": a.name, "group": a.group, "protocol": a.protocol, "source": "store" if a.name in stored
-             else "config", "external_url": a.external_url, "internal_url": a.internal_url, "listen": a.listen,
-             "destination": a.destination, "segments": [str(s) for s in a.segments]}
-            for a in sorted(self.node.apps.values(), key=lambda a: a.name)]}
+    async def api_operation(self, request: Request, operation: Any, params: dict[str, str]) -> dict[str, Any]:
+        """A `gateway` command's operation, run on this node's store with its config file: the
+        same checks, the same refusals and the same result as the command run on this machine."""
+        from_query = operation.method in ("GET", "DELETE")
+        values = {k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs]
+                  for k, vs in request.args.items()} if from_query else _body(request)
+        try:
+            args = operation.arguments(params, values, from_query)
+        except GatewayError as e:
+            raise ApiError(400, "bad_request", f"{e}; see /api/openapi.json") from None
+        try:
+            done = await self.node.store.run(operation.run(), args, self.node.file_config)
+        except UnknownName as e:
+            raise ApiError(404, "not_found", str(e)) from None
+        except StoreUnavailable as e:
+            raise ApiError(503, "store_unavailable", str(e)) from None
+        except GatewayError as e:
+            raise ApiError(400, "refused", str(e)) from None
+        if operation.changes:
+            self.log.info("admin API: gateway {command} ({what}) by admin token {token_id} ({by})",
+                          command=operation.command, what=operation.described(args), **_who(request))
+        return done
 
     async def api_events(self, request: Request) -> dict[str, Any]:
         try:

@@ -49,6 +49,12 @@ class ThreadedStore:
         """Whether close() was called; every later call fails."""
         return self._closing is not None
 
+    def run(self, work, *args) -> Deferred:
+        """``work(*args, store)`` with the synchronous store, on the store's thread: a command's
+        whole operation (its checks and its writes) as the local `gateway` command runs it.
+        Like `enrol`'s `issue`, `work` must not touch the reactor."""
+        return self._call(work, *args, self.store)
+
     def ensure_group(self, name, now) -> Deferred:
         return self._call(self.store.ensure_group, name, now)
 

@@ -359,7 +359,7 @@ def test_the_command_runs_against_a_remote_service_with_a_token_file_or_the_envi
     result = gw.cli("--service", url, "status", env=env)
     assert result.returncode == 0, result.stderr
     assert "group spare: 1/1 connectors active" in result.stdout
-    result = gw.cli("--service", url, "token", "create", env=env)
+    result = gw.cli("--service", url, "admin", "token", "list", env=env)
     assert result.returncode == 1 and "works on the service machine only" in result.stderr
     assert "connectors list" in result.stderr
     result = gw.cli("--service", url, "connectors", "delete", conn.connector_id[:8], env=env)
