@@ -7,4 +7,6 @@
   plain values, shared by the API, the page and ``gateway status``.
 - :mod:`gateway.admin.page`: the status page (twisted.web.template, no JavaScript).
 - :mod:`gateway.admin.client`: the ``gateway --service URL`` side: a store-like API client.
+- :mod:`gateway.admin.operations`: the commands ``--service`` runs on the service, each as one
+  API call whose handler runs the command's own operation on the service's store.
 """
