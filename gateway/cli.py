@@ -19,12 +19,12 @@ from gateway import __version__, plugins
 from gateway import logs_cli
 from gateway import diagnose_cli
 from gateway.access import cli as access_cli
-from gateway.updater import cli as updater_cli
 from gateway.store import cli as store_cli
+from gateway.updater import cli as updater_cli
 from gateway.admin.client import TOKEN_ENV as ADMIN_TOKEN_ENV
 from gateway.admin.summary import jsonable, when as _when
 from gateway.config import DEFAULT_CONFIG_PATH, load_config
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UnknownName
 
 TOKEN_ENV = "GATEWAY_ENROL_TOKEN"
 
@@ -56,10 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--state-dir", required=True, help="where the connector keeps its key and certificates")
     reg.add_argument("--server-name", help="name to check in the service's certificate (default: the HOST)")
     reg.add_argument("--name", help="a name for this connector (default: the host name)")
+    updater_cli.add_connector_parser(conn)
     reg.add_argument("--proxy", metavar="URL", help="enrol through this HTTP CONNECT proxy, http://[USER@]HOST:PORT"
                      " (default: HTTPS_PROXY unless NO_PROXY names the service; \"\" for none)")
     reg.add_argument("--proxy-password-file", metavar="FILE", help="file holding the proxy user's password")
-    updater_cli.add_connector_parser(conn)
 
     conns = sub.add_parser("connectors", help="connectors known to the service").add_subparsers(
         dest="action", required=True)
@@ -122,10 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a TOML file and exit")
     check.add_argument("config")
     access_cli.add_parsers(sub)
-    updater_cli.add_parsers(sub)
-    store_cli.add_parsers(sub)
     diagnose_cli.add_parsers(sub)
     logs_cli.add_parsers(sub)
+    store_cli.add_parsers(sub)
+    updater_cli.add_parsers(sub)
     return p
 
 
@@ -1131,10 +1131,10 @@ COMMANDS = {
     ("plugins", None): list_plugins,
     ("check-config", None): check_config,
     **access_cli.COMMANDS,
-    **updater_cli.COMMANDS,
-    **store_cli.COMMANDS,
     **diagnose_cli.COMMANDS,
     **logs_cli.COMMANDS,
+    **store_cli.COMMANDS,
+    **updater_cli.COMMANDS,
 }
 
 if __name__ == "__main__":
