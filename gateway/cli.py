@@ -56,10 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--state-dir", required=True, help="where the connector keeps its key and certificates")
     reg.add_argument("--server-name", help="name to check in the service's certificate (default: the HOST)")
     reg.add_argument("--name", help="a name for this connector (default: the host name)")
-    updater_cli.add_connector_parser(conn)
     reg.add_argument("--proxy", metavar="URL", help="enrol through this HTTP CONNECT proxy, http://[USER@]HOST:PORT"
                      " (default: HTTPS_PROXY unless NO_PROXY names the service; \"\" for none)")
     reg.add_argument("--proxy-password-file", metavar="FILE", help="file holding the proxy user's password")
+    updater_cli.add_connector_parser(conn)
 
     conns = sub.add_parser("connectors", help="connectors known to the service").add_subparsers(
         dest="action", required=True)
