@@ -219,6 +219,7 @@ class AdminResource(Resource):
         deleted = await self.node.store.delete_connector(connector_id, datetime.now(UTC))
         self.log.info("admin API: connector {connector_id} deleted by admin token {token_id} ({by})",
                       connector_id=connector_id, **_who(request))
+        self.node.changed_here()
         return {"connector_id": connector_id, "deleted": bool(deleted)}
 
     async def api_move_connector(self, request: Request, connector_id: str) -> dict[str, Any]:
@@ -234,6 +235,7 @@ class AdminResource(Resource):
             raise ApiError(409, "conflict", str(e)) from None
         self.log.info("admin API: connector {connector_id} moved to group {group} by admin token {token_id} ({by})",
                       connector_id=connector_id, group=group, **_who(request))
+        self.node.changed_here()
         return {"connector": jsonable(record)}
 
     async def api_groups(self, request: Request) -> dict[str, Any]:
@@ -275,6 +277,7 @@ class AdminResource(Resource):
         if operation.changes:
             self.log.info("admin API: gateway {command} ({what}) by admin token {token_id} ({by})",
                           command=operation.command, what=operation.described(args), **_who(request))
+            self.node.changed_here()
         return done
 
     async def api_events(self, request: Request) -> dict[str, Any]:

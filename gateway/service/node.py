@@ -108,6 +108,7 @@ def affinity_key(app: AppConfig, extra: dict[str, Any]) -> str | None:
 
 class ServiceNode(MultiService):
     log = Logger()
+    change_feed: ChangeFeed | None = None   # PostgreSQL's LISTEN/NOTIFY; SQLite has none
 
     def __init__(self, config: GatewayConfig, reactor: Any, pm: Any, handlers: dict[str, Any],
                  metrics: Any = None) -> None:
@@ -193,7 +194,8 @@ class ServiceNode(MultiService):
                                         on_back=self.catch_up)
         self.store.health = self.store_health
         if hasattr(sync_store, "listen"):   # PostgreSQL: other nodes' changes arrive as notices
-            ChangeFeed(sync_store, self.reactor, self.store_health, self.apply_changes).setServiceParent(self)
+            self.change_feed = ChangeFeed(sync_store, self.reactor, self.store_health, self.apply_changes)
+            self.change_feed.setServiceParent(self)
 
         tls_factory = TunnelTLSFactory(
             server_options(self.ca.cert, node_cert, node_key), False, ServiceTunnelFactory(self)
@@ -270,6 +272,12 @@ class ServiceNode(MultiService):
                 self.lifecycle.changed(connector_id)
         if "nodes" in topics and self.roster is not None:
             self.roster.beat()
+
+    def changed_here(self) -> None:
+        """This node wrote the store itself (a command through the admin API): re-read it now
+        rather than at the next config_interval, unless the change feed tells every node anyway."""
+        if self.change_feed is None:
+            self.apply_changes(set(EVERYTHING))
 
     def catch_up(self) -> None:
         """The store is back after an outage: re-read everything, as notices sent meanwhile are lost."""

@@ -18,9 +18,9 @@ from components import needs, require
 from gateway_harness import GATEWAY, HOST, free_port, subprocess_env, toml_table, wait_until
 
 
-def admin_service(gw, tls: bool = True, **admin):
+def admin_service(gw, tls: bool = True, service: dict | None = None, **admin):
     """A started service node with an [admin] listener on a free loopback port."""
-    svc = gw.service(start=False, service={"inactive_after": 1, "sweep_interval": 0.5})
+    svc = gw.service(start=False, service={"inactive_after": 1, "sweep_interval": 0.5, **(service or {})})
     svc.admin_port = free_port()
     svc.admin_tls = tls
     svc.config_path.write_text(svc.config_path.read_text() + "\n" + toml_table(
@@ -367,6 +367,24 @@ def test_the_command_runs_against_a_remote_service_with_a_token_file_or_the_envi
     result = gw.cli("--service", url, "connectors", "list", "--all", env=env)
     assert "deleted" in result.stdout
     gw.assert_no_secret_in_logs()
+
+
+def test_a_change_through_the_api_takes_effect_on_the_node_at_once(gw):
+    """On the SQLite store (no change feed) a node re-reads what its admin API changed at once, not
+    at its next config_interval (an hour here): an app added is served, a deleted connector is cut."""
+    svc = admin_service(gw, service={"config_interval": 3600})
+    conn = gw.connector(svc)
+    _, path = create_admin_token(gw, svc)
+    env = subprocess_env(GATEWAY_ADMIN_TOKEN=token_text(path))
+    url = admin_url(svc)
+    result = gw.cli("--service", url, "apps", "add", "web-now", "--external-url", "http://web-now.apps.example.test/",
+                    "--internal-url", "http://127.0.0.1:9/", env=env)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: "app web-now added (from the store)" in svc.proc.log(), 20, "the node to serve the new app")
+    result = gw.cli("--service", url, "connectors", "delete", conn.connector_id[:8], env=env)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: "this connector was deleted from the service" in conn.proc.log(), 20,
+               "the deleted connector's tunnels to be cut")
 
 
 def test_the_remote_command_refuses_without_a_token_and_a_service_of_another_ca(gw):
