@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 from gateway.config import DEFAULT_CONFIG_PATH, load_config
 from gateway.errors import GatewayError, UnknownName
 from gateway.oplogs.admin import updater_admin_log
-from gateway.oplogs.files import parse_line, read_records
+from gateway.oplogs.files import log_files, parse_line, read_file_records, read_records
 from gateway.oplogs.session import summary
 
 KINDS = ("admin", "session")
@@ -190,11 +190,29 @@ class _Tail:
             # Rotated: the writer closed the old file before renaming it, so what it wrote after
             # our read above is there now; finish it, then read the new file from its start.
             yield from self._lines()
-            self.file.close()
+            old_file, old_inode = self.file, self.inode
             self.file, self.partial = None, b""
             self._open()
+            # Between two polls the log may have rotated more than once: read the files rotated
+            # since ours (kept open until now, so its inode is not reused) before the new one.
+            for missed in self._rotated_since(old_inode):
+                yield from read_file_records(missed)
+            old_file.close()
             if self.file is not None:
                 yield from self._lines()
+
+    def _rotated_since(self, inode: int | None) -> list[Path]:
+        """The rotated files written after the one with ``inode``, oldest first (all of them when
+        that one is gone), but not the current file, which we have open."""
+        rotated = []
+        for p in log_files(self.path)[:-1] if self.path.exists() else log_files(self.path):
+            try:
+                rotated.append((os.stat(p).st_ino, p))
+            except FileNotFoundError:
+                continue
+        inodes = [i for i, _ in rotated]
+        after = rotated[inodes.index(inode) + 1:] if inode in inodes else rotated
+        return [p for i, p in after if i != self.inode]
 
     def _lines(self) -> Iterator[dict[str, Any]]:
         data = self.partial + self.file.read()

@@ -111,11 +111,16 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """Every record of a log, oldest first, across its rotated files."""
     for p in log_files(path):
-        try:
-            with open(p, "rb") as f:
-                for line in f:
-                    record = parse_line(line)
-                    if record is not None:
-                        yield record
-        except FileNotFoundError:
-            continue   # rotated away while we read
+        yield from read_file_records(p)
+
+
+def read_file_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Every record of one file of a log; none if it was rotated away before we opened it."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                record = parse_line(line)
+                if record is not None:
+                    yield record
+    except FileNotFoundError:
+        return

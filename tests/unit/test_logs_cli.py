@@ -86,3 +86,24 @@ def test_follow_loses_no_line_written_just_before_a_rotation(tmp_path, monkeypat
 
     monkeypatch.setattr(logs_cli.os, "stat", stat_after_a_late_write_and_a_rotation)
     assert [r["n"] for r in tail.read()] == [1, 2]
+
+
+@pytest.mark.parametrize("polls_every", [1, 30, 200])
+def test_follow_loses_no_file_when_the_log_rotates_twice_between_two_polls(tmp_path, polls_every):
+    """Follow prints every record once, in order, however many rotations happen between its polls
+    (with max_files = 2 a whole file is rotated out of sight of a follower that only reopens)."""
+    from gateway import logs_cli
+    from gateway.oplogs.files import RotatingLog
+
+    path = tmp_path / "session.log"
+    log = RotatingLog(path, max_bytes=4096, max_files=2)
+    log.write({"n": -1})
+    tail = logs_cli._Tail(path)
+    tail.start_at_end()
+    seen = []
+    for n in range(120):   # ~100 bytes each: rotates every ~40 records, so twice or more
+        log.write({"n": n, "pad": "x" * 80})
+        if n % polls_every == 0:
+            seen += [r["n"] for r in tail.read()]
+    seen += [r["n"] for r in tail.read()]
+    assert seen == list(range(120))
