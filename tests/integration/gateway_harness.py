@@ -55,6 +55,15 @@ def free_port() -> int:
             return port
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on HOST:port now."""
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:

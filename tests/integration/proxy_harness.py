@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from components import require
-from gateway_harness import HOST, Backend, free_port, stop_process, toml_value, wait_until
+from gateway_harness import HOST, Backend, free_port, listening, stop_process, toml_value, wait_until
 from testca import CA
 
 PROXY_USER = "gw-connector"
@@ -33,7 +33,7 @@ class Tinyproxy:
         ]))
         self.proc = subprocess.Popen([require("tinyproxy"), "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=open(tmp / "tinyproxy.out", "wb"))
-        wait_until(lambda: _listening(self.port), 30, "tinyproxy to listen")
+        wait_until(lambda: listening(self.port), 30, "tinyproxy to listen")
 
     @property
     def url(self) -> str:
@@ -46,14 +46,6 @@ class Tinyproxy:
 
     def stop(self) -> None:
         stop_process(self.proc)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture

@@ -13,12 +13,11 @@ import getpass
 import os
 import select
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-from gateway_harness import HOST, free_port, wait_until
+from gateway_harness import HOST, free_port, listening, wait_until
 
 SMB_PASS = "Smb-Secret-1"
 RDP_USER = "rdpuser"
@@ -40,14 +39,6 @@ def _stop(popen: subprocess.Popen, group: bool = False) -> None:
         else:
             popen.kill()
         popen.wait(5)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), 0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 class Samba:
@@ -109,7 +100,7 @@ class Samba:
                 ["smbd", "--foreground", "--no-process-group", "--debug-stdout", "-d", "1", "-s", str(self.conf)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            wait_until(lambda: _listening(self.port) or self.proc.poll() is not None, 20, "smbd to listen or exit")
+            wait_until(lambda: listening(self.port) or self.proc.poll() is not None, 20, "smbd to listen or exit")
         except BaseException:
             self.stop()
             raise
@@ -173,7 +164,7 @@ class RdpServer:
                      f"/sam-file:{self.dir / 'sam'}"],
                     env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True)
-            wait_until(lambda: _listening(self.port) or self.shadow.poll() is not None, 30,
+            wait_until(lambda: listening(self.port) or self.shadow.poll() is not None, 30,
                        "the RDP shadow server to listen or exit")
             if self.shadow.poll() is None:
                 return

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from components import needs, require
-from gateway_harness import GATEWAY, HOST, free_port, subprocess_env, toml_table, wait_until
+from gateway_harness import GATEWAY, HOST, free_port, listening, subprocess_env, toml_table, wait_until
 
 
 def admin_service(gw, tls: bool = True, service: dict | None = None, **admin):
@@ -26,15 +26,8 @@ def admin_service(gw, tls: bool = True, service: dict | None = None, **admin):
     svc.config_path.write_text(svc.config_path.read_text() + "\n" + toml_table(
         "admin", {"listen": f"tcp:{svc.admin_port}:interface={HOST}", "tls": tls, **admin}))
     svc.start()
-    wait_until(lambda: _listening(svc.admin_port), 20, "the admin listener")
+    wait_until(lambda: listening(svc.admin_port), 20, "the admin listener")
     return svc
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex((HOST, port)) == 0
 
 
 def admin_url(svc) -> str:
@@ -167,7 +160,7 @@ def test_the_api_serves_and_changes_what_the_cli_does(gw, backends):
     svc.config_path.write_text(svc.config_path.read_text() + "\n" + toml_table(
         "admin", {"listen": f"tcp:{svc.admin_port}:interface={HOST}"}))
     svc.start()
-    wait_until(lambda: _listening(svc.admin_port), 20, "the admin listener")
+    wait_until(lambda: listening(svc.admin_port), 20, "the admin listener")
     conn = gw.connector(svc)
     _, path = create_admin_token(gw, svc)
     token = token_text(path)
