@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from gateway_harness import HOST, free_port, subprocess_env, toml_table, wait_until
-from test_admin_api import (_csrf_field, _listening, create_admin_token, request, session_cookie, sign_in,
+from gateway_harness import HOST, free_port, listening, subprocess_env, toml_table, wait_until
+from test_admin_api import (_csrf_field, create_admin_token, request, session_cookie, sign_in,
                             signin_form, token_text)
 
 # A user's client trading a sign-in code for a certificate at one node's tunnel port, as
@@ -60,7 +60,7 @@ def admin_nodes(multinode, count: int) -> list:
         node.start()
         nodes.append(node)
     for node in nodes:
-        wait_until(lambda: _listening(node.admin_port), 20, "the admin listener")
+        wait_until(lambda: listening(node.admin_port), 20, "the admin listener")
     return nodes
 
 
@@ -77,7 +77,7 @@ def test_a_status_page_session_made_at_one_node_works_at_another_and_ends_on_rev
     assert page.status == 200 and b"Gateway status" in page.body
     node1.proc.stop()
     node1.start()
-    wait_until(lambda: _listening(node1.admin_port), 20, "node 1's admin listener again")
+    wait_until(lambda: listening(node1.admin_port), 20, "node 1's admin listener again")
     assert request(node1, "GET", "/", headers=jar).status == 200
     signout = request(node2, "POST", "/signout", f"csrf={_csrf_field(page.body.decode())}".encode(),
                       {**jar, "Content-Type": "application/x-www-form-urlencoded"})
