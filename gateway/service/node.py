@@ -37,7 +37,7 @@ from gateway.service.lifecycle import StatusRecorder, Sweeper, SweeperService
 from gateway.service.changes import EVERYTHING, ChangeFeed, StoreHealth
 from gateway.service.listeners import SwappableFactory
 from gateway.service.nodes import NodeRoster, claim_shared_ca
-from gateway.service.registry import NoConnector, Registry
+from gateway.service.registry import ConnectorWaitExpired, NoConnector, Registry
 from gateway.service.renewal import handle_renew_request
 from gateway.service.users import LoginPortal, UserAuthority
 from gateway.service import store_apps
@@ -570,7 +570,8 @@ class ServiceNode(MultiService):
         def expire() -> None:
             if not waiter.called:
                 self._connector_waiters.get(group, []).remove(waiter)
-                waiter.errback(NoConnector(f"no healthy connector of group {group!r} came up within {timeout:g}s"))
+                waiter.errback(ConnectorWaitExpired(
+                    f"no healthy connector of group {group!r} came up within {timeout:g}s"))
 
         call = self.reactor.callLater(timeout, expire)
         return waiter.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
@@ -648,17 +649,25 @@ class ServiceNode(MultiService):
         drained = self._drained_at.get(group)
         return drained is not None and self.reactor.seconds() - drained < RESTART_GRACE
 
-    def _wait_for_restart(self, app: AppConfig, extra: dict[str, Any], request_id: str) -> Deferred:
+    def _wait_for_restart(self, app: AppConfig, extra: dict[str, Any], request_id: str, deadline: float) -> Deferred:
         """No connector of the app's group takes streams, but one drained lately: wait for a
-        connector to come up (up to connect_timeout), then route again, once. Connectors that
-        refused this stream before are tried again: they refused before dialling anything."""
+        connector to come up (until ``deadline``: connect_timeout after the first wait), then route
+        again. Connectors that refused this stream before are tried again: they refused before
+        dialling anything."""
         self._restart_wait_log.emit(key=app.group, app=app.name, group=app.group, timeout=app.connect_timeout)
-        d = self.connector_up(app.group, app.connect_timeout)
-        return d.addCallback(lambda _: self.open_app_stream(app, {**extra, "request_id": request_id}, waited=True))
+        d = self.connector_up(app.group, max(0.0, deadline - self.reactor.seconds()))
+        return d.addCallback(lambda _: self.open_app_stream(app, {**extra, "request_id": request_id},
+                                                            deadline=deadline))
 
     def open_app_stream(self, app: AppConfig, extra: dict[str, Any], tried: frozenset[str] = frozenset(),
-                        waited: bool = False) -> Deferred:
-        """Open a stream for `app` on the best connector of its group; retry only what never left."""
+                        deadline: float | None = None, may_wait: bool = True) -> Deferred:
+        """Open a stream for `app` on the best connector of its group; retry only what never left.
+
+        While the group restarts (a connector drained lately), a stream that finds no connector
+        waits for one until ``deadline`` (connect_timeout after it first waited), as often as a
+        drain turns it away: the connector's other tunnel may still look healthy when the first
+        one says GO_AWAY, and says it a moment later. ``may_wait`` is false after a refusal that
+        is not a drain (a back end that failed to connect), which waiting would only repeat."""
         request_id = extra.get("request_id") or uuid.uuid4().hex[:16]
         if self.store_health is not None and self.store_health.stale:
             self.log.warn("app {app} request {request_id} refused: {error}", app=app.name, request_id=request_id,
@@ -668,8 +677,10 @@ class ServiceNode(MultiService):
         try:
             tunnel = self.registry.pick(app.group, exclude=tried, affinity=affinity_key(app, extra))
         except NoConnector as e:
-            if not waited and self._restarting(app.group):
-                return self._wait_for_restart(app, extra, request_id)
+            now = self.reactor.seconds()
+            if may_wait and self._restarting(app.group) and (deadline is None or now < deadline):
+                return self._wait_for_restart(app, extra, request_id,
+                                              now + app.connect_timeout if deadline is None else deadline)
             if not tried:
                 self.log.warn("app {app} request {request_id}: {error}", app=app.name, request_id=request_id,
                               error=str(e))
@@ -691,7 +702,7 @@ class ServiceNode(MultiService):
             d = tunnel.session.open_stream(metadata, timeout=app.connect_timeout + OPEN_GRACE)
         except TunnelClosed:
             return self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id},
-                                        waited)
+                                        deadline)
 
         def opened(stream: Stream) -> Stream:
             stream.log_info = StreamInfo(
@@ -717,10 +728,13 @@ class ServiceNode(MultiService):
                     app=app.name, request_id=request_id, connector_id=tunnel.connector_id,
                     error=failure.getErrorMessage(), group=app.group,
                 )
+                drained = failure.check(TunnelClosed) or failure.value.code == ResetCode.GOING_AWAY
                 again = self.open_app_stream(app, {**extra, "request_id": request_id}, tried | {tunnel.connector_id},
-                                             waited)
-                # Out of connectors: the last real reason says more than "no connector left".
-                return again.addErrback(lambda f: give_up(failure) if f.check(NoConnector) else f)
+                                             deadline, may_wait=bool(drained) or deadline is None)
+                # Out of connectors: the last real reason says more than "no connector left", but
+                # less than a wait for a restarting connector that ran out.
+                return again.addErrback(
+                    lambda f: give_up(f if f.check(ConnectorWaitExpired) else failure) if f.check(NoConnector) else f)
             return give_up(failure)
 
         def give_up(failure: Failure) -> Failure:

@@ -14,6 +14,10 @@ class NoConnector(GatewayError):
     """No healthy connector of the app's group is connected."""
 
 
+class ConnectorWaitExpired(NoConnector):
+    """A stream waited for a connector of its group to come up, and none did in time."""
+
+
 def no_connector(group: str) -> NoConnector:
     """The refusal when this node holds no healthy tunnel of ``group``. On a service of several
     nodes that also happens when the group's connectors keep tunnels to other nodes only (more

@@ -125,6 +125,60 @@ def test_a_stream_while_the_only_connector_restarts_waits_for_it_and_goes_to_the
     assert result[0].session is service
 
 
+def turned_away_by_both_tunnels(monkeypatch):
+    """Both tunnels of the group's one connector drain, the stream is sent to each in turn: (node, result)."""
+    monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
+    node, _ = node_with()
+    node.lifecycle = _Lifecycle()
+    tunnels = [tunnel_up(node, "c0", accept) for _ in range(2)]
+    for _, connector, _ in tunnels:
+        connector.go_away()   # both connector ends drain; nothing has reached the service yet
+    result = []
+    node.open_app_stream(node.apps["web"], {}).addBoth(result.append)
+    first = next(t for t in tunnels if t[0].open_streams)
+    first[2].flush()          # GO_AWAY and the reset on the first tunnel: the stream moves on
+    second = next(t for t in tunnels if t is not first)
+    assert second[0].open_streams == 1, "the stream did not go to the connector's other tunnel"
+    second[2].flush()         # ... which turns it away too
+    return node, result
+
+
+def test_a_stream_turned_away_by_each_tunnel_of_a_draining_connector_in_turn_still_waits_for_it(monkeypatch):
+    """A connector with two tunnels drains: its GO_AWAY reaches the service on one tunnel first, so
+    the stream that tunnel turned away is sent to the other one, which still looks healthy and
+    turns it away a moment later. The stream waits on for the connector to come back (it failed
+    with GOING_AWAY here: the wait was taken once only, and ended at once on the healthy-looking
+    second tunnel)."""
+    node, result = turned_away_by_both_tunnels(monkeypatch)
+    assert result == [], f"the stream failed instead of waiting for the connector: {result}"
+    service, _, pump = tunnel_up(node, "c0", accept)
+    for _ in range(3):
+        pump.flush()
+    assert len(result) == 1 and not hasattr(result[0], "check"), result
+    assert result[0].session is service
+
+
+def test_a_wait_after_drains_that_runs_out_says_so(monkeypatch):
+    """The connector does not come back within connect_timeout: the stream fails saying no connector
+    came up in time, not with the GOING_AWAY that sent it waiting."""
+    node, result = turned_away_by_both_tunnels(monkeypatch)
+    node.reactor.advance(node.apps["web"].connect_timeout)
+    assert len(result) == 1 and result[0].check(NoConnector), result
+    assert "came up within 10s" in result[0].getErrorMessage(), result[0]
+
+
+def test_a_refusal_that_is_not_a_drain_waits_no_more_than_once(monkeypatch):
+    """While the group restarts, a connector that cannot reach the back end fails the stream after
+    one wait: waiting again would only dial the dead back end again and again."""
+    asked = []
+    node, result = open_while_the_only_connector_drained(monkeypatch)
+    service, _, pump = tunnel_up(node, "c0", refuse(ResetCode.CONNECT_FAILED, "connection refused", asked))
+    for _ in range(3):
+        pump.flush()
+    assert len(result) == 1 and result[0].check(StreamReset), result
+    assert result[0].value.code == ResetCode.CONNECT_FAILED and len(asked) == 1, asked
+
+
 def test_the_wait_for_a_restarting_connector_ends_after_connect_timeout(monkeypatch):
     """No connector back within the app's connect_timeout: the stream fails with NoConnector."""
     node, result = open_while_the_only_connector_drained(monkeypatch)
