@@ -62,7 +62,8 @@ def gateway_config_sections(register: Callable[[str, Callable[[dict, Any], Any]]
 
 @hookspec
 def gateway_service_listeners(register: Callable[[str, str, Any], None], config: Any,
-                              open_stream: Callable[[Any, dict], Any], reactor: Any, access: Any) -> None:
+                              open_stream: Callable[[Any, dict], Any], reactor: Any, access: Any,
+                              choose_connector: Callable[[Any], str]) -> None:
     """Add listeners a service node serves for several apps at once, such as an HTTP front door.
 
     Called on the service when the node starts, and again after each SIGHUP reload (the
@@ -80,6 +81,12 @@ def gateway_service_listeners(register: Callable[[str, str, Any], None], config:
     the one-time code it hands the user's loopback client (the http plugin does this); it
     returns a Deferred firing with the code once the store (shared by every node) holds it.
     Implementations may leave the argument out of their signature.
+
+    ``choose_connector(app) -> str`` names the connector a new stream of ``app`` would go to now
+    (least loaded, least recently chosen among equals), or raises NoConnector; pass it back as
+    ``open_stream(app, extra, connector=...)``. For a listener that keeps idle streams per
+    connector and takes one of the chosen connector's instead of opening a stream (the http
+    front door's ``balance = "request"``). Implementations may leave it out too.
     """
 
 

@@ -192,7 +192,7 @@ def check_service_listeners(pm: pluggy.PluginManager, config: Any) -> list[str]:
     globalLogPublisher.addObserver(observe)
     try:
         pm.hook.gateway_service_listeners(register=register, config=config, open_stream=open_stream,
-                                          reactor=MemoryReactorClock(),
+                                          reactor=MemoryReactorClock(), choose_connector=open_stream,
                                           access=LoginPortal.from_config(config, "", _no_sign_in))
     except GatewayError:
         raise

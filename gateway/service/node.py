@@ -314,6 +314,7 @@ class ServiceNode(MultiService):
 
         self.pm.hook.gateway_service_listeners(
             register=register, config=self.config, open_stream=self.open_app_stream, reactor=self.reactor,
+            choose_connector=self.choose_connector,
             access=LoginPortal.from_config(self.config, self.ca.fingerprint if self.ca else "", self.users.codes.issue),
         )
         return wanted
@@ -659,15 +660,24 @@ class ServiceNode(MultiService):
         return d.addCallback(lambda _: self.open_app_stream(app, {**extra, "request_id": request_id},
                                                             deadline=deadline))
 
+    def choose_connector(self, app: AppConfig) -> str:
+        """The connector a new stream of ``app`` goes to now: the least loaded of its group, the
+        one chosen least recently among equals (so successive calls take turns). Raises
+        NoConnector. For plugins that keep idle streams per connector (the http front door's
+        per-request balancing) and want the node's choice before taking one."""
+        return self.registry.pick(app.group).connector_id
+
     def open_app_stream(self, app: AppConfig, extra: dict[str, Any], tried: frozenset[str] = frozenset(),
-                        deadline: float | None = None, may_wait: bool = True) -> Deferred:
+                        deadline: float | None = None, may_wait: bool = True, connector: str | None = None) -> Deferred:
         """Open a stream for `app` on the best connector of its group; retry only what never left.
 
         While the group restarts (a connector drained lately), a stream that finds no connector
         waits for one until ``deadline`` (connect_timeout after it first waited), as often as a
         drain turns it away: the connector's other tunnel may still look healthy when the first
         one says GO_AWAY, and says it a moment later. ``may_wait`` is false after a refusal that
-        is not a drain (a back end that failed to connect), which waiting would only repeat."""
+        is not a drain (a back end that failed to connect), which waiting would only repeat.
+        ``connector`` (from choose_connector): open it there if that connector takes streams,
+        else wherever open_app_stream would."""
         request_id = extra.get("request_id") or uuid.uuid4().hex[:16]
         if self.store_health is not None and self.store_health.stale:
             self.log.warn("app {app} request {request_id} refused: {error}", app=app.name, request_id=request_id,
@@ -675,7 +685,11 @@ class ServiceNode(MultiService):
             self.node_metrics.refused(app.name, app.group, app.protocol, "store_unavailable")
             return fail(NoConnector(self.store_health.stale_reason()))
         try:
-            tunnel = self.registry.pick(app.group, exclude=tried, affinity=affinity_key(app, extra))
+            tunnel = None
+            if connector is not None and connector not in tried:
+                tunnel = self.registry.tunnel_of(connector, app.group)
+            if tunnel is None:
+                tunnel = self.registry.pick(app.group, exclude=tried, affinity=affinity_key(app, extra))
         except NoConnector as e:
             now = self.reactor.seconds()
             if may_wait and self._restarting(app.group) and (deadline is None or now < deadline):

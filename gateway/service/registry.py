@@ -114,6 +114,11 @@ class Registry:
         self._last_pick[best.connector_id] = self._picks
         return best
 
+    def tunnel_of(self, connector_id: str, group: str) -> ConnectorTunnel | None:
+        """``connector_id``'s healthy tunnel of ``group`` with the fewest open streams, or None."""
+        healthy = [t for t in self._tunnels.get(connector_id, ()) if t.group == group and t.healthy]
+        return min(healthy, key=lambda t: t.session.open_streams) if healthy else None
+
     def _pick_by_affinity(self, group: str, exclude: frozenset[str], key: str) -> ConnectorTunnel:
         """Rendezvous hashing: the same key keeps its connector while that one is healthy, and
         only the keys of a connector that leaves move when it does."""

@@ -42,9 +42,9 @@ def accept(stream):
     stream.accept()
 
 
-def open_web(node, pumps, monkeypatch, extra=None):
+def open_web(node, pumps, monkeypatch, extra=None, connector=None):
     monkeypatch.setattr("gateway.plugins.notify", lambda *a, **k: None)
-    d = node.open_app_stream(node.apps["web"], extra or {})
+    d = node.open_app_stream(node.apps["web"], extra or {}, connector=connector)
     for _ in range(4):
         for p in pumps:
             p.flush()
@@ -195,3 +195,21 @@ def test_a_group_that_never_drained_fails_at_once_without_waiting(monkeypatch):
     node.open_app_stream(node.apps["web"], {}).addBoth(result.append)
     assert len(result) == 1 and result[0].check(NoConnector), result
     assert node._connector_waiters == {}
+
+
+# -- a plugin choosing the connector (the http front door's balance = "request") ----------------
+
+
+def test_choose_connector_takes_equally_loaded_connectors_in_turn_and_open_stream_goes_there(monkeypatch):
+    node, pumps = node_with(accept, accept, accept)
+    chosen = [node.choose_connector(node.apps["web"]) for _ in range(6)]
+    assert chosen == ["c0", "c1", "c2", "c0", "c1", "c2"]
+    result = open_web(node, pumps, monkeypatch, connector="c2")
+    assert result.session is node.registry._tunnels["c2"][0].session
+
+
+def test_a_chosen_connector_that_stopped_taking_streams_is_passed_over(monkeypatch):
+    node, pumps = node_with(accept, accept)
+    node.registry._tunnels["c1"][0].session.go_away()
+    result = open_web(node, pumps, monkeypatch, connector="c1")
+    assert result.session is node.registry._tunnels["c0"][0].session

@@ -26,7 +26,8 @@ from gateway.tunnel.splice import QuietFactory
 
 from . import auth, backend, https, limits, links, pool, portal, routing, rules
 from . import metrics as request_metrics
-from .frontdoor import BACKEND_TIMEOUTS, DEFAULT_TIMEOUTS, FrontDoor, Timeouts
+from .frontdoor import BACKEND_TIMEOUTS, DEFAULT_TIMEOUTS, FrontDoor, Timeouts, balance_per_request
+from .streampool import StreamPool
 
 log = Logger(namespace="gateway_http")
 
@@ -95,6 +96,10 @@ def check_own_listener_apps(apps: list[Any]) -> None:
     be registered at the provider for it, and its front door has no gate: accepting the options
     would serve the app to anyone while the config says otherwise."""
     for app in apps:
+        if app.options.get("balance", "connection") != "connection":
+            raise GatewayError(f"app {app.name}: options.balance = {app.options['balance']!r} needs the [http] "
+                               f"front door (publish the app with external_url and internal_url), not a listen "
+                               f"of its own; or remove options.balance")
         for key in SIGN_IN_KEYS:
             if key in app.options and not (key == "preauth" and app.options[key] in ("passthrough", "none")):
                 raise GatewayError(
@@ -111,6 +116,11 @@ def check_options(apps: list[Any]) -> None:
             value = app.options.get(key, default)
             if not isinstance(value, bool):
                 raise GatewayError(f"app {app.name}: options.{key}: expected true or false, got {value!r}")
+        balance = app.options.get("balance", "connection")
+        if balance not in ("connection", "request"):
+            raise GatewayError(f"app {app.name}: options.balance: expected \"connection\" (a client connection's "
+                               f"requests go to one connector) or \"request\" (each request to the connector "
+                               f"the node chooses for it), got {balance!r}")
         upgrades = app.options.get("upgrade_protocols", ["websocket"])
         if not isinstance(upgrades, list) or not all(isinstance(p, str) and rules.is_token(p) for p in upgrades):
             raise GatewayError(f"app {app.name}: options.upgrade_protocols: expected a list of protocol names "
@@ -146,14 +156,19 @@ def check_options(apps: list[Any]) -> None:
 
 def front_door_factory(apps: list[Any], open_stream: Any, reactor: Any = None,
                        timeouts: Timeouts | None = None, scheme: str = "http", gate: Any = None,
-                       redirect_to_https: bool = False) -> Factory:
-    """The front door of one listener: ``scheme`` is the listener's (routing.py says what it serves)."""
+                       redirect_to_https: bool = False, choose_connector: Any = None) -> Factory:
+    """The front door of one listener: ``scheme`` is the listener's (routing.py says what it serves).
+    With ``choose_connector`` (the node's), apps with ``balance = "request"`` share a pool of idle streams."""
     table = routing.routing_table(apps)
     redirect = redirect_to_https and scheme == "http"
     link_map = links.LinkMap.from_apps(apps)   # bodies may link to any published app
+    pool = None
+    if choose_connector is not None and any(balance_per_request(a) for a in apps):
+        pool = StreamPool(reactor, (timeouts or DEFAULT_TIMEOUTS).idle)
     return QuietFactory.forProtocol(lambda: FrontDoor(
         lambda host, target: routing.route(table, host, target, scheme, redirect), open_stream, scheme=scheme,
-        reactor=reactor, timeouts=timeouts, gate=gate, link_map=link_map))
+        reactor=reactor, timeouts=timeouts, gate=gate, link_map=link_map, choose_connector=choose_connector,
+        pool=pool))
 
 
 @hookimpl
@@ -205,7 +220,8 @@ def gateway_config_sections(register: Any) -> None:
 
 
 @hookimpl
-def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reactor: Any, access: Any = None) -> None:
+def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reactor: Any, access: Any = None,
+                              choose_connector: Any = None) -> None:
     check_own_listener_apps(own_listener_apps(config))   # served by service_factory, checked here as twistd starts
     section = config.sections.get(NAME) or {}
     CONNECTIONS.configure(section.get("max_connections", limits.DEFAULT_MAX_CONNECTIONS),
@@ -230,7 +246,8 @@ def gateway_service_listeners(register: Any, config: Any, open_stream: Any, reac
 
     def factory_for(scheme: str) -> Factory:
         return front_door_factory(apps, open_stream, reactor, timeouts, scheme=scheme, gate=gate,
-                                  redirect_to_https=section.get("redirect_to_https", False))
+                                  redirect_to_https=section.get("redirect_to_https", False),
+                                  choose_connector=choose_connector)
 
     def register_limited(name: str, endpoint: str, factory: Factory) -> None:
         register(name, endpoint, limits.LimitedFactory(factory, CONNECTIONS))   # refused before TLS, if over

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway import logs
+from gateway.errors import GatewayError
 from gateway.oplogs import session as sessionlog
 from gateway.tunnel.frame import ResetCode
 from gateway.tunnel.stream import StreamReset
@@ -40,6 +41,7 @@ from gateway.tunnel.splice import tune_socket
 
 from . import auth, links, routing, rules
 from . import metrics as request_metrics
+from .streampool import StreamPool, usable
 from .rules import LAST_CHUNK, ChunkDecoder, HTTPError, Origin, chunk
 
 log = Logger(namespace="gateway_http")
@@ -142,10 +144,25 @@ class ResponseSide(Protocol):
     """The protocol on a request's stream: everything the back end answers."""
 
     def __init__(self, door: FrontDoor, exchange: Exchange) -> None:
-        self.door = door
-        self.exchange = exchange
+        self.door: FrontDoor | None = door
+        self.exchange: Exchange | None = exchange
+        self.pool: StreamPool | None = None
+
+    def park(self, pool: StreamPool) -> None:
+        """Between two requests in ``pool`` (balance = "request"): no client connection owns the stream."""
+        self.door, self.exchange, self.pool = None, None, pool
+
+    def _parked_event(self, why: str) -> None:
+        self.pool.discard(self.transport)
+        if why and not self.transport.closed:
+            log.warn("an idle stream to connector {connector} {why}; closed",
+                     connector=getattr(getattr(self.transport, "log_info", None), "connector_id", "?"), why=why)
+            self.transport.reset(ResetCode.CANCELLED, f"the front door expected no bytes on an idle stream: {why}")
 
     def dataReceived(self, data: bytes) -> None:
+        if self.door is None:
+            self._parked_event("sent bytes before any request")
+            return
         # Runs inside the tunnel's dataReceived: an exception here must cost one request only.
         try:
             self.door._response_data(self.exchange, data)
@@ -160,6 +177,10 @@ class ResponseSide(Protocol):
 
     def readConnectionLost(self) -> None:
         # The connector sent all it will (FIN): the response ended, or an upgraded back end half-closed.
+        if self.door is None:
+            self._parked_event("")
+            self.transport.loseConnection()
+            return
         try:
             self.door._response_fin(self.exchange)
         except Exception:
@@ -170,6 +191,9 @@ class ResponseSide(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = None) -> None:
+        if self.door is None:
+            self._parked_event("")
+            return
         try:
             self.door._response_lost(self.exchange, reason)
         except Exception:
@@ -285,6 +309,11 @@ def backend_timeout(app: Any) -> float:
     return BACKEND_TIMEOUTS[value] if isinstance(value, str) else float(value)
 
 
+def balance_per_request(app: Any) -> bool:
+    """options.balance = "request": each request of a client connection may go to another connector."""
+    return app.options.get("balance") == "request"
+
+
 def translate_links(app: Any) -> bool:
     """``options.translate_links``: internal URLs in HTML, CSS and JavaScript bodies become external."""
     return app.options.get("translate_links", False) is True
@@ -329,8 +358,12 @@ class FrontDoor(Protocol):
 
     def __init__(self, router: Callable[[str, bytes], Any], open_stream: Callable[[Any, dict], Any],
                  scheme: str = "http", reactor: Any = None, timeouts: Timeouts | None = None,
-                 gate: Any = None, link_map: links.LinkMap | None = None) -> None:
+                 gate: Any = None, link_map: links.LinkMap | None = None,
+                 choose_connector: Callable[[Any], str] | None = None, pool: StreamPool | None = None) -> None:
         self.reactor = reactor
+        # balance = "request": the node's choice of connector per request, and the idle streams to take from
+        self.choose_connector = choose_connector
+        self.pool = pool
         self.link_map = link_map
         self.gate = gate or auth.PassthroughGate()
         self.timeouts = timeouts or Timeouts()
@@ -510,10 +543,7 @@ class FrontDoor(Protocol):
         if idle is None:
             return None
         stream, idle_app, idle_identity = idle
-        session = getattr(stream, "session", None)
-        usable = (not stream.closed and not getattr(stream, "disconnecting", False)
-                  and (session is None or session.available))   # a draining connector takes no more
-        if usable and idle_app is app and idle_identity == identity:
+        if usable(stream) and idle_app is app and idle_identity == identity:
             return stream
         if not stream.closed:
             stream.loseConnection()
@@ -668,11 +698,30 @@ class FrontDoor(Protocol):
             extra["user"] = decision.identity.subject
             extra["identity"] = decision.identity.to_metadata()
         ex.extra = extra
+        if self.pool is not None and balance_per_request(ex.app):
+            self._route_request(ex, extra, body_length)
+            return
         kept = self._take_idle(ex.app, extra.get("identity"))
         if kept is not None:
             self._opened(kept, ex, body_length)
             return
         d = self.open_stream(ex.app, extra)
+        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(ex, body_length),
+                       errbackArgs=(ex,))
+
+    def _route_request(self, ex: Exchange, extra: dict[str, Any], body_length: int | None) -> None:
+        """balance = "request": the connector the node chooses now, an idle stream of it if the
+        pool has one, else a new stream there (or wherever the node can, if it has none)."""
+        try:
+            connector = self.choose_connector(ex.app)
+        except GatewayError:   # no connector now: open_stream waits for one or says why
+            d = self.open_stream(ex.app, extra)
+        else:
+            kept = self.pool.take(ex.app, extra.get("identity"), connector)
+            if kept is not None:
+                self._opened(kept, ex, body_length)
+                return
+            d = self.open_stream(ex.app, extra, connector=connector)
         d.addCallbacks(self._opened, self._open_failed, callbackArgs=(ex, body_length),
                        errbackArgs=(ex,))
 
@@ -737,7 +786,8 @@ class FrontDoor(Protocol):
     def _wire(self, stream: Any, ex: Exchange) -> None:
         """``stream`` carries ``ex``: its answer comes to us, and each side is the other's producer."""
         if isinstance(stream.protocol, ResponseSide):
-            stream.protocol.exchange = ex   # a kept stream: its next exchange
+            # a kept stream: its next exchange, maybe for another client connection (from the pool)
+            stream.protocol.door, stream.protocol.exchange = self, ex
         else:
             stream.attach(ResponseSide(self, ex))
         self._writer.stream = stream
@@ -1024,8 +1074,15 @@ class FrontDoor(Protocol):
         # Whatever still comes on this stream is dropped: let it flow so the stream can close
         # (or, kept, so the connector's next answer is not held back).
         ex.stream.resumeProducing()
-        if (ex.request_done and ex.keep_alive and not self._read_closed and ex.response_framing != -1
-                and not ex.stream.closed and not getattr(ex.stream, "disconnecting", False)):
+        reusable = (ex.request_done and ex.response_framing != -1 and not ex.stream.closed
+                    and not getattr(ex.stream, "disconnecting", False))
+        if reusable and self.pool is not None and balance_per_request(ex.app):
+            # Back to the pool for any client connection's next request, this one's included.
+            ex.stream.unregisterProducer()
+            ex.stream.protocol.park(self.pool)
+            if not self.pool.put(ex.stream, ex.app, ex.stream_identity):
+                ex.stream.loseConnection()
+        elif reusable and ex.keep_alive and not self._read_closed:
             self._idle = (ex.stream, ex.app, ex.stream_identity)
         else:
             ex.stream.loseConnection()
