@@ -76,6 +76,9 @@ class Slot:
     client: ClientService | None = None
     session: TunnelSession | None = None
     retired: bool = False
+    # Tunnels in a row that connected but never got the welcome (a wrong CA, a refusal): the
+    # backoff counts them, since ClientService sees each as a connection made.
+    handshake_failures: int = 0
 
 
 class ConnectorNode(MultiService):
@@ -258,12 +261,16 @@ class ConnectorNode(MultiService):
     def _add_slot(self, target: Target) -> None:
         connector = self.config.connector
         slot = Slot(target)
+        backoff = jittered_backoff(connector.backoff_initial, connector.backoff_max)
+        # No prepareConnection (wait for the welcome): a connection lost while it runs makes
+        # ClientService raise NoTransition (its Connecting and Waiting states have no transition
+        # for a disconnect), a traceback in the log for every refused handshake. The welcome is
+        # waited for here instead, and failed handshakes count in the retry delay.
         slot.client = ClientService(
             self._endpoint.to(target),
             QuietFactory.forProtocol(lambda: self._build_session(slot)),
-            retryPolicy=jittered_backoff(connector.backoff_initial, connector.backoff_max),
+            retryPolicy=lambda attempt: backoff(attempt - 1 + slot.handshake_failures),
             clock=self.reactor,
-            prepareConnection=self._prepare,
         )
         self.slots.setdefault(target, []).append(slot)
         slot.client.setName(f"tunnel-{target.address}-{next(self._slot_ids)}")
@@ -293,19 +300,17 @@ class ConnectorNode(MultiService):
 
     # -- tunnels -------------------------------------------------------------------------
 
-    def _build_session(self, slot: Slot | None = None) -> TunnelSession:
+    def _build_session(self, slot: Slot) -> TunnelSession:
         tunnel_id = f"{self.identity.connector_id[:8]}/t{next(self._tunnel_ids)}"
         session = TunnelSession(self.reactor, self.settings, is_client=True, on_stream=self.dispatch,
                                 tunnel_id=tunnel_id)
-        if slot is not None:
-            slot.session = session
+        slot.session = session
         session.log_context.update(self.ctx)
         session.on_stream_closed = self.stream_closed
-        TunnelClient(self, session)
+        client = TunnelClient(self, session)
+        client.ready.addCallbacks(lambda _: setattr(slot, "handshake_failures", 0),
+                                  lambda _: setattr(slot, "handshake_failures", slot.handshake_failures + 1))
         return session
-
-    def _prepare(self, session: TunnelSession) -> Deferred:
-        return session.owner.ready
 
     def tunnel_up(self, client: TunnelClient) -> None:
         if self.draining:
