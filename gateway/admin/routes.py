@@ -141,6 +141,12 @@ class AdminResource(Resource):
                                                  "message": f"use {' or '.join(allowed)} on this path"})
             return self._json(request, 404, {"error": "not_found",
                                              "message": "no such admin route; see /api/openapi.json"})
+        try:
+            return await self._route(request, route, params)
+        except StoreUnavailable as e:
+            return await self._store_down(request, route, e)
+
+    async def _route(self, request: Request, route: Route, params: dict[str, str]) -> None:
         handler = getattr(self, route.handler)
         if route.operation:
             params = {"operation": OPERATIONS[route.operation], "params": params}
@@ -160,6 +166,20 @@ class AdminResource(Resource):
                 return self._redirect(request, b"/signin")
             return await handler(request, session, **params)
         return await handler(request, **params)
+
+    async def _store_down(self, request: Request, route: Route, error: StoreUnavailable) -> None:
+        """The store cannot be reached: 503 saying so (JSON for the API, a page for the browser),
+        not the 500 of a crash; tunnels and traffic carry on meanwhile."""
+        message = (f"{error} The tunnels and the traffic carry on (from the last good config, for "
+                   f"[service] store_outage_grace); the admin API and the status page need the store: "
+                   f"try again once it is back.")
+        if request.finished or request.startedWriting:
+            return None
+        if route.access == "token":
+            return self._json(request, 503, {"error": "store_unavailable", "message": message})
+        csrf = secrets.token_urlsafe(32)
+        self._cookie(request, auth.SIGNIN_CSRF_COOKIE, csrf, max_age=3600)
+        return await self._html(request, 503, SignInPage(csrf, message))
 
     def _crashed(self, failure: Any, request: Request) -> None:
         self.log.failure("admin request {method} {path} failed", failure,
@@ -231,6 +251,8 @@ class AdminResource(Resource):
             await self.node.store.ensure_group(group, datetime.now(UTC))
         try:
             record = await self.node.store.move_connector(connector_id, group)
+        except StoreUnavailable:
+            raise
         except GatewayError as e:
             raise ApiError(409, "conflict", str(e)) from None
         self.log.info("admin API: connector {connector_id} moved to group {group} by admin token {token_id} ({by})",
@@ -250,6 +272,8 @@ class AdminResource(Resource):
                                                " [a-z0-9][a-z0-9._-]{0,62}")
         try:
             record = await self.node.store.create_group(name, datetime.now(UTC))
+        except StoreUnavailable:
+            raise
         except GatewayError as e:
             raise ApiError(409, "conflict", str(e)) from None
         self.log.info("admin API: group {group} created by admin token {token_id} ({by})", group=name,
@@ -270,8 +294,8 @@ class AdminResource(Resource):
             done = await self.node.store.run(operation.run(), args, self.node.file_config)
         except UnknownName as e:
             raise ApiError(404, "not_found", str(e)) from None
-        except StoreUnavailable as e:
-            raise ApiError(503, "store_unavailable", str(e)) from None
+        except StoreUnavailable:
+            raise   # _serve answers 503 naming the store
         except GatewayError as e:
             raise ApiError(400, "refused", str(e)) from None
         if operation.changes:

@@ -274,3 +274,35 @@ def test_a_user_revoked_through_one_node_is_cut_on_another_within_seconds(gw, mu
     assert revoked.returncode == 0, revoked.stderr
     assert connection_ends(sock, 30)
     assert "revoked" in node2.log()
+
+
+@pytest.mark.timeout(180)
+def test_the_admin_api_and_the_status_page_answer_503_naming_the_store_while_it_is_down(gw, outage_multinode):
+    """PostgreSQL stopped: an API call gets 503 store_unavailable and the status page a 503 page, both
+    naming the store and saying that traffic carries on; not a 500 and a traceback. Back: 200 again."""
+    from gateway_harness import HOST, listening, toml_table, wait_until
+    from test_admin_api import api, create_admin_token, request
+
+    node = outage_multinode.add_node(start=False)
+    node.admin_port, node.admin_tls = free_port(), True
+    node.config_path.write_text(node.config_path.read_text() + "\n" + toml_table(
+        "admin", {"listen": f"tcp:{node.admin_port}:interface={HOST}", "tls": True}))
+    node.start()
+    wait_until(lambda: listening(node.admin_port), 20, "the admin listener")
+    _, token_file = create_admin_token(gw, node)
+    token = token_file.read_text().strip()
+    assert api(node, "GET", "/api/v1/status", token)[0] == 200
+
+    outage_multinode.postgres.halt()
+    store = f"127.0.0.1:{outage_multinode.postgres.port}"
+    status, body, _ = api(node, "GET", "/api/v1/connectors", token)
+    assert status == 503 and body["error"] == "store_unavailable", body
+    assert store in body["message"] and "traffic carry on" in body["message"], body
+    page = request(node, "GET", "/", headers={"Cookie": "gateway_admin_session=some-session"})
+    text = page.body.decode()
+    assert page.status == 503 and store in text and "traffic carry on" in text, (page.status, text[:2000])
+
+    outage_multinode.postgres.resume()
+    wait_until(lambda: api(node, "GET", "/api/v1/connectors", token)[0] == 200, 60, "the API to answer again")
+    log = node.log()
+    assert "Traceback" not in log and "admin request" not in log, log[-3000:]
