@@ -23,8 +23,10 @@ class OpLogs(Service):
         self.journal = Journal(config.journald_socket) if config.journald else None
         admin_file = RotatingLog(config.admin_log, config.max_bytes, config.max_files) if config.admin_log else None
         self.admin = AdminLog(source, admin_file, self.journal)
+        # A line per request on the HTTP path: written out once per reactor turn, not per line.
         self.session = sessionlog.SessionLog(
-            RotatingLog(config.session_log_file, config.max_bytes, config.max_files), self.journal, reactor)
+            RotatingLog(config.session_log_file, config.max_bytes, config.max_files,
+                        flush_soon=lambda flush: reactor.callLater(0, flush)), self.journal, reactor)
         self.session.switch(sessionlog.SERVICE, config.session_log)
 
     def startService(self) -> None:

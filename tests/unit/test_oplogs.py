@@ -29,6 +29,28 @@ def test_rotation_keeps_the_files_within_max_bytes_times_max_files(tmp_path):
     assert numbers == sorted(numbers) and numbers[-1] == 199 and len(numbers) < 200
 
 
+def test_a_log_with_flush_soon_writes_a_turns_lines_at_once_and_loses_none_across_a_rotation(tmp_path):
+    """With flush_soon (the session log: callLater(0)), lines wait for the one flush of the turn;
+    a rotation meanwhile writes the old file's lines out before renaming it; close writes the rest."""
+    clock = Clock()
+    path = tmp_path / "s.log"
+    log = RotatingLog(path, max_bytes=1000, max_files=3, flush_soon=lambda flush: clock.callLater(0, flush))
+    log.write({"n": 0})
+    assert path.read_bytes() == b"" and len(clock.getDelayedCalls()) == 1
+    log.write({"n": 1})
+    assert len(clock.getDelayedCalls()) == 1, "one flush per turn, not per line"
+    clock.advance(0)
+    assert [r["n"] for r in read_records(path)] == [0, 1]
+    for i in range(2, 40):
+        log.write({"n": i, "pad": "x" * 50})   # rotates in the middle of the turn
+    clock.advance(0)
+    for i in range(40, 45):
+        log.write({"n": i})
+    log.close()
+    assert [r["n"] for r in read_records(path)] == list(range(45))
+    assert len(log_files(path)) == 3
+
+
 def test_one_file_only_is_truncated_in_place(tmp_path):
     """max_files = 1: the log starts again instead of keeping an old file."""
     log = RotatingLog(tmp_path / "a.log", max_bytes=200, max_files=1)
