@@ -126,6 +126,12 @@ class PostgreSQLStore(SQLStore):
         user = parts.username
         return urlunsplit(parts._replace(netloc=f"{user}@{netloc}" if user else netloc, query=""))
 
+    def columns(self, table: str) -> list[str]:
+        """The column names of ``table``, in order."""
+        return [row[0] for row in self._db.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+            " AND table_name = ? ORDER BY ordinal_position", (table,)).fetchall()]
+
     @property
     def _db(self) -> "_Statements":
         conn = getattr(self._local, "conn", None)

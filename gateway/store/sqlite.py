@@ -765,6 +765,10 @@ class SQLiteStore(SQLStore):
     def location(self) -> str:
         return str(self.path)
 
+    def columns(self, table: str) -> list[str]:
+        """The column names of ``table``, in order."""
+        return [row[1] for row in self._db.execute(f"PRAGMA table_info({table})").fetchall()]
+
 
 _APP_COLUMNS = "name, group_name, definition, created_at, updated_at"
 _USER_CREDENTIAL_COLUMNS = (

@@ -60,3 +60,40 @@ def test_a_postgresql_store_that_refuses_stops_twistd_before_binding_with_the_re
     assert f"cannot open the store {url}" in out and 'role "no_such_role" does not exist' in out, out
     assert "check the URL in [service] store" in out and "Traceback" not in out, out
     assert port_is_free(port)
+
+
+@pytest.mark.timeout(180)
+def test_a_service_moved_from_sqlite_to_postgresql_keeps_its_connector_apps_and_tokens(gw, backends,
+                                                                                      postgres_cluster):
+    """`gateway store copy` after the SQLite service stopped; the node started again on PostgreSQL: its
+    connector comes back with the certificate it had, the app carries, a token made before still
+    enrols, and a second copy into the now used database is refused."""
+    echo = backends(echo_handler)
+    svc = gw.service(apps=[{"name": "echo", "destination": echo.destination}])
+    conn = gw.connector(svc, tunnels=1, backoff_initial=0.2, backoff_max=1.0)
+    port = svc.app_port("echo")
+    wait_echo(port)
+    token = svc.token()
+    svc.stop()
+
+    sqlite_config = svc.config_path.with_name("sqlite.toml")
+    sqlite_config.write_text(svc.config_path.read_text())
+    svc.service_extra["store"] = postgres_cluster.new_database()
+    svc.write_config()
+    copied = gw.cli("store", "copy", "--config", str(sqlite_config), "--to-config", str(svc.config_path))
+    assert copied.returncode == 0, copied.stderr
+    assert "1 connectors" in copied.stdout and "1 certificates" in copied.stdout, copied.stdout
+    assert "ca.pem, ca.key" in copied.stdout
+
+    before = conn.up_count()
+    svc.start()
+    assert f"store {svc.service_extra['store']} at schema version" in svc.proc.log()
+    wait_until(lambda: conn.up_count() > before, 60, "the connector's tunnel to the node on PostgreSQL")
+    assert echo_once(port, b"moved") == b"moved"
+    enrolled = gw.register(svc, name="after-move", token=token)
+    assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+    listed = gw.cli("connectors", "list", "--config", str(svc.config_path))
+    assert conn.name in listed.stdout and "after-move" in listed.stdout, listed.stdout
+
+    again = gw.cli("store", "copy", "--config", str(sqlite_config), "--to-config", str(svc.config_path))
+    assert again.returncode != 0 and "already holds rows" in again.stderr and "Traceback" not in again.stderr
