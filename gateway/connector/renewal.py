@@ -109,6 +109,15 @@ class IdentityEndpoint:
         inner = service_endpoint(self.reactor, host, port, self.proxy, self.timeout)
         return wrapClientTLS(tls, inner).connect(factory).addErrback(self._unreachable)
 
+    def __repr__(self) -> str:
+        # ClientService logs "Scheduling retry N to connect <endpoint> in S seconds": name the
+        # service address (and the proxy), not the object graph.
+        ident = self.node.identity
+        where = self.target.address if self.target else f"{ident.service_host}:{ident.service_port}"
+        node = f" (node {self.target.node_id})" if self.target and self.target.node_id else ""
+        via = f" through the proxy at {self.proxy.address}" if self.proxy else ""
+        return f"the service at {where}{node}{via}"
+
     def to(self, target: Target) -> IdentityEndpoint:
         """The same endpoint dialling ``target``."""
         return IdentityEndpoint(self.node, self.reactor, self.timeout, self.proxy, target)

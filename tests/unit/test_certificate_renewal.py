@@ -429,3 +429,14 @@ def test_a_clock_more_than_a_minute_off_the_services_is_warned_about():
     ahead = renewal.clock_skew_warning(1000.0, 1000.0 + 7200)
     assert ahead.startswith("this machine's clock is 7200s ahead of the service's") and "set-ntp" in ahead
     assert "90s behind" in renewal.clock_skew_warning(1090.0, 1000.0)
+
+
+def test_the_endpoint_names_the_service_address_in_clientservices_retry_lines(tmp_path, ca):
+    """ClientService logs "Scheduling retry N to connect {endpoint}": the address, not an object dump."""
+    from gateway.connector.targets import Target
+
+    identity = make_identity(tmp_path, ca)
+    endpoint = IdentityEndpoint(SimpleNamespace(identity=identity), MemoryReactorClock())
+    assert repr(endpoint) == f"the service at {identity.service_host}:{identity.service_port}"
+    node2 = endpoint.to(Target("127.0.0.1", 9443, "node2"))
+    assert repr(node2) == "the service at 127.0.0.1:9443 (node node2)" and "object at" not in repr(node2)
