@@ -47,6 +47,10 @@ class StoreUnavailable(GatewayError):
     """The store (PostgreSQL) cannot be reached or refused the connection; says where and why."""
 
 
+class StoreClosed(GatewayError):
+    """The store was closed: the process is shutting down."""
+
+
 class ProtocolError(GatewayError):
     """The peer broke the tunnel protocol; `code` is a GO_AWAY / RST code (docs/protocol.md)."""
 

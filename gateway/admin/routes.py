@@ -23,7 +23,7 @@ from gateway.admin import auth
 from gateway.admin.page import SignInPage, StatusPage, render_html
 from gateway.admin.operations import OPERATIONS
 from gateway.admin.summary import jsonable, summarise
-from gateway.errors import AdminTokenError, GatewayError, StoreUnavailable, UnknownName
+from gateway.errors import AdminTokenError, GatewayError, StoreClosed, StoreUnavailable, UnknownName
 from gateway.pki import keys
 from gateway.store.sqlite import SQLiteStore
 
@@ -143,7 +143,7 @@ class AdminResource(Resource):
                                              "message": "no such admin route; see /api/openapi.json"})
         try:
             return await self._route(request, route, params)
-        except StoreUnavailable as e:
+        except (StoreUnavailable, StoreClosed) as e:
             return await self._store_down(request, route, e)
 
     async def _route(self, request: Request, route: Route, params: dict[str, str]) -> None:
@@ -167,12 +167,13 @@ class AdminResource(Resource):
             return await handler(request, session, **params)
         return await handler(request, **params)
 
-    async def _store_down(self, request: Request, route: Route, error: StoreUnavailable) -> None:
-        """The store cannot be reached: 503 saying so (JSON for the API, a page for the browser),
-        not the 500 of a crash; tunnels and traffic carry on meanwhile."""
-        message = (f"{error} The tunnels and the traffic carry on (from the last good config, for "
-                   f"[service] store_outage_grace); the admin API and the status page need the store: "
-                   f"try again once it is back.")
+    async def _store_down(self, request: Request, route: Route, error: GatewayError) -> None:
+        """The store cannot be reached (or the node is stopping): 503 saying so (JSON for the API,
+        a page for the browser), not the 500 of a crash; tunnels and traffic carry on meanwhile."""
+        message = str(error) if isinstance(error, StoreClosed) else (
+            f"{error} The tunnels and the traffic carry on (from the last good config, for "
+            f"[service] store_outage_grace); the admin API and the status page need the store: "
+            f"try again once it is back.")
         if request.finished or request.startedWriting:
             return None
         if route.access == "token":

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from gateway import PROTOCOL_VERSION, __version__
 from gateway.control import messages as m
 from gateway.control.messages import ControlChannel
-from gateway.errors import StoreUnavailable, describe_failure
+from gateway.errors import StoreClosed, StoreUnavailable, describe_failure
 from gateway.pki.tls import peer_identity
 from gateway.service.access import AccessRefused, AccessTunnel, check_credential
 from gateway.service.admission import AddressCounter, RateLimiter, ThrottledLog, address_key
@@ -289,6 +289,11 @@ class TunnelHandler:
         self.session.close()
 
     def _internal_error(self, failure: Failure) -> None:
+        if failure.check(StoreClosed):
+            # The node stops while this tunnel was being checked: a drain, not an error; the
+            # peer dials again (another node, or this one once it is back).
+            self.refuse(GoAwayCode.NORMAL, "service node is shutting down")
+            return
         if failure.check(StoreUnavailable):
             # A store outage (logged once by the node): a tunnel it cannot check is refused,
             # and the peer's backoff brings it back once the store is.

@@ -10,7 +10,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import StoreClosed, StoreUnavailable
 
 
 def _one_thread_pool() -> ThreadPool:
@@ -188,7 +188,7 @@ class ThreadedStore:
 
     def _call(self, method, *args, **kwargs) -> Deferred:
         if self._closing is not None:
-            return fail(RuntimeError("the store is closed"))
+            return fail(StoreClosed("the store is closed: the service is shutting down"))
         if self.health is not None and self.health.down_since is not None and self._in_flight:
             # In an outage each call waits for the connection timeout: one call at a time finds
             # out whether the store is back, the others fail at once instead of piling up.

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from gateway.errors import EnrolmentError, GatewayError
+from gateway.errors import EnrolmentError, GatewayError, StoreClosed
 from gateway.pki.tokens import hash_secret
 from gateway.store import schema
 from gateway.store.records import CertificateRecord, ConnectorRecord, GroupRecord, TokenRecord
@@ -503,5 +503,5 @@ def test_close_twice_fires_both_and_refuses_later_calls(threaded, reactor):
     assert reactor.result_of(first) is None
     assert reactor.result_of(second) is None
     assert reactor.triggers == {}
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(StoreClosed, match="closed: the service is shutting down"):
         reactor.result_of(threaded.list_groups())

@@ -396,3 +396,23 @@ def test_enrolments_are_rate_limited_per_address(tmp_path):
     assert reply("192.0.2.8")["code"] == "enrolment_refused"
     factory.node.reactor.advance(30)
     assert reply()["code"] == "enrolment_refused"
+
+
+def test_a_tunnel_checked_while_the_node_stops_is_sent_away_normally_not_as_an_internal_error():
+    """The store closes under a tunnel's certificate check at shutdown: GO_AWAY NORMAL, nothing
+    logged as critical (it logged "internal error" with a traceback for every such tunnel)."""
+    from types import SimpleNamespace
+
+    from twisted.logger import Logger
+    from twisted.python.failure import Failure
+
+    from gateway.errors import StoreClosed
+    from gateway.tunnel.frame import GoAwayCode
+
+    events, refused = [], []
+    handler = SimpleNamespace(log=Logger(observer=events.append), ctx={"tunnel_id": "svc/t3"},
+                              refuse=lambda code, message: refused.append((code, message)))
+    TunnelHandler._internal_error(handler, Failure(StoreClosed("the store is closed: the service is shutting down")))
+    assert refused == [(GoAwayCode.NORMAL, "service node is shutting down")] and events == []
+    TunnelHandler._internal_error(handler, Failure(ValueError("a bug")))
+    assert refused[-1][0] == GoAwayCode.INTERNAL_ERROR and len(events) == 1
