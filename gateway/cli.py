@@ -165,6 +165,9 @@ def _admin_parsers(sub: Any) -> None:
     create.add_argument("--expires", default="90d", metavar="DURATION", help="how long it is valid: 30d, 12h or 90m"
                                                                            " (default 90d)")
     create.add_argument("--output", help="write the token to this file (mode 0600) instead of standard output")
+    create.add_argument("--role", choices=("admin", "read"), default="admin",
+                        help="admin (default): everything; read: the API's GET routes and the status page only"
+                             " (monitoring, a status screen), every change refused")
     tlist = tokens.add_parser("list", help="list admin tokens (never their secrets)")
     tlist.add_argument("--config", default=str(DEFAULT_CONFIG_PATH))
     trevoke = tokens.add_parser("revoke", help="revoke an admin token: API calls and status page sessions with it"
@@ -1028,8 +1031,9 @@ def admin_token_create(args: argparse.Namespace) -> int:
         _warn(warnings)
         now = datetime.now(UTC)
         record = store.create_admin_token(AdminTokenRecord(token.token_id, name, hash_secret(token.secret), now,
-                                                           now + lifetime))
-    about = (f"admin token {record.token_id} ({name}), expires {record.expires_at:%Y-%m-%d %H:%M:%S UTC}; give it to"
+                                                           now + lifetime, role=args.role))
+    kind = "read-only admin token" if record.role == "read" else "admin token"
+    about = (f"{kind} {record.token_id} ({name}), expires {record.expires_at:%Y-%m-%d %H:%M:%S UTC}; give it to"
              f" `gateway --service URL --admin-token-file FILE` or the status page's sign-in (revoke it with"
              f" `gateway admin token revoke {record.token_id}`)")
     _hand_over(token.encode(), about, args.output)
@@ -1038,11 +1042,12 @@ def admin_token_create(args: argparse.Namespace) -> int:
 
 def admin_token_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
-    rows = [("ID", "NAME", "CREATED", "EXPIRES", "REVOKED")]
+    rows = [("ID", "NAME", "ROLE", "CREATED", "EXPIRES", "REVOKED")]
     with _service_store(args) as (_, store):
         for t in store.list_admin_tokens():
             expires = f"{t.expires_at:%Y-%m-%d %H:%M}" + (" (expired)" if t.expires_at <= now else "")
-            rows.append((t.token_id, t.name, f"{t.created_at:%Y-%m-%d %H:%M}", expires, _when(t.revoked_at, "-")))
+            rows.append((t.token_id, t.name, t.role, f"{t.created_at:%Y-%m-%d %H:%M}", expires,
+                         _when(t.revoked_at, "-")))
     _table(rows)
     return 0
 

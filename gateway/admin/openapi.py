@@ -27,9 +27,9 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 def _api(summary: str, ok: dict[str, Any], *, body: dict[str, Any] | None = None,
          parameters: list[dict[str, Any]] | None = None, not_found: bool = False) -> dict[str, Any]:
-    """An admin API operation: token-protected, JSON in and out."""
+    """An admin API operation: token-protected, JSON in and out; 503 while the store is down."""
     operation: dict[str, Any] = {"summary": summary, "security": _TOKEN,
-                                 "responses": {"200": ok, "401": _UNAUTHORIZED}}
+                                 "responses": {"200": ok, "401": _UNAUTHORIZED, "503": _STORE_DOWN}}
     if parameters:
         operation["parameters"] = parameters
     if body is not None:
@@ -92,7 +92,15 @@ def _paths(fixed: dict[str, Any]) -> dict[str, Any]:
     paths = {path: dict(operations) for path, operations in fixed.items()}
     for operation in OPERATIONS.values():
         paths.setdefault(operation.template, {})[operation.method.lower()] = _operation(operation)
+    for operations in paths.values():
+        for method, operation in operations.items():
+            if method != "get" and "security" in operation:
+                operation["responses"]["403"] = _READ_ONLY
     return paths
+
+
+_READ_ONLY = {"description": "the admin token is read-only (`gateway admin token create --role read`): it may"
+                             " only GET", "content": {"application/json": {"schema": _ERROR}}}
 
 
 def document() -> dict[str, Any]:

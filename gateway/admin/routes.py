@@ -153,6 +153,13 @@ class AdminResource(Resource):
         if route.access == "token":
             try:
                 request.admin_token = await self._token_of(request)
+                if request.admin_token.role == "read" and route.method != "GET":
+                    self.log.info("admin API: {method} {path} by read-only admin token {token_id} ({by}) refused",
+                                  event="refused", method=route.method, path=request.path.decode("latin-1"),
+                                  **_who(request))
+                    raise ApiError(403, "read_only", f"admin token {request.admin_token.token_id}"
+                                   f" ({request.admin_token.name}) may only read: {route.method} {route.template}"
+                                   " changes the service; use an admin token made with --role admin (the default)")
                 return self._json(request, 200, await handler(request, **params))
             except AdminTokenError as e:
                 return self._refuse(request, auth.token_refusal(e))

@@ -128,6 +128,11 @@ class AdminTokenRecord:
     created_at: datetime
     expires_at: datetime
     revoked_at: datetime | None = None
+    role: str = "admin"  # ADMIN_ROLES: "read" reads (GET) and changes nothing
+
+
+# What an admin token may do: "admin" everything, "read" the API's GET routes and the status page.
+ADMIN_ROLES = ("admin", "read")
 
 
 @frozen

@@ -158,6 +158,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX admin_sessions_by_token ON admin_sessions(token_id);
     """,
+    # Admin tokens that only read (`gateway admin token create --role read`): monitoring, a
+    # status page on a wall. Tokens made before are admins, as they were.
+    """
+    ALTER TABLE admin_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -301,9 +301,9 @@ class SQLStore:
     def create_admin_token(self, record: AdminTokenRecord) -> AdminTokenRecord:
         """Store a new admin token (its secret already hashed)."""
         with self._write(changes="admin_tokens") as db:
-            db.execute(f"INSERT INTO admin_tokens ({_ADMIN_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT INTO admin_tokens ({_ADMIN_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (record.token_id, record.name, record.secret_hash, _to_text(record.created_at),
-                        _to_text(record.expires_at), _opt_text(record.revoked_at)))
+                        _to_text(record.expires_at), _opt_text(record.revoked_at), record.role))
         return record
 
     def get_admin_token(self, token_id: str) -> AdminTokenRecord | None:
@@ -774,7 +774,7 @@ _APP_COLUMNS = "name, group_name, definition, created_at, updated_at"
 _USER_CREDENTIAL_COLUMNS = (
     'credential_id, "user", kind, identity, secret_hash, created_at, expires_at, revoked_at, name'
 )
-_ADMIN_TOKEN_COLUMNS = "token_id, name, secret_hash, created_at, expires_at, revoked_at"
+_ADMIN_TOKEN_COLUMNS = "token_id, name, secret_hash, created_at, expires_at, revoked_at, role"
 _TOKEN_COLUMNS = "token_id, secret_hash, group_name, created_at, expires_at, used_at, used_by"
 _NODE_COLUMNS = "node_id, tunnel_address, started, last_seen"
 _CONNECTOR_COLUMNS = (
@@ -848,8 +848,9 @@ def _user_credential(row: Any) -> UserCredentialRecord:
 
 
 def _admin_token(row: Any) -> AdminTokenRecord:
-    token_id, name, secret_hash, created, expires, revoked = row
-    return AdminTokenRecord(token_id, name, secret_hash, _from_text(created), _from_text(expires), _from_text(revoked))
+    token_id, name, secret_hash, created, expires, revoked, role = row
+    return AdminTokenRecord(token_id, name, secret_hash, _from_text(created), _from_text(expires), _from_text(revoked),
+                            role)
 
 
 def _node(row: Any) -> NodeRecord:

@@ -34,11 +34,11 @@ def admin_url(svc) -> str:
     return f"{'https' if svc.admin_tls else 'http'}://{HOST}:{svc.admin_port}"
 
 
-def create_admin_token(gw, svc, name: str = "alice") -> tuple[str, Path]:
-    """(the token's id, the file holding it) from `gateway admin token create`."""
+def create_admin_token(gw, svc, name: str = "alice", *more: str) -> tuple[str, Path]:
+    """(the token's id, the file holding it) from `gateway admin token create` (with `more` flags)."""
     path = gw.tmp / f"admin-{name}-{next(gw.counter)}.token"
     result = gw.cli("admin", "token", "create", "--config", str(svc.config_path), "--name", name,
-                    "--output", str(path))
+                    "--output", str(path), *more)
     assert result.returncode == 0, result.stderr
     text = path.read_text().strip()
     gw.secrets.append(text.split(".")[2])
@@ -396,3 +396,31 @@ def test_the_remote_command_refuses_without_a_token_and_a_service_of_another_ca(
     gw.cli("admin", "token", "revoke", "--config", str(svc.config_path), token_id)
     result = gw.cli("--service", url, "--admin-token-file", str(path), "status")
     assert result.returncode == 1 and "revoked_token" in result.stderr and "revoked" in result.stderr
+
+
+def test_a_read_only_token_reads_and_every_change_is_refused_with_403(gw):
+    """`--role read`: the API's GETs and the remote command's reads work; a DELETE, a POST and a
+    remote change are refused naming the token and what to use instead; nothing changed."""
+    svc = admin_service(gw)
+    conn = gw.connector(svc)
+    token_id, path = create_admin_token(gw, svc, "wallboard", "--role", "read")
+    token = token_text(path)
+    status, body, _ = api(svc, "GET", "/api/v1/connectors", token=token)
+    assert status == 200 and [c["connector_id"] for c in body["connectors"]] == [conn.connector_id]
+    for method, where, payload in (("DELETE", f"/api/v1/connectors/{conn.connector_id}", None),
+                                   ("POST", "/api/v1/groups", {"name": "sneaky"})):
+        status, body, _ = api(svc, method, where, token=token, body=payload)
+        assert status == 403 and body["error"] == "read_only", body
+        assert token_id in body["message"] and "--role admin" in body["message"], body
+    remote = ["--service", admin_url(svc), "--admin-token-file", str(path)]
+    listed = gw.cli(*remote, "connectors", "list")
+    assert listed.returncode == 0 and conn.connector_id[:8] in listed.stdout, listed.stderr
+    refused = gw.cli(*remote, "connectors", "delete", conn.connector_id)
+    assert refused.returncode == 1 and "read_only" in refused.stderr and "may only read" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    groups = gw.cli("groups", "list", "--config", str(svc.config_path)).stdout
+    assert "sneaky" not in groups
+    assert gw.cli("connectors", "list", "--config", str(svc.config_path)).stdout.count(conn.connector_id[:8]) == 1
+    tokens = gw.cli("admin", "token", "list", "--config", str(svc.config_path)).stdout
+    assert re.search(rf"{token_id}\s+wallboard\s+read\s", tokens), tokens
+    assert "by read-only admin token" in svc.log()

@@ -212,3 +212,32 @@ def test_admin_sessions_are_bounded_oldest_first(store):
     store.add_admin_session("c", session(expires=T0 + timedelta(hours=3)), T0, 2)
     assert store.get_admin_session("a", T0) is None
     assert store.get_admin_session("b", T0) is not None and store.get_admin_session("c", T0) is not None
+
+
+def test_an_admin_tokens_role_is_kept_and_tokens_from_before_roles_are_admins(store_backend):
+    """`--role read` round-trips on both backends; a token stored at schema version 9 (no role
+    column yet) comes out of the migration as an admin, as it was."""
+    from test_store import backend_at_version
+
+    backend_at_version(store_backend, 9)
+    insert = ("INSERT INTO admin_tokens (token_id, name, secret_hash, created_at, expires_at) VALUES"
+              " ('old', 'ops', 'x', '2026-01-01T00:00:00.000000+00:00', '2027-01-01T00:00:00.000000+00:00')")
+    if store_backend.name == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(store_backend.target) as raw:
+            raw.execute(insert)
+    else:
+        import psycopg
+
+        with psycopg.connect(store_backend.target, autocommit=True) as raw:
+            raw.execute(insert)
+    store = store_backend.open()
+    try:
+        assert store.get_admin_token("old").role == "admin"
+        store.create_admin_token(AdminTokenRecord("ro", "wall", hash_secret("s"), T0, T0 + timedelta(days=1),
+                                                  role="read"))
+        assert store.check_admin_token("ro", "s", T0).role == "read"
+        assert [t.role for t in store.list_admin_tokens()] == ["admin", "read"]
+    finally:
+        store.close()
