@@ -649,8 +649,13 @@ class TunnelClient:
         if session.go_away_reason is not None and session.go_away_reason[0] != GoAwayCode.NORMAL:
             why = f"the service closed the tunnel: {session.go_away_reason[1]}"
         if not self.ready.called:
-            self.log.error("tunnel {tunnel_id} to the service failed: {reason}", reason=why,
-                           **self.session.log_context)
+            if session.go_away_reason is not None and session.go_away_reason[0] == GoAwayCode.NORMAL:
+                # The node stops (or drains) while this tunnel was being set up: not a failure.
+                self.log.info("tunnel {tunnel_id} ended before the welcome: {reason}; dialling again",
+                              reason=session.go_away_reason[1], **self.session.log_context)
+            else:
+                self.log.error("tunnel {tunnel_id} to the service failed: {reason}", reason=why,
+                               **self.session.log_context)
             self.node.connector_metrics.handshake("refused" if session.go_away_reason is not None else "failed")
             self.ready.errback(Failure(TunnelRefused(why)))
         else:
