@@ -11,15 +11,19 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from attrs import define, field
+from attrs import define, field, setters
 
 # One record longer than this is cut (its text fields), so one line can never blow the bound.
 MAX_RECORD = 16 * 1024
 
 
+# Made once: json.dumps with arguments builds an encoder per call, a line per request on the hot path.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=False).encode
+
+
 def encode_record(record: dict[str, Any]) -> bytes:
     """One JSON line; a record too long for MAX_RECORD has its longest strings shortened."""
-    line = json.dumps(record, separators=(",", ":"), default=str, ensure_ascii=False).encode() + b"\n"
+    line = _ENCODE(record).encode() + b"\n"
     if len(line) <= MAX_RECORD:
         return line
     cut = {k: (v[:MAX_RECORD // 8] + "…" if isinstance(v, str) and len(v) > MAX_RECORD // 8 else v)
@@ -28,7 +32,7 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return json.dumps(cut, separators=(",", ":"), ensure_ascii=False).encode()[:MAX_RECORD - 1] + b"\n"
 
 
-@define
+@define(on_setattr=setters.NO_OP)   # the path is converted once; a write sets fields, and must stay cheap
 class RotatingLog:
     """Appends JSON lines to ``path``, rotating before a line would take it past ``max_bytes``.
 
@@ -61,7 +65,8 @@ class RotatingLog:
             elif not self._flush_pending:
                 self._flush_pending = True
                 self.flush_soon(self.flush)
-            self.failing = None
+            if self.failing is not None:
+                self.failing = None
         except OSError as e:
             self._failed(e)
 
