@@ -259,7 +259,7 @@ class AdminResource(Resource):
             await self.node.store.ensure_group(group, datetime.now(UTC))
         try:
             record = await self.node.store.move_connector(connector_id, group)
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreClosed):
             raise
         except GatewayError as e:
             raise ApiError(409, "conflict", str(e)) from None
@@ -280,7 +280,7 @@ class AdminResource(Resource):
                                                " [a-z0-9][a-z0-9._-]{0,62}")
         try:
             record = await self.node.store.create_group(name, datetime.now(UTC))
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreClosed):
             raise
         except GatewayError as e:
             raise ApiError(409, "conflict", str(e)) from None
@@ -302,7 +302,7 @@ class AdminResource(Resource):
             done = await self.node.store.run(operation.run(), args, self.node.file_config)
         except UnknownName as e:
             raise ApiError(404, "not_found", str(e)) from None
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreClosed):
             raise   # _serve answers 503 naming the store
         except GatewayError as e:
             raise ApiError(400, "refused", str(e)) from None
