@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -19,6 +20,20 @@ MAX_RECORD = 16 * 1024
 
 # Made once: json.dumps with arguments builds an encoder per call, a line per request on the hot path.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=False).encode
+
+
+def json_value(value: Any) -> str:
+    """One value as JSON text, as the encoder above writes it; the plain kinds without its overhead."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring(value)
+    if value is None:
+        return "null"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is bool:
+        return "true" if value else "false"
+    return _ENCODE(value)
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
@@ -52,7 +67,10 @@ class RotatingLog:
     failing: str | None = field(default=None, init=False)
 
     def write(self, record: dict[str, Any]) -> None:
-        line = encode_record(record)
+        self.write_line(encode_record(record))
+
+    def write_line(self, line: bytes) -> None:
+        """Append one encoded line (at most MAX_RECORD bytes, ending in a newline)."""
         try:
             if self._file is None:
                 self._open()

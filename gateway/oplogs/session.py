@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from attrs import define, field
 
+from gateway.oplogs.files import MAX_RECORD, json_value
+
 SERVICE = "service"
 CONNECTOR = "connector"
 
@@ -37,6 +39,27 @@ class SessionLog:
         self.file.write(record)
         if self.journal is not None:
             self.journal.send({**record, "level": "info", "summary": summary(record)})
+
+    def write_http(self, role: str, request_id: str, method: str, path: str, status: int, app: str,
+                   more: dict[str, Any]) -> None:
+        """An HTTP request's line: write() of the same record, made without building it as a dict first.
+
+        Two of these per request on the HTTP path (front door and connector), where ``write``'s
+        dicts and the general JSON encoder cost more than the rest of a request's logging."""
+        if not self.on.get(role):
+            return
+        if self.journal is not None:
+            self.write(role, http_record(request_id, method, path, status, app, more))
+            return
+        line = ('{"time":%.3f,"kind":"session","role":%s,"type":"http","request_id":%s,"app":%s,"method":%s,'
+                '"path":%s,"status":%d,"result":"%d"%s}\n' % (
+                    self.clock.seconds(), json_value(role), json_value(request_id), json_value(app),
+                    json_value(method), json_value(path), status, status,
+                    "".join([f",{json_value(k)}:{json_value(v)}" for k, v in more.items()]))).encode()
+        if len(line) > MAX_RECORD:   # the general path cuts long fields
+            self.write(role, http_record(request_id, method, path, status, app, more))
+            return
+        self.file.write_line(line)
 
 
 def summary(record: dict[str, Any]) -> str:
@@ -79,9 +102,13 @@ def http_request(role: str, *, request_id: str, method: bytes | str, target: byt
     log = current
     if log is None or not log.on.get(role):
         return
-    log.write(role, {"type": "http", "request_id": request_id, "app": app,
-                     "method": method.decode("latin-1") if isinstance(method, bytes) else method,
-                     "path": url_path(target), "status": status, "result": str(status), **more})
+    log.write_http(role, request_id, method.decode("latin-1") if isinstance(method, bytes) else method,
+                   url_path(target), int(status), app, more)
+
+
+def http_record(request_id: str, method: str, path: str, status: int, app: str, more: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "http", "request_id": request_id, "app": app, "method": method, "path": path,
+            "status": status, "result": str(status), **more}
 
 
 def switched_on(switches: dict[tuple[str, str], bool], connector_id: str, group: str) -> bool:

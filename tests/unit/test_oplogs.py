@@ -122,6 +122,26 @@ def test_session_log_writes_only_for_a_role_switched_on(tmp_path):
     assert [(r["role"], r["app"]) for r in read_records(tmp_path / "s.log")] == [("connector", "b")]
 
 
+def test_an_http_line_is_the_record_the_general_path_writes(tmp_path):
+    """write_http's hand-made JSON says what write() of the same record says, whatever the values hold."""
+    clock = Clock()
+    clock.advance(1764800000.1234)
+    log = SessionLog(RotatingLog(tmp_path / "s.log", 1_000_000, 2), clock=clock)
+    log.switch("service", True)
+    hostile = 'a"b\\c\n\x00\u2028é/😀'
+    more = {"user": hostile, "client": None, "bytes_down": 1024, "cached": False, "ratio": 0.5,
+            "facts": {"nested": [1, "x"]}, hostile: "key"}
+    log.write_http("service", "r1", "GET", "/p" + hostile, 404, "web", more)
+    log.write("service", {"type": "http", "request_id": "r1", "app": "web", "method": "GET",
+                          "path": "/p" + hostile, "status": 404, "result": "404", **more})
+    log.write_http("service", "r2", "GET", "/" + "x" * MAX_RECORD, 200, "web", {})   # too long: cut
+    log.write_http("connector", "r3", "GET", "/", 200, "web", {})   # a role switched off
+    fast, general, cut = list(read_records(tmp_path / "s.log"))
+    assert fast == general
+    assert fast["time"] == 1764800000.123 and fast["status"] == 404 and fast["user"] == hostile
+    assert cut["truncated"] is True and cut["request_id"] == "r2" and len(cut["path"]) < MAX_RECORD
+
+
 def test_a_connectors_own_switch_wins_over_its_groups():
     """A connector's switch, else its group's, else off."""
     switches = {("group", "g"): True, ("connector", "c2"): False}
