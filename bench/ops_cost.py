@@ -23,7 +23,12 @@ Only 127.0.0.1; every process is stopped by PID at the end. Needs wrk and nginx
 (scripts/setup.sh --with-tests). Measure on a quiet machine: the figures are ratios of
 CPU-bound runs, and anything else running moves them.
 
-    .venv/bin/python bench/ops_cost.py [--quick] [--duration 10] [--rounds 5] [--conns 50] [--keep]
+    .venv/bin/python bench/ops_cost.py [--quick] [--duration 3] [--rounds 20] [--conns 50] [--keep]
+
+Many short rounds, not a few long ones: on this 2-core VM one configuration's req/s moves by
++-20% from one 10 s run to the next (the machine's own drift, and the service and connector
+taking turns, see docs/PERFORMANCE.md), and the median of 20 paired ratios moves far less than
+that of 5.
 """
 
 from __future__ import annotations
@@ -140,11 +145,11 @@ def session_lines(gateway: dict, role: str = "svc") -> int:
     return sum(len(p.read_bytes().splitlines()) for p in gateway[role].state_dir.glob("session*.log*"))
 
 
-def wrk_arguments(doc: str, rounds: int, conns: int, over: str) -> argparse.Namespace:
+def wrk_arguments(doc: str, rounds: int, conns: int, over: str, duration: int = 10) -> argparse.Namespace:
     """The options of a wrk bench (also bench/multinode.py's): --quick, --duration, --rounds, --conns, --keep."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s per measurement, 1 round")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--duration", type=int, default=duration, help=f"seconds per wrk run (default {duration})")
     parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds over {over} (default {rounds})")
     parser.add_argument("--conns", type=int, default=conns, help=f"wrk connections (default {conns})")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs)")
@@ -164,7 +169,7 @@ def missing_tools(script: str, tools: tuple[str, ...] = ("wrk", "nginx")) -> boo
 
 
 def main() -> int:
-    args = wrk_arguments(__doc__, rounds=5, conns=50, over="the four configurations")
+    args = wrk_arguments(__doc__, rounds=20, conns=50, over="the four configurations", duration=3)
     if missing_tools("bench/ops_cost.py"):
         return 2
     configs = CONFIGS if session_log_available() else ("off", "metrics")
@@ -210,6 +215,14 @@ def main() -> int:
     return 0
 
 
+def p99_range(runs: list[dict]) -> str:
+    """wrk's p99 of each round ("850.00us", "18.56ms", "1.02s") as one range in ms."""
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    ms = [float(m.group(1)) * scale[m.group(2)]
+          for m in (re.fullmatch(r"([\d.]+)(us|ms|s)", r["p99"]) for r in runs) if m]
+    return f"{min(ms):.1f}-{max(ms):.1f} ms" if ms else "?"
+
+
 def report(results: dict[str, list[dict]], configs: tuple[str, ...], args: argparse.Namespace,
            checks: list[str]) -> None:
     median = {name: statistics.median(r["rps"] for r in runs) for name, runs in results.items()}
@@ -219,14 +232,14 @@ def report(results: dict[str, list[dict]], configs: tuple[str, ...], args: argpa
     cpu = {name: statistics.median(r["cpu_us"] for r in runs) for name, runs in results.items()}
     print(f"## Operations cost on the HTTP app path ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
           f"wrk -t1 -c{args.conns}, {args.duration} s x {args.rounds} rounds, 1 KiB file)\n")
-    print("| configuration | req/s (median) | range | p99 (per round) | non-2xx | socket errors | ÷ off (paired) "
+    print("| configuration | req/s (median) | range | p99 (range over rounds) | non-2xx | socket errors | ÷ off (paired) "
           "| CPU µs/request (service + connector) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in configs:
         runs = results[name]
         rps = [r["rps"] for r in runs]
         errors = "; ".join(r["socket_errors"] for r in runs if r["socket_errors"]) or "none"
-        print(f"| {name} | {median[name]:.0f} | {min(rps):.0f}-{max(rps):.0f} | {', '.join(r['p99'] for r in runs)} "
+        print(f"| {name} | {median[name]:.0f} | {min(rps):.0f}-{max(rps):.0f} | {p99_range(runs)} "
               f"| {sum(r['non2xx'] for r in runs)} | {errors} | {paired[name]:.3f} | {cpu[name]:.0f} |")
     print()
     for name, target in TARGETS.items():
