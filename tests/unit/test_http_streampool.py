@@ -164,6 +164,30 @@ def test_the_pool_is_bounded_per_connector_and_idle_streams_are_closed_after_the
     assert fresh.fin and len(pool) == 0 and not clock.getDelayedCalls()
 
 
+def test_the_pool_is_bounded_in_all_across_identities():
+    """Many signed-in users make many keys: past max_total no stream is parked (the caller closes it)."""
+    pool = StreamPool(Clock(), 20, max_idle=2, max_total=3)
+    app = App()
+    parked = [pool.put(PooledStream({}, "c0"), app, {"sub": f"user{i}"}) for i in range(4)]
+    assert parked == [True, True, True, False] and len(pool) == 3
+    assert pool.take(app, {"sub": "user0"}, "c0") is not None
+    assert pool.put(PooledStream({}, "c0"), app, {"sub": "user9"})
+
+
+def test_the_listeners_factory_closes_the_parked_streams_when_it_stops():
+    """A reload replaced the listener, or the node stops: its idle streams end then, not at the sweep."""
+    from gateway_http import front_door_factory
+
+    clock = Clock()
+    factory = front_door_factory([App(options={"balance": "request"})], lambda *a, **k: Deferred(), reactor=clock,
+                                 choose_connector=lambda app: "c0")
+    stream = PooledStream({}, "c0")
+    assert factory.pool.put(stream, App(), None)
+    factory.doStart()
+    factory.doStop()
+    assert stream.fin and len(factory.pool) == 0 and not clock.getDelayedCalls()
+
+
 def test_a_parked_stream_that_gets_bytes_is_reset_and_forgotten():
     """No request is in flight on a parked stream: bytes on it are a connector's error, not a response."""
     service = Service(connectors=["c0"])

@@ -11,8 +11,10 @@ stream is opened per request.
 
 A stream is never shared by two requests at once: it is in the pool only between responses.
 It is kept per (app, signed-in identity, connector) because the connector reads the user from
-the stream's metadata (single sign-on). Bounded: at most ``max_idle`` idle streams per key;
-one idle longer than ``idle_timeout`` is closed by a sweep (one timer per pool, not per stream).
+the stream's metadata (single sign-on). Bounded: at most ``max_idle`` idle streams per key and
+``max_total`` in all (many signed-in users make many keys; each parked stream holds a back-end
+connection on its connector); one idle longer than ``idle_timeout`` is closed by a sweep (one
+timer per pool, not per stream). The listener's factory closes them all when it stops.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from twisted.logger import Logger
 log = Logger("gateway_http")
 
 DEFAULT_MAX_IDLE = 64
+DEFAULT_MAX_TOTAL = 1024
 
 
 def identity_key(identity: dict | None) -> str:
@@ -39,10 +42,12 @@ def usable(stream: Any) -> bool:
 
 
 class StreamPool:
-    def __init__(self, reactor: Any, idle_timeout: float, max_idle: int = DEFAULT_MAX_IDLE) -> None:
+    def __init__(self, reactor: Any, idle_timeout: float, max_idle: int = DEFAULT_MAX_IDLE,
+                 max_total: int = DEFAULT_MAX_TOTAL) -> None:
         self.reactor = reactor
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
+        self.max_total = max_total
         # (app name, identity key, connector id) -> [(stream, app, parked at)], oldest first
         self._idle: dict[tuple[str, str, str], list[tuple[Any, Any, float]]] = {}
         self._key_of: dict[Any, tuple[str, str, str]] = {}
@@ -65,10 +70,12 @@ class StreamPool:
 
     def put(self, stream: Any, app: Any, identity: dict | None) -> bool:
         """Park ``stream`` for the next request of this app and identity; False (the caller closes
-        it) when it cannot be reused or the pool already holds ``max_idle`` such streams."""
+        it) when it cannot be reused or the pool already holds ``max_idle`` such streams, or
+        ``max_total`` streams in all."""
         info = getattr(stream, "log_info", None)
         connector_id = getattr(info, "connector_id", None)
-        if connector_id is None or stream in self._key_of or not usable(stream):
+        if (connector_id is None or stream in self._key_of or len(self._key_of) >= self.max_total
+                or not usable(stream)):
             return False
         key = (app.name, identity_key(identity), connector_id)
         entries = self._idle.setdefault(key, [])
