@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from attrs import frozen
 
 from gateway_http import rules
@@ -381,3 +383,34 @@ def test_an_error_page_carries_extra_fields():
 def test_a_prefix_in_other_case_is_translated_too():
     """/WIKI/x, routed case-insensitively to the app at /wiki/, reaches the back end as /w/x."""
     assert rules.translate_target(b"/WIKI/x?q", PREFIXED_EXTERNAL, PREFIXED_INTERNAL) == b"/w/x?q"
+
+
+def _fields_line_by_line(block: bytes) -> list[tuple[bytes, bytes]] | None:
+    """RFC 9112's field-line, one line at a time, as plainly as it can be written: the reference
+    the one-pass pattern of rules._parse_fields must agree with."""
+    token = set(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    fields = []
+    for line in block.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not set(name) <= token or any(c in value for c in b"\r\n\0"):
+            return None
+        fields.append((name, value.strip(b" \t")))
+    return fields
+
+
+_VALUES = st.one_of(st.binary(max_size=10), st.text(alphabet=" \tab\r\n\x00é", max_size=8).map(str.encode))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.builds(lambda name, value: name + value,
+                          st.sampled_from([b"a:", b"X-Y: ", b"a", b":", b" a:", b"a :", b"a\t:"]), _VALUES),
+                min_size=1, max_size=6))
+def test_header_fields_are_parsed_as_the_line_by_line_reference_says(lines):
+    """Trailing and leading white space is not part of a value; a malformed line refuses the head."""
+    block = b"\r\n".join(lines)
+    expected = _fields_line_by_line(block)
+    try:
+        got = rules._parse_fields(block)
+    except HTTPError:
+        got = None
+    assert got == (expected if expected is None or len(expected) <= rules.MAX_HEADERS else None)
