@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -24,15 +23,10 @@ import pytest
 from attrs import define, field, frozen
 
 from components import require, require_module
+from ports import free_port
 
 SUPERUSER = "gateway_test"
 SERVER_USER = "postgres"  # who runs the cluster when the tests run as root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @define
@@ -55,7 +49,7 @@ class PostgresCluster:
             server = pwd.getpwnam(SERVER_USER)
             os.chown(root, server.pw_uid, server.pw_gid)
             run_as = ["runuser", "-u", SERVER_USER, "--"]
-        cluster = cls(bin_dir, root, _free_port(), run_as)
+        cluster = cls(bin_dir, root, free_port(), run_as)
         cluster._initdb()
         cluster.resume()
         return cluster
